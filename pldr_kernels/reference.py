@@ -1,0 +1,194 @@
+"""Pure-PyTorch reference of the PLDR-LLM v510 math (pldr-spec.md §2, §3).
+
+This module is the single definition of correctness: every kernel test and every benchmark sanity
+check compares against it, in fp64 for tests. It mirrors the authors' code line for line, favouring
+clarity over speed (scores are materialised, each SwiGLU is an ``F.linear`` call).
+
+Layout conventions follow the ops (DESIGN.md §3): activations are ``[B, S, H, d]``; metric tensors
+and G are ``[B, H, d, d]``; per-head PLGA parameters are ``[H, d, d]``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+Tensor = torch.Tensor
+
+LN_EPS = 1e-6
+EPS_ADJ = 1e-9  # spec §2 step 10: added *after* iSwiGLU
+ROPE_THETA = 10000.0
+
+
+def compute_dtype(*tensors: Optional[Tensor]) -> torch.dtype:
+    """fp64 when any input is fp64 (the test oracle), fp32 otherwise (spec §5: never below fp32)."""
+    if any(t is not None and t.dtype == torch.float64 for t in tensors):
+        return torch.float64
+    return torch.float32
+
+
+# --------------------------------------------------------------------------------------------
+# RoPE (spec §2 step 4)
+# --------------------------------------------------------------------------------------------
+def rope_angles(positions: Tensor, head_dim: int, theta: float = ROPE_THETA) -> Tensor:
+    """Angles ``pos * theta^(-2j/d)`` for j = 0..d/2-1, fp32, shape ``positions.shape + (d/2,)``."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32,
+                                             device=positions.device) / head_dim))
+    return positions.to(torch.float32)[..., None] * inv_freq
+
+
+def apply_rope(x: Tensor, positions: Tensor, interleaved: bool = True,
+               theta: float = ROPE_THETA) -> Tensor:
+    """Rotary embedding of ``x [B, S, H, d]`` at ``positions`` (``[S]`` or ``[B, S]``).
+
+    ``interleaved=True`` is the v51 flavour (torchtune, ``reference_rope=True``): adjacent pairs
+    (2j, 2j+1), computed in fp32 and cast back. ``interleaved=False`` is the v52 / HF Llama flavour:
+    pairs (i, i + d/2) via rotate_half, with cos/sin cast to the activation dtype before the multiply.
+    """
+    B, S, H, d = x.shape
+    if positions.dim() == 1:
+        positions = positions[None, :].expand(B, S)
+    ang = rope_angles(positions, d, theta)[:, :, None, :]  # [B, S, 1, d/2]
+    cos, sin = ang.cos(), ang.sin()
+    if interleaved:
+        xf = x.float() if x.dtype != torch.float64 else x
+        cos, sin = cos.to(xf.dtype), sin.to(xf.dtype)
+        x0, x1 = xf[..., 0::2], xf[..., 1::2]
+        out = torch.stack((x0 * cos - x1 * sin, x1 * cos + x0 * sin), dim=-1).flatten(-2)
+        return out.to(x.dtype)
+    cos = torch.cat((cos, cos), dim=-1).to(x.dtype)
+    sin = torch.cat((sin, sin), dim=-1).to(x.dtype)
+    x1, x2 = x[..., : d // 2], x[..., d // 2:]
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return x * cos + rotated * sin
+
+
+# --------------------------------------------------------------------------------------------
+# Metric learner: A, A_LM, G (spec §2 steps 6-12)
+# --------------------------------------------------------------------------------------------
+def swiglu(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, w3: Tensor,
+           b3: Tensor) -> Tensor:
+    """``(silu(x·W1ᵀ+b1) ⊙ (x·W2ᵀ+b2))·W3ᵀ + b3`` (the authors' GLUVariant)."""
+    return F.linear(F.silu(F.linear(x, w1, b1)) * F.linear(x, w2, b2), w3, b3)
+
+
+def iswiglu(z: Tensor) -> Tensor:
+    """``z·silu(z)``, evaluated as PyTorch does (silu, then multiply; spec §5.3)."""
+    return z * F.silu(z)
+
+
+def metric_tensors(q: Tensor, q_mask: Optional[Tensor], ln0_w: Tensor, ln0_b: Tensor,
+                   w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, w3: Tensor, b3: Tensor,
+                   lnA_w: Tensor, lnA_b: Tensor, W: Tensor, b: Tensor, pw: Tensor, a: Tensor,
+                   ba: Tensor, eps_ln: float = LN_EPS, eps_adj: float = EPS_ADJ
+                   ) -> Tuple[Tensor, Tensor, Tensor]:
+    """The deep PLGA network: ``q [B,S,H,d]`` → ``(A, A_LM, G)``, each ``[B,H,d,d]``.
+
+    Weights are packed as in DESIGN.md §3.1: ``w1, w2 [R,Gd,F,d]``, ``b1, b2 [R,Gd,F]``,
+    ``w3 [R,Gd,d,F]``, ``b3 [R,Gd,d]``, ``lnA_* [R,d]``, ``W, b, pw, a, ba [H,d,d]``.
+    ``q_mask [B,S]`` (True = real token) leaves masked rows out of QᵀQ; None keeps every row, as the
+    authors' code does. Computed in fp32, or fp64 when any input is fp64.
+    """
+    ct = compute_dtype(q, ln0_w, W)
+    qf = q.to(ct)
+    if q_mask is not None:
+        qf = qf * q_mask.to(ct)[:, :, None, None]
+    A = torch.einsum("bshi,bshj->bhij", qf, qf)  # QᵀQ over all S positions (non-causal)
+    d = A.shape[-1]
+    A = F.layer_norm(A, (d,), ln0_w.to(ct), ln0_b.to(ct), eps_ln)
+    R, Gd = w1.shape[0], w1.shape[1]
+    for r in range(R):
+        A_in = A
+        for g in range(Gd):
+            A = swiglu(A, w1[r, g].to(ct), b1[r, g].to(ct), w2[r, g].to(ct), b2[r, g].to(ct),
+                       w3[r, g].to(ct), b3[r, g].to(ct))
+        A = F.layer_norm(A + A_in, (d,), lnA_w[r].to(ct), lnA_b[r].to(ct), eps_ln)
+    Z = torch.matmul(W.to(ct), A) + b.to(ct)  # W_h · A: per-head matrix on the left
+    A_LM = iswiglu(Z) + eps_adj
+    A_P = torch.pow(A_LM, pw.to(ct))
+    G = torch.matmul(a.to(ct), A_P) + ba.to(ct)
+    return A, A_LM, G
+
+
+def g_from_metric(A: Tensor, W: Tensor, b: Tensor, pw: Tensor, a: Tensor, ba: Tensor,
+                  eps_adj: float = EPS_ADJ) -> Tuple[Tensor, Tensor]:
+    """Steps 9-12 alone: a cached metric tensor ``A`` → ``(A_LM, G)`` (the "kv" cache mode)."""
+    ct = compute_dtype(A, W)
+    A_LM = iswiglu(torch.matmul(W.to(ct), A.to(ct)) + b.to(ct)) + eps_adj
+    G = torch.matmul(a.to(ct), torch.pow(A_LM, pw.to(ct))) + ba.to(ct)
+    return A_LM, G
+
+
+# --------------------------------------------------------------------------------------------
+# G-attention (spec §2 steps 13-14)
+# --------------------------------------------------------------------------------------------
+def apply_g(q: Tensor, G: Optional[Tensor]) -> Tensor:
+    """``q̃ = q·G`` for ``q [B,S,H,d]`` and ``G [B|1,H,d,d]``, in the compute dtype."""
+    ct = compute_dtype(q, G)
+    if G is None:
+        return q.to(ct)
+    return torch.einsum("bshi,bhij->bshj", q.to(ct), G.to(ct))
+
+
+def g_attention(q: Tensor, k: Tensor, v: Tensor, G: Optional[Tensor] = None,
+                key_mask: Optional[Tensor] = None, causal: bool = False,
+                scale: Optional[float] = None) -> Tuple[Tensor, Tensor]:
+    """``softmax((q·G)·kᵀ·scale + mask)·v`` → ``(out [B,Sq,H,d] in q's dtype, lse [B,H,Sq] fp32)``.
+
+    ``causal`` is bottom-right aligned (query i sees keys j ≤ i + Sk − Sq). ``key_mask [B,Sk]``:
+    True = attend. A query row with no visible key gives out = 0 and lse = −inf.
+    """
+    B, Sq, H, d = q.shape
+    Sk = k.shape[1]
+    ct = compute_dtype(q, k, G)
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    qt = apply_g(q, G).permute(0, 2, 1, 3)  # [B,H,Sq,d]
+    kt = k.to(ct).permute(0, 2, 1, 3)
+    vt = v.to(ct).permute(0, 2, 1, 3)
+    scores = torch.matmul(qt, kt.transpose(-1, -2)) * scale  # [B,H,Sq,Sk]
+    visible = torch.ones(B, 1, Sq, Sk, dtype=torch.bool, device=q.device)
+    if causal:
+        i = torch.arange(Sq, device=q.device)[:, None]
+        j = torch.arange(Sk, device=q.device)[None, :]
+        visible = visible & (j <= i + (Sk - Sq))
+    if key_mask is not None:
+        visible = visible & key_mask[:, None, None, :].bool()
+    scores = scores.masked_fill(~visible, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)  # -inf where nothing is visible
+    p = torch.exp(scores - torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)[..., None])
+    out = torch.matmul(p, vt).permute(0, 2, 1, 3)
+    return out.to(q.dtype).contiguous(), lse.to(torch.float32)
+
+
+def g_attention_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor,
+                       k_new: Optional[Tensor] = None, v_new: Optional[Tensor] = None,
+                       cache_start: Optional[Tensor] = None, G: Optional[Tensor] = None,
+                       scale: Optional[float] = None) -> Tensor:
+    """One generation step over a KV-cache, with the semantics of ``pldr::g_attention_decode``.
+
+    Writes ``k_new/v_new`` in place at rows ``cache_seqlens[b] … +Sn`` (refusing to pass the end),
+    then attends query i of row b to keys ``cache_start[b] … cache_seqlens[b] + i``.
+    """
+    B, Sn, H, d = q.shape
+    Smax = k_cache.shape[1]
+    lens = cache_seqlens.to(torch.int64).tolist()
+    starts = [0] * B if cache_start is None else cache_start.to(torch.int64).tolist()
+    if k_new is not None:
+        for bi in range(B):
+            if lens[bi] + Sn > Smax:
+                raise ValueError(f"cache_seqlens[{bi}] + Sn = {lens[bi] + Sn} exceeds the cache "
+                                 f"length Smax = {Smax}")
+        for bi in range(B):
+            k_cache[bi, lens[bi]:lens[bi] + Sn] = k_new[bi]
+            v_cache[bi, lens[bi]:lens[bi] + Sn] = v_new[bi]
+    total = [L + (Sn if k_new is not None else 0) for L in lens]
+    out = torch.empty_like(q)
+    for bi in range(B):
+        s0, s1 = starts[bi], total[bi]
+        Gb = None if G is None else G[bi if G.shape[0] > 1 else 0][None]
+        o, _ = g_attention(q[bi:bi + 1], k_cache[bi:bi + 1, s0:s1], v_cache[bi:bi + 1, s0:s1],
+                           Gb, causal=True, scale=scale)
+        out[bi] = o[0]
+    return out
