@@ -11,7 +11,8 @@
 // Every output element is computed by the same sequence of fp32 operations whatever the block
 // size, thread count or batch padding, so results are bitwise reproducible and batch invariant.
 //
-// Phase 1 (parallel over (b, h, row block)): gather q → QᵀQ → LN → R × (Gd SwiGLU, LN(· + in)) → A.
+// Phase 1 (parallel over blocks of rows of A, possibly of several heads): gather q → QᵀQ → LN →
+// R × (Gd SwiGLU, LN(· + in)) → A.
 // Phase 2 (parallel over (b, h)): Z = W·A + b, A_LM = Z·silu(Z) + eps_adj, A_P = A_LM^pw,
 // G = a·A_P + ba — these mix rows, so they wait for every row block of their (b, h).
 #include <ATen/ATen.h>
@@ -69,37 +70,56 @@ int64_t gather_queries(const at::Tensor& q, const bool* mask, int64_t b, int64_t
   return kept;
 }
 
-// Phase 1 for the rows [col0, col0 + 16·NV) of A[b, h]: writes those rows of A.
-template <int NV>
-void metric_rows_block(const float* Qs, int64_t S_kept, int64_t d, int64_t F, int64_t R,
-                       int64_t Gd, int64_t col0, const MetricWeights& w, float eps_ln,
-                       float* Xt, float* Tt, float* Ut, float* A_out) {
-  constexpr int M = NV * kLanes;
-  qtq_block<NV>(Qs, S_kept, d, col0, Tt);
-  layer_norm_columns<NV>(Tt, Xt, d, w.ln0_w, w.ln0_b, eps_ln);
-  for (int64_t r = 0; r < R; ++r) {
-    for (int64_t g = 0; g < Gd; ++g) {
-      const int64_t rg = r * Gd + g;
-      swiglu_block<NV>(g == 0 ? Xt : Tt, Ut, Tt, d, F, w.w1 + rg * F * d, w.b1 + rg * F,
-                       w.w2 + rg * F * d, w.b2 + rg * F, w.w3 + rg * d * F, w.b3 + rg * d);
-    }
-    for (int64_t i = 0; i < d * M; ++i) Tt[i] += Xt[i];  // residual
-    layer_norm_columns<NV>(Tt, Xt, d, w.lnA_w + r * d, w.lnA_b + r * d, eps_ln);
-  }
-  for (int m = 0; m < M; ++m)  // A[col0 + m][j] = Xt[j][m]
-    for (int64_t j = 0; j < d; ++j) A_out[(col0 + m) * d + j] = Xt[j * M + m];
-}
+// Rows of A per phase-1 block (at most): large enough that each weight panel, fetched from
+// L3 once per block, serves many rows; small enough that the block's activations stay in L2.
+constexpr int64_t kMaxBlockRows = 256;
 
-// Rows per phase-1 work item: 64 unless that leaves threads idle (few (b, h)), then 32 or 16.
-int64_t choose_block_rows(int64_t BH, int64_t d, int64_t threads) {
-  int64_t rows = 64;
-  while (rows > 16) {
-    const int64_t items = BH * (d / rows);
-    const int64_t rounds = (items + threads - 1) / threads;
-    if (rounds * threads * 100 <= items * 115) break;  // ≤ 15% of thread time idle
-    rows /= 2;
+// Phase-1 scratch of one thread, and the q rows of the head gathered last.
+struct RowBlockScratch {
+  FloatBuffer Qs, Xt, Tt, Ut;
+  int64_t gathered_bh = -1, S_kept = 0;
+};
+
+// Phase 1 for the global rows [row0, row0 + nrows) of A viewed as [B·H·d, d] (row g = bh·d + i);
+// nrows is a multiple of 16 and ≤ kMaxBlockRows. Writes those rows of A.
+void metric_rows_block(const at::Tensor& q, const bool* mask, int64_t row0, int64_t nrows,
+                       const MetricDims& dims, const MetricWeights& w, float eps_ln,
+                       RowBlockScratch& sc, float* A_out) {
+  const int64_t d = dims.d, F = dims.F, H = dims.H;
+  const int nvec = static_cast<int>(nrows / kLanes);
+  const int64_t ld = nrows;
+  float *Xt = sc.Xt.get(), *Tt = sc.Tt.get(), *Ut = sc.Ut.get();
+  // QᵀQ, head segment by head segment.
+  for (int64_t g = row0; g < row0 + nrows;) {
+    const int64_t bh = g / d, i0 = g % d;
+    const int64_t seg = std::min(d - i0, row0 + nrows - g);
+    if (bh != sc.gathered_bh) {
+      const int64_t bi = bh / H, hi = bh % H;
+      switch (q.scalar_type()) {
+        case at::kFloat: sc.S_kept = gather_queries<float>(q, mask, bi, hi, sc.Qs.get()); break;
+        case at::kBFloat16:
+          sc.S_kept = gather_queries<c10::BFloat16>(q, mask, bi, hi, sc.Qs.get());
+          break;
+        case at::kHalf: sc.S_kept = gather_queries<c10::Half>(q, mask, bi, hi, sc.Qs.get()); break;
+        default: TORCH_CHECK(false, "unreachable: q dtype checked above");
+      }
+      sc.gathered_bh = bh;
+    }
+    qtq_columns(sc.Qs.get(), sc.S_kept, d, i0, static_cast<int>(seg / kLanes), Tt + (g - row0), ld);
+    g += seg;
   }
-  return rows;
+  layer_norm_columns(Tt, Xt, d, nvec, ld, w.ln0_w, w.ln0_b, eps_ln);
+  for (int64_t r = 0; r < dims.R; ++r) {
+    for (int64_t g = 0; g < dims.Gd; ++g) {
+      const int64_t rg = r * dims.Gd + g;
+      swiglu_block(g == 0 ? Xt : Tt, Ut, Tt, d, F, nvec, w.w1 + rg * F * d, w.b1 + rg * F,
+                   w.w2 + rg * F * d, w.b2 + rg * F, w.w3 + rg * d * F, w.b3 + rg * d);
+    }
+    for (int64_t i = 0; i < d * ld; ++i) Tt[i] += Xt[i];  // residual
+    layer_norm_columns(Tt, Xt, d, nvec, ld, w.lnA_w + r * d, w.lnA_b + r * d, eps_ln);
+  }
+  for (int64_t m = 0; m < nrows; ++m)  // A[row0 + m][j] = Xt[j][m]
+    for (int64_t j = 0; j < d; ++j) A_out[(row0 + m) * d + j] = Xt[j * ld + m];
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> metric_tensors_cpu(
@@ -110,8 +130,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> metric_tensors_cpu(
     const at::Tensor& a, const at::Tensor& ba, double eps_ln, double eps_adj) {
   const MetricDims dims = check_metric_tensors_inputs(q, q_mask, ln0_w, ln0_b, w1, b1, w2, b2, w3,
                                                       b3, lnA_w, lnA_b, W, b, pw, a, ba);
-  const int64_t B = dims.B, S = dims.S, H = dims.H, d = dims.d, R = dims.R, Gd = dims.Gd,
-                F = dims.F;
+  const int64_t B = dims.B, S = dims.S, H = dims.H, d = dims.d, F = dims.F;
   auto out_opts = q.options().dtype(at::kFloat);
   at::Tensor A = at::empty({B, H, d, d}, out_opts);
   at::Tensor A_LM = at::empty({B, H, d, d}, out_opts);
@@ -142,45 +161,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> metric_tensors_cpu(
   float* A_LM_ptr = A_LM.data_ptr<float>();
   float* G_ptr = G.data_ptr<float>();
 
-  const int64_t block_rows = choose_block_rows(B * H, d, at::get_num_threads());
-  const int64_t blocks_per_head = d / block_rows;
+  // Phase 1: the B·H·d rows of A, in groups of 16 spread evenly over the threads; each thread
+  // runs its share in blocks of up to kMaxBlockRows rows.
+  const int64_t groups = B * H * d / kLanes;
   const int64_t max_feat = std::max(d, F);
-  at::parallel_for(0, B * H * blocks_per_head, 1, [&](int64_t begin, int64_t end) {
-    FloatBuffer Qs = make_buffer(S * d);
-    FloatBuffer Xt = make_buffer(d * block_rows);
-    FloatBuffer Tt = make_buffer(d * block_rows);
-    FloatBuffer Ut = make_buffer(max_feat * block_rows);
-    int64_t gathered_bh = -1, S_kept = 0;
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t bh = item / blocks_per_head;
-      const int64_t col0 = (item % blocks_per_head) * block_rows;
-      const int64_t bi = bh / H, hi = bh % H;
-      if (bh != gathered_bh) {
-        switch (q.scalar_type()) {
-          case at::kFloat: S_kept = gather_queries<float>(q, mask_ptr, bi, hi, Qs.get()); break;
-          case at::kBFloat16:
-            S_kept = gather_queries<c10::BFloat16>(q, mask_ptr, bi, hi, Qs.get());
-            break;
-          case at::kHalf: S_kept = gather_queries<c10::Half>(q, mask_ptr, bi, hi, Qs.get()); break;
-          default: TORCH_CHECK(false, "unreachable: q dtype checked above");
-        }
-        gathered_bh = bh;
-      }
-      float* A_bh = A_ptr + bh * d * d;
-      switch (block_rows) {
-        case 64:
-          metric_rows_block<4>(Qs.get(), S_kept, d, F, R, Gd, col0, w, eps_ln_f, Xt.get(),
-                               Tt.get(), Ut.get(), A_bh);
-          break;
-        case 32:
-          metric_rows_block<2>(Qs.get(), S_kept, d, F, R, Gd, col0, w, eps_ln_f, Xt.get(),
-                               Tt.get(), Ut.get(), A_bh);
-          break;
-        default:
-          metric_rows_block<1>(Qs.get(), S_kept, d, F, R, Gd, col0, w, eps_ln_f, Xt.get(),
-                               Tt.get(), Ut.get(), A_bh);
-          break;
-      }
+  at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
+    const int64_t block_rows = std::min(kMaxBlockRows, (end - begin) * kLanes);
+    RowBlockScratch sc{make_buffer(S * d), make_buffer(d * block_rows),
+                       make_buffer(d * block_rows), make_buffer(max_feat * block_rows)};
+    for (int64_t row = begin * kLanes; row < end * kLanes; row += block_rows) {
+      const int64_t nrows = std::min(block_rows, end * kLanes - row);
+      metric_rows_block(q, mask_ptr, row, nrows, dims, w, eps_ln_f, sc, A_ptr);
     }
   });
 
