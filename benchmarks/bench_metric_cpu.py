@@ -2,7 +2,9 @@
 
 The reference in fp32 is the eager formulation a user would otherwise run (one F.linear per
 SwiGLU projection). Both are timed interleaved in one process, after a warm-up, and the medians
-are compared. Not a test: run it directly, e.g.
+are compared. The machine may be shared: besides wall time, the process CPU time per call (all
+threads) is reported, which time slices lost to other processes do not inflate. Not a test: run
+it directly, e.g.
 
     .venv/bin/python benchmarks/bench_metric_cpu.py                 # B=1 S=1024 H=14 d=64, 2 threads
     .venv/bin/python benchmarks/bench_metric_cpu.py --rounds 5 --iters 30
@@ -24,10 +26,11 @@ import pldr_kernels  # noqa: E402,F401  (loads torch.ops.pldr)
 from pldr_kernels import reference  # noqa: E402
 
 
-def time_once(fn) -> float:
-    start = time.perf_counter()
+def time_once(fn):
+    """(wall seconds, CPU seconds of this process) for one call."""
+    wall, cpu = time.perf_counter(), time.process_time()
     fn()
-    return time.perf_counter() - start
+    return time.perf_counter() - wall, time.process_time() - cpu
 
 
 def main() -> None:
@@ -67,18 +70,22 @@ def main() -> None:
     for _ in range(args.warmup):
         kernel()
         eager()
-    ratios = []
+    ratios, cpu_ratios = [], []
     for rnd in range(args.rounds):
         tk, te = [], []
         for _ in range(args.iters):  # interleaved so both see the same machine load
             tk.append(time_once(kernel))
             te.append(time_once(eager))
-        mk, me = statistics.median(tk), statistics.median(te)
+        mk, me = (statistics.median(t[0] for t in ts) for ts in (tk, te))
+        ck, ce = (statistics.median(t[1] for t in ts) for ts in (tk, te))
         ratios.append(me / mk)
-        print(f"round {rnd}: kernel median {mk * 1e3:7.2f} ms (min {min(tk) * 1e3:6.2f}, "
-              f"{flops / mk / 1e9:6.1f} GFLOP/s) | eager median {me * 1e3:7.2f} ms "
-              f"(min {min(te) * 1e3:6.2f}) | speedup {me / mk:5.2f}x")
-    print(f"speedup (eager / kernel, median of per-round medians): {statistics.median(ratios):.2f}x")
+        cpu_ratios.append(ce / ck)
+        print(f"round {rnd}: wall median kernel {mk * 1e3:7.2f} ms (min {min(t[0] for t in tk) * 1e3:6.2f},"
+              f" {flops / mk / 1e9:5.1f} GFLOP/s) eager {me * 1e3:7.2f} ms "
+              f"(min {min(t[0] for t in te) * 1e3:6.2f}) -> {me / mk:5.2f}x | "
+              f"CPU-time median kernel {ck * 1e3:6.2f} ms eager {ce * 1e3:6.2f} ms -> {ce / ck:5.2f}x")
+    print(f"speedup eager/kernel, median over rounds: wall {statistics.median(ratios):.2f}x, "
+          f"CPU time {statistics.median(cpu_ratios):.2f}x")
 
 
 if __name__ == "__main__":

@@ -1,17 +1,17 @@
 """pldr::metric_tensors on CPU against the fp64 reference (DESIGN.md §3.1, §4).
 
 Tolerances. A and A_LM meet the fp32 rule of DESIGN §4 (max error ≤ 1e-5 · max|ref|; measured
-≈ 3e-7 and ≈ 1e-6). G does not, and cannot: G = a·A_LM^pw + ba with exponents of both signs, and
-A_LM = z·silu(z) + eps_adj ≈ z²/2 wherever z = W·A + b cancels to nearly 0, so the fp32 rounding of z
-(and any ulp of A) becomes a percent-level relative error of a tiny A_LM, which a negative pw turns
-into the largest entries of G (pldr-spec §5.1). PyTorch's own fp32 evaluation of the same math is
-4e-5 … 7e-3 (relative to max|G|) away from fp64, and so is the kernel; which of the two is closer
-varies with the seed (up to 24× either way end to end, because each has its own few-ulp error in A).
-So G is checked in two parts (the exception DESIGN §4 asks to document):
-  * steps 9–12 given the kernel's own A: ≤ 2 × the error of PyTorch fp32 doing those steps from the
-    same A + a 1e-5·max|G| floor (the low-precision rule; both land within 1% of each other);
+≈ 3e-7 and ≈ 1e-6). G end to end does not, and cannot (the exception DESIGN §4 asks to document):
+G = a·A_LM^pw + ba with exponents of both signs, and A_LM = z·silu(z) + eps_adj ≈ z²/2 wherever
+z = W·A + b cancels to nearly 0, so a few-ulp error of A (any fp32 evaluation has one) becomes a
+large relative error of a tiny A_LM, which a negative pw turns into the largest entries of G
+(pldr-spec §5.1). Measured over 24 seeds: PyTorch's own fp32 evaluation is 2e-5 … 6e-3 (relative to
+max|G|) from fp64, the kernel 1e-4 … 4e-3, and which is closer varies with the seed (up to 24×
+either way), because each has its own few-ulp error in A. So G is checked in two parts:
+  * steps 9–12 given the kernel's own A, vs fp64 steps 9–12 from that same A: the fp32 rule
+    (measured ≤ 2e-7; the kernel sums W·A and a·A_P in fp64 for exactly this reason);
   * end to end: ≤ 2 × PyTorch-fp32 end-to-end error + the G error that the kernel's A error alone
-    causes (computed exactly in fp64; A itself is held to 1e-5 above) + the same floor.
+    causes (evaluated exactly in fp64; A itself is held to 1e-5 above) + a 1e-5·max|G| floor.
 """
 from __future__ import annotations
 
@@ -46,9 +46,7 @@ def check_against_reference(out, q, q_mask, weights, eps_ln=1e-6, eps_adj=1e-9):
     floor = 1e-5 * ref_G.abs().max().item()
     if eps_adj == 1e-9:  # g_from_metric uses the default eps_adj
         G_exact_given_A = steps_9_to_12(A, weights, torch.float64)
-        G_torch_given_A = steps_9_to_12(A, weights, torch.float32)
-        assert_close_to_reference(G, G_exact_given_A, peer=G_torch_given_A, floor=floor,
-                                  name="G (steps 9-12 given the kernel's A)")
+        assert_close_to_reference(G, G_exact_given_A, name="G (steps 9-12 given the kernel's A)")
         propagated = max_abs_err(G_exact_given_A, ref_G)
     else:
         propagated = 0.0

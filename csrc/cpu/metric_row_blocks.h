@@ -207,44 +207,62 @@ inline void swiglu_block(const float* Xt, float* Ut, float* Yt, int64_t d, int64
   });
 }
 
-// Phase 2 for one (b, h): A [d][d] → A_LM, G. A_P is scratch [d][d].
-void metric_head_outputs(const float* A, int64_t d, const float* W, const float* bW,
-                         const float* pw, const float* a, const float* ba, float eps_adj,
-                         float* A_LM, float* A_P, float* G) {
-  constexpr int NV = 4;
-  constexpr int kCols = NV * kLanes;  // d is a multiple of 64
-  const f32x16 eps = simd::splat(eps_adj);
-  for (int64_t n0 = 0; n0 < d; n0 += kCols) {
-    for_row_tiles<kTileRows>(static_cast<int>(d), [&](int i0, auto rows) {
-      constexpr int R = decltype(rows)::value;
-      f32x16 acc[R][NV];
-      tile_product<R, NV>(d, W + i0 * d, d, 1, A + n0, d, acc);
-      PLDR_UNROLL
-      for (int r = 0; r < R; ++r)
+// ---------------------------------------------------------------------------------------------
+// Phase 2 (per head): Z = W·A + b, A_LM = Z·silu(Z) + eps_adj, A_P = A_LM^pw, G = a·A_P + ba.
+// ---------------------------------------------------------------------------------------------
+
+typedef double f64x8 __attribute__((vector_size(64)));
+constexpr int kF64Lanes = 8;
+
+// out[i][n] = fp32(Σ_k L[i][k]·Rd[k][n] + bias[i][n]) with the sum in fp64: the product of two
+// fp32 values is exact in fp64, so only the final rounding to fp32 remains. This is the one
+// place where the kernel goes beyond fp32: Z = W·A + b cancels to nearly 0 in some entries, where
+// A_LM ≈ Z²/2 and a negative pw turn the absolute fp32 error of Z into the largest errors of G
+// (pldr-spec §5.1); it costs ~2·d³ multiply-adds per head, nothing next to the MLPs.
+// Register tile: 4 rows × 32 columns; d is a multiple of 32.
+inline void product_f64(const float* L, const double* Rd, const float* bias, int64_t d,
+                        float* out) {
+  constexpr int kRows = 4, kVecs = 4;
+  for (int64_t i0 = 0; i0 < d; i0 += kRows) {
+    for (int64_t n0 = 0; n0 < d; n0 += kVecs * kF64Lanes) {
+      f64x8 acc[kRows][kVecs] = {};
+      for (int64_t k = 0; k < d; ++k) {
+        f64x8 rv[kVecs];
         PLDR_UNROLL
-        for (int v = 0; v < NV; ++v) {
-          const int64_t off = (i0 + r) * d + n0 + v * kLanes;
-          const f32x16 z = simd::add(acc[r][v], simd::load(bW + off));
-          // spec §5.2/5.3: z·silu(z) first, then + eps_adj.
-          simd::store(A_LM + off, simd::add(simd::mul(z, simd::silu(z)), eps));
+        for (int v = 0; v < kVecs; ++v)
+          __builtin_memcpy(&rv[v], Rd + k * d + n0 + v * kF64Lanes, sizeof(f64x8));
+        PLDR_UNROLL
+        for (int r = 0; r < kRows; ++r) {
+          const double l = L[(i0 + r) * d + k];
+          PLDR_UNROLL
+          for (int v = 0; v < kVecs; ++v) acc[r][v] += l * rv[v];
         }
-    });
+      }
+      for (int r = 0; r < kRows; ++r)
+        for (int v = 0; v < kVecs; ++v)
+          for (int e = 0; e < kF64Lanes; ++e) {
+            const int64_t off = (i0 + r) * d + n0 + v * kF64Lanes + e;
+            out[off] = static_cast<float>(acc[r][v][e] + static_cast<double>(bias[off]));
+          }
+    }
+  }
+}
+
+// One (b, h): A [d][d] → A_LM, G. Scratch: A_P [d][d] floats, Md [d][d] doubles.
+inline void metric_head_outputs(const float* A, int64_t d, const float* W, const float* bW,
+                                const float* pw, const float* a, const float* ba, float eps_adj,
+                                float* A_LM, float* A_P, double* Md, float* G) {
+  for (int64_t i = 0; i < d * d; ++i) Md[i] = A[i];
+  product_f64(W, Md, bW, d, A_LM);  // Z, turned into A_LM in place below
+  const f32x16 eps = simd::splat(eps_adj);
+  for (int64_t i = 0; i < d * d; i += kLanes) {
+    const f32x16 z = simd::load(A_LM + i);
+    // spec §5.2/5.3: z·silu(z) first, then + eps_adj.
+    simd::store(A_LM + i, simd::add(simd::mul(z, simd::silu(z)), eps));
   }
   for (int64_t i = 0; i < d * d; ++i) A_P[i] = std::pow(A_LM[i], pw[i]);
-  for (int64_t n0 = 0; n0 < d; n0 += kCols) {
-    for_row_tiles<kTileRows>(static_cast<int>(d), [&](int i0, auto rows) {
-      constexpr int R = decltype(rows)::value;
-      f32x16 acc[R][NV];
-      tile_product<R, NV>(d, a + i0 * d, d, 1, A_P + n0, d, acc);
-      PLDR_UNROLL
-      for (int r = 0; r < R; ++r)
-        PLDR_UNROLL
-        for (int v = 0; v < NV; ++v) {
-          const int64_t off = (i0 + r) * d + n0 + v * kLanes;
-          simd::store(G + off, simd::add(acc[r][v], simd::load(ba + off)));
-        }
-    });
-  }
+  for (int64_t i = 0; i < d * d; ++i) Md[i] = A_P[i];
+  product_f64(a, Md, ba, d, G);
 }
 
 }  // namespace metric_cpu

@@ -14,7 +14,8 @@
 // Phase 1 (parallel over blocks of rows of A, possibly of several heads): gather q → QᵀQ → LN →
 // R × (Gd SwiGLU, LN(· + in)) → A.
 // Phase 2 (parallel over (b, h)): Z = W·A + b, A_LM = Z·silu(Z) + eps_adj, A_P = A_LM^pw,
-// G = a·A_P + ba — these mix rows, so they wait for every row block of their (b, h).
+// G = a·A_P + ba — these mix rows, so they wait for every row block of their (b, h). The two
+// small products sum in fp64 (see product_f64 for why).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -175,13 +176,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> metric_tensors_cpu(
     }
   });
 
+  // Phase 2: the row-mixing steps 9–12, per (b, h).
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
     FloatBuffer A_P = make_buffer(d * d);
+    std::unique_ptr<double[]> Md(new double[d * d]);
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t hi = bh % H;
       const int64_t head = hi * d * d, off = bh * d * d;
       metric_head_outputs(A_ptr + off, d, w.W + head, w.b + head, w.pw + head, w.a + head,
-                          w.ba + head, eps_adj_f, A_LM_ptr + off, A_P.get(), G_ptr + off);
+                          w.ba + head, eps_adj_f, A_LM_ptr + off, A_P.get(), Md.get(),
+                          G_ptr + off);
     }
   });
   return {A, A_LM, G};
