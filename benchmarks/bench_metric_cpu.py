@@ -80,10 +80,11 @@ def main() -> None:
         ck, ce = (statistics.median(t[1] for t in ts) for ts in (tk, te))
         ratios.append(me / mk)
         cpu_ratios.append(ce / ck)
-        print(f"round {rnd}: wall median kernel {mk * 1e3:7.2f} ms (min {min(t[0] for t in tk) * 1e3:6.2f},"
-              f" {flops / mk / 1e9:5.1f} GFLOP/s) eager {me * 1e3:7.2f} ms "
-              f"(min {min(t[0] for t in te) * 1e3:6.2f}) -> {me / mk:5.2f}x | "
-              f"CPU-time median kernel {ck * 1e3:6.2f} ms eager {ce * 1e3:6.2f} ms -> {ce / ck:5.2f}x")
+        min_k, min_e = (min(t[0] for t in ts) for ts in (tk, te))
+        print(f"round {rnd}: wall median kernel {mk * 1e3:7.2f} ms (min {min_k * 1e3:6.2f}, "
+              f"{flops / mk / 1e9:5.1f} GFLOP/s) eager {me * 1e3:7.2f} ms "
+              f"(min {min_e * 1e3:6.2f}) -> {me / mk:5.2f}x | CPU-time median kernel "
+              f"{ck * 1e3:6.2f} ms eager {ce * 1e3:6.2f} ms -> {ce / ck:5.2f}x")
     print(f"speedup eager/kernel, median over rounds: wall {statistics.median(ratios):.2f}x, "
           f"CPU time {statistics.median(cpu_ratios):.2f}x")
 

@@ -30,9 +30,10 @@ def run_kernel(q, q_mask, weights, **kw):
     return OP(q, q_mask, *metric_args(weights), **kw)
 
 
-def steps_9_to_12(A, weights, dtype):
+def steps_9_to_12(A, weights, dtype, eps_adj):
     w = {k: weights[k].to(dtype) for k in ("W", "b", "pw", "a", "ba")}
-    return reference.g_from_metric(A.to(dtype), w["W"], w["b"], w["pw"], w["a"], w["ba"])[1]
+    return reference.g_from_metric(A.to(dtype), w["W"], w["b"], w["pw"], w["a"], w["ba"],
+                                   eps_adj=eps_adj)[1]
 
 
 def check_against_reference(out, q, q_mask, weights, eps_ln=1e-6, eps_adj=1e-9):
@@ -43,13 +44,10 @@ def check_against_reference(out, q, q_mask, weights, eps_ln=1e-6, eps_adj=1e-9):
     assert_close_to_reference(A, ref_A, name="A")
     assert_close_to_reference(A_LM, ref_A_LM, name="A_LM")
 
+    G_exact_given_A = steps_9_to_12(A, weights, torch.float64, eps_adj)
+    assert_close_to_reference(G, G_exact_given_A, name="G (steps 9-12 given the kernel's A)")
+    propagated = max_abs_err(G_exact_given_A, ref_G)
     floor = 1e-5 * ref_G.abs().max().item()
-    if eps_adj == 1e-9:  # g_from_metric uses the default eps_adj
-        G_exact_given_A = steps_9_to_12(A, weights, torch.float64)
-        assert_close_to_reference(G, G_exact_given_A, name="G (steps 9-12 given the kernel's A)")
-        propagated = max_abs_err(G_exact_given_A, ref_G)
-    else:
-        propagated = 0.0
     G_torch = reference.metric_tensors(q, q_mask, *metric_args(weights), eps_ln=eps_ln,
                                        eps_adj=eps_adj)[2]
     assert_close_to_reference(G, ref_G, peer=G_torch, floor=floor + propagated,

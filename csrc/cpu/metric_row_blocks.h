@@ -39,15 +39,16 @@ inline void call_with_tail(int rem, int row0, Fn& fn) {
 template <int kMaxRows, class Fn>
 inline void for_row_tiles(int rows, Fn&& fn) {
   int row0 = 0;
-  for (; row0 + kMaxRows <= rows; row0 += kMaxRows) fn(row0, std::integral_constant<int, kMaxRows>{});
+  for (; row0 + kMaxRows <= rows; row0 += kMaxRows)
+    fn(row0, std::integral_constant<int, kMaxRows>{});
   if (row0 < rows) call_with_tail<kMaxRows - 1>(rows - row0, row0, fn);
 }
 
 // acc[r][v] = Σ_k A[r·a_rs + k·a_ks] · B[k·ldb + 16v .. +16], k < K: R rows of a broadcast operand
 // times NV vectors of a row-major operand.
 template <int R, int NV>
-PLDR_SIMD_INLINE void tile_product(int64_t K, const float* A, int64_t a_rs, int64_t a_ks, const float* B,
-                         int64_t ldb, f32x16 (&acc)[R][NV]) {
+PLDR_SIMD_INLINE void tile_product(int64_t K, const float* A, int64_t a_rs, int64_t a_ks,
+                                   const float* B, int64_t ldb, f32x16 (&acc)[R][NV]) {
   PLDR_UNROLL
   for (int r = 0; r < R; ++r)
     PLDR_UNROLL

@@ -1,8 +1,8 @@
 // Fused CPU kernel of pldr::metric_tensors (DESIGN.md §3.1; pldr-spec.md §2 steps 6–12, §5).
 //
 // Layout idea. After A0 = QᵀQ, the LayerNorms and all SwiGLU MLPs act on each row of A
-// independently with weights shared by every head, so a block of M rows of one (b, h) can run
-// through the whole residual network while it stays in L1/L2. The block is held *transposed*,
+// independently with weights shared by every head, so a block of rows (of one or several heads)
+// runs through the whole residual network while it stays in L1/L2. It is held *transposed*,
 // Xt[j][m] = A[m0 + m][j] (features j down, rows m across the 16-float lanes), which makes
 //   * every weight usable as stored: a product X·Wᵀ becomes Wt-free  Ht = W·Xt, where W's
 //     entries are broadcast and Xt's rows are vector loads (no per-call weight transposes);
@@ -42,7 +42,8 @@ struct AlignedFree {
 using FloatBuffer = std::unique_ptr<float[], AlignedFree>;
 
 FloatBuffer make_buffer(int64_t count) {
-  const size_t bytes = ((static_cast<size_t>(std::max<int64_t>(count, 1)) * sizeof(float) + 63) / 64) * 64;
+  const size_t floats = static_cast<size_t>(std::max<int64_t>(count, 1));
+  const size_t bytes = (floats * sizeof(float) + 63) / 64 * 64;  // aligned_alloc wants a multiple
   auto* p = static_cast<float*>(std::aligned_alloc(64, bytes));
   TORCH_CHECK(p != nullptr, "pldr::metric_tensors: out of memory allocating ", bytes, " bytes");
   return FloatBuffer(p);
@@ -106,14 +107,15 @@ void metric_rows_block(const at::Tensor& q, const bool* mask, int64_t row0, int6
       }
       sc.gathered_bh = bh;
     }
-    qtq_columns(sc.Qs.get(), sc.S_kept, d, i0, static_cast<int>(seg / kLanes), Tt + (g - row0), ld);
+    qtq_columns(sc.Qs.get(), sc.S_kept, d, i0, static_cast<int>(seg / kLanes), Tt + (g - row0),
+                ld);
     g += seg;
   }
   layer_norm_columns(Tt, Xt, d, nvec, ld, w.ln0_w, w.ln0_b, eps_ln);
   for (int64_t r = 0; r < dims.R; ++r) {
-    for (int64_t g = 0; g < dims.Gd; ++g) {
-      const int64_t rg = r * dims.Gd + g;
-      swiglu_block(g == 0 ? Xt : Tt, Ut, Tt, d, F, nvec, w.w1 + rg * F * d, w.b1 + rg * F,
+    for (int64_t gi = 0; gi < dims.Gd; ++gi) {
+      const int64_t rg = r * dims.Gd + gi;
+      swiglu_block(gi == 0 ? Xt : Tt, Ut, Tt, d, F, nvec, w.w1 + rg * F * d, w.b1 + rg * F,
                    w.w2 + rg * F * d, w.b2 + rg * F, w.w3 + rg * d * F, w.b3 + rg * d);
     }
     for (int64_t i = 0; i < d * ld; ++i) Tt[i] += Xt[i];  // residual
