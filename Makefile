@@ -47,10 +47,10 @@ cuda-check:
 	rm -rf build/cuda-src && mkdir -p build/cuda-src
 	git ls-files -z --cached --others --exclude-standard | xargs -0 cp --parents -t build/cuda-src
 	cd build/cuda-src && PATH=/usr/local/cuda/bin:$$PATH PLDR_KERNELS_FORCE_CUDA=1 PLDR_KERNELS_PTXAS_VERBOSE=1 \
-	  TORCH_CUDA_ARCH_LIST="$(CUDA_ARCHS)" ../../$(CUDA_VENV)/bin/python setup.py -q build_ext --inplace \
+	  TORCH_CUDA_ARCH_LIST="$(CUDA_ARCHS)" $(abspath $(CUDA_VENV))/bin/python setup.py -q build_ext --inplace \
 	  > ../cuda-build.log 2>&1 || (tail -60 ../cuda-build.log; exit 1)
 	$(PYTHON) tools/check_ptxas.py build/cuda-build.log
-	cd build/cuda-src && ../../$(CUDA_VENV)/bin/python -c "import pldr_kernels, torch; \
+	cd build/cuda-src && $(abspath $(CUDA_VENV))/bin/python -c "import pldr_kernels, torch; \
 	  from pldr_kernels.__main__ import report; print(report())"
 
 clean:
