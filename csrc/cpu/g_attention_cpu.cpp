@@ -23,7 +23,9 @@ namespace {
 
 constexpr int64_t kQueryTile = 64;
 constexpr int64_t kKeyTile = 64;
-// Up to this many query rows, scores and P·V are done row by row (no GEMM, no Kᵀ copy).
+// Decode tiles with up to this many query rows do scores and P·V row by row (no GEMM, no Kᵀ
+// copy). Prefill always uses the GEMM path, so a row's result does not depend on how many query
+// rows share its tile (batch invariance: a padded row equals the row run alone).
 constexpr int64_t kRowPathMaxQueries = 4;
 // Decode never splits a row's keys into pieces shorter than this many tiles.
 constexpr int64_t kMinTilesPerSplit = 4;
@@ -121,10 +123,10 @@ void mask_scores(float* scores, int64_t M, int64_t j0, int64_t n, const KeyRange
 // Runs the online softmax of the M rows of q̃ (in s.q_tilde) over the key range, accumulating the
 // unnormalised output in s.out and the running max / sum in s.m / s.l (initialised by the caller).
 template <typename T, int D>
-void attend_key_range(int64_t M, const KeyRange<T>& kr, TileScratch<D>& s) {
+void attend_key_range(int64_t M, const KeyRange<T>& kr, bool allow_row_path, TileScratch<D>& s) {
   int64_t end = kr.end;
   if (kr.causal) end = std::min(end, kr.diag + M);  // the last row sees keys <= diag + M − 1
-  const bool row_path = M <= kRowPathMaxQueries;
+  const bool row_path = allow_row_path && M <= kRowPathMaxQueries;
   float* scores = s.scores.data();
   const float* qt = s.q_tilde.data();
   float* out = s.out.data();
@@ -283,7 +285,7 @@ void g_attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tens
         const KeyRange<T> kr{rows_of<T>(k, b, h), rows_of<T>(v, b, h),
                              mask_ptr ? mask_ptr + b * Sk : nullptr, 0, Sk, causal,
                              q0 + Sk - Sq};
-        attend_key_range<T, D>(M, kr, s);
+        attend_key_range<T, D>(M, kr, /*allow_row_path=*/false, s);
         for (int64_t r = 0; r < M; ++r) {
           const float l = s.l[r];
           store_row_from_float(s.out.data() + r * D, out_ptr + ((b * Sq + q0 + r) * H + h) * D, D,
@@ -402,7 +404,7 @@ void g_attention_decode_kernel(const at::Tensor& q, const at::Tensor& k_cache,
         // Query i of the new block sees cache rows up to key_end − Sn + i (bottom-right causal).
         const KeyRange<T> kr{rows_of<T>(k_cache, it.b, it.h), rows_of<T>(v_cache, it.b, it.h),
                              nullptr, first, last, true, key_end[it.b] - Sn + q0};
-        attend_key_range<T, D>(M, kr, s);
+        attend_key_range<T, D>(M, kr, /*allow_row_path=*/true, s);
         for (int64_t r = 0; r < M; ++r) {
           const float l = s.l[r];
           const float inv_l = l > 0.0f ? 1.0f / l : 0.0f;
