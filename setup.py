@@ -56,6 +56,13 @@ def cpu_arch_flags() -> list:
     return ["-march=native"]
 
 
+def openmp_flags() -> list:
+    """at::parallel_for is header code: without -fopenmp it silently runs every loop on one thread.
+    The extension then binds to the libgomp.so.1 that torch has already loaded (same soname), so
+    torch.set_num_threads governs our loops too."""
+    return ["-fopenmp"] if sys.platform.startswith("linux") else []
+
+
 def write_build_info(with_cuda: bool, archs: str) -> None:
     info = {
         "with_cuda": with_cuda,
@@ -73,7 +80,7 @@ def make_extension():
     with_cuda = want_cuda()
     os.environ.setdefault("MAX_JOBS", default_max_jobs())
     sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
-    cxx = ["-O3", "-fvisibility=hidden"] + cpu_arch_flags()
+    cxx = ["-O3", "-fvisibility=hidden"] + cpu_arch_flags() + openmp_flags()
     define_macros = [("Py_LIMITED_API", "0x030B0000")]
     archs = ""
     if with_cuda:
@@ -93,11 +100,13 @@ def make_extension():
         ext = cpp_extension.CUDAExtension(
             "pldr_kernels._C", sources, include_dirs=[os.path.join(ROOT, "csrc")],
             define_macros=define_macros, extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+            extra_link_args=openmp_flags(),
             py_limited_api=True)
     else:
         ext = cpp_extension.CppExtension(
             "pldr_kernels._C", sources, include_dirs=[os.path.join(ROOT, "csrc")],
-            define_macros=define_macros, extra_compile_args={"cxx": cxx}, py_limited_api=True)
+            define_macros=define_macros, extra_compile_args={"cxx": cxx},
+            extra_link_args=openmp_flags(), py_limited_api=True)
     write_build_info(with_cuda, archs)
     return ext
 
