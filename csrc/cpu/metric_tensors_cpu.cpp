@@ -11,7 +11,7 @@
 // Every output element is computed by the same sequence of fp32 operations whatever the block
 // size, thread count or batch padding, so results are bitwise reproducible and batch invariant.
 //
-// Phase 1 (parallel over blocks of rows of A, possibly of several heads): gather q → QᵀQ → LN →
+// Phase 1 (parallel over blocks of rows of A, possibly spanning heads): gather q → QᵀQ → LN →
 // R × (Gd SwiGLU, LN(· + in)) → A.
 // Phase 2 (parallel over (b, h)): Z = W·A + b, A_LM = Z·silu(Z) + eps_adj, A_P = A_LM^pw,
 // G = a·A_P + ba — these mix rows, so they wait for every row block of their (b, h). The two
@@ -23,6 +23,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdlib>
 #include <memory>
 #include <tuple>
@@ -72,9 +73,9 @@ int64_t gather_queries(const at::Tensor& q, const bool* mask, int64_t b, int64_t
   return kept;
 }
 
-// Rows of A per phase-1 block (at most): large enough that each weight panel, fetched from
-// L3 once per block, serves many rows; small enough that the block's activations stay in L2.
-constexpr int64_t kMaxBlockRows = 256;
+// Rows of A per phase-1 block (at most): each weight panel, fetched from L3 once per block, serves
+// that many rows (64 runs as fast as 256 here), and the block's activations stay in L1/L2.
+constexpr int64_t kMaxBlockRows = 64;
 
 // Phase-1 scratch of one thread, and the q rows of the head gathered last.
 struct RowBlockScratch {
@@ -164,25 +165,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> metric_tensors_cpu(
   float* A_LM_ptr = A_LM.data_ptr<float>();
   float* G_ptr = G.data_ptr<float>();
 
-  // Phase 1: the B·H·d rows of A, in groups of 16 spread evenly over the threads; each thread
-  // runs its share in blocks of up to kMaxBlockRows rows.
-  const int64_t groups = B * H * d / kLanes;
+  // Phase 1: the B·H·d rows of A in blocks of block_rows; Phase 2: one (b, h) per item. Threads
+  // take the next item from a shared counter rather than a fixed half each, so a thread that the
+  // OS descheduled (a shared machine) delays the call by one item, not by its whole share. Item
+  // boundaries never change an output bit (see the top of this file).
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t total_rows = B * H * d;
+  // Enough items for every thread to get ≥ 2 when the problem is small; never below 16 rows.
+  const int64_t block_rows = std::clamp<int64_t>(
+      total_rows / (2 * threads) / kLanes * kLanes, kLanes, kMaxBlockRows);
+  const int64_t n_blocks = (total_rows + block_rows - 1) / block_rows;
   const int64_t max_feat = std::max(d, F);
-  at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
-    const int64_t block_rows = std::min(kMaxBlockRows, (end - begin) * kLanes);
+  std::atomic<int64_t> next_block{0};
+  at::parallel_for(0, std::min(threads, n_blocks), 1, [&](int64_t, int64_t) {
     RowBlockScratch sc{make_buffer(S * d), make_buffer(d * block_rows),
                        make_buffer(d * block_rows), make_buffer(max_feat * block_rows)};
-    for (int64_t row = begin * kLanes; row < end * kLanes; row += block_rows) {
-      const int64_t nrows = std::min(block_rows, end * kLanes - row);
-      metric_rows_block(q, mask_ptr, row, nrows, dims, w, eps_ln_f, sc, A_ptr);
+    for (int64_t blk = next_block++; blk < n_blocks; blk = next_block++) {
+      const int64_t row = blk * block_rows;
+      metric_rows_block(q, mask_ptr, row, std::min(block_rows, total_rows - row), dims, w,
+                        eps_ln_f, sc, A_ptr);
     }
   });
 
-  // Phase 2: the row-mixing steps 9–12, per (b, h).
-  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+  std::atomic<int64_t> next_head{0};
+  at::parallel_for(0, std::min(threads, B * H), 1, [&](int64_t, int64_t) {
     FloatBuffer A_P = make_buffer(d * d);
     std::unique_ptr<double[]> Md(new double[d * d]);
-    for (int64_t bh = begin; bh < end; ++bh) {
+    for (int64_t bh = next_head++; bh < B * H; bh = next_head++) {
       const int64_t hi = bh % H;
       const int64_t head = hi * d * d, off = bh * d * d;
       metric_head_outputs(A_ptr + off, d, w.W + head, w.b + head, w.pw + head, w.a + head,
