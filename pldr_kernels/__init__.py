@@ -8,5 +8,6 @@ implementations for torch.compile). Entry points: :mod:`pldr_kernels.ops` (the o
 from . import ops  # noqa: F401  (loads _C and registers the fake kernels)
 from .ops import g_attention, g_attention_decode, metric_tensors  # noqa: F401
 from .config import PLDRConfig  # noqa: F401
+from .model import PLDRForCausalLM  # noqa: F401
 
 __version__ = "0.1.0"
