@@ -212,13 +212,13 @@ class PLDRForCausalLM(nn.Module):
         padded = attention_mask is not None and not bool(attention_mask.all())
         mask = attention_mask if padded else None
         positions = positions_from_mask(mask, B, S, ids.device)
-        cos, sin = self.decoder.rope.tables(positions)
+        rotation = self.decoder.rope.rotation(positions)
         key_mask = mask.bool() if padded else None
         q_mask = None if include_pad_in_g else key_mask
         x = self.decoder.embed(ids)
         deductive = []
         for layer, block in enumerate(self.decoder.dec_layers):
-            q, k, v = block.mha1.project(x, cos, sin)
+            q, k, v = block.mha1.project(x, rotation)
             A, A_LM, G = self._g_for_layer(layer, block.mha1, q, q_mask, frozen_G)
             deductive.append((A, A_LM, G))
             if cache is not None:
@@ -282,13 +282,13 @@ class PLDRForCausalLM(nn.Module):
         if positions is None:
             positions = torch.tensor(cache.n_real, device=tokens.device)[:, None]
             max_position = max(cache.n_real)
-        cos, sin = self.decoder.rope.tables(positions, max_position)
+        rotation = self.decoder.rope.rotation(positions, max_position)
         x = self.decoder.embed(tokens)
         for layer, block in enumerate(self.decoder.dec_layers):
             G = cache.G[layer]
             if recompute_G and self.config.has_metric_learner:
                 G = block.mha1.g_from_metric(cache.A[layer])[1]
-            attn = block.mha1.decode(x, G, cos, sin, cache.k[layer], cache.v[layer],
+            attn = block.mha1.decode(x, G, rotation, cache.k[layer], cache.v[layer],
                                      cache.cache_seqlens, cache.cache_start)
             x = block.finish(x, attn)
         return self.final_layer(x[:, -1])
@@ -407,7 +407,7 @@ class _GraphedDecode:
         self.tokens = torch.zeros(B, 1, dtype=torch.long, device=device)
         self.positions = torch.tensor(cache.n_real, device=device)[:, None]
         smax = cache.max_length
-        model.decoder.rope.tables(self.positions, max_position=smax)  # grow before capture
+        model.decoder.rope.rotation(self.positions, max_position=smax)  # grow before capture
         # Graph capture needs the op not to append: warm up on a side stream with k/v writes that
         # land in a row we overwrite anyway (the next one), then capture.
         stream = torch.cuda.Stream()

@@ -127,13 +127,12 @@ def test_rope_tables_match_reference_rope():
     att = GCachedAttention(D, H, d, interleaved_rope=True, max_positions=4)
     x = torch.randn(2, 5, 2 * H, d)
     pos = torch.tensor([[0, 1, 2, 3, 4], [1, 1, 0, 1, 2]])
-    cos, sin = att.rope.tables(pos)  # grows the 4-row table on demand
-    got = att.rope(x, cos, sin)
+    got = att.rope(x, att.rope.rotation(pos))  # grows the 4-row table on demand
     want = reference.apply_rope(x.double(), pos, True)
     assert_close_to_reference(got, want, name="rope")
     att2 = GCachedAttention(D, H, d, interleaved_rope=False)
-    cos, sin = att2.rope.tables(pos)
-    assert_close_to_reference(att2.rope(x, cos, sin), reference.apply_rope(x.double(), pos, False),
+    assert_close_to_reference(att2.rope(x, att2.rope.rotation(pos)),
+                              reference.apply_rope(x.double(), pos, False),
                               name="rope_half")
 
 
