@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import ops
 from .config import PLDRConfig
 from .nn import (GCachedAttention, PowerLawGraphAttention, RotaryEmbedding, SwiGLU, _keep_fp32)
 from .reference_model import _init_weights, predefined_g_values
@@ -233,7 +234,11 @@ class PLDRForCausalLM(nn.Module):
     # ---- forward -------------------------------------------------------------------------------
     def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
                 include_pad_in_g: bool = False) -> Tensor:
-        """Full uncached forward: logits ``[B, S, V]`` (G recomputed from this input)."""
+        """Full uncached forward: logits ``[B, S, V]`` (G recomputed from this input).
+
+        Under ``torch.no_grad()``/``inference_mode()`` it runs the fused ops; with autograd on
+        (parameters require grad by default) it runs the reference math, which has a backward."""
+        ops.require_built()
         return self._full_pass(input_ids, attention_mask, include_pad_in_g)[0]
 
     # ---- cached generation -------------------------------------------------------------------
@@ -308,6 +313,7 @@ class PLDRForCausalLM(nn.Module):
                         cuda_graph: bool = False, _state: Optional[list] = None
                         ) -> Iterator[Tensor]:
         """Yield the next token ids ``[B]`` step by step (same arguments as :meth:`generate`)."""
+        ops.require_built()
         check_generate_args(input_ids, max_new_tokens, cache, do_sample, temperature, top_k,
                             top_p, attention_mask, self.config.vocab_size)
         if cuda_graph and self.device.type != "cuda":

@@ -90,7 +90,8 @@ class ParameterPack:
 
     def repack(self) -> Tensor:
         params = self.get_params()
-        with torch.no_grad():
+        # Never pack inside inference_mode: parameters must stay usable by autograd afterwards.
+        with torch.inference_mode(False), torch.no_grad():
             flat = torch.stack([p.detach() for p in params])
             for i, p in enumerate(params):
                 p.data = flat[i]
@@ -195,6 +196,9 @@ class MetricLearner(nn.Module):
                                    (R, d)),
         }
         self._zero_biases = {"b1": (R, Gd, A_dff), "b2": (R, Gd, A_dff), "b3": (R, Gd, d)}
+        for pack in self._metric_packs.values():
+            if pack is not None:
+                pack.repack()
 
     def _apply(self, fn, recurse=True):
         if recurse:
@@ -280,12 +284,16 @@ class GCachedAttention(nn.Module):
         self._qkv_weight = ParameterPack(self, [f"{p}.weight" for p in projections], (3 * D, D))
         self._qkv_bias = (ParameterPack(self, [f"{p}.bias" for p in projections], (3 * D,))
                           if bias else None)
+        self._repack_qkv()
 
-    def _apply(self, fn, recurse=True):
-        super()._apply(fn, recurse)
+    def _repack_qkv(self) -> None:
         self._qkv_weight.repack()
         if self._qkv_bias is not None:
             self._qkv_bias.repack()
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        self._repack_qkv()
         return self
 
     def project(self, x: Tensor, rotation) -> Tuple[Tensor, Tensor, Tensor]:
@@ -353,9 +361,7 @@ class PowerLawGraphAttention(GCachedAttention, MetricLearner):
 
     def _apply(self, fn, recurse=True):
         MetricLearner._apply(self, fn, recurse)  # keeps the G path fp32, repacks its weights
-        self._qkv_weight.repack()
-        if self._qkv_bias is not None:
-            self._qkv_bias.repack()
+        self._repack_qkv()
         return self
 
     def forward(self, x: Tensor, positions: Optional[Tensor] = None,
@@ -383,12 +389,16 @@ class SwiGLU(GLUVariant):
         self._w12 = ParameterPack(self, ["gluw1.weight", "gluw2.weight"], (2 * d_hidden, d_in))
         self._b12 = (ParameterPack(self, ["gluw1.bias", "gluw2.bias"], (2 * d_hidden,))
                      if bias else None)
+        self._repack()
 
-    def _apply(self, fn, recurse=True):
-        super()._apply(fn, recurse)
+    def _repack(self) -> None:
         self._w12.repack()
         if self._b12 is not None:
             self._b12.repack()
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        self._repack()
         return self
 
     def forward(self, x: Tensor) -> Tensor:
