@@ -62,16 +62,24 @@ template <int D>
 struct MmaTiling {
   static_assert(D == 64 || D == 128, "head dim must be 64 or 128");
   static constexpr int kBlockM = 64;  // query rows per block (16 per warp)
-  static constexpr int kBlockN = 64;  // keys per tile
+  // Keys per tile: 32 at d = 128 keeps the per-thread state (q̃, O, S, P fragments) in 255
+  // registers without spills.
+  static constexpr int kBlockN = D == 64 ? 64 : 32;
   static constexpr int kWarps = 4;
   static constexpr int kThreads = 32 * kWarps;
+  // Blocks per SM the register budget must allow (__launch_bounds__): 3 at d = 64 (<= 168
+  // registers), 2 at d = 128 (<= 255).
+  static constexpr int kMinBlocksPerSM = D == 64 ? 3 : 2;
   static constexpr int kChunks = D / 8;  // 16-byte chunks per row
   static constexpr int kQElems = kBlockM * D;
   static constexpr int kKVElems = kBlockN * D;  // one stage of K or V
   // Layout (16-bit elements): Q | K stage 0, 1 | V stage 0, 1 | key-visibility bytes stage 0, 1.
-  // G_hi, G_lo (d x d each) alias the K/V stages: they are used up before the first K/V load.
+  // G_hi, G_lo alias the K/V stages (they are used up before the first K/V load), staged in
+  // chunks of kGRows rows of G when all of it does not fit.
   static constexpr int kSmemBytes = 2 * (kQElems + 4 * kKVElems) + 2 * kBlockN;
-  static_assert(2 * D * D <= 4 * kKVElems, "G_hi and G_lo must fit in the K/V stages");
+  static constexpr int kGRows = 2 * kBlockN < D ? 2 * kBlockN : D;
+  static_assert(2 * kGRows * D <= 4 * kKVElems && D % kGRows == 0 && kGRows % 16 == 0,
+                "G chunks must fit in the K/V stages");
 
   static dim3 grid(const GAttentionParams& p) {
     return dim3((p.Sq + kBlockM - 1) / kBlockM, p.H, p.B);
@@ -85,14 +93,15 @@ PLDR_DEVICE int swizzle(int row, int col) {
   return row * D + ((((col >> 3) ^ (row & 7))) << 3) + (col & 7);
 }
 
-// cp.async a [64][D] tile whose row r starts at src + r*row_stride; rows >= rows_valid are
+// cp.async a [kRows][D] tile whose row r starts at src + r*row_stride; rows >= rows_valid are
 // zero-filled (never read from global memory).
-template <int D>
+template <int D, int kRows>
 PLDR_DEVICE void load_tile_async(uint16_t* tile, const uint16_t* src, int64_t row_stride,
                                  int rows_valid, int tid) {
   using T = MmaTiling<D>;
+  static_assert(kRows * T::kChunks % T::kThreads == 0, "tile must split evenly over the threads");
 #pragma unroll
-  for (int i = 0; i < T::kBlockN * T::kChunks / T::kThreads; ++i) {
+  for (int i = 0; i < kRows * T::kChunks / T::kThreads; ++i) {
     const int c = tid + i * T::kThreads;
     const int row = c / T::kChunks, col = (c % T::kChunks) * 8;
     const bool valid = row < rows_valid;
@@ -100,14 +109,14 @@ PLDR_DEVICE void load_tile_async(uint16_t* tile, const uint16_t* src, int64_t ro
   }
 }
 
-// Stage G (fp32 [D][D], row r at G + r*row_stride) as G_hi = rn(G), G_lo = rn(G − G_hi) in the
-// MMA dtype, swizzled [k][n] tiles read with ldmatrix.trans. G − G_hi is exact in fp32.
+// Stage kGRows rows of G (fp32, row r at G + r*row_stride) as G_hi = rn(G), G_lo = rn(G − G_hi)
+// in the MMA dtype, swizzled [k][n] tiles read with ldmatrix.trans. G − G_hi is exact in fp32.
 template <int D, class Tag>
 PLDR_DEVICE void stage_g_split(uint16_t* s_hi, uint16_t* s_lo, const float* G,
                                int64_t row_stride, int tid) {
   using T = MmaTiling<D>;
 #pragma unroll 2
-  for (int c = tid; c < D * T::kChunks; c += T::kThreads) {
+  for (int c = tid; c < T::kGRows * T::kChunks; c += T::kThreads) {
     const int row = c / T::kChunks, col = (c % T::kChunks) * 8;
     const float* src = G + row * row_stride + col;
     uint32_t hi[4], lo[4];
@@ -135,7 +144,7 @@ PLDR_DEVICE void accumulators_to_a_fragment(uint32_t (&a)[4], const float (&c0)[
 }
 
 template <int D, class Tag>
-__global__ void __launch_bounds__(MmaTiling<D>::kThreads)
+__global__ void __launch_bounds__(MmaTiling<D>::kThreads, MmaTiling<D>::kMinBlocksPerSM)
     g_attention_mma_kernel(const GAttentionParams p) {
   using T = MmaTiling<D>;
   constexpr int kBlockM = T::kBlockM, kBlockN = T::kBlockN;
@@ -147,7 +156,7 @@ __global__ void __launch_bounds__(MmaTiling<D>::kThreads)
   uint16_t* s_v = s_k + 2 * T::kKVElems;   // 2 stages
   unsigned char* s_visible = reinterpret_cast<unsigned char*>(s_v + 2 * T::kKVElems);  // 2 stages
   uint16_t* s_g_hi = s_k;
-  uint16_t* s_g_lo = s_k + D * D;
+  uint16_t* s_g_lo = s_k + T::kGRows * D;
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int group = lane >> 2, tig = lane & 3;
@@ -166,13 +175,11 @@ __global__ void __launch_bounds__(MmaTiling<D>::kThreads)
   const int n_tiles = (key_end + kBlockN - 1) / kBlockN;
 
   // ---- Q tile (and G) into shared memory ------------------------------------------------------
-  load_tile_async<D>(s_q, q, p.q_row_stride, q_rows, tid);
+  load_tile_async<D, kBlockM>(s_q, q, p.q_row_stride, q_rows, tid);
   cp_async_commit();
   const bool has_g = p.G != nullptr;
-  if (has_g) {
-    stage_g_split<D, Tag>(s_g_hi, s_g_lo, p.G + b * p.G_batch_stride + h * p.G_head_stride,
-                          p.G_row_stride, tid);
-  }
+  const float* G = has_g ? p.G + b * p.G_batch_stride + h * p.G_head_stride : nullptr;
+  if (has_g) stage_g_split<D, Tag>(s_g_hi, s_g_lo, G, p.G_row_stride, tid);  // first chunk
   cp_async_wait<0>();
   __syncthreads();
 
@@ -193,17 +200,27 @@ __global__ void __launch_bounds__(MmaTiling<D>::kThreads)
       for (int i = 0; i < 4; ++i) acc[nt][i] = 0.f;
     const int g_row = (lane & 7) + 8 * ((lane >> 3) & 1), g_col = 8 * (lane >> 4);
 #pragma unroll
-    for (int ks = 0; ks < D / 16; ++ks) {
+    for (int chunk = 0; chunk < D / T::kGRows; ++chunk) {
+      if (chunk > 0) {  // every warp is done with the previous chunk; stage the next one
+        __syncthreads();
+        stage_g_split<D, Tag>(s_g_hi, s_g_lo, G + chunk * T::kGRows * p.G_row_stride,
+                              p.G_row_stride, tid);
+        __syncthreads();
+      }
 #pragma unroll
-      for (int np = 0; np < D / 16; ++np) {
-        const int offset = swizzle<D>(ks * 16 + g_row, np * 16 + g_col);
-        uint32_t hi[4], lo[4];
-        ldmatrix_x4_trans(hi, s_g_hi + offset);
-        ldmatrix_x4_trans(lo, s_g_lo + offset);
-        mma_m16n8k16(Tag{}, acc[2 * np], q_frag[ks], {hi[0], hi[1]});
-        mma_m16n8k16(Tag{}, acc[2 * np + 1], q_frag[ks], {hi[2], hi[3]});
-        mma_m16n8k16(Tag{}, acc[2 * np], q_frag[ks], {lo[0], lo[1]});
-        mma_m16n8k16(Tag{}, acc[2 * np + 1], q_frag[ks], {lo[2], lo[3]});
+      for (int ks = 0; ks < T::kGRows / 16; ++ks) {
+#pragma unroll
+        for (int np = 0; np < D / 16; ++np) {
+          const int offset = swizzle<D>(ks * 16 + g_row, np * 16 + g_col);
+          const uint32_t(&a)[4] = q_frag[chunk * T::kGRows / 16 + ks];
+          uint32_t hi[4], lo[4];
+          ldmatrix_x4_trans(hi, s_g_hi + offset);
+          ldmatrix_x4_trans(lo, s_g_lo + offset);
+          mma_m16n8k16(Tag{}, acc[2 * np], a, {hi[0], hi[1]});
+          mma_m16n8k16(Tag{}, acc[2 * np + 1], a, {hi[2], hi[3]});
+          mma_m16n8k16(Tag{}, acc[2 * np], a, {lo[0], lo[1]});
+          mma_m16n8k16(Tag{}, acc[2 * np + 1], a, {lo[2], lo[3]});
+        }
       }
     }
 #pragma unroll
@@ -215,7 +232,7 @@ __global__ void __launch_bounds__(MmaTiling<D>::kThreads)
   // ---- K/V pipeline ---------------------------------------------------------------------------
   auto issue_k = [&](int tile, int stage) {
     const int key0 = tile * kBlockN;
-    load_tile_async<D>(s_k + stage * T::kKVElems, k + key0 * p.k_row_stride, p.k_row_stride,
+    load_tile_async<D, kBlockN>(s_k + stage * T::kKVElems, k + key0 * p.k_row_stride, p.k_row_stride,
                        p.Sk - key0, tid);
     if (tid < kBlockN) {  // key visible to someone: inside Sk and allowed by key_mask
       const int key = key0 + tid;
@@ -225,7 +242,7 @@ __global__ void __launch_bounds__(MmaTiling<D>::kThreads)
   };
   auto issue_v = [&](int tile, int stage) {
     const int key0 = tile * kBlockN;
-    load_tile_async<D>(s_v + stage * T::kKVElems, v + key0 * p.v_row_stride, p.v_row_stride,
+    load_tile_async<D, kBlockN>(s_v + stage * T::kKVElems, v + key0 * p.v_row_stride, p.v_row_stride,
                        p.Sk - key0, tid);
   };
 
@@ -256,7 +273,7 @@ __global__ void __launch_bounds__(MmaTiling<D>::kThreads)
     if (n + 1 < n_tiles) issue_v(n + 1, stage ^ 1);
     cp_async_commit();
 
-    // S = q̃·kᵀ (16 x 64 per warp)
+    // S = q̃·kᵀ (16 x kBlockN per warp)
     float s[kBlockN / 8][4];
 #pragma unroll
     for (int nt = 0; nt < kBlockN / 8; ++nt)
