@@ -77,9 +77,11 @@ CASES = [
     (128, torch.bfloat16, 1, 1, 70, 33, False, "batch", True),
     (128, torch.float16, 2, 1, 33, 70, True, None, False),
     (128, torch.bfloat16, 1, 1, 7, 7, True, "shared", False),
+    (128, torch.float16, 2, 1, 33, 100, True, "batch", True),  # G in 2 chunks, 4 key tiles
     (64, torch.float32, 2, 1, 33, 70, True, "batch", True),
     (64, torch.float32, 1, 2, 70, 7, True, None, False),
     (128, torch.float32, 1, 1, 7, 33, False, "shared", True),
+    (128, torch.float32, 1, 1, 33, 7, True, "batch", False),
 ]
 
 
@@ -109,3 +111,13 @@ def test_strided_views_and_fully_masked_batch(dtype):
     out, lse = emulated_g_attention(q, k, v, G, key_mask, causal=False, scale=0.3)
     check_against_reference(out, lse, q, k, v, G, key_mask, False, 0.3)
     assert torch.all(out[1] == 0) and torch.all(lse[1] == float("-inf"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_negative_scale(dtype):
+    """The softmax max is taken after scaling, so any finite scale works."""
+    gen = torch.Generator().manual_seed(11)
+    q, k, v = (torch.randn(1, n, 2, 64, generator=gen).to(dtype) for n in (33, 70, 70))
+    G = random_g(1, 2, 64)
+    out, lse = emulated_g_attention(q, k, v, G, None, causal=True, scale=-0.2)
+    check_against_reference(out, lse, q, k, v, G, None, True, -0.2)

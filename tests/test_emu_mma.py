@@ -81,3 +81,14 @@ def test_16bit_conversions_match_torch():
     nan = run_emulated(DRIVER, {"x": np.array([np.nan], np.float32)}, {"mode": 0, "n": 1},
                        {"bf16_back": ((1,), np.float32), "f16_back": ((1,), np.float32)})
     assert np.isnan(nan["bf16_back"]).all() and np.isnan(nan["f16_back"]).all()
+
+
+def test_cp_async_groups_and_zero_fill():
+    """wait_group<1> retires all but the newest group; src-size 0 zero-fills the 16 bytes."""
+    src = np.arange(1, 17, dtype=np.uint16)
+    res = run_emulated(DRIVER, {"src": src}, {"mode": 2},
+                       {"after_wait1": ((16,), np.uint16), "after_wait0": ((16,), np.uint16)})
+    np.testing.assert_array_equal(res["after_wait1"][:8], src[:8])
+    np.testing.assert_array_equal(res["after_wait1"][8:], np.full(8, 0xBEEF, np.uint16))
+    np.testing.assert_array_equal(res["after_wait0"][:8], src[:8])
+    np.testing.assert_array_equal(res["after_wait0"][8:], np.zeros(8, np.uint16))

@@ -6,6 +6,7 @@
 //   16-bit dtype; D = A·B + C three ways — fragments built from the documented layouts, via
 //   ldmatrix (B from a [n][k] copy), via ldmatrix.trans (B from the [k][n] copy) — plus the raw
 //   registers ldmatrix_x4 / ldmatrix_x4_trans return for A.
+// mode 2: cp.async commit/wait groups and zero-fill (see cp_async_kernel).
 #include <cstdio>
 #include <string>
 #include <type_traits>
@@ -90,6 +91,21 @@ __global__ void mma_layout_kernel(const float* A, const float* B, const float* C
   }
 }
 
+// mode 2: cp.async groups. One thread copies src[0:8] (valid) in group 1 and src[8:16] with
+// valid = false in group 2; snapshots of dst after wait<1> and after wait<0>.
+__global__ void cp_async_kernel(const uint16_t* src, uint16_t* after_wait1, uint16_t* after_wait0) {
+  alignas(16) __shared__ uint16_t dst[16];
+  for (int i = 0; i < 16; ++i) dst[i] = 0xBEEF;
+  cp_async_16(dst, src, true);
+  cp_async_commit();
+  cp_async_16(dst + 8, src + 8, false);
+  cp_async_commit();
+  cp_async_wait<1>();
+  for (int i = 0; i < 16; ++i) after_wait1[i] = dst[i];
+  cp_async_wait<0>();
+  for (int i = 0; i < 16; ++i) after_wait0[i] = dst[i];
+}
+
 int main(int argc, char** argv) {
   if (argc != 2) return 2;
   const std::string dir = argv[1];
@@ -109,6 +125,15 @@ int main(int argc, char** argv) {
     emu_io::write(dir, "f16", hf);
     emu_io::write(dir, "bf16_back", bf_back);
     emu_io::write(dir, "f16_back", hf_back);
+    return 0;
+  }
+  if (prm["mode"] == 2) {
+    auto src = emu_io::read<uint16_t>(dir, "src", 16);
+    std::vector<uint16_t> after_wait1(16), after_wait0(16);
+    CUSIM_LAUNCH(cp_async_kernel, dim3(1), dim3(1), src.data(), after_wait1.data(),
+                 after_wait0.data());
+    emu_io::write(dir, "after_wait1", after_wait1);
+    emu_io::write(dir, "after_wait0", after_wait0);
     return 0;
   }
   auto A = emu_io::read<float>(dir, "A", 256), B = emu_io::read<float>(dir, "B", 256),
