@@ -73,7 +73,7 @@ CASES = [
     (64, torch.bfloat16, 1, 2, 7, 33, False, None, True),
     (64, torch.float16, 2, 1, 33, 70, True, "shared", True),
     (64, torch.float16, 1, 1, 70, 7, True, "batch", False),   # Sq > Sk: early rows see nothing
-    (64, torch.bfloat16, 1, 1, 1, 70, True, "shared", False),  # one query row (decode-like)
+    (64, torch.bfloat16, 1, 4, 1, 70, True, "shared", False),  # one query row (decode-like)
     (128, torch.bfloat16, 1, 1, 70, 33, False, "batch", True),
     (128, torch.float16, 2, 1, 33, 70, True, None, False),
     (128, torch.bfloat16, 1, 1, 7, 7, True, "shared", False),
