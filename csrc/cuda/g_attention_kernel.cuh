@@ -31,6 +31,8 @@
 namespace pldr::cuda {
 
 // Everything a launch needs; strides in elements. Built by the API from the checked tensors.
+// The tensor-core kernel moves 16-byte chunks: there q, k, v and out rows must start on 16-byte
+// boundaries (the API copies a view that does not; out is allocated contiguous).
 struct GAttentionParams {
   const void* q;     // [B, Sq, H, d], 16-bit or fp32
   const void* k;     // [B, Sk, H, d]
@@ -92,7 +94,7 @@ struct MmaTiling {
 // XOR-swizzled by row: the 8 rows an ldmatrix phase reads hit 8 different bank groups.
 template <int D>
 PLDR_DEVICE int swizzle(int row, int col) {
-  return row * D + ((((col >> 3) ^ (row & 7))) << 3) + (col & 7);
+  return row * D + (((col >> 3) ^ (row & 7)) << 3) + (col & 7);
 }
 
 // cp.async a [kRows][D] tile whose row r starts at src + r*row_stride; rows >= rows_valid are
@@ -134,7 +136,7 @@ PLDR_DEVICE void stage_g_split(uint16_t* s_hi, uint16_t* s_lo, const float* G,
   }
 }
 
-// Four fp32 accumulator tiles (16x8, C layout) of columns 16ks..16ks+15 → one A fragment (16x16):
+// Two fp32 accumulator tiles (16x8 each, C layout) of columns 16ks..16ks+15 → one A fragment:
 // the C layout of two adjacent n-tiles is exactly the A layout, so values stay in registers.
 template <class Tag>
 PLDR_DEVICE void accumulators_to_a_fragment(uint32_t (&a)[4], const float (&c0)[4],
