@@ -2,7 +2,7 @@
 followed by torch SDPA on the pre-multiplied query (both timed), for each SDPA backend selected
 explicitly, plus SDPA alone for reference. H=14, d=64, bf16, causal (PLDR-LLM v510 shapes).
 
-    python benchmarks/bench_attention_cuda.py OUT.json [--quick] [--reps 30]
+    python benchmarks/bench_attention_cuda.py --json OUT.json [--quick] [--reps 30]
 
 Timing: CUDA events around each call, candidates interleaved call by call within a configuration
 so clock and thermal drift hit all of them alike; median (and p20/p80) over the repetitions.
@@ -134,7 +134,7 @@ def check_small_case() -> float:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("out", help="JSON file to write")
+    ap.add_argument("--json", dest="out", required=True, help="JSON file to write")
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--quick", action="store_true", help="B in (1, 4), S in (1024, 4096)")
     args = ap.parse_args(argv)
