@@ -64,21 +64,6 @@ struct KeyRange {
   int64_t diag;
 };
 
-// Kᵀ of keys [j0, j0 + n) as fp32 [D, kKeyTile] (column jj = key j0 + jj), for the score GEMM.
-template <typename T, int D>
-void pack_keys_transposed(const Rows<T>& k, int64_t j0, int64_t n, float* kt, float* row_buf) {
-  for (int64_t jj = 0; jj < n; ++jj) {
-    const float* src;
-    if constexpr (std::is_same_v<T, float>) {
-      src = k.row(j0 + jj);
-    } else {
-      load_row_as_float(k.row(j0 + jj), row_buf, D);
-      src = row_buf;
-    }
-    for (int c = 0; c < D; ++c) kt[c * kKeyTile + jj] = src[c];
-  }
-}
-
 // q̃ = (q rows [q0, q0+M) of one (b, h)) · G · (scale·log2 e), fp32 [M, D].
 template <typename T, int D>
 void form_q_tilde(const Rows<T>& q, int64_t q0, int64_t M, const float* g, int64_t g_ld,
@@ -148,7 +133,8 @@ void attend_key_range(int64_t M, const KeyRange<T>& kr, bool allow_row_path, Til
         for (int64_t r = 0; r < M; ++r) scores[r * kKeyTile + jj] = dot<D>(qt + r * D, krow);
       }
     } else {
-      pack_keys_transposed<T, D>(kr.k, j0, n, s.k_transposed.data(), s.v_rows.data());
+      pack_transposed<T, D>([&](int64_t jj) { return kr.k.row(j0 + jj); }, n,
+                            s.k_transposed.data(), kKeyTile);
       at::native::cpublas::brgemm(M, n, D, D, kKeyTile, kKeyTile, false, qt,
                                   s.k_transposed.data(), scores, false);
     }
