@@ -160,6 +160,19 @@ def test_non_contiguous_inputs(dtype):
     check_against_reference(q, k, v, G_view, causal=True)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_broadcast_views(dtype):
+    """Stride-0 (expanded) dims: the same token repeated, heads sharing one G row pattern."""
+    B, S, H, d = 2, 70, 2, 64
+    q = torch.randn(B, 1, H, d).to(dtype).expand(B, S, H, d)
+    k = torch.randn(B, S, 1, d).to(dtype).expand(B, S, H, d)
+    v = torch.randn(1, S, H, d).to(dtype).expand(B, S, H, d)
+    G = (0.1 * torch.randn(1, 1, 1, d)).expand(B, H, d, d)  # every row of G the same: stride(2) = 0
+    assert q.stride(1) == 0 and G.stride(2) == 0
+    check_against_reference(q, k, v, G, causal=True)
+    check_against_reference(q[:, :1], k[:, :1], v[:, :1], G, causal=False)
+
+
 def test_deterministic_bitwise():
     q, k, v = make_qkv(2, 300, 300, 3, 64, torch.float32)
     G = random_g(2, 3, 64)

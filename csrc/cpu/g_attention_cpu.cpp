@@ -71,8 +71,14 @@ void form_q_tilde(const Rows<T>& q, int64_t q0, int64_t M, const float* g, int64
   const float* a;
   int64_t lda;
   if constexpr (std::is_same_v<T, float>) {
-    a = q.row(q0);
-    lda = q.stride;
+    if (q.stride >= D) {  // read in place (a stride below D is a broadcast view: copy instead)
+      a = q.row(q0);
+      lda = q.stride;
+    } else {
+      for (int64_t r = 0; r < M; ++r) load_row_as_float(q.row(q0 + r), s.q_rows.data() + r * D, D);
+      a = s.q_rows.data();
+      lda = D;
+    }
   } else {
     for (int64_t r = 0; r < M; ++r) load_row_as_float(q.row(q0 + r), s.q_rows.data() + r * D, D);
     a = s.q_rows.data();
@@ -155,8 +161,8 @@ void attend_key_range(int64_t M, const KeyRange<T>& kr, bool allow_row_path, Til
     } else {
       const float* vtile;
       int64_t ldv;
-      if constexpr (std::is_same_v<T, float>) {
-        vtile = kr.v.row(j0);
+      if (std::is_same_v<T, float> && kr.v.stride >= D) {  // fp32 rows are used in place
+        vtile = reinterpret_cast<const float*>(kr.v.row(j0));
         ldv = kr.v.stride;
       } else {
         for (int64_t jj = 0; jj < n; ++jj) {
@@ -169,6 +175,26 @@ void attend_key_range(int64_t M, const KeyRange<T>& kr, bool allow_row_path, Til
     }
   }
 }
+
+// G as the kernels read it: G[b, h] is a [D, D] fp32 matrix at ptr + b·batch + h·head with row
+// stride ld (>= D). A shared G ([1, H, d, d]) has batch stride 0.
+struct GView {
+  at::Tensor holder;  // keeps a contiguous copy alive when G's row stride is unusable
+  const float* ptr = nullptr;
+  int64_t batch = 0, head = 0, ld = 0;
+
+  GView(const c10::optional<at::Tensor>& G, int64_t d) {
+    if (!G.has_value()) return;
+    holder = G->stride(2) >= d ? *G : G->contiguous();
+    ptr = holder.data_ptr<float>();
+    batch = holder.size(0) > 1 ? holder.stride(0) : 0;
+    head = holder.stride(1);
+    ld = holder.stride(2);
+  }
+  const float* at(int64_t b, int64_t h) const {
+    return ptr != nullptr ? ptr + b * batch + h * head : nullptr;
+  }
+};
 
 template <int D>
 void reset_accumulators(int64_t M, TileScratch<D>& s) {
@@ -244,14 +270,10 @@ void g_attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tens
   at::Tensor mask;
   if (key_mask.has_value()) mask = key_mask->contiguous();
   const bool* mask_ptr = mask.defined() ? mask.data_ptr<bool>() : nullptr;
-  const float* g_ptr = G.has_value() ? G->data_ptr<float>() : nullptr;
-  const int64_t g_batch_stride = G.has_value() && G->size(0) > 1 ? G->stride(0) : 0;
-  const int64_t g_head_stride = G.has_value() ? G->stride(1) : 0;
-  const int64_t g_ld = G.has_value() ? G->stride(2) : D;
+  const GView g_view(G, D);
   T* out_ptr = out.data_ptr<T>();
   float* lse_ptr = lse.data_ptr<float>();
 
-  // Tiles are visited largest-first within a (b, h) so the balanced split cuts few (b, h) runs.
   auto tile_of = [&](int64_t item) { return item % q_tiles; };
   auto visible_key_tiles = [&](int64_t t) {
     const int64_t q0 = t * kQueryTile, M = std::min(kQueryTile, Sq - q0);
@@ -265,8 +287,7 @@ void g_attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tens
         static thread_local TileScratch<D> s;
         const int64_t t = tile_of(item), bh = item / q_tiles, b = bh / H, h = bh % H;
         const int64_t q0 = t * kQueryTile, M = std::min(kQueryTile, Sq - q0);
-        const float* g = g_ptr ? g_ptr + b * g_batch_stride + h * g_head_stride : nullptr;
-        form_q_tilde<T, D>(rows_of<T>(q, b, h), q0, M, g, g_ld, factor, s);
+        form_q_tilde<T, D>(rows_of<T>(q, b, h), q0, M, g_view.at(b, h), g_view.ld, factor, s);
         reset_accumulators<D>(M, s);
         const KeyRange<T> kr{rows_of<T>(k, b, h), rows_of<T>(v, b, h),
                              mask_ptr ? mask_ptr + b * Sk : nullptr, 0, Sk, causal,
@@ -348,10 +369,7 @@ void g_attention_decode_kernel(const at::Tensor& q, const at::Tensor& k_cache,
   }
   const int64_t splits = choose_num_splits(num_splits, B * H * q_tiles, max_key_tiles);
   const int64_t n_items = B * H * q_tiles * splits;
-  const float* g_ptr = G.has_value() ? G->data_ptr<float>() : nullptr;
-  const int64_t g_batch_stride = G.has_value() && G->size(0) > 1 ? G->stride(0) : 0;
-  const int64_t g_head_stride = G.has_value() ? G->stride(1) : 0;
-  const int64_t g_ld = G.has_value() ? G->stride(2) : D;
+  const GView g_view(G, D);
   T* out_ptr = out.data_ptr<T>();
   // With several splits each writes its normalised partial output and LSE (log2 units) here.
   std::vector<float> part_out(splits > 1 ? B * H * splits * Sn * D : 0);
@@ -383,8 +401,8 @@ void g_attention_decode_kernel(const at::Tensor& q, const at::Tensor& k_cache,
         static thread_local TileScratch<D> s;
         const Item it = item_of(i);
         const int64_t q0 = it.tile * kQueryTile, M = std::min(kQueryTile, Sn - q0);
-        const float* g = g_ptr ? g_ptr + it.b * g_batch_stride + it.h * g_head_stride : nullptr;
-        form_q_tilde<T, D>(rows_of<T>(q, it.b, it.h), q0, M, g, g_ld, factor, s);
+        form_q_tilde<T, D>(rows_of<T>(q, it.b, it.h), q0, M, g_view.at(it.b, it.h), g_view.ld,
+                           factor, s);
         reset_accumulators<D>(M, s);
         const auto [first, last] = split_range(it.b, it.split);
         // Query i of the new block sees cache rows up to key_end − Sn + i (bottom-right causal).
