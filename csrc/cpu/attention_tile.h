@@ -216,52 +216,6 @@ inline void pack_transposed(const RowFn& row, int64_t n, float* out, int64_t ld_
 }
 
 // ------------------------------------------------------------------------------------------------
-// Register-blocked fp32 GEMM for the tile products: C[M, 0:16·V] (+)= A[M, K] · B[K, 0:16·V],
-// all row-major with leading dimensions lda, ldb, ldc. Each (row, column) sums over k in order.
-// ------------------------------------------------------------------------------------------------
-#ifdef PLDR_ATTENTION_AVX512
-template <int R, int V>
-[[gnu::always_inline]] inline void gemm_rows(const float* A, int64_t lda, const float* B,
-                                             int64_t ldb, float* C, int64_t ldc, int64_t K,
-                                             bool add_C) {
-  __m512 acc[R][V];
-  for (int r = 0; r < R; ++r)
-    for (int v = 0; v < V; ++v)
-      acc[r][v] = add_C ? _mm512_loadu_ps(C + r * ldc + 16 * v) : _mm512_setzero_ps();
-  for (int64_t k = 0; k < K; ++k) {
-    __m512 b[V];
-    for (int v = 0; v < V; ++v) b[v] = _mm512_loadu_ps(B + k * ldb + 16 * v);
-    for (int r = 0; r < R; ++r) {
-      const __m512 a = _mm512_set1_ps(A[r * lda + k]);
-      for (int v = 0; v < V; ++v) acc[r][v] = _mm512_fmadd_ps(a, b[v], acc[r][v]);
-    }
-  }
-  for (int r = 0; r < R; ++r)
-    for (int v = 0; v < V; ++v) _mm512_storeu_ps(C + r * ldc + 16 * v, acc[r][v]);
-}
-#endif
-
-template <int V>
-inline void gemm_tile(int64_t M, int64_t K, const float* A, int64_t lda, const float* B,
-                      int64_t ldb, float* C, int64_t ldc, bool add_C) {
-#ifdef PLDR_ATTENTION_AVX512
-  constexpr int R = 24 / V;  // 24 accumulators, leaving registers for B and the broadcast
-  int64_t m = 0;
-  for (; m + R <= M; m += R) gemm_rows<R, V>(A + m * lda, lda, B, ldb, C + m * ldc, ldc, K, add_C);
-  for (; m < M; ++m) gemm_rows<1, V>(A + m * lda, lda, B, ldb, C + m * ldc, ldc, K, add_C);
-#else
-  for (int64_t m = 0; m < M; ++m) {
-    float* c = C + m * ldc;
-    if (!add_C) std::fill(c, c + 16 * V, 0.0f);
-    for (int64_t k = 0; k < K; ++k) {
-      const float a = A[m * lda + k];
-      for (int j = 0; j < 16 * V; ++j) c[j] += a * B[k * ldb + j];
-    }
-  }
-#endif
-}
-
-// ------------------------------------------------------------------------------------------------
 // Online softmax over one score tile.
 // ------------------------------------------------------------------------------------------------
 // scores: [M, n] (row stride ld), log2 units, −inf where a key is not visible. Turns it into the

@@ -30,9 +30,6 @@ constexpr int64_t kRowPathMaxQueries = 4;
 // Decode never splits a row's keys into pieces shorter than this many tiles.
 constexpr int64_t kMinTilesPerSplit = 4;
 
-#include <cstdlib>
-inline bool use_own_gemm() { return std::getenv("PLDR_OWN_GEMM") != nullptr; }
-
 // Rows of one (batch, head) slice of a [B, S, H, d] tensor: row s starts at ptr + s·stride.
 template <typename T>
 struct Rows {
@@ -89,8 +86,7 @@ void form_q_tilde(const Rows<T>& q, int64_t q0, int64_t M, const float* g, int64
   }
   float* qt = s.q_tilde.data();
   if (g != nullptr) {
-    if (use_own_gemm()) gemm_tile<D / 16>(M, D, a, lda, g, g_ld, qt, D, false);
-    else at::native::cpublas::brgemm(M, D, D, lda, g_ld, D, false, a, g, qt, false);
+    at::native::cpublas::brgemm(M, D, D, lda, g_ld, D, false, a, g, qt, false);
     scale_in_place(qt, M * D, factor);
   } else {
     for (int64_t r = 0; r < M; ++r) store_row_from_float(a + r * lda, qt + r * D, D, factor);
@@ -155,8 +151,7 @@ void attend_key_range(int64_t M, const KeyRange<T>& kr, bool allow_row_path, Til
     } else {
       pack_transposed<T, D>([&](int64_t jj) { return kr.k.row(j0 + jj); }, n,
                             s.k_transposed.data(), kKeyTile);
-      if (use_own_gemm()) gemm_tile<kKeyTile / 16>(M, D, qt, D, s.k_transposed.data(), kKeyTile, scores, kKeyTile, false);
-      else at::native::cpublas::brgemm(M, n, D, D, kKeyTile, kKeyTile, false, qt,
+      at::native::cpublas::brgemm(M, n, D, D, kKeyTile, kKeyTile, false, qt,
                                   s.k_transposed.data(), scores, false);
     }
     mask_scores(scores, M, j0, n, kr);
@@ -187,8 +182,7 @@ void attend_key_range(int64_t M, const KeyRange<T>& kr, bool allow_row_path, Til
         vtile = s.v_rows.data();
         ldv = D;
       }
-      if (use_own_gemm()) gemm_tile<D / 16>(M, n, scores, kKeyTile, vtile, ldv, out, D, true);
-      else at::native::cpublas::brgemm(M, D, n, kKeyTile, ldv, D, true, scores, vtile, out, false);
+      at::native::cpublas::brgemm(M, D, n, kKeyTile, ldv, D, true, scores, vtile, out, false);
     }
   }
 }
