@@ -12,7 +12,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <numeric>
 #include <vector>
 
 #include "common/checks.h"
@@ -46,11 +45,11 @@ Rows<T> rows_of(const at::Tensor& t, int64_t b, int64_t h) {
 // Per-thread buffers of one query tile.
 template <int D>
 struct TileScratch {
-  std::vector<float> q_rows, q_tilde, scores, k_transposed, v_rows, out, m, l;
+  std::vector<float> q_rows, q_tilde, scores, k_transposed, v_rows, key_row, out, m, l;
   TileScratch()
       : q_rows(kQueryTile * D), q_tilde(kQueryTile * D), scores(kQueryTile * kKeyTile),
-        k_transposed(D * kKeyTile), v_rows(kKeyTile * D), out(kQueryTile * D), m(kQueryTile),
-        l(kQueryTile) {}
+        k_transposed(D * kKeyTile), v_rows(kKeyTile * D), key_row(D), out(kQueryTile * D),
+        m(kQueryTile), l(kQueryTile) {}
 };
 
 // What one query tile attends to: keys/values of its (batch, head), an optional key mask, and
@@ -143,8 +142,8 @@ void attend_key_range(int64_t M, const KeyRange<T>& kr, bool allow_row_path, Til
         if constexpr (std::is_same_v<T, float>) {
           krow = kr.k.row(j0 + jj);
         } else {
-          load_row_as_float(kr.k.row(j0 + jj), s.v_rows.data(), D);
-          krow = s.v_rows.data();
+          load_row_as_float(kr.k.row(j0 + jj), s.key_row.data(), D);
+          krow = s.key_row.data();
         }
         for (int64_t r = 0; r < M; ++r) scores[r * kKeyTile + jj] = dot<D>(qt + r * D, krow);
       }
