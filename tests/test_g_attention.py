@@ -180,6 +180,14 @@ def test_deterministic_bitwise():
     first = g_attention(q, k, v, G, key_mask, True)
     second = g_attention(q, k, v, G, key_mask, True)
     assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+    # each query tile is computed the same way whichever thread runs it
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = g_attention(q, k, v, G, key_mask, True)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(first[0], single[0]) and torch.equal(first[1], single[1])
 
 
 def test_identity_g_equals_no_g():
