@@ -109,7 +109,7 @@ struct MetricRowsSmem {
 
 // Bytes of dynamic shared memory of metric_rows_kernel: the staged weight chunk (w1ᵀ+w2ᵀ, or w3ᵀ
 // padded to D+1 columns against bank conflicts) and the hidden activations u[F][rows].
-inline size_t metric_rows_dynamic_smem(int D, int F) {
+__host__ __device__ inline size_t metric_rows_dynamic_smem(int D, int F) {
   const size_t stage_12 = size_t(2) * kStageK * kHiddenPerPass;
   const size_t stage_3 = size_t(kStageF) * (D + 1);
   return (stage_12 > stage_3 ? stage_12 : stage_3) * sizeof(float) +
