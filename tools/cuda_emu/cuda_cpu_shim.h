@@ -110,12 +110,14 @@ void launch_smem(dim3 grid, dim3 block, size_t smem_bytes, K kernel, A... args) 
 }
 }  // namespace cusim
 
-// Width < 32 splits the warp into independent segments, as on the GPU.
+// Width < 32 splits the warp into segments of `width` lanes, as on the GPU (CUDA Programming
+// Guide, warp shuffle functions): xor may read earlier segments, but a source in a later segment
+// returns the caller's own value; idx wraps inside the segment; up/down do not cross it.
 template <class T>
 inline T __shfl_xor_sync(unsigned, T v, int lane_mask, int width = 32) {
   const unsigned lane = cusim::lane_id();
-  unsigned src = lane ^ unsigned(lane_mask);
-  if ((src & ~unsigned(width - 1)) != (lane & ~unsigned(width - 1))) src = lane;
+  unsigned src = (lane ^ unsigned(lane_mask)) & 31u;
+  if ((src & ~unsigned(width - 1)) > (lane & ~unsigned(width - 1))) src = lane;
   return cusim::warp_exchange(v, src);
 }
 template <class T>
