@@ -309,13 +309,14 @@ __global__ void __launch_bounds__(D) decode_combine_kernel(const DecodeParams p)
 }
 
 // Splits of the key range: 1 when B·H·q_chunks blocks already fill the GPU, otherwise enough to
-// give ~2 blocks per SM, keeping at least kMinKeysPerSplit keys of Smax per split. Depends only
-// on shapes (never on cache_seqlens), so a captured graph stays valid.
+// give ~4 blocks per SM (what the register budget of the 16-bit kernels allows; more resident
+// blocks = more loads in flight on long caches), keeping at least kMinKeysPerSplit keys of Smax
+// per split. Depends only on shapes (never on cache_seqlens), so a captured graph stays valid.
 inline int choose_decode_splits(int B, int H, int Sn, int Smax, int num_sms, int64_t requested) {
   if (requested > 0) return int(std::min<int64_t>(requested, kMaxDecodeSplits));
   const int q_chunks = (Sn + kQueriesPerBlock - 1) / kQueriesPerBlock;
   const int64_t blocks = int64_t(B) * H * q_chunks;
-  const int64_t target_blocks = 2 * int64_t(std::max(num_sms, 1));
+  const int64_t target_blocks = 4 * int64_t(std::max(num_sms, 1));
   if (blocks * 5 >= int64_t(num_sms) * 4) return 1;
   const int64_t by_occupancy = (target_blocks + blocks - 1) / blocks;
   const int64_t by_length = std::max<int64_t>(1, Smax / kMinKeysPerSplit);
