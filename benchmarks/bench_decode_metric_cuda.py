@@ -1,6 +1,7 @@
 """CUDA decode and metric-learner benchmark (for an H200 run; meaningless on a CPU).
 
     python benchmarks/bench_decode_metric_cuda.py OUT.json [--reps 50] [--quick]
+    python benchmarks/bench_decode_metric_cuda.py --json OUT.json      (as tools/gpu_check.sh calls it)
 
 g_attention_decode: one step (Sn = 1, append of k_new/v_new, per-layer G) over a full cache,
 against what a user would otherwise run on the same cache: the append (two index copies), the
@@ -126,10 +127,14 @@ def bench_metric(B, S, dtype, reps):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("out", help="JSON file to write")
+    ap.add_argument("out", nargs="?", help="JSON file to write")
+    ap.add_argument("--json", dest="json_out", help="JSON file to write (same as OUT)")
     ap.add_argument("--reps", type=int, default=50)
     ap.add_argument("--quick", action="store_true", help="fewer shapes")
     args = ap.parse_args(argv)
+    args.out = args.json_out or args.out
+    if not args.out:
+        ap.error("give the JSON output path (OUT or --json OUT)")
     if not torch.cuda.is_available():
         sys.exit("bench_decode_metric_cuda.py needs a CUDA device")
     import os
