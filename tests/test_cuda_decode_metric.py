@@ -214,6 +214,16 @@ def test_metric_tensors_matches_reference(dtype, B, S, masked, d):
     check_metric(outs, q, q_mask, w)
 
 
+@pytest.mark.parametrize("d", [64, 128])
+def test_metric_tensors_large_hidden_size(d):
+    """F = 300: two hidden-layer passes, and at d = 128 more than the default 48 KiB of shared
+    memory (the API opts in)."""
+    B, S, H = 1, 20, 2
+    q = torch.randn(B, S, H, d, device=DEV)
+    w = make_metric_weights(d=d, H=H, R=2, Gd=2, F=300, device=DEV)
+    check_metric(torch.ops.pldr.metric_tensors(q, None, *metric_args(w)), q, None, w)
+
+
 def test_metric_tensors_strided_q_and_determinism():
     B, S, H, d = 1, 100, 14, 64
     qkv = torch.randn(B, S, 3, H, d, device=DEV)

@@ -32,7 +32,9 @@ namespace pldr_cuda {
 
 constexpr int kDecodeThreads = 128;
 constexpr int kDecodeWarps = kDecodeThreads / 32;
-constexpr int kQueriesPerBlock = 4;  // Sn <= 4 (the usual decode and small speculative steps): one chunk
+// Sn <= 4 (decode, small speculative steps) is one query chunk; a larger Sn takes several chunks
+// (grid.y), each re-reading the row's keys (from L2 when they fit).
+constexpr int kQueriesPerBlock = 4;
 constexpr int kDecodeKeyUnroll = 2;  // keys in flight per lane group per iteration
 constexpr int kMaxDecodeSplits = 128;
 constexpr int kMinKeysPerSplit = 64;

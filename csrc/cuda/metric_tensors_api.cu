@@ -7,6 +7,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <limits>
 #include <tuple>
@@ -19,19 +20,23 @@ namespace {
 
 template <class T, int D>
 void launch(const pldr_cuda::MetricParams& p, cudaStream_t stream) {
-  const size_t smem = pldr_cuda::metric_rows_dynamic_smem(D, p.F);
-  if (smem > 48 * 1024) {  // opt in beyond the default 48 KiB (large F only; F = 170 needs ~27 KiB)
+  // Static + dynamic shared memory above the default 48 KiB needs an opt-in (per kernel); F = 170
+  // needs ~42 / ~47 KiB (d = 64 / 128), so only larger hidden sizes take this path.
+  const size_t dynamic = pldr_cuda::metric_rows_dynamic_smem(D, p.F);
+  const size_t fixed = sizeof(pldr_cuda::MetricRowsSmem<D>);
+  if (dynamic + fixed > 48 * 1024) {
     int device = 0, limit = 0;
     C10_CUDA_CHECK(cudaGetDevice(&device));
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-    TORCH_CHECK(smem <= size_t(limit), "metric_tensors (CUDA): the hidden size F = ", p.F,
-                " (w1.shape[2]) needs ", smem, " bytes of shared memory per block, more than the ",
-                limit, " this GPU offers. F up to ~",
-                (size_t(limit) - (pldr_cuda::metric_rows_dynamic_smem(D, 0))) /
-                    (pldr_cuda::kMetricRowsPerBlock * sizeof(float)),
-                " is supported here.");
+    const size_t per_hidden = pldr_cuda::kMetricRowsPerBlock * sizeof(float);
+    const size_t base = fixed + pldr_cuda::metric_rows_dynamic_smem(D, 0);
+    TORCH_CHECK(dynamic + fixed <= size_t(limit), "metric_tensors (CUDA): the hidden size F = ",
+                p.F, " (w1.shape[2]) needs ", dynamic + fixed,
+                " bytes of shared memory per block, more than the ", limit,
+                " this GPU offers; F up to ", (size_t(limit) - std::min(base, size_t(limit))) / per_hidden,
+                " is supported at d = ", D, ".");
     C10_CUDA_CHECK(cudaFuncSetAttribute(pldr_cuda::metric_rows_kernel<D>,
-                                        cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+                                        cudaFuncAttributeMaxDynamicSharedMemorySize, int(dynamic)));
   }
   pldr_cuda::launch_metric_tensors<T, D>(p, stream);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
