@@ -40,8 +40,11 @@ def peer_same_dtype(q, k_cache, v_cache, lens, Sn, appending, starts, G, scale):
 
 
 def run_decode(q, k_cache, v_cache, lens, k_new=None, v_new=None, starts=None, G=None,
-               scale=None, num_splits=0, num_sms=8, force_scalar=False):
-    B, Sn, H, d = q.shape
+               scale=None, num_splits=0, num_sms=8, force_scalar=False, pad_heads=0):
+    """Runs the emulated step. With pad_heads > 0, q/k_new/v_new/caches hold H + pad_heads heads
+    and the kernel is given strided views of the first H (out is [B, Sn, H, d])."""
+    B, Sn, Hp, d = q.shape
+    H = Hp - pad_heads
     Smax = k_cache.shape[1]
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     inputs = {"q": to_raw(q), "k_cache": to_raw(k_cache), "v_cache": to_raw(v_cache),
@@ -56,8 +59,8 @@ def run_decode(q, k_cache, v_cache, lens, k_new=None, v_new=None, starts=None, G
     params = dict(B=B, Sn=Sn, Smax=Smax, H=H, d=d, dtype=DTYPE_CODE[q.dtype],
                   num_splits=num_splits, num_sms=num_sms, has_new=int(k_new is not None),
                   has_start=int(starts is not None), G_batch=0 if G is None else G.shape[0],
-                  force_scalar=int(force_scalar))
-    outputs = {"out": raw_spec(q.shape, q.dtype), "k_cache": raw_spec(k_cache.shape, q.dtype),
+                  force_scalar=int(force_scalar), pad_heads=pad_heads)
+    outputs = {"out": raw_spec((B, Sn, H, d), q.dtype), "k_cache": raw_spec(k_cache.shape, q.dtype),
                "v_cache": raw_spec(k_cache.shape, q.dtype),
                "num_splits_used": raw_spec((1,), torch.int32)}
     res = run("decode_driver.cpp", inputs, params, outputs)
@@ -169,3 +172,35 @@ def test_auto_splits_depend_only_on_shapes():
     k_cache, v_cache = torch.randn(B, Smax, H, d), torch.randn(B, Smax, H, d)
     used = {run_decode(q, k_cache, v_cache, [n], num_splits=0)[3] for n in (1, 150)}
     assert len(used) == 1 and used.pop() > 1
+
+
+def test_decode_strided_views():
+    """Only the last dim must be contiguous: q/k_new/v_new as head-slices of a wider tensor (fused
+    qkv) and caches as head-slices of a wider cache are read and written through their strides;
+    the heads outside the view stay untouched."""
+    B, Sn, H, pad, d, Smax = 2, 2, 2, 1, 64, 40
+    dtype = torch.bfloat16
+    q_full = torch.randn(B, Sn, H + pad, d).to(dtype)
+    kc_full = torch.randn(B, Smax, H + pad, d).to(dtype)
+    vc_full = torch.randn(B, Smax, H + pad, d).to(dtype)
+    kn_full = torch.randn(B, Sn, H + pad, d).to(dtype)
+    vn_full = torch.randn(B, Sn, H + pad, d).to(dtype)
+    lens, starts = [11, 30], [0, 4]
+    G = random_g(B, H, d)
+    out, kc, vc, _ = run_decode(q_full, kc_full, vc_full, lens, kn_full, vn_full, starts, G,
+                                num_splits=3, pad_heads=pad)
+    bits = lambda t: t.view(torch.int16)  # noqa: E731
+    assert torch.equal(bits(kc[:, :, H:]), bits(kc_full[:, :, H:]))
+    assert torch.equal(bits(vc[:, :, H:]), bits(vc_full[:, :, H:]))
+    q, k_new, v_new = q_full[:, :, :H], kn_full[:, :, :H], vn_full[:, :, :H]
+    kc_ref, vc_ref = kc_full[:, :, :H].clone(), vc_full[:, :, :H].clone()
+    starts_t = torch.tensor(starts, dtype=torch.int32)
+    lens_t = torch.tensor(lens, dtype=torch.int32)
+    reference.g_attention_decode(q, kc_ref, vc_ref, lens_t, k_new, v_new, starts_t, G)
+    assert torch.equal(bits(kc[:, :, :H].contiguous()), bits(kc_ref))
+    assert torch.equal(bits(vc[:, :, :H].contiguous()), bits(vc_ref))
+    ref64 = reference.g_attention_decode(q.double(), kc_full[:, :, :H].double(),
+                                         vc_full[:, :, :H].double(), lens_t, k_new.double(),
+                                         v_new.double(), starts_t, G.double())
+    peer = peer_same_dtype(q, kc_ref, vc_ref, lens, Sn, True, starts, G, 1.0 / math.sqrt(d))
+    assert_close_to_reference(out, ref64, peer=peer)

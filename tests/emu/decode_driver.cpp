@@ -12,13 +12,17 @@ int run(const std::string& dir, const emu_io::Params& P) {
   const int B = int(P["B"]), Sn = int(P["Sn"]), Smax = int(P["Smax"]), H = int(P["H"]);
   const bool has_new = P["has_new"] != 0, has_start = P["has_start"] != 0;
   const int G_batch = int(P["G_batch"]);  // 0: no G, 1: shared, B: per batch row
-  const size_t n_q = size_t(B) * Sn * H * D, n_cache = size_t(B) * Smax * H * D;
+  // pad_heads > 0: q, k_new, v_new and the caches carry Hp = H + pad_heads heads, of which the
+  // kernel sees the first H (strided views, like a slice of a fused qkv or of a wider cache).
+  const int Hp = H + int(P.get("pad_heads", 0));
+  const size_t n_q = size_t(B) * Sn * Hp * D, n_cache = size_t(B) * Smax * Hp * D;
+  const size_t n_out = size_t(B) * Sn * H * D;
   auto q = emu_io::read<T>(dir, "q", n_q);
   auto k_cache = emu_io::read<T>(dir, "k_cache", n_cache);
   auto v_cache = emu_io::read<T>(dir, "v_cache", n_cache);
   auto lens = emu_io::read<int32_t>(dir, "cache_seqlens", B);
   auto scale = emu_io::read<float>(dir, "scale", 1);
-  std::vector<T> k_new, v_new, out(n_q);
+  std::vector<T> k_new, v_new, out(n_out);
   std::vector<int32_t> starts;
   std::vector<float> G;
   if (has_new) {
@@ -39,10 +43,10 @@ int run(const std::string& dir, const emu_io::Params& P) {
   p.G = G_batch > 0 ? G.data() : nullptr;
   p.out = out.data();
   p.B = B; p.Sn = Sn; p.Smax = Smax; p.H = H; p.d = D;
-  p.q_sb = int64_t(Sn) * H * D; p.q_ss = int64_t(H) * D; p.q_sh = D;
-  p.kc_sb = p.vc_sb = int64_t(Smax) * H * D; p.kc_ss = p.vc_ss = int64_t(H) * D; p.kc_sh = p.vc_sh = D;
-  p.kn_sb = p.vn_sb = p.out_sb = p.q_sb; p.kn_ss = p.vn_ss = p.out_ss = p.q_ss;
-  p.kn_sh = p.vn_sh = p.out_sh = D;
+  p.q_sb = int64_t(Sn) * Hp * D; p.q_ss = int64_t(Hp) * D; p.q_sh = D;
+  p.kc_sb = p.vc_sb = int64_t(Smax) * Hp * D; p.kc_ss = p.vc_ss = int64_t(Hp) * D; p.kc_sh = p.vc_sh = D;
+  p.kn_sb = p.vn_sb = p.q_sb; p.kn_ss = p.vn_ss = p.q_ss; p.kn_sh = p.vn_sh = D;
+  p.out_sb = int64_t(Sn) * H * D; p.out_ss = int64_t(H) * D; p.out_sh = D;
   p.G_sb = G_batch > 1 ? int64_t(H) * D * D : 0; p.G_sh = int64_t(D) * D; p.G_sr = D;
   p.scale = scale[0];
   p.num_splits = pldr_cuda::choose_decode_splits(B, H, Sn, Smax, int(P["num_sms"]), P["num_splits"]);
