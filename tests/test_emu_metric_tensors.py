@@ -16,15 +16,17 @@ pytestmark = [pytest.mark.emulation,
               pytest.mark.skipif(not have_emulator(), reason="no C++ compiler for the emulator")]
 
 
-def run_metric(q, q_mask, w, eps_ln=1e-6, eps_adj=1e-9):
-    B, S, H, d = q.shape
+def run_metric(q, q_mask, w, eps_ln=1e-6, eps_adj=1e-9, pad_heads=0):
+    """With pad_heads > 0, q holds H + pad_heads heads and the kernel reads the first H."""
+    B, S, Hp, d = q.shape
+    H = Hp - pad_heads
     R, Gd, F, _ = w["w1"].shape
     inputs = {"q": to_raw(q), "eps": to_raw(torch.tensor([eps_ln, eps_adj], dtype=torch.float32))}
     inputs.update({k: to_raw(w[k]) for k in METRIC_WEIGHT_ORDER})
     if q_mask is not None:
         inputs["q_mask"] = to_raw(q_mask)
     params = dict(B=B, S=S, H=H, d=d, R=R, Gd=Gd, F=F, dtype=DTYPE_CODE[q.dtype],
-                  has_mask=int(q_mask is not None))
+                  has_mask=int(q_mask is not None), pad_heads=pad_heads)
     outputs = {n: raw_spec((B, H, d, d), torch.float32) for n in ("A", "A_LM", "G")}
     res = run("metric_driver.cpp", inputs, params, outputs)
     return tuple(from_raw(res[n], torch.float32) for n in ("A", "A_LM", "G"))
@@ -91,3 +93,16 @@ def test_metric_tensors_other_mlp_sizes():
     w = make_metric_weights(d=d, H=H, R=2, Gd=1, F=300)
     outs = run_metric(q, None, w, eps_ln=1e-5, eps_adj=1e-7)
     check_against_reference(outs, q, None, w, eps_ln=1e-5, eps_adj=1e-7)
+
+
+def test_metric_tensors_strided_q():
+    """q is read through its strides: a head-slice of a wider tensor gives the same result as the
+    contiguous copy, bitwise."""
+    B, S, H, pad, d = 1, 6, 1, 2, 64
+    q_full = torch.randn(B, S, H + pad, d)
+    w = make_metric_weights(d=d, H=H)
+    strided = run_metric(q_full, None, w, pad_heads=pad)
+    contiguous = run_metric(q_full[:, :, :H].contiguous(), None, w)
+    for x, y in zip(strided, contiguous):
+        assert torch.equal(x, y)
+    check_against_reference(strided, q_full[:, :, :H], None, w)

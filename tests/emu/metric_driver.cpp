@@ -12,7 +12,10 @@ int run(const std::string& dir, const emu_io::Params& P) {
   const int B = int(P["B"]), S = int(P["S"]), H = int(P["H"]), R = int(P["R"]), Gd = int(P["Gd"]),
             F = int(P["F"]);
   const bool has_mask = P["has_mask"] != 0;
-  auto q = emu_io::read<T>(dir, "q", size_t(B) * S * H * D);
+  // pad_heads > 0: q carries Hp = H + pad_heads heads and the kernel reads the first H through
+  // strides (a head-slice view, as of a fused qkv projection).
+  const int Hp = H + int(P.get("pad_heads", 0));
+  auto q = emu_io::read<T>(dir, "q", size_t(B) * S * Hp * D);
   std::vector<uint8_t> mask_bytes;
   if (has_mask) mask_bytes = emu_io::read<uint8_t>(dir, "q_mask", size_t(B) * S);
   auto rd = [&](const char* name, size_t n) { return emu_io::read<float>(dir, name, n); };
@@ -36,7 +39,7 @@ int run(const std::string& dir, const emu_io::Params& P) {
   p.W = W.data(); p.b = bW.data(); p.pw = pw.data(); p.a = a.data(); p.ba = ba.data();
   p.A = A.data(); p.A_LM = A_LM.data(); p.G = G.data();
   p.qtq_partial = partial.data(); p.A_P = A_P.data();
-  p.q_sb = int64_t(S) * H * D; p.q_ss = int64_t(H) * D; p.q_sh = D;
+  p.q_sb = int64_t(S) * Hp * D; p.q_ss = int64_t(Hp) * D; p.q_sh = D;
   p.B = B; p.S = S; p.H = H; p.d = D; p.R = R; p.Gd = Gd; p.F = F;
   p.n_chunks = n_chunks;
   const auto eps = emu_io::read<float>(dir, "eps", 2);  // eps_ln, eps_adj as the API passes them
