@@ -71,7 +71,7 @@ at::Tensor g_attention_decode_cuda(const at::Tensor& q, const at::Tensor& k_cach
   constexpr int64_t kMaxGrid = 65535;
   TORCH_CHECK(dims.B <= kMaxGrid && dims.H * pldr_cuda::decode_query_chunks(int(std::min<int64_t>(
                                         dims.Sn, kMaxGrid))) <= kMaxGrid && dims.Sn <= kMaxGrid,
-              "g_attention_decode (CUDA) supports B, Sn and H·ceil(Sn/4) up to ", kMaxGrid,
+              "g_attention_decode (CUDA) supports B, Sn and H·(query chunks of 4) up to ", kMaxGrid,
               ", got B = ", dims.B, ", Sn = ", dims.Sn, ", H = ", dims.H, ".");
   TORCH_CHECK(dims.Smax < std::numeric_limits<int>::max() - dims.Sn,
               "g_attention_decode (CUDA): the cache length Smax must be below 2^31 - Sn, got ",

@@ -32,7 +32,8 @@ namespace pldr_cuda {
 
 constexpr int kDecodeThreads = 128;
 constexpr int kDecodeWarps = kDecodeThreads / 32;
-// Sn <= 4 (decode, small speculative steps) is one query chunk; a larger Sn takes several chunks
+// Queries per block: Sn = 1 (plain decode) has its own instantiation with one query's registers;
+// otherwise up to 4 (small speculative steps) per block, and a larger Sn takes several chunks
 // (grid.y), each re-reading the row's keys (from L2 when they fit).
 constexpr int kQueriesPerBlock = 4;
 constexpr int kDecodeKeyUnroll = 2;  // keys in flight per lane group per iteration
@@ -87,7 +88,7 @@ __device__ __forceinline__ DecodeRow decode_row(const DecodeParams& p, int b) {
   return r;
 }
 
-template <class T, int D>
+template <class T, int D, int kQueries>
 __global__ void __launch_bounds__(kDecodeThreads) g_attention_decode_kernel(const DecodeParams p) {
   constexpr int kElemsPerLane = 16 / int(sizeof(T));
   constexpr int kLanesPerKey = D / kElemsPerLane;
@@ -95,17 +96,17 @@ __global__ void __launch_bounds__(kDecodeThreads) g_attention_decode_kernel(cons
   constexpr int kKeysPerWarp = 32 / kLanesPerKey;
   constexpr int kKeysPerStep = kKeysPerWarp * kDecodeWarps;
 
-  __shared__ float q_s[kQueriesPerBlock][D];
-  __shared__ float qg_s[kQueriesPerBlock][D];  // (q·G)·scale·log2(e)
-  __shared__ float m_s[kDecodeWarps][kQueriesPerBlock];
-  __shared__ float l_s[kDecodeWarps][kQueriesPerBlock];
-  __shared__ float acc_s[kDecodeWarps][kQueriesPerBlock][D];
+  __shared__ float q_s[kQueries][D];
+  __shared__ float qg_s[kQueries][D];  // (q·G)·scale·log2(e)
+  __shared__ float m_s[kDecodeWarps][kQueries];
+  __shared__ float l_s[kDecodeWarps][kQueries];
+  __shared__ float acc_s[kDecodeWarps][kQueries][D];
 
   const int split = blockIdx.x;
   const int h = blockIdx.y % p.H;
-  const int q0 = (blockIdx.y / p.H) * kQueriesPerBlock;
+  const int q0 = (blockIdx.y / p.H) * kQueries;
   const int b = blockIdx.z;
-  const int nq = min(kQueriesPerBlock, p.Sn - q0);
+  const int nq = min(kQueries, p.Sn - q0);
   const int tid = threadIdx.x;
   const DecodeRow row = decode_row(p, b);
 
@@ -161,14 +162,14 @@ __global__ void __launch_bounds__(kDecodeThreads) g_attention_decode_kernel(cons
 
   const int warp = tid / 32, lane = tid % 32;
   const int group = lane / kLanesPerKey, sub = lane % kLanesPerKey;
-  float qreg[kQueriesPerBlock][kElemsPerLane];
+  float qreg[kQueries][kElemsPerLane];
 #pragma unroll
-  for (int i = 0; i < kQueriesPerBlock; ++i)
+  for (int i = 0; i < kQueries; ++i)
 #pragma unroll
     for (int e = 0; e < kElemsPerLane; ++e) qreg[i][e] = qg_s[i][sub * kElemsPerLane + e];
-  float m[kQueriesPerBlock], l[kQueriesPerBlock], acc[kQueriesPerBlock][kElemsPerLane];
+  float m[kQueries], l[kQueries], acc[kQueries][kElemsPerLane];
 #pragma unroll
-  for (int i = 0; i < kQueriesPerBlock; ++i) {
+  for (int i = 0; i < kQueries; ++i) {
     m[i] = -INFINITY;
     l[i] = 0.f;
 #pragma unroll
@@ -195,7 +196,7 @@ __global__ void __launch_bounds__(kDecodeThreads) g_attention_decode_kernel(cons
       }
     }
 #pragma unroll
-    for (int i = 0; i < kQueriesPerBlock; ++i) {
+    for (int i = 0; i < kQueries; ++i) {
       if (i >= nq) break;  // block-uniform
       const int last_visible = row.end - p.Sn + q0 + i;  // causal inside the new block
       float s[kDecodeKeyUnroll];
@@ -233,7 +234,7 @@ __global__ void __launch_bounds__(kDecodeThreads) g_attention_decode_kernel(cons
 
   // Merge the lane groups of the warp, then the warps through shared memory.
 #pragma unroll
-  for (int i = 0; i < kQueriesPerBlock; ++i) {
+  for (int i = 0; i < kQueries; ++i) {
 #pragma unroll
     for (int offset = kLanesPerKey; offset < 32; offset <<= 1) {
       const float m_o = __shfl_xor_sync(0xffffffffu, m[i], offset);
@@ -314,9 +315,15 @@ __global__ void __launch_bounds__(D) decode_combine_kernel(const DecodeParams p)
 // give ~4 blocks per SM (what the register budget of the 16-bit kernels allows; more resident
 // blocks = more loads in flight on long caches), keeping at least kMinKeysPerSplit keys of Smax
 // per split. Depends only on shapes (never on cache_seqlens), so a captured graph stays valid.
+inline int decode_queries_per_block(int Sn) { return Sn == 1 ? 1 : kQueriesPerBlock; }
+inline int decode_query_chunks(int Sn) {
+  const int per_block = decode_queries_per_block(Sn);
+  return (Sn + per_block - 1) / per_block;
+}
+
 inline int choose_decode_splits(int B, int H, int Sn, int Smax, int num_sms, int64_t requested) {
+  const int q_chunks = decode_query_chunks(Sn);
   if (requested > 0) return int(std::min<int64_t>(requested, kMaxDecodeSplits));
-  const int q_chunks = (Sn + kQueriesPerBlock - 1) / kQueriesPerBlock;
   const int64_t blocks = int64_t(B) * H * q_chunks;
   const int64_t target_blocks = 4 * int64_t(std::max(num_sms, 1));
   if (blocks * 5 >= int64_t(num_sms) * 4) return 1;
@@ -325,13 +332,12 @@ inline int choose_decode_splits(int B, int H, int Sn, int Smax, int num_sms, int
   return int(std::max<int64_t>(1, std::min({by_occupancy, by_length, int64_t(kMaxDecodeSplits)})));
 }
 
-inline int decode_query_chunks(int Sn) { return (Sn + kQueriesPerBlock - 1) / kQueriesPerBlock; }
-
 // Launches the step; p.num_splits, p.q_chunks and (when num_splits > 1) the workspace pointers
 // must be set.
 template <class T, int D>
 void launch_g_attention_decode(const DecodeParams& p, cudaStream_t stream) {
-  auto attend = &g_attention_decode_kernel<T, D>;
+  auto attend = decode_queries_per_block(p.Sn) == 1 ? &g_attention_decode_kernel<T, D, 1>
+                                                    : &g_attention_decode_kernel<T, D, kQueriesPerBlock>;
   const dim3 grid(unsigned(p.num_splits), unsigned(p.H * p.q_chunks), unsigned(p.B));
   PLDR_LAUNCH_KERNEL(attend, grid, dim3(kDecodeThreads), 0, stream, p);
   if (p.num_splits > 1) {
