@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,5 +41,10 @@ def have_emulator() -> bool:
     return harness.have_compiler()
 
 
-def run(driver: str, inputs, params, outputs):
+skip_without_compiler = pytest.mark.skipif(not have_emulator(),
+                                           reason=f"no C++ compiler ({harness.CXX}) for the emulator")
+
+
+def run(driver, inputs, params, outputs):
+    """Run a driver (a file name under tests/emu/, or a path) through the emulator."""
     return harness.run_driver(EMU_DIR / driver, inputs, params, outputs)

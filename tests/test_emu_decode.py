@@ -10,12 +10,11 @@ import math
 import pytest
 import torch
 
-from emu_common import DTYPE_CODE, from_raw, have_emulator, raw_spec, run, to_raw
+from emu_common import DTYPE_CODE, from_raw, raw_spec, run, skip_without_compiler, to_raw
 from pldr_kernels import reference
 from testing import assert_close_to_reference, random_g
 
-pytestmark = [pytest.mark.emulation,
-              pytest.mark.skipif(not have_emulator(), reason="no C++ compiler for the emulator")]
+pytestmark = [pytest.mark.emulation, skip_without_compiler]
 
 
 def peer_same_dtype(q, k_cache, v_cache, lens, Sn, appending, starts, G, scale):

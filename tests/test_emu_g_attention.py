@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from cuda_emu_support import run_emulated, skip_without_compiler
+from emu_common import run, skip_without_compiler
 from g_attention_cases import check_against_reference
 from testing import random_g
 
@@ -53,7 +53,7 @@ def emulated_g_attention(q, k, v, G=None, key_mask=None, causal=False, scale=Non
         params.update(mask_len=inputs["key_mask"].size, mask_offset=key_mask.storage_offset(),
                       mask_sb=key_mask.stride(0), mask_sk=key_mask.stride(1))
     out_np = np.uint16 if q.dtype != torch.float32 else np.float32
-    res = run_emulated(DRIVER, inputs, params,
+    res = run(DRIVER, inputs, params,
                        {"out": ((B, Sq, H, d), out_np), "lse": ((B, H, Sq), np.float32)})
     out = torch.from_numpy(res["out"].copy())
     if q.dtype != torch.float32:

@@ -8,12 +8,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from emu_common import DTYPE_CODE, from_raw, have_emulator, raw_spec, run, to_raw
+from emu_common import DTYPE_CODE, from_raw, raw_spec, run, skip_without_compiler, to_raw
 from pldr_kernels import reference
 from testing import METRIC_WEIGHT_ORDER, assert_close_to_reference, make_metric_weights
 
-pytestmark = [pytest.mark.emulation,
-              pytest.mark.skipif(not have_emulator(), reason="no C++ compiler for the emulator")]
+pytestmark = [pytest.mark.emulation, skip_without_compiler]
 
 
 def run_metric(q, q_mask, w, eps_ln=1e-6, eps_adj=1e-9, pad_heads=0):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from cuda_emu_support import run_emulated, skip_without_compiler
+from emu_common import run, skip_without_compiler
 
 DRIVER = Path(__file__).parent / "emu" / "mma_layout_driver.cpp"
 pytestmark = [pytest.mark.emulation, skip_without_compiler]
@@ -26,7 +26,7 @@ def test_mma_and_ldmatrix_match_matmul(name, seed):
     A = representable((16, 16), DTYPES[name], gen)
     B = representable((16, 16), DTYPES[name], gen)
     C = torch.randn(16, 16, generator=gen).numpy().astype(np.float32)
-    res = run_emulated(DRIVER, {"A": A, "B": B, "C": C}, {"mode": 1, "bf16": int(name == "bf16")},
+    res = run(DRIVER, {"A": A, "B": B, "C": C}, {"mode": 1, "bf16": int(name == "bf16")},
                        {n: ((16, 16), np.float32) for n in ("d_explicit", "d_ldmatrix", "d_trans")}
                        | {n: ((32, 4), np.uint32) for n in ("raw_a", "raw_a_trans")})
     ref = A.astype(np.float64) @ B.astype(np.float64) + C
@@ -69,7 +69,7 @@ def test_16bit_conversions_match_torch():
         (torch.arange(1, 200, dtype=torch.float32) * 2 + 1) * 2.0 ** -9,
         (torch.arange(1, 200, dtype=torch.float32) * 2 + 1) * 2.0 ** -12,
     ]).float()
-    res = run_emulated(DRIVER, {"x": x.numpy()}, {"mode": 0, "n": x.numel()},
+    res = run(DRIVER, {"x": x.numpy()}, {"mode": 0, "n": x.numel()},
                        {"bf16": ((x.numel(),), np.uint16), "f16": ((x.numel(),), np.uint16),
                         "bf16_back": ((x.numel(),), np.float32),
                         "f16_back": ((x.numel(),), np.float32)})
@@ -78,7 +78,7 @@ def test_16bit_conversions_match_torch():
         np.testing.assert_array_equal(res[name], want.view(torch.int16).numpy().view(np.uint16),
                                       err_msg=name)
         np.testing.assert_array_equal(res[name + "_back"], want.float().numpy(), err_msg=name)
-    nan = run_emulated(DRIVER, {"x": np.array([np.nan], np.float32)}, {"mode": 0, "n": 1},
+    nan = run(DRIVER, {"x": np.array([np.nan], np.float32)}, {"mode": 0, "n": 1},
                        {"bf16_back": ((1,), np.float32), "f16_back": ((1,), np.float32)})
     assert np.isnan(nan["bf16_back"]).all() and np.isnan(nan["f16_back"]).all()
 
@@ -86,7 +86,7 @@ def test_16bit_conversions_match_torch():
 def test_cp_async_groups_and_zero_fill():
     """wait_group<1> retires all but the newest group; src-size 0 zero-fills the 16 bytes."""
     src = np.arange(1, 17, dtype=np.uint16)
-    res = run_emulated(DRIVER, {"src": src}, {"mode": 2},
+    res = run(DRIVER, {"src": src}, {"mode": 2},
                        {"after_wait1": ((16,), np.uint16), "after_wait0": ((16,), np.uint16)})
     np.testing.assert_array_equal(res["after_wait1"][:8], src[:8])
     np.testing.assert_array_equal(res["after_wait1"][8:], np.full(8, 0xBEEF, np.uint16))

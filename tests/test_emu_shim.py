@@ -6,10 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from emu_common import have_emulator, run
+from emu_common import run, skip_without_compiler
 
-pytestmark = [pytest.mark.emulation,
-              pytest.mark.skipif(not have_emulator(), reason="no C++ compiler for the emulator")]
+pytestmark = [pytest.mark.emulation, skip_without_compiler]
 
 N = 96  # three warps
 
