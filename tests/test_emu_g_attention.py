@@ -9,13 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from emu_common import run, skip_without_compiler
+from emu_common import DTYPE_CODE, run, skip_without_compiler
 from g_attention_cases import check_against_reference
 from testing import random_g
 
 DRIVER = Path(__file__).parent / "emu" / "g_attention_driver.cpp"
 pytestmark = [pytest.mark.emulation, skip_without_compiler]
-DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
 def raw(t):
@@ -34,7 +33,7 @@ def emulated_g_attention(q, k, v, G=None, key_mask=None, causal=False, scale=Non
     B, Sq, H, d = q.shape
     Sk = k.shape[1]
     scale = 1.0 / math.sqrt(d) if scale is None else scale
-    params = dict(dtype=DTYPE_CODES[q.dtype], d=d, B=B, H=H, Sq=Sq, Sk=Sk, causal=int(causal),
+    params = dict(dtype=DTYPE_CODE[q.dtype], d=d, B=B, H=H, Sq=Sq, Sk=Sk, causal=int(causal),
                   scale_bits=struct.unpack("<I", struct.pack("<f", scale))[0],
                   has_G=int(G is not None), has_mask=int(key_mask is not None))
     inputs = {}
