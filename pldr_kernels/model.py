@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from typing import Iterator, List, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import ops
@@ -53,7 +52,7 @@ class PLDRDecoderLayer(nn.Module):
         self.layernorm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
     def finish(self, x: Tensor, attn: Tensor) -> Tensor:
-        """Steps 16: residual + LN1, SwiGLU FFN, residual + LN2."""
+        """Step 16: residual + LN1, SwiGLU FFN, residual + LN2."""
         out1 = self.layernorm1(attn + x)
         return self.layernorm2(self.ffn(out1) + out1)
 
