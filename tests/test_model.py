@@ -73,7 +73,7 @@ def test_kvg_equals_recompute_with_frozen_g():
 
 
 @needs_cpu_kernels
-@pytest.mark.parametrize("cache", ["kvg", "none"])
+@pytest.mark.parametrize("cache", CACHE_MODES)
 def test_left_padded_batch_equals_each_prompt_alone(cache):
     model = tiny_model(seed=7)
     prompts = [prompt(14, seed=8), prompt(5, seed=9), prompt(10, seed=10)]
