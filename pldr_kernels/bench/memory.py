@@ -43,8 +43,9 @@ def _walk(nodes):
         stack.extend(node.children)
 
 
-def cpu_peak_extra_bytes(fn: Callable[[], object]) -> int:
-    """Peak of (bytes allocated − bytes freed) during ``fn()``, from the profiler's memory events."""
+def cpu_peak_extra_bytes(fn: Callable[[], object]) -> Tuple[object, int]:
+    """``(fn(), peak)``: the peak of (bytes allocated − bytes freed) during ``fn()``, from the
+    profiler's memory events."""
     from torch.profiler import ProfilerActivity, profile
 
     threads = torch.get_num_threads()
@@ -52,8 +53,7 @@ def cpu_peak_extra_bytes(fn: Callable[[], object]) -> int:
     try:
         with _quiet_stderr_fd():
             with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-                result = fn()
-            del result  # frees after the window are not seen; the output stays counted
+                result = fn()  # kept alive past the window: the output stays counted
     finally:
         torch.set_num_threads(threads)
     events = []
@@ -66,23 +66,30 @@ def cpu_peak_extra_bytes(fn: Callable[[], object]) -> int:
     for _, size in events:
         running += size
         peak = max(peak, running)
-    return peak
+    return result, peak
 
 
-def cuda_peak_extra_bytes(fn: Callable[[], object], device) -> int:
+def cuda_peak_extra_bytes(fn: Callable[[], object], device) -> Tuple[object, int]:
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     before = torch.cuda.memory_allocated(device)
     result = fn()
     torch.cuda.synchronize(device)
     peak = torch.cuda.max_memory_allocated(device) - before
-    del result
-    return peak
+    return result, peak
+
+
+def run_with_peak(fn: Callable[[], object], device="cpu") -> Tuple[object, int, str]:
+    """``(fn(), bytes, method)``: the result of one call and its peak extra memory."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        result, peak = cuda_peak_extra_bytes(fn, device)
+        return result, peak, "torch.cuda.max_memory_allocated"
+    result, peak = cpu_peak_extra_bytes(fn)
+    return result, peak, "torch.profiler allocation events, 1 thread"
 
 
 def peak_extra_bytes(fn: Callable[[], object], device="cpu") -> Tuple[int, str]:
     """``(bytes, method)``: the peak extra memory of one ``fn()`` call on ``device``."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return cuda_peak_extra_bytes(fn, device), "torch.cuda.max_memory_allocated"
-    return cpu_peak_extra_bytes(fn), "torch.profiler allocation events, 1 thread"
+    _, peak, method = run_with_peak(fn, device)
+    return peak, method

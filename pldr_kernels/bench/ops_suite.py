@@ -8,7 +8,6 @@ learner report TFLOP/s, decode reports GB/s (bytes of K and V read, plus q, G an
 from __future__ import annotations
 
 import itertools
-import math
 import sys
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -68,13 +67,14 @@ class OpsConfig:
     flex_skip_reason: Optional[str]
     memory: bool
     memory_check_heads: int
+    memory_check_len: int = 4096
 
 
 def quick_config() -> OpsConfig:
     return OpsConfig(ops=("g_attention", "g_attention_decode", "metric_tensors"), batches=(1,),
-                     prefill_seqlens=(256, 1024), decode_seqlens=(4096,), metric_seqlens=(256,),
+                     prefill_seqlens=(512,), decode_seqlens=(4096,), metric_seqlens=(256,),
                      heads=14, head_dims=(64,), dtypes=("float32", "bfloat16"), causal=(True,),
-                     warmup=1, repeats=7, with_flex=False,
+                     warmup=1, repeats=5, with_flex=False,
                      flex_skip_reason="--quick: torch.compile of FlexAttention takes ~45 s on this "
                                       "CPU; run without --quick to include it",
                      memory=True, memory_check_heads=2)
@@ -327,8 +327,8 @@ def run_ops(cfg: OpsConfig, device: torch.device, show_progress: bool = True
         for case in todo:
             results += run_case(case, device, cfg, clock, skipped, progress)
         if cfg.memory and "g_attention" in cfg.ops:
-            results += memory_check(device, cfg.memory_check_heads)
-            progress.update(1, note="memory check S=4096")
+            results += memory_check(device, cfg.memory_check_heads, cfg.memory_check_len)
+            progress.update(1, note=f"memory check S={cfg.memory_check_len}")
     return results, dedupe_skips(skipped)
 
 
@@ -342,9 +342,3 @@ def dedupe_skips(skipped: List[dict]) -> List[dict]:
     return out
 
 
-def mib(nbytes: Optional[float]) -> str:
-    return "-" if nbytes is None else f"{nbytes / 2**20:.1f}"
-
-
-def percent(x: float) -> str:
-    return f"{100 * x:.1f}%" if x is not None and math.isfinite(x) else "-"

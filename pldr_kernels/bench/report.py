@@ -93,8 +93,9 @@ def memory_lines(results: List[dict]) -> List[str]:
     if not rows:
         return []
     r0 = rows[0]
+    method = next((r["memory_method"] for r in rows if r.get("memory_method")), "n/a")
     lines = [f"Peak extra memory, g_attention prefill B1 S{r0['Sq']} H{r0['H']} d{r0['d']} "
-             f"{r0['dtype']} causal ({r0.get('memory_method') or 'n/a'}):"]
+             f"{r0['dtype']} causal ({method}):"]
     for r in rows:
         if r["peak_extra_bytes"] is None:
             lines.append(f"  {r['impl']:<13} skipped: {r['skip_reason']}")
