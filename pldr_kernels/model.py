@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import ops
 from .config import PLDRConfig
 from .nn import (GCachedAttention, PowerLawGraphAttention, RotaryEmbedding, SwiGLU, _keep_fp32)
 from .reference_model import _init_weights, predefined_g_values
@@ -212,13 +213,13 @@ class PLDRForCausalLM(nn.Module):
         padded = attention_mask is not None and not bool(attention_mask.all())
         mask = attention_mask if padded else None
         positions = positions_from_mask(mask, B, S, ids.device)
-        cos, sin = self.decoder.rope.tables(positions)
+        rotation = self.decoder.rope.rotation(positions)
         key_mask = mask.bool() if padded else None
         q_mask = None if include_pad_in_g else key_mask
         x = self.decoder.embed(ids)
         deductive = []
         for layer, block in enumerate(self.decoder.dec_layers):
-            q, k, v = block.mha1.project(x, cos, sin)
+            q, k, v = block.mha1.project(x, rotation)
             A, A_LM, G = self._g_for_layer(layer, block.mha1, q, q_mask, frozen_G)
             deductive.append((A, A_LM, G))
             if cache is not None:
@@ -233,7 +234,11 @@ class PLDRForCausalLM(nn.Module):
     # ---- forward -------------------------------------------------------------------------------
     def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
                 include_pad_in_g: bool = False) -> Tensor:
-        """Full uncached forward: logits ``[B, S, V]`` (G recomputed from this input)."""
+        """Full uncached forward: logits ``[B, S, V]`` (G recomputed from this input).
+
+        Under ``torch.no_grad()``/``inference_mode()`` it runs the fused ops; with autograd on
+        (parameters require grad by default) it runs the reference math, which has a backward."""
+        ops.require_built()
         return self._full_pass(input_ids, attention_mask, include_pad_in_g)[0]
 
     # ---- cached generation -------------------------------------------------------------------
@@ -282,13 +287,13 @@ class PLDRForCausalLM(nn.Module):
         if positions is None:
             positions = torch.tensor(cache.n_real, device=tokens.device)[:, None]
             max_position = max(cache.n_real)
-        cos, sin = self.decoder.rope.tables(positions, max_position)
+        rotation = self.decoder.rope.rotation(positions, max_position)
         x = self.decoder.embed(tokens)
         for layer, block in enumerate(self.decoder.dec_layers):
             G = cache.G[layer]
             if recompute_G and self.config.has_metric_learner:
                 G = block.mha1.g_from_metric(cache.A[layer])[1]
-            attn = block.mha1.decode(x, G, cos, sin, cache.k[layer], cache.v[layer],
+            attn = block.mha1.decode(x, G, rotation, cache.k[layer], cache.v[layer],
                                      cache.cache_seqlens, cache.cache_start)
             x = block.finish(x, attn)
         return self.final_layer(x[:, -1])
@@ -308,6 +313,7 @@ class PLDRForCausalLM(nn.Module):
                         cuda_graph: bool = False, _state: Optional[list] = None
                         ) -> Iterator[Tensor]:
         """Yield the next token ids ``[B]`` step by step (same arguments as :meth:`generate`)."""
+        ops.require_built()
         check_generate_args(input_ids, max_new_tokens, cache, do_sample, temperature, top_k,
                             top_p, attention_mask, self.config.vocab_size)
         if cuda_graph and self.device.type != "cuda":
@@ -407,7 +413,7 @@ class _GraphedDecode:
         self.tokens = torch.zeros(B, 1, dtype=torch.long, device=device)
         self.positions = torch.tensor(cache.n_real, device=device)[:, None]
         smax = cache.max_length
-        model.decoder.rope.tables(self.positions, max_position=smax)  # grow before capture
+        model.decoder.rope.rotation(self.positions, max_position=smax)  # grow before capture
         # Graph capture needs the op not to append: warm up on a side stream with k/v writes that
         # land in a row we overwrite anyway (the next one), then capture.
         stream = torch.cuda.Stream()

@@ -90,7 +90,8 @@ class ParameterPack:
 
     def repack(self) -> Tensor:
         params = self.get_params()
-        with torch.no_grad():
+        # Never pack inside inference_mode: parameters must stay usable by autograd afterwards.
+        with torch.inference_mode(False), torch.no_grad():
             flat = torch.stack([p.detach() for p in params])
             for i, p in enumerate(params):
                 p.data = flat[i]
@@ -126,28 +127,29 @@ class RotaryEmbedding(nn.Module):
     def _apply(self, fn, recurse=True):
         return super()._apply(_keep_fp32(fn), recurse)
 
-    def tables(self, positions: Tensor, max_position: Optional[int] = None
-               ) -> Tuple[Tensor, Tensor]:
-        """cos/sin ``[B, S, 1, d/2]`` fp32 for ``positions [B, S]`` (compute once per step).
-        ``max_position`` (host int) spares the device→host read of ``positions.max()``."""
+    def rotation(self, positions: Tensor, max_position: Optional[int] = None):
+        """The rotation for ``positions [B, S]``, computed once per step and shared by all layers:
+        complex ``cos + i·sin`` ``[B, S, 1, d/2]`` (interleaved) or fp32 ``(cos, sin)``
+        ``[B, S, 1, d]`` (rotate_half). ``max_position`` (host int) spares the device→host read of
+        ``positions.max()`` (needed under CUDA-graph capture)."""
         if max_position is None:
             max_position = int(positions.max()) if positions.numel() else -1
-        need = max_position + 1
-        if need > self.cos.shape[0]:
-            self._build(max(need, 2 * self.cos.shape[0]), self.cos.device)
-        return self.cos[positions][:, :, None], self.sin[positions][:, :, None]
-
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-        """Rotate ``x [B, S, n, d]`` with tables from :meth:`tables`."""
+        if max_position + 1 > self.cos.shape[0]:
+            self._build(max(max_position + 1, 2 * self.cos.shape[0]), self.cos.device)
+        cos, sin = self.cos[positions][:, :, None], self.sin[positions][:, :, None]
         if self.interleaved:
+            return torch.complex(cos, sin)
+        return torch.cat((cos, cos), dim=-1), torch.cat((sin, sin), dim=-1)
+
+    def forward(self, x: Tensor, rotation) -> Tensor:
+        """Rotate ``x [B, S, n, d]`` by a :meth:`rotation`; same math as ``reference.apply_rope``."""
+        if self.interleaved:  # (x0 + i·x1)(cos + i·sin): the adjacent-pair rotation, in fp32
             xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
-            out = torch.view_as_real(xc * torch.complex(cos, sin)).flatten(-2)
-            return out.to(x.dtype)
-        cos2 = torch.cat((cos, cos), dim=-1).to(x.dtype)
-        sin2 = torch.cat((sin, sin), dim=-1).to(x.dtype)
+            return torch.view_as_real(xc * rotation).flatten(-2).to(x.dtype)
+        cos, sin = rotation[0].to(x.dtype), rotation[1].to(x.dtype)
         half = self.head_dim // 2
         rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-        return x * cos2 + rotated * sin2
+        return x * cos + rotated * sin
 
 
 # --------------------------------------------------------------------------------------------
@@ -194,6 +196,9 @@ class MetricLearner(nn.Module):
                                    (R, d)),
         }
         self._zero_biases = {"b1": (R, Gd, A_dff), "b2": (R, Gd, A_dff), "b3": (R, Gd, d)}
+        for pack in self._metric_packs.values():
+            if pack is not None:
+                pack.repack()
 
     def _apply(self, fn, recurse=True):
         if recurse:
@@ -279,15 +284,19 @@ class GCachedAttention(nn.Module):
         self._qkv_weight = ParameterPack(self, [f"{p}.weight" for p in projections], (3 * D, D))
         self._qkv_bias = (ParameterPack(self, [f"{p}.bias" for p in projections], (3 * D,))
                           if bias else None)
+        self._repack_qkv()
 
-    def _apply(self, fn, recurse=True):
-        super()._apply(fn, recurse)
+    def _repack_qkv(self) -> None:
         self._qkv_weight.repack()
         if self._qkv_bias is not None:
             self._qkv_bias.repack()
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        self._repack_qkv()
         return self
 
-    def project(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    def project(self, x: Tensor, rotation) -> Tuple[Tensor, Tensor, Tensor]:
         """``x [B,S,D]`` → post-RoPE q, k and v ``[B,S,H,d]`` (views; only the last dim contiguous)."""
         B, S, _ = x.shape
         H, d = self.num_heads, self.head_dim
@@ -299,7 +308,7 @@ class GCachedAttention(nn.Module):
             bias = self._qkv_bias.get() if self._qkv_bias is not None else None
             qkv = F.linear(x, self._qkv_weight.get(), bias).view(B, S, 3, H, d)
             qk, v = qkv[:, :, :2].reshape(B, S, 2 * H, d), qkv[:, :, 2]
-        qk = self.rope(qk, cos, sin)
+        qk = self.rope(qk, rotation)
         return qk[:, :, :H], qk[:, :, H:], v
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, G: Optional[Tensor],
@@ -320,16 +329,15 @@ class GCachedAttention(nn.Module):
         B, S, _ = x.shape
         if positions is None:
             positions = torch.arange(S, device=x.device)[None].expand(B, S)
-        cos, sin = self.rope.tables(positions)
-        q, k, v = self.project(x, cos, sin)
+        q, k, v = self.project(x, self.rope.rotation(positions))
         return self.output(self.attend(q, k, v, G, key_mask, causal))
 
-    def decode(self, x: Tensor, G: Optional[Tensor], cos: Tensor, sin: Tensor, k_cache: Tensor,
+    def decode(self, x: Tensor, G: Optional[Tensor], rotation, k_cache: Tensor,
                v_cache: Tensor, cache_seqlens: Tensor, cache_start: Optional[Tensor] = None
                ) -> Tensor:
         """One generation step: append this step's k/v to the caches in place at ``cache_seqlens``
         and attend to rows ``cache_start … cache_seqlens`` (``pldr::g_attention_decode``)."""
-        q, k, v = self.project(x, cos, sin)
+        q, k, v = self.project(x, rotation)
         o = ops.g_attention_decode(q, k_cache, v_cache, cache_seqlens, k, v, cache_start, G)
         return self.output(o)
 
@@ -353,9 +361,7 @@ class PowerLawGraphAttention(GCachedAttention, MetricLearner):
 
     def _apply(self, fn, recurse=True):
         MetricLearner._apply(self, fn, recurse)  # keeps the G path fp32, repacks its weights
-        self._qkv_weight.repack()
-        if self._qkv_bias is not None:
-            self._qkv_bias.repack()
+        self._repack_qkv()
         return self
 
     def forward(self, x: Tensor, positions: Optional[Tensor] = None,
@@ -366,8 +372,7 @@ class PowerLawGraphAttention(GCachedAttention, MetricLearner):
         B, S, _ = x.shape
         if positions is None:
             positions = torch.arange(S, device=x.device)[None].expand(B, S)
-        cos, sin = self.rope.tables(positions)
-        q, k, v = self.project(x, cos, sin)
+        q, k, v = self.project(x, self.rope.rotation(positions))
         key_mask = None if attention_mask is None else attention_mask.bool()
         q_mask = None if include_pad_in_g else key_mask
         A, A_LM, G = self.metric_tensors(q, q_mask)
@@ -384,12 +389,16 @@ class SwiGLU(GLUVariant):
         self._w12 = ParameterPack(self, ["gluw1.weight", "gluw2.weight"], (2 * d_hidden, d_in))
         self._b12 = (ParameterPack(self, ["gluw1.bias", "gluw2.bias"], (2 * d_hidden,))
                      if bias else None)
+        self._repack()
 
-    def _apply(self, fn, recurse=True):
-        super()._apply(fn, recurse)
+    def _repack(self) -> None:
         self._w12.repack()
         if self._b12 is not None:
             self._b12.repack()
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        self._repack()
         return self
 
     def forward(self, x: Tensor) -> Tensor:

@@ -64,12 +64,18 @@ class ResLayerA(nn.Module):
 
 
 def plga_attention(q: Tensor, k: Tensor, v: Tensor, G: Tensor, mask: Optional[Tensor]) -> Tensor:
-    """Steps 13–14 as the authors write them, on ``[B,H,S,dk]``: softmax((q·G)·kᵀ/√dk + mask·-1e9)·v."""
+    """Steps 13–14 as the authors write them, on ``[B,H,S,dk]``: softmax((q·G)·kᵀ/√dk + mask·-1e9)·v.
+
+    Batching addition: a query row with every key blocked (a left-pad row) outputs 0, the op
+    contract (DESIGN §3.2); the authors' batch-1 decoding never has such rows."""
     dk = q.shape[-1]
     scores = torch.matmul(torch.matmul(q, G.to(q.dtype)), k.transpose(-1, -2)) / math.sqrt(dk)
-    if mask is not None:
-        scores = scores + mask.to(scores.dtype) * MASK_PENALTY
-    return torch.matmul(F.softmax(scores, dim=-1), v)
+    if mask is None:
+        return torch.matmul(F.softmax(scores, dim=-1), v)
+    scores = scores + mask.to(scores.dtype) * MASK_PENALTY
+    out = torch.matmul(F.softmax(scores, dim=-1), v)
+    all_blocked = (mask >= 1).all(dim=-1, keepdim=True)
+    return out.masked_fill(all_blocked, 0.0) if bool(all_blocked.any()) else out
 
 
 class PlgaLayer(nn.Module):

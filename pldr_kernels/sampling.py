@@ -54,11 +54,12 @@ def check_left_padded(attention_mask: Tensor, input_ids: Tensor) -> None:
 
 def positions_from_mask(attention_mask: Optional[Tensor], B: int, S: int,
                         device: torch.device) -> Tensor:
-    """RoPE positions ``[B, S]``: counted from each row's first real token (HF's cumsum rule), so a
-    left-padded row sees the positions it would see alone; pad slots get position 0."""
+    """RoPE positions ``[B, S]``: counted from each row's first real token, so a left-padded row
+    sees the positions it would see alone; pad slots get position 1 (HF generate's rule)."""
     if attention_mask is None:
         return torch.arange(S, device=device)[None, :].expand(B, S)
-    return (attention_mask.to(torch.int64).cumsum(dim=1) - 1).clamp_min(0)
+    m = attention_mask.to(torch.int64)
+    return (m.cumsum(dim=1) - 1).masked_fill(m == 0, 1)
 
 
 def sample_next_token(logits: Tensor, do_sample: bool, temperature: float = 1.0, top_k: int = 0,
