@@ -171,6 +171,11 @@ def run_generate(cfg: GenerateConfig, device: torch.device, show_progress: bool 
     if not models:
         return [], skipped
     impls = [i for i in cfg.impls if i in models]
+    first = next(iter(models.values()))
+    model_desc = {"model": f"L{config.num_hidden_layers} D{config.hidden_size} "
+                           f"H{config.num_attention_heads} V{config.vocab_size}",
+                  "params": sum(p.numel() for p in first.parameters()),
+                  "weights": cfg.checkpoint or "random (seeded)"}
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     results: List[dict] = []
     total_steps = len(cfg.prompt_lens) * (1 + cfg.repeats)
@@ -184,7 +189,8 @@ def run_generate(cfg: GenerateConfig, device: torch.device, show_progress: bool 
                 continue
             ids = torch.randint(4, config.vocab_size, (cfg.batch, prompt_len),
                                 generator=gen).to(device)
-            results += run_prompt(models, impls, cfg, ids, device, progress)
+            rows = run_prompt(models, impls, cfg, ids, device, progress)
+            results += [{**r, **model_desc} for r in rows]
     return results, skipped
 
 

@@ -168,7 +168,10 @@ def terminal_report(env: dict, results: List[dict]) -> str:
     if mem:
         parts += [""] + mem
     if any(r["bench"] == "generate" for r in results):
-        parts += ["", format_table(GEN_HEADERS, generate_rows(results))]
+        g0 = next(r for r in results if r["bench"] == "generate")
+        parts += ["", f"generate: model {g0.get('model', '?')} ({g0.get('params', 0) / 1e6:.1f}M "
+                      f"parameters, {g0.get('weights', '?')} weights), {g0['dtype']}, batch "
+                      f"{g0['batch']}, greedy", format_table(GEN_HEADERS, generate_rows(results))]
     for extra in (ordering_lines(results), headline_lines(results), skip_lines(env.get("skipped", []))):
         if extra:
             parts += [""] + extra
@@ -185,7 +188,10 @@ def markdown_report(env: dict, results: List[dict]) -> str:
     if mem:
         parts += ["", "```", *mem, "```"]
     if any(r["bench"] == "generate" for r in results):
-        parts += ["", "**Generation** (110M configuration)", "",
+        g0 = next(r for r in results if r["bench"] == "generate")
+        parts += ["", f"**Generation** ({g0.get('model', '?')}, {g0.get('params', 0) / 1e6:.1f}M "
+                      f"parameters, {g0.get('weights', '?')} weights, {g0['dtype']}, batch "
+                      f"{g0['batch']}, greedy)", "",
                   markdown_table(GEN_HEADERS, generate_rows(results))]
     extra = ordering_lines(results) + headline_lines(results) + skip_lines(env.get("skipped", []))
     if extra:
