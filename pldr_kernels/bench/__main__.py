@@ -16,6 +16,14 @@ from typing import List, Optional
 SUITES = ("ops", "generate", "all")
 
 
+def usable_cores() -> int:
+    """Cores this process may run on (the affinity mask, else the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def parse_bool_list(text: str) -> List[bool]:
     return {"yes": [True], "true": [True], "no": [False], "false": [False],
             "both": [True, False]}[text.lower()]
@@ -165,10 +173,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.cuda_graph and device.type != "cuda":
         print("pldr-bench: --cuda-graph needs --device cuda", file=sys.stderr)
         return 2
-    torch.set_num_threads(args.threads or os.cpu_count() or 1)
+    torch.set_num_threads(args.threads or usable_cores())
     if device.type == "cuda":
         torch.cuda.set_device(device)
     started = time.perf_counter()
+    from .env import busy_machine_warning
+    warnings = [w for w in [busy_machine_warning(torch.get_num_threads())] if w]
+    for w in warnings:
+        print(f"pldr-bench: WARNING: {w}", file=sys.stderr)
     results, skipped = [], []
     if suite in ("ops", "all"):
         from .ops_suite import run_ops
@@ -185,8 +197,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     env["quick"] = bool(args.quick)
     env["wall_s"] = round(time.perf_counter() - started, 1)
     env["skipped"] = skipped
+    late = busy_machine_warning(torch.get_num_threads())
+    if late and not warnings:
+        warnings.append(late)
+    env["warnings"] = warnings
     print(report.terminal_report(env, results))
     print(f"\nwall time {env['wall_s']:.1f} s")
+    for w in warnings:
+        print(f"WARNING: {w}")
     if any(not r.get("valid", True) for r in results):
         print("\nWARNING: some rows are INVALID (contestants disagreed); see the messages above.")
     if args.json:

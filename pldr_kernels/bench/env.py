@@ -42,6 +42,29 @@ def git_commit() -> str:
     return "unknown"
 
 
+def load_average():
+    """The 1/5/15-minute load averages (None where the OS has none)."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
+
+
+def busy_machine_warning(threads: int):
+    """A warning when other processes compete for the cores (timings are then inflated, and more so
+    for multi-threaded ops, whose OpenMP barriers wait for descheduled threads)."""
+    load = load_average()
+    cores = os.cpu_count() or 1
+    if load is None or load[0] <= cores:
+        return None
+    return (f"the machine is busy (load average {load[0]:.1f} on {cores} cores): absolute times "
+            f"are inflated and noisy, multi-threaded contestants suffer most (OpenMP barriers wait "
+            f"for descheduled threads); compare ratios only, repeat the run, or use --threads 1"
+            if threads > 1 else
+            f"the machine is busy (load average {load[0]:.1f} on {cores} cores): absolute times "
+            f"are inflated and noisy; compare ratios only and repeat the run")
+
+
 def collect_env(device: torch.device, argv=None) -> Dict[str, Any]:
     import pldr_kernels
     from pldr_kernels import __main__ as pk_main
@@ -63,6 +86,7 @@ def collect_env(device: torch.device, argv=None) -> Dict[str, Any]:
         "build_info": dict(BUILD_INFO),
         "build_report": pk_main.report(),
         "threads": torch.get_num_threads(),
+        "load_average": load_average(),
         "cpu": cpu_model(),
         "cpu_capability": pk_main.cpu_features(),
         "cpu_count": os.cpu_count(),

@@ -194,6 +194,7 @@ def markdown_report(env: dict, results: List[dict]) -> str:
                       f"{g0['batch']}, greedy)", "",
                   markdown_table(GEN_HEADERS, generate_rows(results))]
     extra = ordering_lines(results) + headline_lines(results) + skip_lines(env.get("skipped", []))
+    extra += [f"Warning: {w}" for w in env.get("warnings", [])]
     if extra:
         parts += ["", "```", *extra, "```"]
     return "\n".join(parts) + "\n"
