@@ -89,7 +89,7 @@ def add_common(p: argparse.ArgumentParser, sub: bool) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="pldr-bench", description=__doc__.split("\n\n")[0],
+        prog="pldr-bench", description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Times are medians over interleaved repeats (p20-p80 spread); every contestant's "
                "output is checked against the fp64 reference before it is timed.")

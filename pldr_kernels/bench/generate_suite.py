@@ -132,7 +132,7 @@ def timed_generate(model, impl: str, ids: torch.Tensor, new_tokens: int, mode: s
                    cuda_graph: bool) -> Tuple[torch.Tensor, float, List[float], float]:
     """``(ids, ttft_ms, per_step_ms, total_ms)`` of one greedy generation."""
     timer = StepTimer(ids.device)
-    use_stream = cuda_graph and impl == "pldr_kernels" and mode in ("kv", "kvg")
+    use_stream = cuda_graph and impl == "pldr_kernels" and mode in ("kv", "kvg")  # see graphed()
     handle = None if use_stream else lm_head(model).register_forward_hook(
         lambda *a: timer.mark())
     try:
@@ -160,6 +160,11 @@ def timed_generate(model, impl: str, ids: torch.Tensor, new_tokens: int, mode: s
 # ---------------------------------------------------------------------------------------------
 # The suite
 # ---------------------------------------------------------------------------------------------
+def graphed(cfg: GenerateConfig, impl: str, mode: str) -> bool:
+    """Whether this (implementation, mode) replays its decode step from a CUDA graph."""
+    return cfg.cuda_graph and impl == "pldr_kernels" and mode in ("kv", "kvg")
+
+
 def shout(msg: str) -> None:
     from .ops_suite import shout as _shout
     _shout(msg)
@@ -204,8 +209,9 @@ def run_prompt(models, impls, cfg: GenerateConfig, ids, device, progress) -> Lis
         for impl in impls:  # a 2-token warm-up first, so one-time setup is not counted as memory
             models[impl].generate(ids, min(2, cfg.new_tokens), cache=mode, do_sample=False)
 
-            def once(model=models[impl], mode=mode):
-                return model.generate(ids, cfg.new_tokens, cache=mode, do_sample=False)
+            def once(model=models[impl], mode=mode, impl=impl):
+                graph = {"cuda_graph": True} if graphed(cfg, impl, mode) else {}
+                return model.generate(ids, cfg.new_tokens, cache=mode, do_sample=False, **graph)
             if cfg.memory:
                 out, nbytes, method = run_with_peak(once, device)
                 memory[(impl, mode)] = (nbytes, method)
@@ -260,7 +266,7 @@ def run_prompt(models, impls, cfg: GenerateConfig, ids, device, progress) -> Lis
                 "peak_memory_bytes": memory.get((impl, mode), (None, None))[0],
                 "memory_method": (memory[(impl, mode)][1] + ", extra over the loaded weights")
                 if (impl, mode) in memory else None,
-                "cuda_graph": bool(cfg.cuda_graph and impl == "pldr_kernels" and mode != "none"),
+                "cuda_graph": graphed(cfg, impl, mode),
                 "valid": valid[(impl, mode)], "note": notes.get((impl, mode), ""),
             }
             rows.append(row)
