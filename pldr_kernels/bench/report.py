@@ -142,6 +142,16 @@ def headline_lines(results: List[dict]) -> List[str]:
     return ["Speedups (p50):"] + lines if lines else []
 
 
+def note_lines(results: List[dict]) -> List[str]:
+    lines = []
+    for r in results:
+        if r.get("note"):
+            where = (f"ops {r['op']} B{r['B']} S{r['Sk']} {r['dtype']}" if r["bench"] == "ops"
+                     else f"generate {r['mode']} prompt {r['prompt_len']}")
+            lines.append(f"  {where} / {r['impl']}: {r['note']}")
+    return ["Notes:"] + lines if lines else []
+
+
 def skip_lines(skipped: List[dict]) -> List[str]:
     if not skipped:
         return []
@@ -172,7 +182,8 @@ def terminal_report(env: dict, results: List[dict]) -> str:
         parts += ["", f"generate: model {g0.get('model', '?')} ({g0.get('params', 0) / 1e6:.1f}M "
                       f"parameters, {g0.get('weights', '?')} weights), {g0['dtype']}, batch "
                       f"{g0['batch']}, greedy", format_table(GEN_HEADERS, generate_rows(results))]
-    for extra in (ordering_lines(results), headline_lines(results), skip_lines(env.get("skipped", []))):
+    for extra in (ordering_lines(results), headline_lines(results), note_lines(results),
+                  skip_lines(env.get("skipped", []))):
         if extra:
             parts += [""] + extra
     return "\n".join(parts)
@@ -193,7 +204,8 @@ def markdown_report(env: dict, results: List[dict]) -> str:
                       f"parameters, {g0.get('weights', '?')} weights, {g0['dtype']}, batch "
                       f"{g0['batch']}, greedy)", "",
                   markdown_table(GEN_HEADERS, generate_rows(results))]
-    extra = ordering_lines(results) + headline_lines(results) + skip_lines(env.get("skipped", []))
+    extra = (ordering_lines(results) + headline_lines(results) + note_lines(results)
+             + skip_lines(env.get("skipped", [])))
     extra += [f"Warning: {w}" for w in env.get("warnings", [])]
     if extra:
         parts += ["", "```", *extra, "```"]
