@@ -1,0 +1,194 @@
+// Fused CPU kernel of pldr::metric_tensors (DESIGN.md §3.1; pldr-spec.md §2 steps 6–12, §5).
+//
+// Layout idea. After A0 = QᵀQ, the LayerNorms and all SwiGLU MLPs act on each row of A
+// independently with weights shared by every head, so a block of M rows of one (b, h) can run
+// through the whole residual network while it stays in L1/L2. The block is held *transposed*,
+// Xt[j][m] = A[m0 + m][j] (features j down, rows m across the 16-float lanes), which makes
+//   * every weight usable as stored: a product X·Wᵀ becomes Wt-free  Ht = W·Xt, where W's
+//     entries are broadcast and Xt's rows are vector loads (no per-call weight transposes);
+//   * QᵀQ land in that layout directly (A0 is symmetric: Xt[j][m] = Σ_s q[s][j]·q[s][m]);
+//   * LayerNorm over j a sum of vectors (no horizontal reductions).
+// Every output element is computed by the same sequence of fp32 operations whatever the block
+// size, thread count or batch padding, so results are bitwise reproducible and batch invariant.
+//
+// Phase 1 (parallel over blocks of rows of A, possibly of several heads): gather q → QᵀQ → LN →
+// R × (Gd SwiGLU, LN(· + in)) → A.
+// Phase 2 (parallel over (b, h)): Z = W·A + b, A_LM = Z·silu(Z) + eps_adj, A_P = A_LM^pw,
+// G = a·A_P + ba — these mix rows, so they wait for every row block of their (b, h).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <memory>
+#include <tuple>
+#include <type_traits>
+
+#include "common/checks.h"
+#include "cpu/metric_row_blocks.h"
+
+namespace pldr {
+namespace {
+
+using namespace metric_cpu;
+
+struct AlignedFree {
+  void operator()(float* p) const { std::free(p); }
+};
+using FloatBuffer = std::unique_ptr<float[], AlignedFree>;
+
+FloatBuffer make_buffer(int64_t count) {
+  const size_t bytes = ((static_cast<size_t>(std::max<int64_t>(count, 1)) * sizeof(float) + 63) / 64) * 64;
+  auto* p = static_cast<float*>(std::aligned_alloc(64, bytes));
+  TORCH_CHECK(p != nullptr, "pldr::metric_tensors: out of memory allocating ", bytes, " bytes");
+  return FloatBuffer(p);
+}
+
+struct MetricWeights {
+  const float *ln0_w, *ln0_b, *w1, *b1, *w2, *b2, *w3, *b3, *lnA_w, *lnA_b;
+  const float *W, *b, *pw, *a, *ba;
+};
+
+// Copies q[b, :, h, :] (masked rows left out, order kept) into Qs [S_kept][d] as fp32; returns
+// S_kept. Keeping the order makes a padded row's reduction identical to the unpadded one.
+template <typename T>
+int64_t gather_queries(const at::Tensor& q, const bool* mask, int64_t b, int64_t h, float* Qs) {
+  const int64_t S = q.size(1), d = q.size(3);
+  const T* base = q.data_ptr<T>() + b * q.stride(0) + h * q.stride(2);
+  const int64_t s_stride = q.stride(1);
+  int64_t kept = 0;
+  for (int64_t s = 0; s < S; ++s) {
+    if (mask != nullptr && !mask[b * S + s]) continue;
+    const T* src = base + s * s_stride;
+    float* dst = Qs + kept * d;
+    for (int64_t j = 0; j < d; ++j) dst[j] = static_cast<float>(src[j]);
+    ++kept;
+  }
+  return kept;
+}
+
+// Rows of A per phase-1 block (at most): large enough that each weight panel, fetched from
+// L3 once per block, serves many rows; small enough that the block's activations stay in L2.
+constexpr int64_t kMaxBlockRows = 256;
+
+// Phase-1 scratch of one thread, and the q rows of the head gathered last.
+struct RowBlockScratch {
+  FloatBuffer Qs, Xt, Tt, Ut;
+  int64_t gathered_bh = -1, S_kept = 0;
+};
+
+// Phase 1 for the global rows [row0, row0 + nrows) of A viewed as [B·H·d, d] (row g = bh·d + i);
+// nrows is a multiple of 16 and ≤ kMaxBlockRows. Writes those rows of A.
+void metric_rows_block(const at::Tensor& q, const bool* mask, int64_t row0, int64_t nrows,
+                       const MetricDims& dims, const MetricWeights& w, float eps_ln,
+                       RowBlockScratch& sc, float* A_out) {
+  const int64_t d = dims.d, F = dims.F, H = dims.H;
+  const int nvec = static_cast<int>(nrows / kLanes);
+  const int64_t ld = nrows;
+  float *Xt = sc.Xt.get(), *Tt = sc.Tt.get(), *Ut = sc.Ut.get();
+  // QᵀQ, head segment by head segment.
+  for (int64_t g = row0; g < row0 + nrows;) {
+    const int64_t bh = g / d, i0 = g % d;
+    const int64_t seg = std::min(d - i0, row0 + nrows - g);
+    if (bh != sc.gathered_bh) {
+      const int64_t bi = bh / H, hi = bh % H;
+      switch (q.scalar_type()) {
+        case at::kFloat: sc.S_kept = gather_queries<float>(q, mask, bi, hi, sc.Qs.get()); break;
+        case at::kBFloat16:
+          sc.S_kept = gather_queries<c10::BFloat16>(q, mask, bi, hi, sc.Qs.get());
+          break;
+        case at::kHalf: sc.S_kept = gather_queries<c10::Half>(q, mask, bi, hi, sc.Qs.get()); break;
+        default: TORCH_CHECK(false, "unreachable: q dtype checked above");
+      }
+      sc.gathered_bh = bh;
+    }
+    qtq_columns(sc.Qs.get(), sc.S_kept, d, i0, static_cast<int>(seg / kLanes), Tt + (g - row0), ld);
+    g += seg;
+  }
+  layer_norm_columns(Tt, Xt, d, nvec, ld, w.ln0_w, w.ln0_b, eps_ln);
+  for (int64_t r = 0; r < dims.R; ++r) {
+    for (int64_t g = 0; g < dims.Gd; ++g) {
+      const int64_t rg = r * dims.Gd + g;
+      swiglu_block(g == 0 ? Xt : Tt, Ut, Tt, d, F, nvec, w.w1 + rg * F * d, w.b1 + rg * F,
+                   w.w2 + rg * F * d, w.b2 + rg * F, w.w3 + rg * d * F, w.b3 + rg * d);
+    }
+    for (int64_t i = 0; i < d * ld; ++i) Tt[i] += Xt[i];  // residual
+    layer_norm_columns(Tt, Xt, d, nvec, ld, w.lnA_w + r * d, w.lnA_b + r * d, eps_ln);
+  }
+  for (int64_t m = 0; m < nrows; ++m)  // A[row0 + m][j] = Xt[j][m]
+    for (int64_t j = 0; j < d; ++j) A_out[(row0 + m) * d + j] = Xt[j * ld + m];
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> metric_tensors_cpu(
+    const at::Tensor& q, const c10::optional<at::Tensor>& q_mask, const at::Tensor& ln0_w,
+    const at::Tensor& ln0_b, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
+    const at::Tensor& b2, const at::Tensor& w3, const at::Tensor& b3, const at::Tensor& lnA_w,
+    const at::Tensor& lnA_b, const at::Tensor& W, const at::Tensor& b, const at::Tensor& pw,
+    const at::Tensor& a, const at::Tensor& ba, double eps_ln, double eps_adj) {
+  const MetricDims dims = check_metric_tensors_inputs(q, q_mask, ln0_w, ln0_b, w1, b1, w2, b2, w3,
+                                                      b3, lnA_w, lnA_b, W, b, pw, a, ba);
+  const int64_t B = dims.B, S = dims.S, H = dims.H, d = dims.d, F = dims.F;
+  auto out_opts = q.options().dtype(at::kFloat);
+  at::Tensor A = at::empty({B, H, d, d}, out_opts);
+  at::Tensor A_LM = at::empty({B, H, d, d}, out_opts);
+  at::Tensor G = at::empty({B, H, d, d}, out_opts);
+  if (B == 0 || H == 0) return {A, A_LM, G};
+
+  // Weights are read as dense row-major arrays (no-ops for the usual contiguous tensors).
+  const at::Tensor weights[] = {ln0_w.contiguous(), ln0_b.contiguous(), w1.contiguous(),
+                                b1.contiguous(),    w2.contiguous(),    b2.contiguous(),
+                                w3.contiguous(),    b3.contiguous(),    lnA_w.contiguous(),
+                                lnA_b.contiguous(), W.contiguous(),     b.contiguous(),
+                                pw.contiguous(),    a.contiguous(),     ba.contiguous()};
+  const MetricWeights w{
+      weights[0].data_ptr<float>(),  weights[1].data_ptr<float>(),  weights[2].data_ptr<float>(),
+      weights[3].data_ptr<float>(),  weights[4].data_ptr<float>(),  weights[5].data_ptr<float>(),
+      weights[6].data_ptr<float>(),  weights[7].data_ptr<float>(),  weights[8].data_ptr<float>(),
+      weights[9].data_ptr<float>(),  weights[10].data_ptr<float>(), weights[11].data_ptr<float>(),
+      weights[12].data_ptr<float>(), weights[13].data_ptr<float>(), weights[14].data_ptr<float>()};
+  at::Tensor mask;
+  const bool* mask_ptr = nullptr;
+  if (q_mask.has_value()) {
+    mask = q_mask->contiguous();
+    mask_ptr = mask.data_ptr<bool>();
+  }
+  const float eps_ln_f = static_cast<float>(eps_ln);
+  const float eps_adj_f = static_cast<float>(eps_adj);
+  float* A_ptr = A.data_ptr<float>();
+  float* A_LM_ptr = A_LM.data_ptr<float>();
+  float* G_ptr = G.data_ptr<float>();
+
+  // Phase 1: the B·H·d rows of A, in groups of 16 spread evenly over the threads; each thread
+  // runs its share in blocks of up to kMaxBlockRows rows.
+  const int64_t groups = B * H * d / kLanes;
+  const int64_t max_feat = std::max(d, F);
+  at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
+    const int64_t block_rows = std::min(kMaxBlockRows, (end - begin) * kLanes);
+    RowBlockScratch sc{make_buffer(S * d), make_buffer(d * block_rows),
+                       make_buffer(d * block_rows), make_buffer(max_feat * block_rows)};
+    for (int64_t row = begin * kLanes; row < end * kLanes; row += block_rows) {
+      const int64_t nrows = std::min(block_rows, end * kLanes - row);
+      metric_rows_block(q, mask_ptr, row, nrows, dims, w, eps_ln_f, sc, A_ptr);
+    }
+  });
+
+  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+    FloatBuffer A_P = make_buffer(d * d);
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t hi = bh % H;
+      const int64_t head = hi * d * d, off = bh * d * d;
+      metric_head_outputs(A_ptr + off, d, w.W + head, w.b + head, w.pw + head, w.a + head,
+                          w.ba + head, eps_adj_f, A_LM_ptr + off, A_P.get(), G_ptr + off);
+    }
+  });
+  return {A, A_LM, G};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pldr, CPU, m) { m.impl("metric_tensors", &metric_tensors_cpu); }
+
+}  // namespace pldr
