@@ -216,3 +216,9 @@ def _has_matplotlib():
         return True
     except ImportError:
         return False
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is visible")
+def test_cli_refuses_cuda_without_a_device(capsys):
+    assert cli.main(["ops", "--device", "cuda"]) == 2
+    assert "no CUDA device is visible" in capsys.readouterr().err
