@@ -50,7 +50,7 @@ def quick_config() -> GenerateConfig:
 
 
 def full_config() -> GenerateConfig:
-    return GenerateConfig(prompt_lens=(64, 256, 512), new_tokens=64, repeats=5)
+    return GenerateConfig(prompt_lens=(64, 256, 512), new_tokens=32, repeats=5)
 
 
 # ---------------------------------------------------------------------------------------------
