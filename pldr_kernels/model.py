@@ -237,8 +237,10 @@ class PLDRForCausalLM(nn.Module):
         """Full uncached forward: logits ``[B, S, V]`` (G recomputed from this input).
 
         Under ``torch.no_grad()``/``inference_mode()`` it runs the fused ops; with autograd on
-        (parameters require grad by default) it runs the reference math, which has a backward."""
-        ops.require_built()
+        (parameters require grad by default) it runs the reference math, which has a backward
+        and needs no compiled extension."""
+        if not torch.is_grad_enabled():
+            ops.require_built()
         return self._full_pass(input_ids, attention_mask, include_pad_in_g)[0]
 
     # ---- cached generation -------------------------------------------------------------------

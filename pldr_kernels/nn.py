@@ -136,7 +136,10 @@ class RotaryEmbedding(nn.Module):
             max_position = int(positions.max()) if positions.numel() else -1
         if max_position + 1 > self.cos.shape[0]:
             self._build(max(max_position + 1, 2 * self.cos.shape[0]), self.cos.device)
-        cos, sin = self.cos[positions][:, :, None], self.sin[positions][:, :, None]
+        flat = positions.reshape(-1)
+        shape = (*positions.shape, 1, -1)
+        cos = self.cos.index_select(0, flat).view(shape)
+        sin = self.sin.index_select(0, flat).view(shape)
         if self.interleaved:
             return torch.complex(cos, sin)
         return torch.cat((cos, cos), dim=-1), torch.cat((sin, sin), dim=-1)

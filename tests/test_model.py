@@ -257,3 +257,17 @@ def test_bad_generate_arguments(kwargs, match):
     model = tiny_model()
     with pytest.raises(ValueError, match=match):
         model.generate(prompt(4, seed=0), 2, **kwargs)
+
+
+@needs_cpu_kernels
+def test_cache_first_g_shares_row_0_g_in_decode():
+    """HF port's cache_first_G: every row decodes with row 0's G (prefill uses each row's own)."""
+    model = tiny_model(seed=30, cache_first_G=True)
+    a, b = prompt(8, seed=31), prompt(8, seed=32)
+    out, ded = model.generate(torch.cat([a, b]), 6, return_deductive=True)
+    assert ded[0][2].shape[0] == 1
+    with torch.no_grad():
+        G_a = model.decoder.dec_layers[0].mha1(model.decoder.embed(a), return_metric=True)[1][2]
+    assert (ded[0][2] - G_a).abs().max() <= 1e-6 * G_a.abs().max()  # row 0's G, not row 1's
+    assert torch.equal(out[0], model.generate(a, 6)[0])
+    assert torch.equal(model.generate(a, 0), a)
