@@ -130,7 +130,8 @@ def headline_lines(results: List[dict]) -> List[str]:
     lines = []
     for r in results:
         if r["bench"] == "ops" and r["impl"] == "pldr_kernels" and r.get("best_other"):
-            lines.append(f"  {r['op']} B{r['B']} S{r['Sk']} {r['dtype']}: pldr_kernels "
+            length = f"L{r['Sk']}" if r["op"] == "g_attention_decode" else f"S{r['Sk']}"
+            lines.append(f"  {r['op']} B{r['B']} {length} {r['dtype']}: pldr_kernels "
                          f"{r['speedup_vs_reference']:.2f}x reference, "
                          f"{r['speedup_vs_best_other']:.2f}x {r['best_other']}")
     gen = {(r["impl"], r["mode"], r["prompt_len"]): r for r in results if r["bench"] == "generate"}
