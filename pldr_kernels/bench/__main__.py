@@ -40,7 +40,7 @@ def add_common(p: argparse.ArgumentParser, sub: bool) -> None:
     p.add_argument("--threads", type=int, default=d(None),
                    help="torch intra-op threads (default: all cores)")
     p.add_argument("--repeats", type=int, default=d(None),
-                   help="timed repeats per contestant (default: 7 ops / 3 generate with --quick)")
+                   help="timed repeats per contestant (default: 5 ops / 5 generate with --quick)")
     p.add_argument("--warmup", type=int, default=d(None), help="warm-up calls per contestant (ops)")
     p.add_argument("--json", metavar="PATH", default=d(None),
                    help="write {env, results} with every sample")

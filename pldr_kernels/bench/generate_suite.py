@@ -46,7 +46,7 @@ class GenerateConfig:
 
 
 def quick_config() -> GenerateConfig:
-    return GenerateConfig(prompt_lens=(32,), new_tokens=8, repeats=3)
+    return GenerateConfig(prompt_lens=(32,), new_tokens=12, repeats=5)
 
 
 def full_config() -> GenerateConfig:
