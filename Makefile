@@ -46,7 +46,7 @@ cuda-check:
 	$(CUDA_VENV)/bin/python -m pip install -q "setuptools>=70" wheel ninja numpy torch==$(CUDA_TORCH_VERSION)
 	rm -rf build/cuda-src && mkdir -p build/cuda-src
 	git ls-files -z --cached --others --exclude-standard | xargs -0 cp --parents -t build/cuda-src
-	cd build/cuda-src && PATH=/usr/local/cuda/bin:$$PATH PLDR_KERNELS_FORCE_CUDA=1 PLDR_KERNELS_PTXAS_VERBOSE=1 \
+	cd build/cuda-src && CUDA_HOME=$${CUDA_HOME:-/usr/local/cuda} PATH=$${CUDA_HOME:-/usr/local/cuda}/bin:$$PATH PLDR_KERNELS_FORCE_CUDA=1 PLDR_KERNELS_PTXAS_VERBOSE=1 \
 	  TORCH_CUDA_ARCH_LIST="$(CUDA_ARCHS)" $(abspath $(CUDA_VENV))/bin/python setup.py -q build_ext --inplace \
 	  > ../cuda-build.log 2>&1 || (tail -60 ../cuda-build.log; exit 1)
 	$(PYTHON) tools/check_ptxas.py build/cuda-build.log

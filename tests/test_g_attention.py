@@ -70,10 +70,13 @@ def test_fp32_matches_reference(B, Sq, Sk, d, g_mode, causal):
     check_against_reference(q, k, v, make_g(g_mode, B, H, d), causal=causal)
 
 
+LOW_PRECISION_CASES = [(d, g_mode) for d in (64, 128) for g_mode in ("none", "per_batch", "shared")
+                       if d == 64 or g_mode == "per_batch"]
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("B,Sq,Sk", [(2, 7, 7), (2, 97, 97), (1, 7, 97), (2, 97, 7)])
-@pytest.mark.parametrize("d", [64, 128])
-@pytest.mark.parametrize("g_mode", ["none", "per_batch", "shared"])
+@pytest.mark.parametrize("d,g_mode", LOW_PRECISION_CASES)
 @pytest.mark.parametrize("causal", [False, True])
 def test_low_precision_matches_reference(dtype, B, Sq, Sk, d, g_mode, causal):
     H = 2
@@ -157,6 +160,19 @@ def test_non_contiguous_inputs(dtype):
     check_against_reference(q, k, v, G_view, causal=True)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_broadcast_views(dtype):
+    """Stride-0 (expanded) dims: the same token repeated, heads sharing one G row pattern."""
+    B, S, H, d = 2, 70, 2, 64
+    q = torch.randn(B, 1, H, d).to(dtype).expand(B, S, H, d)
+    k = torch.randn(B, S, 1, d).to(dtype).expand(B, S, H, d)
+    v = torch.randn(1, S, H, d).to(dtype).expand(B, S, H, d)
+    G = (0.1 * torch.randn(1, 1, 1, d)).expand(B, H, d, d)  # every row of G the same: stride(2) = 0
+    assert q.stride(1) == 0 and G.stride(2) == 0
+    check_against_reference(q, k, v, G, causal=True)
+    check_against_reference(q[:, :1], k[:, :1], v[:, :1], G, causal=False)
+
+
 def test_deterministic_bitwise():
     q, k, v = make_qkv(2, 300, 300, 3, 64, torch.float32)
     G = random_g(2, 3, 64)
@@ -164,6 +180,14 @@ def test_deterministic_bitwise():
     first = g_attention(q, k, v, G, key_mask, True)
     second = g_attention(q, k, v, G, key_mask, True)
     assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+    # each query tile is computed the same way whichever thread runs it
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = g_attention(q, k, v, G, key_mask, True)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(first[0], single[0]) and torch.equal(first[1], single[1])
 
 
 def test_identity_g_equals_no_g():

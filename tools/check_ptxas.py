@@ -45,11 +45,12 @@ def main(path: str) -> int:
         flag = "  SPILL" if r in bad else ""
         print(f"{r['arch']:>7} regs {r['regs']!s:>4} spill st/ld {r['spill'][0]}/{r['spill'][1]}"
               f"  {names[r['fn']][:110]}{flag}")
-    if "spill" in text.lower() and not bad:
-        warn = [l for l in text.splitlines() if "spill" in l.lower() and "0 bytes spill" not in l]
-        if warn:
-            print("\n".join(warn))
-            return 1
+    # ptxas's own warnings (-warn-spills / -warn-lmem-usage), not the command lines that pass the flags
+    warn = [l for l in text.splitlines() if l.lstrip().startswith("ptxas") and "warning" in l
+            and ("spill" in l.lower() or "local memory" in l.lower())]
+    if warn:
+        print("\n".join(warn))
+        return 1
     if bad:
         print(f"check_ptxas: {len(bad)} kernel(s) spill registers")
         return 1

@@ -20,6 +20,13 @@
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__)
 #include <immintrin.h>
 #define PLDR_ATTENTION_AVX512 1
+// GCC 12's _mm512_reduce_* and masked intrinsics start from _mm512_undefined_ps(), which trips
+// -Wmaybe-uninitialized at every inlined use; the value is fully defined.
+#if defined(__GNUC__) && !defined(__clang__)
+#define PLDR_SILENCE_UNDEFINED_VECTOR_WARNING 1
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
 #endif
 
 namespace pldr::cpu {
@@ -68,7 +75,7 @@ inline void store_row_from_float(const float* src, T* dst, int64_t n, float fact
 }
 
 // ------------------------------------------------------------------------------------------------
-// Vector helpers (AVX-512) for the softmax passes.
+// Vector helpers (AVX-512): loads, transposes and the softmax passes.
 // ------------------------------------------------------------------------------------------------
 #ifdef PLDR_ATTENTION_AVX512
 // 2^x to ~1 ulp for x <= 0 (the softmax argument s − m); exactly 0 below 2^-126, NaN propagates.
@@ -87,6 +94,48 @@ inline __m512 exp2_ps(__m512 x) {
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718055994531e-01f));
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
   return _mm512_maskz_mov_ps(static_cast<__mmask16>(~underflow), _mm512_scalef_ps(p, n));
+}
+
+// 16 consecutive elements as fp32.
+template <typename T>
+inline __m512 load16_as_float(const T* src) {
+  if constexpr (std::is_same_v<T, float>) {
+    return _mm512_loadu_ps(src);
+  } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  } else {
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src)));
+  }
+}
+
+// In-register transpose of a 16x16 fp32 block (r[i] = row i in, column i out).
+[[gnu::always_inline]] inline void transpose16x16(__m512 r[16]) {
+  __m512 t[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    const __m512d a = _mm512_castps_pd(t[4 * i]), b = _mm512_castps_pd(t[4 * i + 2]);
+    const __m512d c = _mm512_castps_pd(t[4 * i + 1]), d = _mm512_castps_pd(t[4 * i + 3]);
+    r[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, b));
+    r[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, b));
+    r[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(c, d));
+    r[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(c, d));
+  }
+  for (int i = 0; i < 4; ++i) {
+    t[i] = _mm512_shuffle_f32x4(r[i], r[4 + i], 0x88);
+    t[4 + i] = _mm512_shuffle_f32x4(r[i], r[4 + i], 0xdd);
+    t[8 + i] = _mm512_shuffle_f32x4(r[8 + i], r[12 + i], 0x88);
+    t[12 + i] = _mm512_shuffle_f32x4(r[8 + i], r[12 + i], 0xdd);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[i] = _mm512_shuffle_f32x4(t[i], t[8 + i], 0x88);
+    r[8 + i] = _mm512_shuffle_f32x4(t[i], t[8 + i], 0xdd);
+    r[4 + i] = _mm512_shuffle_f32x4(t[4 + i], t[12 + i], 0x88);
+    r[12 + i] = _mm512_shuffle_f32x4(t[4 + i], t[12 + i], 0xdd);
+  }
 }
 
 inline __mmask16 tail_mask(int64_t remaining) {
@@ -138,6 +187,32 @@ inline void scale_in_place(float* x, int64_t n, float factor) {
   for (; i + 16 <= n; i += 16) _mm512_storeu_ps(x + i, _mm512_mul_ps(_mm512_loadu_ps(x + i), f));
 #endif
   for (; i < n; ++i) x[i] *= factor;
+}
+
+// ------------------------------------------------------------------------------------------------
+// Kᵀ of n key rows as fp32 [D, ld_out] (column j = key row j), for the score GEMM q̃·Kᵀ.
+// Columns n .. round_up(n, 16) are filled with zeros (never read as scores).
+// ------------------------------------------------------------------------------------------------
+template <typename T, int D, typename RowFn>
+inline void pack_transposed(const RowFn& row, int64_t n, float* out, int64_t ld_out) {
+#ifdef PLDR_ATTENTION_AVX512
+  for (int64_t j0 = 0; j0 < n; j0 += 16) {
+    const int64_t rows = std::min<int64_t>(16, n - j0);
+    for (int c0 = 0; c0 < D; c0 += 16) {
+      __m512 r[16];
+      for (int64_t i = 0; i < 16; ++i) {
+        r[i] = i < rows ? load16_as_float(row(j0 + i) + c0) : _mm512_setzero_ps();
+      }
+      transpose16x16(r);
+      for (int i = 0; i < 16; ++i) _mm512_storeu_ps(out + (c0 + i) * ld_out + j0, r[i]);
+    }
+  }
+#else
+  for (int64_t j = 0; j < n; ++j) {
+    const T* src = row(j);
+    for (int c = 0; c < D; ++c) out[c * ld_out + j] = static_cast<float>(src[c]);
+  }
+#endif
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -203,3 +278,7 @@ inline void axpy(float p, const float* v, float* out) {
 }
 
 }  // namespace pldr::cpu
+
+#ifdef PLDR_SILENCE_UNDEFINED_VECTOR_WARNING
+#pragma GCC diagnostic pop
+#endif

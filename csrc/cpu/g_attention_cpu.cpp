@@ -12,7 +12,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <numeric>
 #include <vector>
 
 #include "common/checks.h"
@@ -46,11 +45,11 @@ Rows<T> rows_of(const at::Tensor& t, int64_t b, int64_t h) {
 // Per-thread buffers of one query tile.
 template <int D>
 struct TileScratch {
-  std::vector<float> q_rows, q_tilde, scores, k_transposed, v_rows, out, m, l;
+  std::vector<float> q_rows, q_tilde, scores, k_transposed, v_rows, key_row, out, m, l;
   TileScratch()
       : q_rows(kQueryTile * D), q_tilde(kQueryTile * D), scores(kQueryTile * kKeyTile),
-        k_transposed(D * kKeyTile), v_rows(kKeyTile * D), out(kQueryTile * D), m(kQueryTile),
-        l(kQueryTile) {}
+        k_transposed(D * kKeyTile), v_rows(kKeyTile * D), key_row(D), out(kQueryTile * D),
+        m(kQueryTile), l(kQueryTile) {}
 };
 
 // What one query tile attends to: keys/values of its (batch, head), an optional key mask, and
@@ -64,21 +63,6 @@ struct KeyRange {
   int64_t diag;
 };
 
-// Kᵀ of keys [j0, j0 + n) as fp32 [D, kKeyTile] (column jj = key j0 + jj), for the score GEMM.
-template <typename T, int D>
-void pack_keys_transposed(const Rows<T>& k, int64_t j0, int64_t n, float* kt, float* row_buf) {
-  for (int64_t jj = 0; jj < n; ++jj) {
-    const float* src;
-    if constexpr (std::is_same_v<T, float>) {
-      src = k.row(j0 + jj);
-    } else {
-      load_row_as_float(k.row(j0 + jj), row_buf, D);
-      src = row_buf;
-    }
-    for (int c = 0; c < D; ++c) kt[c * kKeyTile + jj] = src[c];
-  }
-}
-
 // q̃ = (q rows [q0, q0+M) of one (b, h)) · G · (scale·log2 e), fp32 [M, D].
 template <typename T, int D>
 void form_q_tilde(const Rows<T>& q, int64_t q0, int64_t M, const float* g, int64_t g_ld,
@@ -86,8 +70,14 @@ void form_q_tilde(const Rows<T>& q, int64_t q0, int64_t M, const float* g, int64
   const float* a;
   int64_t lda;
   if constexpr (std::is_same_v<T, float>) {
-    a = q.row(q0);
-    lda = q.stride;
+    if (q.stride >= D) {  // read in place (a stride below D is a broadcast view: copy instead)
+      a = q.row(q0);
+      lda = q.stride;
+    } else {
+      for (int64_t r = 0; r < M; ++r) load_row_as_float(q.row(q0 + r), s.q_rows.data() + r * D, D);
+      a = s.q_rows.data();
+      lda = D;
+    }
   } else {
     for (int64_t r = 0; r < M; ++r) load_row_as_float(q.row(q0 + r), s.q_rows.data() + r * D, D);
     a = s.q_rows.data();
@@ -99,6 +89,15 @@ void form_q_tilde(const Rows<T>& q, int64_t q0, int64_t M, const float* g, int64
     scale_in_place(qt, M * D, factor);
   } else {
     for (int64_t r = 0; r < M; ++r) store_row_from_float(a + r * lda, qt + r * D, D, factor);
+  }
+}
+
+// Decode streams K and V rows from a cache much larger than the caches of the CPU; the rows are
+// H·d apart, so fetching the next ones ahead of use keeps the loads from stalling.
+template <typename T, int D>
+inline void prefetch_row(const T* row) {
+  for (int64_t byte = 0; byte < static_cast<int64_t>(D * sizeof(T)); byte += 64) {
+    __builtin_prefetch(reinterpret_cast<const char*>(row) + byte);
   }
 }
 
@@ -138,17 +137,19 @@ void attend_key_range(int64_t M, const KeyRange<T>& kr, bool allow_row_path, Til
     }
     if (row_path) {
       for (int64_t jj = 0; jj < n; ++jj) {
+        prefetch_row<T, D>(kr.v.row(j0 + jj));  // V of this tile is read right after the scores
         const float* krow;
         if constexpr (std::is_same_v<T, float>) {
           krow = kr.k.row(j0 + jj);
         } else {
-          load_row_as_float(kr.k.row(j0 + jj), s.v_rows.data(), D);
-          krow = s.v_rows.data();
+          load_row_as_float(kr.k.row(j0 + jj), s.key_row.data(), D);
+          krow = s.key_row.data();
         }
         for (int64_t r = 0; r < M; ++r) scores[r * kKeyTile + jj] = dot<D>(qt + r * D, krow);
       }
     } else {
-      pack_keys_transposed<T, D>(kr.k, j0, n, s.k_transposed.data(), s.v_rows.data());
+      pack_transposed<T, D>([&](int64_t jj) { return kr.k.row(j0 + jj); }, n,
+                            s.k_transposed.data(), kKeyTile);
       at::native::cpublas::brgemm(M, n, D, D, kKeyTile, kKeyTile, false, qt,
                                   s.k_transposed.data(), scores, false);
     }
@@ -157,6 +158,7 @@ void attend_key_range(int64_t M, const KeyRange<T>& kr, bool allow_row_path, Til
     if (row_path) {
       float vbuf[D];
       for (int64_t jj = 0; jj < n; ++jj) {
+        if (j0 + n + jj < end) prefetch_row<T, D>(kr.k.row(j0 + n + jj));  // K of the next tile
         const float* vrow;
         if constexpr (std::is_same_v<T, float>) {
           vrow = kr.v.row(j0 + jj);
@@ -169,8 +171,8 @@ void attend_key_range(int64_t M, const KeyRange<T>& kr, bool allow_row_path, Til
     } else {
       const float* vtile;
       int64_t ldv;
-      if constexpr (std::is_same_v<T, float>) {
-        vtile = kr.v.row(j0);
+      if (std::is_same_v<T, float> && kr.v.stride >= D) {  // fp32 rows are used in place
+        vtile = reinterpret_cast<const float*>(kr.v.row(j0));
         ldv = kr.v.stride;
       } else {
         for (int64_t jj = 0; jj < n; ++jj) {
@@ -183,6 +185,26 @@ void attend_key_range(int64_t M, const KeyRange<T>& kr, bool allow_row_path, Til
     }
   }
 }
+
+// G as the kernels read it: G[b, h] is a [D, D] fp32 matrix at ptr + b·batch + h·head with row
+// stride ld (>= D). A shared G ([1, H, d, d]) has batch stride 0.
+struct GView {
+  at::Tensor holder;  // keeps a contiguous copy alive when G's row stride is unusable
+  const float* ptr = nullptr;
+  int64_t batch = 0, head = 0, ld = 0;
+
+  GView(const c10::optional<at::Tensor>& G, int64_t d) {
+    if (!G.has_value()) return;
+    holder = G->stride(2) >= d ? *G : G->contiguous();
+    ptr = holder.data_ptr<float>();
+    batch = holder.size(0) > 1 ? holder.stride(0) : 0;
+    head = holder.stride(1);
+    ld = holder.stride(2);
+  }
+  const float* at(int64_t b, int64_t h) const {
+    return ptr != nullptr ? ptr + b * batch + h * head : nullptr;
+  }
+};
 
 template <int D>
 void reset_accumulators(int64_t M, TileScratch<D>& s) {
@@ -258,14 +280,10 @@ void g_attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tens
   at::Tensor mask;
   if (key_mask.has_value()) mask = key_mask->contiguous();
   const bool* mask_ptr = mask.defined() ? mask.data_ptr<bool>() : nullptr;
-  const float* g_ptr = G.has_value() ? G->data_ptr<float>() : nullptr;
-  const int64_t g_batch_stride = G.has_value() && G->size(0) > 1 ? G->stride(0) : 0;
-  const int64_t g_head_stride = G.has_value() ? G->stride(1) : 0;
-  const int64_t g_ld = G.has_value() ? G->stride(2) : D;
+  const GView g_view(G, D);
   T* out_ptr = out.data_ptr<T>();
   float* lse_ptr = lse.data_ptr<float>();
 
-  // Tiles are visited largest-first within a (b, h) so the balanced split cuts few (b, h) runs.
   auto tile_of = [&](int64_t item) { return item % q_tiles; };
   auto visible_key_tiles = [&](int64_t t) {
     const int64_t q0 = t * kQueryTile, M = std::min(kQueryTile, Sq - q0);
@@ -279,8 +297,7 @@ void g_attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tens
         static thread_local TileScratch<D> s;
         const int64_t t = tile_of(item), bh = item / q_tiles, b = bh / H, h = bh % H;
         const int64_t q0 = t * kQueryTile, M = std::min(kQueryTile, Sq - q0);
-        const float* g = g_ptr ? g_ptr + b * g_batch_stride + h * g_head_stride : nullptr;
-        form_q_tilde<T, D>(rows_of<T>(q, b, h), q0, M, g, g_ld, factor, s);
+        form_q_tilde<T, D>(rows_of<T>(q, b, h), q0, M, g_view.at(b, h), g_view.ld, factor, s);
         reset_accumulators<D>(M, s);
         const KeyRange<T> kr{rows_of<T>(k, b, h), rows_of<T>(v, b, h),
                              mask_ptr ? mask_ptr + b * Sk : nullptr, 0, Sk, causal,
@@ -362,10 +379,7 @@ void g_attention_decode_kernel(const at::Tensor& q, const at::Tensor& k_cache,
   }
   const int64_t splits = choose_num_splits(num_splits, B * H * q_tiles, max_key_tiles);
   const int64_t n_items = B * H * q_tiles * splits;
-  const float* g_ptr = G.has_value() ? G->data_ptr<float>() : nullptr;
-  const int64_t g_batch_stride = G.has_value() && G->size(0) > 1 ? G->stride(0) : 0;
-  const int64_t g_head_stride = G.has_value() ? G->stride(1) : 0;
-  const int64_t g_ld = G.has_value() ? G->stride(2) : D;
+  const GView g_view(G, D);
   T* out_ptr = out.data_ptr<T>();
   // With several splits each writes its normalised partial output and LSE (log2 units) here.
   std::vector<float> part_out(splits > 1 ? B * H * splits * Sn * D : 0);
@@ -397,8 +411,8 @@ void g_attention_decode_kernel(const at::Tensor& q, const at::Tensor& k_cache,
         static thread_local TileScratch<D> s;
         const Item it = item_of(i);
         const int64_t q0 = it.tile * kQueryTile, M = std::min(kQueryTile, Sn - q0);
-        const float* g = g_ptr ? g_ptr + it.b * g_batch_stride + it.h * g_head_stride : nullptr;
-        form_q_tilde<T, D>(rows_of<T>(q, it.b, it.h), q0, M, g, g_ld, factor, s);
+        form_q_tilde<T, D>(rows_of<T>(q, it.b, it.h), q0, M, g_view.at(it.b, it.h), g_view.ld,
+                           factor, s);
         reset_accumulators<D>(M, s);
         const auto [first, last] = split_range(it.b, it.split);
         // Query i of the new block sees cache rows up to key_end − Sn + i (bottom-right causal).

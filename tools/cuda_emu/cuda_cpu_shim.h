@@ -27,6 +27,7 @@ inline dim3 bDim, gDim;
 inline std::unique_ptr<std::barrier<>> block_bar;
 inline std::vector<std::unique_ptr<std::barrier<>>> warp_bars;
 inline std::vector<float> warp_xchg;  // 32 slots per warp
+inline std::vector<uint64_t> warp_xchg64;  // 32 slots per warp, for shuffles of other types
 inline unsigned linear_tid() { return tIdx.x + bDim.x * (tIdx.y + bDim.y * tIdx.z); }
 template <class K, class... A>
 void launch(dim3 grid, dim3 block, K kernel, A... args) {
@@ -37,6 +38,7 @@ void launch(dim3 grid, dim3 block, K kernel, A... args) {
     warp_bars.clear();
     for (unsigned w = 0; w < nwarps; ++w) warp_bars.push_back(std::make_unique<std::barrier<>>(std::min(32u, nthr - 32 * w)));
     warp_xchg.assign(nwarps * 32, 0.f);
+    warp_xchg64.assign(nwarps * 32, 0);
     std::vector<std::jthread> ts; ts.reserve(nthr);
     for (unsigned t = 0; t < nthr; ++t)
       ts.emplace_back([=] {
@@ -65,3 +67,133 @@ inline float __shfl_xor_sync(unsigned, float v, int lane_mask, int = 32) {
 inline float __expf(float x) { return std::exp(x); }
 inline float atomicAdd(float* p, float v) { return std::atomic_ref<float>(*p).fetch_add(v); }
 #define CUSIM_LAUNCH(kernel, grid, block, ...) cusim::launch(grid, block, kernel, __VA_ARGS__)
+
+// ---------------------------------------------------------------------------------------------
+// Extensions (additive): more shuffle types and forms, dynamic shared memory, vector types,
+// bf16/fp16 types with the cuda_bf16.h / cuda_fp16.h conversion names, math intrinsics.
+// Kernel headers test PLDR_CUDA_EMULATION to skip CUDA-only includes.
+// ---------------------------------------------------------------------------------------------
+#include <cstring>
+#include <cstddef>
+#include <type_traits>
+#define PLDR_CUDA_EMULATION 1
+#define __align__(n) alignas(n)
+#define __noinline__
+typedef struct CUstream_st* cudaStream_t;
+
+namespace cusim {
+// Dynamic shared memory of the running launch (`extern __shared__` has no emulated spelling:
+// kernels obtain it through dynamic_smem<T>()).
+inline std::vector<std::max_align_t> dyn_smem;
+template <class T>
+T* dynamic_smem() { return reinterpret_cast<T*>(dyn_smem.data()); }
+inline unsigned lane_id() { return linear_tid() % 32; }
+template <class T>
+T warp_exchange(T v, unsigned src_lane) {
+  static_assert(std::is_trivially_copyable_v<T> && sizeof(T) <= 8, "shuffle of a type > 8 bytes");
+  const unsigned t = linear_tid(), w = t / 32, lane = t % 32;
+  uint64_t slot = 0;
+  std::memcpy(&slot, &v, sizeof(T));
+  warp_xchg64[w * 32 + lane] = slot;
+  __syncwarp();
+  const uint64_t got = warp_xchg64[w * 32 + src_lane];
+  __syncwarp();
+  T r;
+  std::memcpy(&r, &got, sizeof(T));
+  return r;
+}
+template <class K, class... A>
+void launch_smem(dim3 grid, dim3 block, size_t smem_bytes, K kernel, A... args) {
+  dyn_smem.assign((smem_bytes + sizeof(std::max_align_t) - 1) / sizeof(std::max_align_t) + 1,
+                  std::max_align_t{});
+  launch(grid, block, kernel, args...);
+}
+}  // namespace cusim
+
+// Width < 32 splits the warp into segments of `width` lanes, as on the GPU (CUDA Programming
+// Guide, warp shuffle functions): xor may read earlier segments, but a source in a later segment
+// returns the caller's own value; idx wraps inside the segment; up/down do not cross it.
+template <class T>
+inline T __shfl_xor_sync(unsigned, T v, int lane_mask, int width = 32) {
+  const unsigned lane = cusim::lane_id();
+  unsigned src = (lane ^ unsigned(lane_mask)) & 31u;
+  if ((src & ~unsigned(width - 1)) > (lane & ~unsigned(width - 1))) src = lane;
+  return cusim::warp_exchange(v, src);
+}
+template <class T>
+inline T __shfl_sync(unsigned, T v, int src_lane, int width = 32) {
+  const unsigned lane = cusim::lane_id();
+  return cusim::warp_exchange(v, (lane & ~unsigned(width - 1)) + unsigned(src_lane) % unsigned(width));
+}
+template <class T>
+inline T __shfl_down_sync(unsigned, T v, unsigned delta, int width = 32) {
+  const unsigned lane = cusim::lane_id(), seg = lane & ~unsigned(width - 1);
+  const unsigned src = (lane - seg) + delta < unsigned(width) ? lane + delta : lane;
+  return cusim::warp_exchange(v, src);
+}
+template <class T>
+inline T __shfl_up_sync(unsigned, T v, unsigned delta, int width = 32) {
+  const unsigned lane = cusim::lane_id(), seg = lane & ~unsigned(width - 1);
+  const unsigned src = lane - seg >= delta ? lane - delta : lane;
+  return cusim::warp_exchange(v, src);
+}
+
+struct alignas(16) uint4 { unsigned x, y, z, w; };
+struct alignas(16) float4 { float x, y, z, w; };
+struct alignas(8) float2 { float x, y; };
+struct alignas(8) uint2 { unsigned x, y; };
+
+inline float __logf(float x) { return std::log(x); }
+inline float __powf(float x, float y) { return std::pow(x, y); }
+inline float exp2f(float x) { return std::exp2(x); }
+inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
+inline float __fdividef(float x, float y) { return x / y; }
+inline float __int_as_float(int i) { float f; std::memcpy(&f, &i, 4); return f; }
+inline int __float_as_int(float f) { int i; std::memcpy(&i, &f, 4); return i; }
+template <class T>
+inline T __ldg(const T* p) { return *p; }
+inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
+inline int atomicAdd(int* p, int v) { return std::atomic_ref<int>(*p).fetch_add(v); }
+inline unsigned atomicAdd(unsigned* p, unsigned v) { return std::atomic_ref<unsigned>(*p).fetch_add(v); }
+
+// bf16 / fp16 storage types with round-to-nearest-even conversions (as __float2bfloat16 /
+// __float2half do on the GPU).
+struct __nv_bfloat16 { uint16_t bits; };
+struct __half { uint16_t bits; };
+inline float __bfloat162float(__nv_bfloat16 h) {
+  const uint32_t u = uint32_t(h.bits) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+inline __nv_bfloat16 __float2bfloat16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if (std::isnan(f)) return __nv_bfloat16{uint16_t((u >> 16) | 0x40)};
+  u += 0x7FFFu + ((u >> 16) & 1u);
+  return __nv_bfloat16{uint16_t(u >> 16)};
+}
+inline float __half2float(__half h) {
+  _Float16 x;
+  std::memcpy(&x, &h.bits, 2);
+  return float(x);
+}
+inline __half __float2half(float f) {
+  const _Float16 x = static_cast<_Float16>(f);  // IEEE round-to-nearest-even
+  __half h;
+  std::memcpy(&h.bits, &x, 2);
+  return h;
+}
+#define CUSIM_LAUNCH_SMEM(kernel, grid, block, smem_bytes, ...) \
+  cusim::launch_smem(grid, block, smem_bytes, kernel, __VA_ARGS__)
+// CUDA's global integer/float min and max overloads.
+inline int min(int a, int b) { return a < b ? a : b; }
+inline int max(int a, int b) { return a > b ? a : b; }
+inline unsigned min(unsigned a, unsigned b) { return a < b ? a : b; }
+inline unsigned max(unsigned a, unsigned b) { return a > b ? a : b; }
+inline long long min(long long a, long long b) { return a < b ? a : b; }
+inline long long max(long long a, long long b) { return a > b ? a : b; }
+inline long min(long a, long b) { return a < b ? a : b; }
+inline long max(long a, long b) { return a > b ? a : b; }
+inline float min(float a, float b) { return std::fmin(a, b); }
+inline float max(float a, float b) { return std::fmax(a, b); }
