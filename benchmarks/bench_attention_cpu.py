@@ -4,42 +4,30 @@ Prints a table of median times and the ratios the issue asks for (run as a scrip
   (a) prefill, causal:  g_attention vs torch SDPA on the pre-multiplied query (SDPA alone, and q·G + SDPA)
       and vs the eager formulation (reference.g_attention in fp32: matmul, mask, softmax, matmul);
   (b) decode, 1 new token over a long cache: g_attention_decode vs SDPA on the same cache.
-Contestants are interleaved round by round (the machine is shared), after a warm-up; medians of repeats.
+Contestants are interleaved round by round in a rotating order (the machine is shared), after a
+warm-up; medians of repeats (pldr_kernels.bench.timing).
 
     .venv/bin/python benchmarks/bench_attention_cpu.py [--threads 2] [--rounds 15] [--seq 1024] [--cache 4096]
 """
 from __future__ import annotations
 
 import argparse
-import math
 import platform
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
 import pldr_kernels  # noqa: F401  (loads torch.ops.pldr)
 from pldr_kernels import reference
+from pldr_kernels.bench.inputs import random_g
+from pldr_kernels.bench.timing import Clock, measure_interleaved
 
 
 def time_interleaved(contestants: dict, rounds: int, inner: int, warmup: int = 3) -> dict:
     """Median seconds per call of each contestant; each round runs every contestant `inner` times."""
-    for fn in contestants.values():
-        for _ in range(warmup):
-            fn()
-    samples = {name: [] for name in contestants}
-    for _ in range(rounds):
-        for name, fn in contestants.items():
-            t0 = time.perf_counter()
-            for _ in range(inner):
-                fn()
-            samples[name].append((time.perf_counter() - t0) / inner)
-    return {name: statistics.median(s) for name, s in samples.items()}
-
-
-def random_g(B, H, d):
-    return (torch.eye(d) + 0.3 * torch.randn(B, H, d, d) / math.sqrt(d)).float()
+    measured = measure_interleaved(contestants, Clock("cpu"), warmup=warmup, repeats=rounds,
+                                   inner=inner)
+    return {name: m.stats["p50"] / 1e3 for name, m in measured.items()}
 
 
 def bench_prefill(B, S, H, d, rounds):

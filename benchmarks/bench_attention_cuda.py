@@ -4,8 +4,9 @@ explicitly, plus SDPA alone for reference. H=14, d=64, bf16, causal (PLDR-LLM v5
 
     python benchmarks/bench_attention_cuda.py --json OUT.json [--quick] [--reps 30]
 
-Timing: CUDA events around each call, candidates interleaved call by call within a configuration
-so clock and thermal drift hit all of them alike; median (and p20/p80) over the repetitions.
+Timing: CUDA events around each call, candidates interleaved call by call (in a rotating order)
+within a configuration so clock and thermal drift hit all of them alike; median (and p20/p80) over
+the repetitions (pldr_kernels.bench.timing).
 Reports ratios against the best SDPA path measured in the same run. Needs a CUDA device and the
 extension built with CUDA kernels; nothing here is meaningful on a CPU.
 """
@@ -14,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import statistics
 import sys
 import time
 
@@ -24,6 +24,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import pldr_kernels  # noqa: F401  (torch.ops.pldr)
 from pldr_kernels import reference
+from pldr_kernels.bench.timing import Clock, median_bands_ms
 
 H, D, DTYPE = 14, 64, torch.bfloat16
 BATCHES = (1, 2, 4, 8, 16)
@@ -60,25 +61,9 @@ def sdpa_call(q, k, v, G, backend, with_gemm):
 
 
 def time_interleaved(calls: dict, reps: int, warmup: int = 3) -> dict:
-    for fn in calls.values():
-        for _ in range(warmup):
-            fn()
-    torch.cuda.synchronize()
-    events = {name: [] for name in calls}
-    for _ in range(reps):
-        for name, fn in calls.items():
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            events[name].append((start, end))
-    torch.cuda.synchronize()
-    result = {}
-    for name, pairs in events.items():
-        ms = sorted(s.elapsed_time(e) for s, e in pairs)
-        q = statistics.quantiles(ms, n=10) if len(ms) >= 2 else ms * 9
-        result[name] = {"median_ms": statistics.median(ms), "p20_ms": q[1], "p80_ms": q[7]}
-    return result
+    """Per-call CUDA-event times (inner=1: every sample is one call, as in earlier runs),
+    interleaved in a rotating order; median and p20/p80 per call, in ms."""
+    return median_bands_ms(calls, Clock("cuda"), reps, warmup=warmup, inner=1)
 
 
 def usable(fn) -> str | None:

@@ -13,15 +13,15 @@ models), and caches whose K+V exceed 256 MB (bandwidth regime).
 metric_tensors: the fused kernels against the eager PyTorch metric learner
 (reference.metric_tensors in fp32 on CUDA) at B=1, S=1024, H=14, d=64, bf16 and fp32 queries.
 
-Timing: CUDA events around each call, candidates interleaved call by call so clock and thermal
-drift hit them alike; median and p20/p80 over the repetitions.
+Timing: CUDA events around each call, candidates interleaved call by call (in a rotating order)
+so clock and thermal drift hit them alike; median and p20/p80 over the repetitions
+(pldr_kernels.bench.timing).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
-import statistics
 import sys
 import time
 
@@ -30,30 +30,16 @@ import torch.nn.functional as F
 
 import pldr_kernels  # noqa: F401  (torch.ops.pldr)
 from pldr_kernels import reference
+from pldr_kernels.bench.inputs import make_metric_weights, metric_args
+from pldr_kernels.bench.timing import Clock, median_bands_ms
 
 H, D = 14, 64
 
 
 def time_interleaved(calls: dict, reps: int, warmup: int = 5) -> dict:
-    for fn in calls.values():
-        for _ in range(warmup):
-            fn()
-    torch.cuda.synchronize()
-    events = {name: [] for name in calls}
-    for _ in range(reps):
-        for name, fn in calls.items():
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            events[name].append((start, end))
-    torch.cuda.synchronize()
-    result = {}
-    for name, pairs in events.items():
-        ms = sorted(s.elapsed_time(e) for s, e in pairs)
-        q = statistics.quantiles(ms, n=10) if len(ms) >= 2 else ms * 9
-        result[name] = {"median_ms": statistics.median(ms), "p20_ms": q[1], "p80_ms": q[7]}
-    return result
+    """Per-call CUDA-event times (inner=1: every sample is one call, as in earlier runs),
+    interleaved in a rotating order; median and p20/p80 per call, in ms."""
+    return median_bands_ms(calls, Clock("cuda"), reps, warmup=warmup, inner=1)
 
 
 def copy_bandwidth(reps: int, nbytes: int = 1 << 30) -> dict:
@@ -108,7 +94,6 @@ def bench_decode(B, Smax, dtype, reps, copy_gbs):
 
 
 def bench_metric(B, S, dtype, reps):
-    from testing import make_metric_weights, metric_args  # tests/ helpers (realistic weights)
     w = make_metric_weights(d=D, H=H, device="cuda")
     args = metric_args(w)
     q = torch.randn(B, S, H, D, device="cuda").to(dtype)
@@ -137,8 +122,6 @@ def main(argv=None):
         ap.error("give the JSON output path (OUT or --json OUT)")
     if not torch.cuda.is_available():
         sys.exit("bench_decode_metric_cuda.py needs a CUDA device")
-    import os
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
               "cuda": torch.version.cuda, "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
               "reps": args.reps, "copy": copy_bandwidth(args.reps), "results": []}

@@ -14,16 +14,13 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
-from testing import make_metric_weights, metric_args  # noqa: E402
-
-import pldr_kernels  # noqa: E402,F401  (loads torch.ops.pldr)
-from pldr_kernels import reference  # noqa: E402
+import pldr_kernels  # noqa: F401  (loads torch.ops.pldr)
+from pldr_kernels import reference
+from pldr_kernels.bench.inputs import make_metric_weights, metric_args
 
 
 def time_once(fn):

@@ -14,6 +14,7 @@ import time
 import torch
 
 from pldr_kernels import PLDRConfig, PLDRForCausalLM
+from pldr_kernels.bench.timing import Clock
 from pldr_kernels.reference_model import ReferencePLDR
 
 CONFIGS = {
@@ -21,12 +22,6 @@ CONFIGS = {
     "tiny": PLDRConfig(vocab_size=256, hidden_size=128, intermediate_size=341,
                        num_hidden_layers=2, num_attention_heads=2, num_reslayerA=2),
 }
-
-
-def timed(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
 
 
 def timed_generate(model, ids, new_tokens: int, cache: str):
@@ -68,6 +63,7 @@ def main() -> None:
     print(f"config={args.config} threads={args.threads} B={args.batch} prompt={args.prompt} "
           f"new={args.new} cache={args.cache} torch={torch.__version__}")
 
+    clock = Clock("cpu")
     results = {name: {"forward": [], "prefill": [], "decode": []} for name in contestants}
     with torch.inference_mode():
         for name, m in contestants.items():  # warm-up
@@ -76,7 +72,7 @@ def main() -> None:
         for _ in range(args.repeats):
             for name, m in contestants.items():
                 r = results[name]
-                r["forward"].append(timed(lambda: m(ids)))
+                r["forward"].append(clock.time_ms(lambda: m(ids)) / 1e3)
                 t_prefill, t_step = timed_generate(m, ids, args.new, args.cache)
                 r["prefill"].append(t_prefill)
                 r["decode"].append(t_step)

@@ -140,26 +140,38 @@ def g_attention(q: Tensor, k: Tensor, v: Tensor, G: Optional[Tensor] = None,
     ``causal`` is bottom-right aligned (query i sees keys j ≤ i + Sk − Sq). ``key_mask [B,Sk]``:
     True = attend. A query row with no visible key gives out = 0 and lse = −inf.
     """
-    B, Sq, H, d = q.shape
-    Sk = k.shape[1]
+    d = q.shape[-1]
     ct = compute_dtype(q, k, G)
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     qt = apply_g(q, G).permute(0, 2, 1, 3)  # [B,H,Sq,d]
     kt = k.to(ct).permute(0, 2, 1, 3)
     vt = v.to(ct).permute(0, 2, 1, 3)
     scores = torch.matmul(qt, kt.transpose(-1, -2)) * scale  # [B,H,Sq,Sk]
-    visible = torch.ones(B, 1, Sq, Sk, dtype=torch.bool, device=q.device)
+    p, lse = masked_softmax(scores, key_mask, causal)
+    out = torch.matmul(p, vt).permute(0, 2, 1, 3)
+    return out.to(q.dtype).contiguous(), lse.to(torch.float32)
+
+
+def masked_softmax(scores: Tensor, key_mask: Optional[Tensor] = None,
+                   causal: bool = False) -> Tuple[Tensor, Tensor]:
+    """Softmax of ``scores [B,H,Sq,Sk]`` over the visible keys, and its log-sum-exp ``[B,H,Sq]``.
+
+    Visibility as in ``g_attention``: ``causal`` bottom-right aligned, ``key_mask [B,Sk]`` True =
+    attend. A row with no visible key gives p = 0 and lse = −inf.
+    """
+    B, _, Sq, Sk = scores.shape
+    device = scores.device
+    visible = torch.ones(B, 1, Sq, Sk, dtype=torch.bool, device=device)
     if causal:
-        i = torch.arange(Sq, device=q.device)[:, None]
-        j = torch.arange(Sk, device=q.device)[None, :]
+        i = torch.arange(Sq, device=device)[:, None]
+        j = torch.arange(Sk, device=device)[None, :]
         visible = visible & (j <= i + (Sk - Sq))
     if key_mask is not None:
         visible = visible & key_mask[:, None, None, :].bool()
     scores = scores.masked_fill(~visible, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)  # -inf where nothing is visible
     p = torch.exp(scores - torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)[..., None])
-    out = torch.matmul(p, vt).permute(0, 2, 1, 3)
-    return out.to(q.dtype).contiguous(), lse.to(torch.float32)
+    return p, lse
 
 
 def g_attention_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor,

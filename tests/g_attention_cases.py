@@ -19,21 +19,11 @@ def same_dtype_attention(q, k, v, G=None, key_mask=None, causal=False, scale=Non
     softmax in fp32, P rounded to the dtype, P·V as a dtype matmul.
     """
     dt = q.dtype
-    B, Sq, H, d = q.shape
-    Sk = k.shape[1]
+    d = q.shape[-1]
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     qt = reference.apply_g(q, G).to(dt).permute(0, 2, 1, 3)
     scores = torch.matmul(qt, k.permute(0, 2, 3, 1)).float() * scale
-    visible = torch.ones(B, 1, Sq, Sk, dtype=torch.bool, device=q.device)
-    if causal:
-        i = torch.arange(Sq, device=q.device)[:, None]
-        j = torch.arange(Sk, device=q.device)[None, :]
-        visible = visible & (j <= i + (Sk - Sq))
-    if key_mask is not None:
-        visible = visible & key_mask[:, None, None, :]
-    scores = scores.masked_fill(~visible, float("-inf"))
-    lse = torch.logsumexp(scores, dim=-1)
-    p = torch.exp(scores - torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)[..., None])
+    p, lse = reference.masked_softmax(scores, key_mask, causal)
     out = torch.matmul(p.to(dt), v.permute(0, 2, 1, 3)).permute(0, 2, 1, 3)
     return out, lse
 

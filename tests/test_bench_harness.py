@@ -12,7 +12,8 @@ from pldr_kernels.bench import ops_suite, report
 from pldr_kernels.bench.agreement import DisagreementError, check_agreement
 from pldr_kernels.bench.contestants import Contestant
 from pldr_kernels.bench.memory import peak_extra_bytes
-from pldr_kernels.bench.timing import Clock, Progress, measure_interleaved, percentile, summarize
+from pldr_kernels.bench.timing import (Clock, Measurement, Progress, measure_interleaved,
+                                      percentile, summarize)
 
 TINY_MODEL = ["num_hidden_layers=1", "hidden_size=128", "num_attention_heads=2",
               "intermediate_size=64", "vocab_size=64", "A_dff=16", "num_reslayerA=1",
@@ -50,6 +51,21 @@ def test_measure_interleaved_round_robin_and_counts():
     rounds = [timed[i:i + 3] for i in range(0, len(timed), 3)]
     assert [r[0] for r in rounds] == ["a", "b", "c", "a", "b", "c"]  # the order rotates
     assert all(sorted(r) == ["a", "b", "c"] for r in rounds)         # everyone once per round
+
+
+def test_fixed_inner_skips_calibration():
+    calls = []
+    result = measure_interleaved({"a": lambda: calls.append("a")}, Clock("cpu"), warmup=1,
+                                 repeats=3, min_sample_ms=1e9, inner=4)
+    assert result["a"].inner == 4 and len(result["a"].samples_ms) == 3
+    assert len(calls) == 1 + 3 * 4  # warm-up, then 4 calls per sample and no calibration calls
+
+
+def test_median_band_uses_the_shared_percentiles():
+    m = Measurement([5.0, 1.0, 4.0, 2.0, 3.0], inner=1)
+    assert m.median_band_ms() == {"median_ms": 3.0, "p20_ms": percentile(m.samples_ms, 20),
+                                  "p80_ms": percentile(m.samples_ms, 80)}
+    assert m.median_band_ms()["p20_ms"] == pytest.approx(1.8)
 
 
 def test_calibration_batches_tiny_calls():

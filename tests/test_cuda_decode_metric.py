@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 
+from decode_cases import assert_decode_matches_reference, peer_same_dtype
 from pldr_kernels import reference
 from testing import (METRIC_WEIGHT_ORDER, assert_close_to_reference, make_metric_weights,
                      metric_args, random_g)
@@ -37,26 +38,6 @@ def i32(values):
     return torch.tensor(values, dtype=torch.int32, device=DEV)
 
 
-def peer_same_dtype(q, k_cache, v_cache, lens, Sn, appending, starts, G, scale):
-    """The HF-eager way in q's dtype (q̃ cast to the dtype, fp32 softmax): the low-precision peer."""
-    B = q.shape[0]
-    out = torch.empty_like(q)
-    for b in range(B):
-        end = lens[b] + (Sn if appending else 0)
-        s0 = starts[b]
-        Gb = None if G is None else G[b if G.shape[0] > 1 else 0][None]
-        qt = reference.apply_g(q[b:b + 1], Gb).to(q.dtype).permute(0, 2, 1, 3)
-        k = k_cache[b:b + 1, s0:end].permute(0, 2, 1, 3)
-        v = v_cache[b:b + 1, s0:end].permute(0, 2, 1, 3)
-        scores = torch.matmul(qt, k.transpose(-1, -2)) * scale
-        i = torch.arange(Sn, device=q.device)[:, None]
-        j = torch.arange(end - s0, device=q.device)[None, :]
-        scores = scores.masked_fill(j > i + (end - s0 - Sn), float("-inf"))
-        p = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-        out[b] = torch.matmul(p, v).permute(0, 2, 1, 3)[0]
-    return out
-
-
 def check_decode(dtype, d, H, Smax, Sn, append, starts, g_mode, splits, lens):
     B = len(lens)
     q = torch.randn(B, Sn, H, d, device=DEV).to(dtype)
@@ -72,16 +53,8 @@ def check_decode(dtype, d, H, Smax, Sn, append, starts, g_mode, splits, lens):
     kc_ref, vc_ref = k_cache.clone(), v_cache.clone()
     reference.g_attention_decode(q, kc_ref, vc_ref, i32(lens), k_new, v_new, starts_t, G)
     assert torch.equal(kc, kc_ref) and torch.equal(vc, vc_ref)
-    ref64 = reference.g_attention_decode(
-        q.double(), k_cache.double(), v_cache.double(), i32(lens),
-        None if k_new is None else k_new.double(), None if v_new is None else v_new.double(),
-        starts_t, None if G is None else G.double())
-    if dtype == torch.float32:
-        assert_close_to_reference(out, ref64)
-    else:
-        peer = peer_same_dtype(q, kc_ref, vc_ref, lens, Sn, append, starts or [0] * B, G,
-                               1.0 / math.sqrt(d))
-        assert_close_to_reference(out, ref64, peer=peer)
+    assert_decode_matches_reference(out, q, k_cache, v_cache, lens, k_new, v_new, starts, G,
+                                    kc_ref, vc_ref)
     return out
 
 

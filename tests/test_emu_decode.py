@@ -10,32 +10,12 @@ import math
 import pytest
 import torch
 
+from decode_cases import assert_decode_matches_reference, peer_same_dtype
 from emu_common import DTYPE_CODE, from_raw, raw_spec, run, skip_without_compiler, to_raw
 from pldr_kernels import reference
 from testing import assert_close_to_reference, random_g
 
 pytestmark = [pytest.mark.emulation, skip_without_compiler]
-
-
-def peer_same_dtype(q, k_cache, v_cache, lens, Sn, appending, starts, G, scale):
-    """What a user would do in q's dtype (HF eager style): q̃ = q·G in fp32 cast to the dtype,
-    scores and P·V in the dtype, softmax in fp32 — the peer of the low-precision tolerance rule."""
-    B, _, H, d = q.shape
-    out = torch.empty_like(q)
-    for b in range(B):
-        end = lens[b] + (Sn if appending else 0)
-        s0 = starts[b]
-        Gb = None if G is None else G[b if G.shape[0] > 1 else 0][None]
-        qt = reference.apply_g(q[b:b + 1], Gb).to(q.dtype).permute(0, 2, 1, 3)
-        k = k_cache[b:b + 1, s0:end].permute(0, 2, 1, 3)
-        v = v_cache[b:b + 1, s0:end].permute(0, 2, 1, 3)
-        scores = torch.matmul(qt, k.transpose(-1, -2)) * scale
-        i = torch.arange(Sn)[:, None]
-        j = torch.arange(end - s0)[None, :]
-        scores = scores.masked_fill(j > i + (end - s0 - Sn), float("-inf"))
-        p = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-        out[b] = torch.matmul(p, v).permute(0, 2, 1, 3)[0]
-    return out
 
 
 def run_decode(q, k_cache, v_cache, lens, k_new=None, v_new=None, starts=None, G=None,
@@ -109,18 +89,8 @@ def test_decode_matches_reference(case):
     assert torch.equal(vc.view(torch.int16 if dtype != torch.float32 else dtype),
                        vc_ref.view(torch.int16 if dtype != torch.float32 else dtype))
 
-    lens_t = torch.tensor(lens, dtype=torch.int32)
-    starts_t = None if starts is None else torch.tensor(starts, dtype=torch.int32)
-    ref64 = reference.g_attention_decode(
-        q.double(), k_cache.double(), v_cache.double(), lens_t,
-        None if k_new is None else k_new.double(), None if v_new is None else v_new.double(),
-        starts_t, None if G is None else G.double())
-    if dtype == torch.float32:
-        assert_close_to_reference(out, ref64)
-    else:
-        peer = peer_same_dtype(q, kc_ref, vc_ref, lens, Sn, append, starts or [0] * B, G,
-                               1.0 / math.sqrt(d))
-        assert_close_to_reference(out, ref64, peer=peer)
+    assert_decode_matches_reference(out, q, k_cache, v_cache, lens, k_new, v_new, starts, G,
+                                    kc_ref, vc_ref)
 
 
 @pytest.mark.parametrize("splits", [1, 3])

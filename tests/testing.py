@@ -1,12 +1,14 @@
 """Shared test helpers: tolerance rule of DESIGN.md §4, realistic inputs and weights."""
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
 
 import pldr_kernels  # noqa: F401  (loads torch.ops.pldr)
+# Realistic inputs live in the package (the benchmark uses them too); re-exported for the tests.
+from pldr_kernels.bench.inputs import (  # noqa: F401
+    METRIC_WEIGHT_ORDER, make_metric_weights, metric_args, random_g)
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 FP32_REL_TOL = 1e-5
@@ -48,42 +50,3 @@ def assert_close_to_reference(out: torch.Tensor, ref64: torch.Tensor,
                           for i in idx.tolist())
         raise AssertionError(f"{name}: max abs error {err:.3e} > bound {bound:.3e} ({detail}); "
                              f"worst: {worst}")
-
-
-def make_metric_weights(d: int = 64, H: int = 2, R: int = 8, Gd: int = 2, F: int = 170,
-                        device="cpu", generator: Optional[torch.Generator] = None) -> dict:
-    """fp32 metric-learner + PLGA weights in the packed layout of DESIGN §3.1.
-
-    Linear weights are xavier-uniform like the authors' init; LayerNorm affines near (1, 0); the
-    power exponents pw spread over both signs so the power stage is exercised (spec §5.1).
-    """
-    def u(shape, bound):
-        return (torch.rand(shape, generator=generator) * 2 - 1) * bound
-
-    xav_in = math.sqrt(6.0 / (d + F))
-    xav_sq = math.sqrt(6.0 / (2 * d))
-    w = dict(
-        ln0_w=1 + 0.1 * u((d,), 1), ln0_b=0.1 * u((d,), 1),
-        w1=u((R, Gd, F, d), xav_in), b1=0.05 * u((R, Gd, F), 1),
-        w2=u((R, Gd, F, d), xav_in), b2=0.05 * u((R, Gd, F), 1),
-        w3=u((R, Gd, d, F), xav_in), b3=0.05 * u((R, Gd, d), 1),
-        lnA_w=1 + 0.1 * u((R, d), 1), lnA_b=0.1 * u((R, d), 1),
-        W=u((H, d, d), xav_sq), b=0.1 * u((H, d, d), 1),
-        pw=u((H, d, d), 1.0), a=u((H, d, d), xav_sq), ba=0.1 * u((H, d, d), 1),
-    )
-    return {k: v.to(device=device, dtype=torch.float32) for k, v in w.items()}
-
-
-METRIC_WEIGHT_ORDER = ("ln0_w", "ln0_b", "w1", "b1", "w2", "b2", "w3", "b3", "lnA_w", "lnA_b", "W",
-                       "b", "pw", "a", "ba")
-
-
-def metric_args(weights: dict, dtype=None) -> list:
-    """Weights in the positional order of pldr::metric_tensors (after q, q_mask)."""
-    return [weights[k] if dtype is None else weights[k].to(dtype) for k in METRIC_WEIGHT_ORDER]
-
-
-def random_g(B: int, H: int, d: int, device="cpu") -> torch.Tensor:
-    """A well-conditioned G near the identity, as learned G_LM tends to be in scale."""
-    return (torch.eye(d, device=device) + 0.3 * torch.randn(B, H, d, d, device=device) / math.sqrt(d)
-            ).float()

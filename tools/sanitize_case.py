@@ -1,14 +1,10 @@
 """Small CUDA case for compute-sanitizer (memcheck, racecheck): each op once on awkward shapes,
 compared with the CPU kernels so a sanitizer run also catches wrong results."""
-import sys
-
 import torch
 
 import pldr_kernels  # noqa: F401
 from pldr_kernels import ops
-
-sys.path.insert(0, "tests")
-from testing import make_metric_weights, metric_args  # noqa: E402
+from pldr_kernels.bench.inputs import make_metric_weights, metric_args
 
 
 def close(a, b, tol):

@@ -176,9 +176,9 @@ def attention_contestants(op: str, q, k, v, G, causal: bool, k_cache=None, v_cac
 def metric_contestants(q, weights: Dict[str, torch.Tensor]) -> List[Contestant]:
     """``pldr_kernels`` against ``reference.metric_tensors`` — which *is* the authors' eager
     formulation (an ``F.linear`` per SwiGLU, fp32), so there is no separate eager row."""
-    from .inputs import METRIC_WEIGHT_ORDER
+    from .inputs import metric_args
 
-    args = [weights[name] for name in METRIC_WEIGHT_ORDER]
+    args = metric_args(weights)
     missing = pldr_kernel_missing("metric_tensors", q.device)
     return [
         Contestant("pldr_kernels", None if missing else

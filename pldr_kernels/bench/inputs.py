@@ -1,7 +1,8 @@
-"""Benchmark inputs: random activations, a G near the identity, packed metric-learner weights.
+"""Realistic inputs: random activations, a G near the identity, packed metric-learner weights.
 
-Same distributions as tests/testing.py (``random_g``, ``make_metric_weights``): the benchmark must
-run the kernels on data like the tests' and the model's, not on degenerate values.
+The one definition used by the benchmark harness, the benchmark scripts and the tests
+(tests/testing.py re-exports these): the benchmark must run the kernels on data like the tests'
+and the model's, not on degenerate values.
 """
 from __future__ import annotations
 
@@ -18,6 +19,10 @@ A_DFF, NUM_RESLAYER_A, NUM_DENSE_A = 170, 8, 2
 
 
 def random_g(B: int, H: int, d: int, device="cpu", generator=None) -> torch.Tensor:
+    """A well-conditioned fp32 G near the identity, as learned G_LM tends to be in scale.
+
+    Drawn on the CPU (from ``generator``, else the global CPU RNG) and then moved, so a seed gives
+    the same G on every device."""
     noise = torch.randn(B, H, d, d, generator=generator).to(device)
     return (torch.eye(d, device=device) + 0.3 * noise / math.sqrt(d)).float()
 
@@ -25,7 +30,11 @@ def random_g(B: int, H: int, d: int, device="cpu", generator=None) -> torch.Tens
 def make_metric_weights(d: int = 64, H: int = 14, R: int = NUM_RESLAYER_A, Gd: int = NUM_DENSE_A,
                         F: int = A_DFF, device="cpu",
                         generator: Optional[torch.Generator] = None) -> Dict[str, torch.Tensor]:
-    """fp32 weights in the packed layout of DESIGN §3.1 (xavier-uniform linears, both signs of pw)."""
+    """fp32 metric-learner + PLGA weights in the packed layout of DESIGN §3.1.
+
+    Linear weights are xavier-uniform like the authors' init; LayerNorm affines near (1, 0); the
+    power exponents pw spread over both signs so the power stage is exercised (spec §5.1).
+    """
     def u(shape, bound):
         return (torch.rand(shape, generator=generator) * 2 - 1) * bound
 
@@ -41,6 +50,11 @@ def make_metric_weights(d: int = 64, H: int = 14, R: int = NUM_RESLAYER_A, Gd: i
         pw=u((H, d, d), 1.0), a=u((H, d, d), xav_sq), ba=0.1 * u((H, d, d), 1),
     )
     return {k: v.to(device=device, dtype=torch.float32) for k, v in w.items()}
+
+
+def metric_args(weights: Dict[str, torch.Tensor], dtype=None) -> list:
+    """Weights in the positional order of pldr::metric_tensors (after q, q_mask)."""
+    return [weights[k] if dtype is None else weights[k].to(dtype) for k in METRIC_WEIGHT_ORDER]
 
 
 def randn(shape, dtype, device, generator) -> torch.Tensor:

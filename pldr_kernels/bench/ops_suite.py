@@ -18,7 +18,8 @@ from .. import reference
 from .agreement import check_agreement
 from .contestants import (Contestant, attention_contestants, metric_contestants,
                           timed_first_call)
-from .inputs import A_DFF, NUM_DENSE_A, NUM_RESLAYER_A, make_metric_weights, randn, random_g
+from .inputs import (A_DFF, NUM_DENSE_A, NUM_RESLAYER_A, make_metric_weights, metric_args, randn,
+                     random_g)
 from .memory import peak_extra_bytes
 from .timing import Clock, Progress, measure_interleaved
 
@@ -166,9 +167,7 @@ def prepare(case: OpCase, device: torch.device, cfg: OpsConfig, seed: int = 0) -
     if case.op == "metric_tensors":
         q = randn((B, case.S, H, d), dtype, device, gen)
         weights = {k: w.to(device) for k, w in make_metric_weights(d, H, generator=gen).items()}
-        from .inputs import METRIC_WEIGHT_ORDER
-        oracle = reference.metric_tensors(q.double(), None,
-                                          *[weights[n].double() for n in METRIC_WEIGHT_ORDER])
+        oracle = reference.metric_tensors(q.double(), None, *metric_args(weights, torch.float64))
         # The power stage amplifies fp32 rounding (spec §5.1): judge by 2x the fp32 reference's
         # own error, the rule for math PyTorch itself cannot do to 1e-5.
         return PreparedCase(metric_contestants(q, weights), oracle, "reference")

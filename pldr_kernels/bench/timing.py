@@ -83,6 +83,12 @@ class Measurement:
     def stats(self) -> Dict[str, float]:
         return summarize(self.samples_ms)
 
+    def median_band_ms(self) -> Dict[str, float]:
+        """``{"median_ms", "p20_ms", "p80_ms"}``: the fields of the CUDA benchmark scripts' JSON."""
+        return {"median_ms": percentile(self.samples_ms, 50),
+                "p20_ms": percentile(self.samples_ms, 20),
+                "p80_ms": percentile(self.samples_ms, 80)}
+
 
 def calibrate_inner(clock: Clock, fn: Callable[[], object], min_sample_ms: float,
                     max_inner: int = 1000) -> int:
@@ -97,26 +103,36 @@ def calibrate_inner(clock: Clock, fn: Callable[[], object], min_sample_ms: float
 
 def measure_interleaved(contestants: Dict[str, Callable[[], object]], clock: Clock,
                         warmup: int = 2, repeats: int = 10, min_sample_ms: float = 1.0,
-                        progress: Optional["Progress"] = None) -> Dict[str, Measurement]:
+                        progress: Optional["Progress"] = None,
+                        inner: Optional[int] = None) -> Dict[str, Measurement]:
     """Time every contestant ``repeats`` times, round-robin, after ``warmup`` calls each.
 
     The order rotates each repeat so no contestant always runs right after the same neighbour
-    (caches, turbo states and allocator reuse then favour nobody systematically).
+    (caches, turbo states and allocator reuse then favour nobody systematically). ``inner`` fixes
+    the calls per sample for every contestant instead of calibrating it from ``min_sample_ms``.
     """
     names = list(contestants)
     for _ in range(warmup):
         for name in names:
             contestants[name]()
     clock.synchronize()
-    inner = {name: calibrate_inner(clock, contestants[name], min_sample_ms) for name in names}
+    inner_of = {name: inner or calibrate_inner(clock, contestants[name], min_sample_ms)
+                for name in names}
     samples: Dict[str, List[float]] = {name: [] for name in names}
     for rep in range(repeats):
         shift = rep % len(names)
         for name in names[shift:] + names[:shift]:
-            samples[name].append(clock.time_ms(contestants[name], inner[name]))
+            samples[name].append(clock.time_ms(contestants[name], inner_of[name]))
         if progress is not None:
             progress.update(1)
-    return {name: Measurement(samples[name], inner[name]) for name in names}
+    return {name: Measurement(samples[name], inner_of[name]) for name in names}
+
+
+def median_bands_ms(contestants: Dict[str, Callable[[], object]], clock: Clock, repeats: int,
+                    warmup: int = 2, inner: Optional[int] = None) -> Dict[str, Dict[str, float]]:
+    """``measure_interleaved``, each contestant summarised by ``Measurement.median_band_ms``."""
+    measured = measure_interleaved(contestants, clock, warmup=warmup, repeats=repeats, inner=inner)
+    return {name: m.median_band_ms() for name, m in measured.items()}
 
 
 class Progress:
