@@ -30,9 +30,9 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 // ------------------------------------------------------------------------------------------------
 template <typename T>
 inline void load_row_as_float(const T* src, float* dst, int64_t n) {
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) simd::store(dst + i, simd::load_as_f32(src + i));
-  for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+  const int64_t vector_end = n - n % kLanes;
+  for (int64_t i = 0; i < vector_end; i += kLanes) simd::store(dst + i, simd::load_as_f32(src + i));
+  for (int64_t i = vector_end; i < n; ++i) dst[i] = static_cast<float>(src[i]);
 }
 
 inline void scale_in_place(float* x, int64_t n, float factor) {
@@ -80,6 +80,7 @@ inline float exp2_shifted_in_place(float* x, int64_t n, float shift) {
 // 16x16 transpose (AVX-512 only; its one user, pack_transposed, has a scalar loop otherwise).
 // ------------------------------------------------------------------------------------------------
 #ifdef PLDR_SIMD_AVX512
+PLDR_SIMD_BEGIN_INTRINSICS
 // In-register transpose of a 16x16 fp32 block (r[i] = row i in, column i out).
 [[gnu::always_inline]] inline void transpose16x16(__m512 r[16]) {
   __m512 t[16];
@@ -108,6 +109,7 @@ inline float exp2_shifted_in_place(float* x, int64_t n, float shift) {
     r[12 + i] = _mm512_shuffle_f32x4(t[4 + i], t[12 + i], 0xdd);
   }
 }
+PLDR_SIMD_END_INTRINSICS
 #endif
 
 // ------------------------------------------------------------------------------------------------

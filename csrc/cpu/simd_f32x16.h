@@ -16,13 +16,20 @@
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #define PLDR_SIMD_AVX512 1
-// GCC 12's _mm512_reduce_* and masked intrinsics start from _mm512_undefined_ps(), which trips
-// -Wmaybe-uninitialized at every inlined use; the value is fully defined.
-#if defined(__GNUC__) && !defined(__clang__)
-#define PLDR_SIMD_SILENCE_UNDEFINED_VECTOR_WARNING 1
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #endif
+
+// GCC 12's AVX-512 intrinsics (roundscale, scalef, reductions, unpack / shuffle, ...) start from
+// _mm512_undefined_ps(), which trips -W(maybe-)uninitialized at every inlined use; the value is
+// fully defined. Code that calls such intrinsics sits between these two.
+#if defined(__GNUC__) && !defined(__clang__)
+#define PLDR_SIMD_BEGIN_INTRINSICS                                    \
+  _Pragma("GCC diagnostic push")                                      \
+  _Pragma("GCC diagnostic ignored \"-Wuninitialized\"")               \
+  _Pragma("GCC diagnostic ignored \"-Wmaybe-uninitialized\"")
+#define PLDR_SIMD_END_INTRINSICS _Pragma("GCC diagnostic pop")
+#else
+#define PLDR_SIMD_BEGIN_INTRINSICS
+#define PLDR_SIMD_END_INTRINSICS
 #endif
 
 namespace pldr {
@@ -37,6 +44,7 @@ constexpr int kLanes = 16;
 #define PLDR_UNROLL _Pragma("GCC unroll 32")
 
 #if defined(__AVX512F__)
+PLDR_SIMD_BEGIN_INTRINSICS
 
 using f32x16 = __m512;
 
@@ -131,6 +139,7 @@ PLDR_SIMD_INLINE f32x16 exp2(f32x16 x) {
                              times_pow2(polynomial(f, kTaylorExp2), n));
 }
 
+PLDR_SIMD_END_INTRINSICS
 #else  // portable fallback
 
 // Everything here is force-inlined, so the ABI note about 64-byte vector arguments is moot.
@@ -206,7 +215,3 @@ PLDR_SIMD_INLINE f32x16 silu(f32x16 z) { return div(z, add(splat(1.0f), exp(sub(
 
 }  // namespace simd
 }  // namespace pldr
-
-#ifdef PLDR_SIMD_SILENCE_UNDEFINED_VECTOR_WARNING
-#pragma GCC diagnostic pop
-#endif
