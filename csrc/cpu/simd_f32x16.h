@@ -1,15 +1,35 @@
-// A 16-lane fp32 vector for the CPU kernels: AVX-512 intrinsics when the build targets them
-// (-march=native on an AVX-512 machine), otherwise GCC/Clang generic vectors, which the compiler
-// lowers to whatever SIMD the target has (PLDR_KERNELS_PORTABLE=1 builds). Both paths use a fused
-// multiply-add where the code asks for one (the fallback only where the target has FMA), so one
-// build gives the same bits run after run.
+// A 16-lane fp32 vector for the CPU kernels (metric learner and attention): AVX-512 intrinsics when
+// the build targets them (-march=native on an AVX-512 machine), otherwise GCC/Clang generic vectors,
+// which the compiler lowers to whatever SIMD the target has (PLDR_KERNELS_PORTABLE=1 builds). Both
+// paths use a fused multiply-add where the code asks for one (the fallback only where the target has
+// FMA), so one build gives the same bits run after run. This is the only place that chooses between
+// the two; kernels that need intrinsics beyond it (a 16x16 transpose) test PLDR_SIMD_AVX512.
 #pragma once
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
+#define PLDR_SIMD_AVX512 1
+#endif
+
+// GCC 12's AVX-512 intrinsics (roundscale, scalef, reductions, unpack / shuffle, ...) start from
+// _mm512_undefined_ps(), which trips -W(maybe-)uninitialized at every inlined use; the value is
+// fully defined. Code that calls such intrinsics sits between these two.
+#if defined(__GNUC__) && !defined(__clang__)
+#define PLDR_SIMD_BEGIN_INTRINSICS                                    \
+  _Pragma("GCC diagnostic push")                                      \
+  _Pragma("GCC diagnostic ignored \"-Wuninitialized\"")               \
+  _Pragma("GCC diagnostic ignored \"-Wmaybe-uninitialized\"")
+#define PLDR_SIMD_END_INTRINSICS _Pragma("GCC diagnostic pop")
+#else
+#define PLDR_SIMD_BEGIN_INTRINSICS
+#define PLDR_SIMD_END_INTRINSICS
 #endif
 
 namespace pldr {
@@ -24,6 +44,7 @@ constexpr int kLanes = 16;
 #define PLDR_UNROLL _Pragma("GCC unroll 32")
 
 #if defined(__AVX512F__)
+PLDR_SIMD_BEGIN_INTRINSICS
 
 using f32x16 = __m512;
 
@@ -37,27 +58,88 @@ PLDR_SIMD_INLINE f32x16 sub(f32x16 a, f32x16 b) { return _mm512_sub_ps(a, b); }
 PLDR_SIMD_INLINE f32x16 mul(f32x16 a, f32x16 b) { return _mm512_mul_ps(a, b); }
 PLDR_SIMD_INLINE f32x16 div(f32x16 a, f32x16 b) { return _mm512_div_ps(a, b); }
 PLDR_SIMD_INLINE f32x16 sqrt(f32x16 a) { return _mm512_sqrt_ps(a); }
+// Lane-wise a > b ? a : b (the second operand when either is NaN, like the instruction).
+PLDR_SIMD_INLINE f32x16 max(f32x16 a, f32x16 b) { return _mm512_max_ps(a, b); }
 
-// exp(x) to about 1 ulp: x = n·ln2 + r with |r| ≤ ln2/2, Cephes' degree-6 polynomial for e^r,
-// then scalef by 2^n (which also gives the right inf / 0 / denormal at the ends of the range).
-// NaN passes through (the clamps keep x when x is NaN).
-PLDR_SIMD_INLINE f32x16 exp(f32x16 x) {
-  x = _mm512_max_ps(_mm512_set1_ps(-104.0f), x);
-  x = _mm512_min_ps(_mm512_set1_ps(89.0f), x);
-  const f32x16 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  f32x16 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  f32x16 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-  return _mm512_scalef_ps(p, n);
+// The first `count` lanes (all 16 when count >= 16); the others are `fill` and are not read.
+PLDR_SIMD_INLINE __mmask16 first_lanes(int64_t count) {
+  return count >= kLanes ? static_cast<__mmask16>(0xFFFF)
+                         : static_cast<__mmask16>((1u << count) - 1u);
+}
+PLDR_SIMD_INLINE f32x16 load_partial(const float* p, int64_t count, float fill = 0.0f) {
+  return _mm512_mask_loadu_ps(_mm512_set1_ps(fill), first_lanes(count), p);
+}
+// Writes only the first `count` lanes.
+PLDR_SIMD_INLINE void store_partial(float* p, f32x16 v, int64_t count) {
+  _mm512_mask_storeu_ps(p, first_lanes(count), v);
 }
 
+// Horizontal sum / max. The sum pairs lane i with lane i+8, then i+4, i+2, i+1 (the fallback
+// does the same), so it does not depend on how the data was split.
+PLDR_SIMD_INLINE float reduce_add(f32x16 v) { return _mm512_reduce_add_ps(v); }
+PLDR_SIMD_INLINE float reduce_max(f32x16 v) { return _mm512_reduce_max_ps(v); }
+
+// 16 consecutive fp32 / bf16 / fp16 elements as fp32 (exact for all three).
+template <typename T>
+PLDR_SIMD_INLINE f32x16 load_as_f32(const T* p) {
+  if constexpr (std::is_same_v<T, float>) {
+    return _mm512_loadu_ps(p);
+  } else if constexpr (std::is_same_v<T, c10::BFloat16>) {  // bf16 = the top half of an fp32
+    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  } else {
+    static_assert(std::is_same_v<T, c10::Half>, "load_as_f32: fp32, bf16 or fp16");
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  }
+}
+
+// Shared by exp and exp2: both write the result as 2^n · p(r) with n a whole number.
+PLDR_SIMD_INLINE f32x16 round_to_nearest(f32x16 x) {
+  return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+}
+// p · 2^n; scalef also gives the right inf / 0 / denormal at the ends of the range.
+PLDR_SIMD_INLINE f32x16 times_pow2(f32x16 p, f32x16 n) { return _mm512_scalef_ps(p, n); }
+// c[0]·x^(N−1) + ... + c[N−1] by Horner's rule with fused multiply-adds.
+template <int N>
+PLDR_SIMD_INLINE f32x16 polynomial(f32x16 x, const float (&c)[N]) {
+  f32x16 p = _mm512_set1_ps(c[0]);
+  PLDR_UNROLL
+  for (int i = 1; i < N; ++i) p = _mm512_fmadd_ps(p, x, _mm512_set1_ps(c[i]));
+  return p;
+}
+
+// exp(x) to about 1 ulp: x = n·ln2 + r with |r| ≤ ln2/2, Cephes' degree-6 polynomial for e^r,
+// then 2^n. NaN passes through (the clamps keep x when x is NaN).
+PLDR_SIMD_INLINE f32x16 exp(f32x16 x) {
+  static constexpr float kCephesExp[] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f,
+                                         4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f};
+  x = _mm512_max_ps(_mm512_set1_ps(-104.0f), x);
+  x = _mm512_min_ps(_mm512_set1_ps(89.0f), x);
+  const f32x16 n = round_to_nearest(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)));
+  // r = x − n·ln2 with ln2 split in two (Cody–Waite) so that r keeps its low bits.
+  f32x16 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  const f32x16 p = polynomial(r, kCephesExp);
+  return times_pow2(_mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f))), n);
+}
+
+// 2^x to ~1 ulp, for the softmax argument s − m (<= 0): exactly 0 below 2^-126 (so masked keys,
+// −inf, give 0), NaN propagates. x = n + f with |f| ≤ 1/2 is exact, so no Cody–Waite split.
+PLDR_SIMD_INLINE f32x16 exp2(f32x16 x) {
+  // Taylor series of e^(f·ln2) to degree 7: relative error < 6e-9 on [-0.5, 0.5].
+  static constexpr float kTaylorExp2[] = {
+      1.5252733804059841e-05f, 1.5403530393381606e-04f, 1.3333558146428443e-03f,
+      9.6181291076284770e-03f, 5.5504108664821580e-02f, 2.4022650695910071e-01f,
+      6.9314718055994531e-01f, 1.0f};
+  const __mmask16 underflow = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-126.0f), _CMP_LT_OQ);
+  x = _mm512_max_ps(_mm512_set1_ps(-126.0f), x);  // NaN in x is kept (max returns the 2nd operand)
+  const f32x16 n = round_to_nearest(x);
+  const f32x16 f = _mm512_sub_ps(x, n);
+  return _mm512_maskz_mov_ps(static_cast<__mmask16>(~underflow),
+                             times_pow2(polynomial(f, kTaylorExp2), n));
+}
+
+PLDR_SIMD_END_INTRINSICS
 #else  // portable fallback
 
 // Everything here is force-inlined, so the ABI note about 64-byte vector arguments is moot.
@@ -87,8 +169,42 @@ PLDR_SIMD_INLINE f32x16 sqrt(f32x16 a) {
   for (int i = 0; i < kLanes; ++i) a[i] = std::sqrt(a[i]);
   return a;
 }
+PLDR_SIMD_INLINE f32x16 max(f32x16 a, f32x16 b) {
+  for (int i = 0; i < kLanes; ++i) a[i] = a[i] > b[i] ? a[i] : b[i];
+  return a;
+}
+PLDR_SIMD_INLINE f32x16 load_partial(const float* p, int64_t count, float fill = 0.0f) {
+  f32x16 v = splat(fill);
+  for (int i = 0; i < kLanes && i < count; ++i) v[i] = p[i];
+  return v;
+}
+PLDR_SIMD_INLINE void store_partial(float* p, f32x16 v, int64_t count) {
+  for (int i = 0; i < kLanes && i < count; ++i) p[i] = v[i];
+}
+PLDR_SIMD_INLINE float reduce_add(f32x16 v) {
+  for (int width = kLanes / 2; width >= 1; width /= 2)
+    for (int i = 0; i < width; ++i) v[i] += v[i + width];
+  return v[0];
+}
+PLDR_SIMD_INLINE float reduce_max(f32x16 v) {
+  for (int width = kLanes / 2; width >= 1; width /= 2)
+    for (int i = 0; i < width; ++i) v[i] = v[i] > v[i + width] ? v[i] : v[i + width];
+  return v[0];
+}
+template <typename T>
+PLDR_SIMD_INLINE f32x16 load_as_f32(const T* p) {
+  f32x16 v;
+  for (int i = 0; i < kLanes; ++i) v[i] = static_cast<float>(p[i]);
+  return v;
+}
+// The C library's exp / exp2 (correctly rounded or close): a polynomial without hardware FMA
+// would be both slower and less accurate.
 PLDR_SIMD_INLINE f32x16 exp(f32x16 x) {
   for (int i = 0; i < kLanes; ++i) x[i] = std::exp(x[i]);
+  return x;
+}
+PLDR_SIMD_INLINE f32x16 exp2(f32x16 x) {
+  for (int i = 0; i < kLanes; ++i) x[i] = std::exp2(x[i]);
   return x;
 }
 
