@@ -156,34 +156,72 @@ inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst
 inline int atomicAdd(int* p, int v) { return std::atomic_ref<int>(*p).fetch_add(v); }
 inline unsigned atomicAdd(unsigned* p, unsigned v) { return std::atomic_ref<unsigned>(*p).fetch_add(v); }
 
-// bf16 / fp16 storage types with round-to-nearest-even conversions (as __float2bfloat16 /
-// __float2half do on the GPU).
-struct __nv_bfloat16 { uint16_t bits; };
-struct __half { uint16_t bits; };
-inline float __bfloat162float(__nv_bfloat16 h) {
-  const uint32_t u = uint32_t(h.bits) << 16;
+namespace pldr_emu {
+// ---------------------------------------------------------------------------------------------
+// 16-bit floats: IEEE round-to-nearest-even conversions (what cvt.rn does on the GPU).
+// ---------------------------------------------------------------------------------------------
+inline uint32_t float_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
+}
+inline float bits_float(uint32_t u) {
   float f;
   std::memcpy(&f, &u, 4);
   return f;
 }
-inline __nv_bfloat16 __float2bfloat16(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  if (std::isnan(f)) return __nv_bfloat16{uint16_t((u >> 16) | 0x40)};
-  u += 0x7FFFu + ((u >> 16) & 1u);
-  return __nv_bfloat16{uint16_t(u >> 16)};
+
+inline uint16_t float_to_bf16_bits(float f) {
+  uint32_t u = float_bits(f);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40u);  // qNaN
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
 }
-inline float __half2float(__half h) {
-  _Float16 x;
-  std::memcpy(&x, &h.bits, 2);
-  return float(x);
+inline float bf16_bits_to_float(uint16_t h) { return bits_float(static_cast<uint32_t>(h) << 16); }
+
+inline uint16_t float_to_half_bits(float f) {
+  const uint32_t u = float_bits(f);
+  const uint32_t sign = (u >> 16) & 0x8000u;
+  const uint32_t a = u & 0x7fffffffu;
+  if (a > 0x7f800000u) return static_cast<uint16_t>(sign | 0x7e00u);   // NaN
+  if (a >= 0x477ff000u) return static_cast<uint16_t>(sign | 0x7c00u);  // >= 65520 rounds to inf
+  const uint32_t e = a >> 23;
+  if (e >= 113) {  // normal half (>= 2^-14)
+    const uint32_t mant = a & 0x7fffffu;
+    uint32_t h = ((e - 112) << 10) | (mant >> 13);
+    const uint32_t rem = mant & 0x1fffu;
+    if (rem > 0x1000u || (rem == 0x1000u && (h & 1u))) ++h;  // a carry into the exponent is right
+    return static_cast<uint16_t>(sign | h);
+  }
+  if (e < 102) return static_cast<uint16_t>(sign);  // below 2^-25: rounds to zero
+  // Subnormal half: value = m * 2^(e-150), unit 2^-24, so h = m >> (126 - e), rounded to even.
+  const uint32_t m = (a & 0x7fffffu) | 0x800000u;
+  const uint32_t shift = 126 - e;
+  uint32_t h = m >> shift;
+  const uint32_t rem = m & ((1u << shift) - 1u), half = 1u << (shift - 1);
+  if (rem > half || (rem == half && (h & 1u))) ++h;
+  return static_cast<uint16_t>(sign | h);
 }
-inline __half __float2half(float f) {
-  const _Float16 x = static_cast<_Float16>(f);  // IEEE round-to-nearest-even
-  __half h;
-  std::memcpy(&h.bits, &x, 2);
-  return h;
+inline float half_bits_to_float(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  const uint32_t e = (h >> 10) & 0x1fu, m = h & 0x3ffu;
+  if (e == 0x1f) return bits_float(sign | 0x7f800000u | (m << 13));
+  if (e == 0) {  // zero or subnormal: m * 2^-24
+    const float v = static_cast<float>(m) * 5.9604644775390625e-8f;
+    return sign ? -v : v;
+  }
+  return bits_float(sign | ((e + 112) << 23) | (m << 13));
 }
+}  // namespace pldr_emu
+
+// bf16 / fp16 storage types with round-to-nearest-even conversions (as __float2bfloat16 /
+// __float2half do on the GPU), through the bit-level conversions above (also used by mma_emu.h).
+struct __nv_bfloat16 { uint16_t bits; };
+struct __half { uint16_t bits; };
+inline float __bfloat162float(__nv_bfloat16 h) { return pldr_emu::bf16_bits_to_float(h.bits); }
+inline __nv_bfloat16 __float2bfloat16(float f) { return {pldr_emu::float_to_bf16_bits(f)}; }
+inline float __half2float(__half h) { return pldr_emu::half_bits_to_float(h.bits); }
+inline __half __float2half(float f) { return {pldr_emu::float_to_half_bits(f)}; }
 #define CUSIM_LAUNCH_SMEM(kernel, grid, block, smem_bytes, ...) \
   cusim::launch_smem(grid, block, smem_bytes, kernel, __VA_ARGS__)
 // CUDA's global integer/float min and max overloads.
