@@ -238,3 +238,14 @@ def _has_matplotlib():
 def test_cli_refuses_cuda_without_a_device(capsys):
     assert cli.main(["ops", "--device", "cuda"]) == 2
     assert "no CUDA device is visible" in capsys.readouterr().err
+
+
+def test_busy_machine_warning_reads_competing_threads_now():
+    from pldr_kernels.bench.env import busy_machine_warning, competing_runnable
+    import os
+    cores = os.cpu_count() or 1
+    assert busy_machine_warning(2, competing=0.0) is None
+    warning = busy_machine_warning(2, competing=cores + 3.0)
+    assert warning is not None and "other runnable threads" in warning
+    measured = competing_runnable(samples=3, interval_s=0.001)
+    assert measured is None or measured >= 0

@@ -6,6 +6,7 @@ import os
 import platform
 import subprocess
 import sys
+import time
 from typing import Any, Dict
 
 import torch
@@ -50,18 +51,42 @@ def load_average():
         return None
 
 
-def busy_machine_warning(threads: int):
+def competing_runnable(samples: int = 10, interval_s: float = 0.02):
+    """Runnable threads other than this reader, averaged over a short window (Linux /proc/stat).
+
+    Unlike the load average, which trails by a minute (a test run that just ended still shows), this
+    sees what competes for the cores now. None where /proc/stat is unavailable."""
+    counts = []
+    for _ in range(samples):
+        try:
+            with open("/proc/stat") as f:
+                line = next(l for l in f if l.startswith("procs_running"))
+        except (OSError, StopIteration):
+            return None
+        counts.append(int(line.split()[1]) - 1)  # minus the thread reading
+        time.sleep(interval_s)
+    return sum(counts) / len(counts)
+
+
+def busy_machine_warning(threads: int, competing=None):
     """A warning when other processes compete for the cores (timings are then inflated, and more so
     for multi-threaded ops, whose OpenMP barriers wait for descheduled threads)."""
-    load = load_average()
     cores = os.cpu_count() or 1
-    if load is None or load[0] <= cores:
-        return None
-    return (f"the machine is busy (load average {load[0]:.1f} on {cores} cores): absolute times "
+    competing = competing_runnable() if competing is None else competing
+    if competing is not None:
+        if competing <= 0.5 * cores:
+            return None
+        what = f"{competing:.1f} other runnable threads on {cores} cores"
+    else:
+        load = load_average()
+        if load is None or load[0] <= cores:
+            return None
+        what = f"load average {load[0]:.1f} on {cores} cores"
+    return (f"the machine is busy ({what}): absolute times "
             f"are inflated and noisy, multi-threaded contestants suffer most (OpenMP barriers wait "
             f"for descheduled threads); compare ratios only, repeat the run, or use --threads 1"
             if threads > 1 else
-            f"the machine is busy (load average {load[0]:.1f} on {cores} cores): absolute times "
+            f"the machine is busy ({what}): absolute times "
             f"are inflated and noisy; compare ratios only and repeat the run")
 
 
