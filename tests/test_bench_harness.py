@@ -1,6 +1,7 @@
 """Fast tests of the benchmark harness itself (pldr_kernels.bench): statistics, timing loop,
 agreement check, memory measurement, the JSON shape and a tiny end-to-end run of the CLI."""
 import json
+import os
 import time
 
 import numpy as np
@@ -242,7 +243,6 @@ def test_cli_refuses_cuda_without_a_device(capsys):
 
 def test_busy_machine_warning_reads_competing_threads_now():
     from pldr_kernels.bench.env import busy_machine_warning, competing_runnable
-    import os
     cores = os.cpu_count() or 1
     assert busy_machine_warning(2, competing=0.0) is None
     warning = busy_machine_warning(2, competing=cores + 3.0)
