@@ -167,13 +167,46 @@ inline void online_softmax_update(float* scores, int64_t ld, int64_t M, int64_t 
 }
 
 // ------------------------------------------------------------------------------------------------
-// Row products for tiles with few query rows (decode): no transposed copy of K is needed.
+// Row products for tiles with few query rows (decode): no transposed copy of K is needed. Key and
+// value rows are read in their own dtype and widened in registers (exact), so a bf16/fp16 row
+// costs no extra pass through memory. Each output gets the same fused multiply-adds in the same
+// order whatever the dtype or M, so results are bitwise those of one scalar-row product per key.
 // ------------------------------------------------------------------------------------------------
-template <int D>
-inline float dot(const float* a, const float* b) {
-  f32x16 acc = simd::mul(simd::load(a), simd::load(b));
-  for (int i = kLanes; i < D; i += kLanes) acc = simd::fma(simd::load(a + i), simd::load(b + i), acc);
-  return simd::reduce_add(acc);
+// scores[r · ld] = q̃[r, 0:D] · k[0:D] for the M rows of q̃ (row stride D); k is read once.
+template <int D, typename T>
+inline void dot_query_rows(const float* q_tilde, int64_t M, const T* k, float* scores, int64_t ld) {
+  constexpr int kChunks = D / kLanes;
+  f32x16 key[kChunks];
+  PLDR_UNROLL
+  for (int c = 0; c < kChunks; ++c) key[c] = simd::load_as_f32(k + c * kLanes);
+  for (int64_t r = 0; r < M; ++r) {
+    const float* a = q_tilde + r * D;
+    f32x16 acc = simd::mul(simd::load(a), key[0]);
+    PLDR_UNROLL
+    for (int c = 1; c < kChunks; ++c) acc = simd::fma(simd::load(a + c * kLanes), key[c], acc);
+    scores[r * ld] = simd::reduce_add(acc);
+  }
+}
+
+// out[0:D] += Σ_j p[j] · v_row(j)[0:D] for j = 0 .. n−1, in key order, with the output row held
+// in registers across the keys (not stored and reloaded per key). on_key(j) runs once per key
+// (the caller's prefetches).
+template <int D, typename T, typename RowFn, typename KeyFn>
+inline void accumulate_weighted_rows(const float* p, int64_t n, const RowFn& v_row, float* out,
+                                     const KeyFn& on_key) {
+  constexpr int kChunks = D / kLanes;
+  f32x16 acc[kChunks];
+  PLDR_UNROLL
+  for (int c = 0; c < kChunks; ++c) acc[c] = simd::load(out + c * kLanes);
+  for (int64_t j = 0; j < n; ++j) {
+    on_key(j);
+    const f32x16 pv = simd::splat(p[j]);
+    const T* v = v_row(j);
+    PLDR_UNROLL
+    for (int c = 0; c < kChunks; ++c) acc[c] = simd::fma(pv, simd::load_as_f32(v + c * kLanes), acc[c]);
+  }
+  PLDR_UNROLL
+  for (int c = 0; c < kChunks; ++c) simd::store(out + c * kLanes, acc[c]);
 }
 
 // out[0:D] += p · v[0:D]

@@ -45,10 +45,10 @@ Rows<T> rows_of(const at::Tensor& t, int64_t b, int64_t h) {
 // Per-thread buffers of one query tile.
 template <int D>
 struct TileScratch {
-  std::vector<float> q_rows, q_tilde, scores, k_transposed, v_rows, key_row, out, m, l;
+  std::vector<float> q_rows, q_tilde, scores, k_transposed, v_rows, out, m, l;
   TileScratch()
       : q_rows(kQueryTile * D), q_tilde(kQueryTile * D), scores(kQueryTile * kKeyTile),
-        k_transposed(D * kKeyTile), v_rows(kKeyTile * D), key_row(D), out(kQueryTile * D),
+        k_transposed(D * kKeyTile), v_rows(kKeyTile * D), out(kQueryTile * D),
         m(kQueryTile), l(kQueryTile) {}
 };
 
@@ -138,14 +138,7 @@ void attend_key_range(int64_t M, const KeyRange<T>& kr, bool allow_row_path, Til
     if (row_path) {
       for (int64_t jj = 0; jj < n; ++jj) {
         prefetch_row<T, D>(kr.v.row(j0 + jj));  // V of this tile is read right after the scores
-        const float* krow;
-        if constexpr (std::is_same_v<T, float>) {
-          krow = kr.k.row(j0 + jj);
-        } else {
-          load_row_as_float(kr.k.row(j0 + jj), s.key_row.data(), D);
-          krow = s.key_row.data();
-        }
-        for (int64_t r = 0; r < M; ++r) scores[r * kKeyTile + jj] = dot<D>(qt + r * D, krow);
+        dot_query_rows<D>(qt, M, kr.k.row(j0 + jj), scores + jj, kKeyTile);
       }
     } else {
       pack_transposed<T, D>([&](int64_t jj) { return kr.k.row(j0 + jj); }, n,
@@ -156,17 +149,16 @@ void attend_key_range(int64_t M, const KeyRange<T>& kr, bool allow_row_path, Til
     mask_scores(scores, M, j0, n, kr);
     online_softmax_update<D>(scores, kKeyTile, M, n, s.m.data(), s.l.data(), out);
     if (row_path) {
-      float vbuf[D];
-      for (int64_t jj = 0; jj < n; ++jj) {
-        if (j0 + n + jj < end) prefetch_row<T, D>(kr.k.row(j0 + n + jj));  // K of the next tile
-        const float* vrow;
-        if constexpr (std::is_same_v<T, float>) {
-          vrow = kr.v.row(j0 + jj);
-        } else {
-          load_row_as_float(kr.v.row(j0 + jj), vbuf, D);
-          vrow = vbuf;
-        }
-        for (int64_t r = 0; r < M; ++r) axpy<D>(scores[r * kKeyTile + jj], vrow, out + r * D);
+      auto v_row = [&](int64_t jj) { return kr.v.row(j0 + jj); };
+      // The first row's pass also fetches K of the next tile; later rows find V already in L1.
+      const int64_t next_k_rows = std::min(n, end - (j0 + n));
+      const T* next_k = next_k_rows > 0 ? kr.k.row(j0 + n) : nullptr;
+      accumulate_weighted_rows<D, T>(scores, n, v_row, out, [&](int64_t jj) {
+        if (jj < next_k_rows) prefetch_row<T, D>(next_k + jj * kr.k.stride);
+      });
+      for (int64_t r = 1; r < M; ++r) {
+        accumulate_weighted_rows<D, T>(scores + r * kKeyTile, n, v_row, out + r * D,
+                                       [](int64_t) {});
       }
     } else {
       const float* vtile;
