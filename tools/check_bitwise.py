@@ -273,8 +273,8 @@ def compare(a_path: str, b_path: str) -> int:
         print(f"DIFFERENT {k}")
     for k in missing:
         print(f"ONLY IN {'first' if k in a else 'second'}: {k}")
-    same = len(a) - len(bad) - len(set(a) - set(b))
-    print(f"{same} of {len(a)} tensors bitwise identical; {len(bad)} different; "
+    n_same = len(a) - len(bad) - len(set(a) - set(b))
+    print(f"{n_same} of {len(a)} tensors bitwise identical; {len(bad)} different; "
           f"{len(missing)} in one file only")
     return 1 if bad or missing else 0
 
