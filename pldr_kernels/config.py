@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 CUSTOM_G_TYPES = (None, "identity", "random", "external")
 SUPPORTED_HEAD_DIMS = (64, 128)
@@ -44,12 +44,12 @@ class PLDRConfig:
     layer_norm_eps: float = 1e-6
     use_cache: bool = True
     output_pldr_attentions: bool = False
-    pad_token_id: Optional[int] = 0
-    bos_token_id: Optional[int] = 2
-    eos_token_id: Optional[int] = 3
+    pad_token_id: int | None = 0
+    bos_token_id: int | None = 2
+    eos_token_id: int | None = 3
     tie_word_embeddings: bool = False
     rope_theta: float = 10000.0
-    rope_scaling: Optional[dict] = None
+    rope_scaling: dict | None = None
     attention_bias: bool = True
     glu_bias: bool = True
     final_bias: bool = True
@@ -58,7 +58,7 @@ class PLDRConfig:
     num_reslayerA: int = 8
     num_denseA: int = 2
     A_dff: int = 170
-    custom_G_type: Optional[str] = None
+    custom_G_type: str | None = None
     cache_first_G: bool = False
 
     def __post_init__(self):
@@ -126,14 +126,14 @@ class PLDRConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "PLDRConfig":
+    def from_dict(cls, d: dict) -> PLDRConfig:
         """Build from a dict such as an HF ``config.json``; keys that are not fields are ignored
         (HF configs carry bookkeeping such as ``auto_map`` or ``transformers_version``)."""
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
 
     @classmethod
-    def from_hyperparameters(cls, hpdict: dict, **overrides: Any) -> "PLDRConfig":
+    def from_hyperparameters(cls, hpdict: dict, **overrides: Any) -> PLDRConfig:
         """Map the authors' ``hpdict`` (num_layers, d_model, num_heads, dff, …) onto a config."""
         fields: dict = {}
         for key, field in HPDICT_KEYS.items():

@@ -16,7 +16,7 @@ import json
 import math
 import os
 from collections import OrderedDict
-from typing import Optional, Union
+from typing import Union
 
 import torch
 from torch import nn
@@ -63,7 +63,7 @@ def load_checked_state_dict(model: nn.Module, state_dict: dict, source: str = "c
     model.load_state_dict(state_dict, strict=True)
 
 
-def _plain_state_dict(model: nn.Module, dtype: Optional[torch.dtype] = None) -> "OrderedDict":
+def _plain_state_dict(model: nn.Module, dtype: torch.dtype | None = None) -> OrderedDict:
     """Independent contiguous tensors (the packed views share storage, which safetensors refuses)."""
     out = OrderedDict()
     for k, v in model.state_dict().items():
@@ -126,7 +126,7 @@ def read_hyperparameters(path: PathLike) -> dict:
     """The ``hpdict`` of an authors' ``*_hyperparameters.py`` file, without executing it.
 
     Entries that are not literals (or the simple arithmetic above) are left out."""
-    with open(path, "r", encoding="utf-8") as f:
+    with open(path, encoding="utf-8") as f:
         tree = ast.parse(f.read(), filename=str(path))
     for node in ast.walk(tree):
         if isinstance(node, ast.Assign) and isinstance(node.value, ast.Dict) and any(
@@ -143,7 +143,7 @@ def read_hyperparameters(path: PathLike) -> dict:
     raise ValueError(f"{path}: no `hpdict = {{...}}` assignment found")
 
 
-def _resolve_config(path: PathLike, config: Optional[PLDRConfig], hyperparameters
+def _resolve_config(path: PathLike, config: PLDRConfig | None, hyperparameters
                     ) -> PLDRConfig:
     if config is not None:
         if not isinstance(config, PLDRConfig):
@@ -168,7 +168,7 @@ def _resolve_config(path: PathLike, config: Optional[PLDRConfig], hyperparameter
 # --------------------------------------------------------------------------------------------
 # Formats
 # --------------------------------------------------------------------------------------------
-def load_pth(cls, path: PathLike, config: Optional[PLDRConfig] = None, hyperparameters=None,
+def load_pth(cls, path: PathLike, config: PLDRConfig | None = None, hyperparameters=None,
              map_location="cpu"):
     """The authors' ``.pth`` (a dict with 'model_state_dict'; a bare state dict is accepted)."""
     config = _resolve_config(path, config, hyperparameters)
@@ -200,7 +200,7 @@ def load_pretrained(cls, directory: PathLike, map_location="cpu"):
         if not os.path.isfile(p):
             raise FileNotFoundError(f"{p} not found: an HF-format PLDR-LLM directory holds "
                                     f"{CONFIG_NAME} and {WEIGHTS_NAME}")
-    with open(config_path, "r", encoding="utf-8") as f:
+    with open(config_path, encoding="utf-8") as f:
         config = PLDRConfig.from_dict(json.load(f))
     device = map_location if isinstance(map_location, str) else str(map_location)
     state_dict = load_file(weights_path, device=device)

@@ -13,18 +13,17 @@ preallocated cache ``[B, Smax, H, d]``. Each decode step appends in place throug
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator, List, Optional, Tuple
 
 import torch
 from torch import nn
 
 from . import ops
 from .config import PLDRConfig
-from .nn import (GCachedAttention, PowerLawGraphAttention, RotaryEmbedding, SwiGLU, _keep_fp32)
+from .nn import GCachedAttention, PowerLawGraphAttention, RotaryEmbedding, SwiGLU, _keep_fp32
 from .reference_model import _init_weights, predefined_g_values
-from .sampling import (check_generate_args, make_generator, positions_from_mask,
-                       sample_next_token)
+from .sampling import check_generate_args, make_generator, positions_from_mask, sample_next_token
 
 Tensor = torch.Tensor
 
@@ -99,15 +98,15 @@ class PLDRCache:
     count as the int32 ``[B]`` tensor the op reads; ``cache_start`` (int32 ``[B]``, None without
     padding) is each row's first real token; ``n_real`` (host) counts each row's real tokens, i.e.
     the RoPE position of its next token."""
-    k: List[Tensor]
-    v: List[Tensor]
+    k: list[Tensor]
+    v: list[Tensor]
     cache_seqlens: Tensor
-    cache_start: Optional[Tensor]
+    cache_start: Tensor | None
     length: int = 0
-    n_real: List[int] = field(default_factory=list)
-    A: List[Optional[Tensor]] = field(default_factory=list)
-    A_LM: List[Optional[Tensor]] = field(default_factory=list)
-    G: List[Optional[Tensor]] = field(default_factory=list)
+    n_real: list[int] = field(default_factory=list)
+    A: list[Tensor | None] = field(default_factory=list)
+    A_LM: list[Tensor | None] = field(default_factory=list)
+    G: list[Tensor | None] = field(default_factory=list)
 
     @property
     def max_length(self) -> int:
@@ -127,9 +126,9 @@ class _StepState:
     ids: Tensor
     mask: Tensor
     padded: bool
-    cache: Optional[PLDRCache] = None
-    frozen_G: Optional[List[Tensor]] = None
-    deductive: List[Tuple[Tensor, Tensor, Tensor]] = field(default_factory=list)
+    cache: PLDRCache | None = None
+    frozen_G: list[Tensor] | None = None
+    deductive: list[tuple[Tensor, Tensor, Tensor]] = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------------------------
@@ -157,13 +156,13 @@ class PLDRForCausalLM(nn.Module):
 
     # ---- loaders (loaders.py) ----------------------------------------------------------------
     @classmethod
-    def from_pth(cls, path, config: Optional[PLDRConfig] = None, hyperparameters=None,
-                 map_location="cpu") -> "PLDRForCausalLM":
+    def from_pth(cls, path, config: PLDRConfig | None = None, hyperparameters=None,
+                 map_location="cpu") -> PLDRForCausalLM:
         from .loaders import load_pth
         return load_pth(cls, path, config, hyperparameters, map_location)
 
     @classmethod
-    def from_pretrained(cls, directory, map_location="cpu") -> "PLDRForCausalLM":
+    def from_pretrained(cls, directory, map_location="cpu") -> PLDRForCausalLM:
         from .loaders import load_pretrained
         return load_pretrained(cls, directory, map_location)
 
@@ -192,8 +191,8 @@ class PLDRForCausalLM(nn.Module):
     def _predefined_G(self, layer: int) -> Tensor:
         return self.decoder.past_G_values[layer, 2]
 
-    def _g_for_layer(self, layer: int, mha1: nn.Module, q: Tensor, q_mask: Optional[Tensor],
-                     frozen_G: Optional[List[Tensor]]):
+    def _g_for_layer(self, layer: int, mha1: nn.Module, q: Tensor, q_mask: Tensor | None,
+                     frozen_G: list[Tensor] | None):
         """(A, A_LM, G) of one layer for a full-sequence pass."""
         if not self.config.has_metric_learner:
             g = self.decoder.past_G_values[layer]
@@ -202,8 +201,8 @@ class PLDRForCausalLM(nn.Module):
             return None, None, frozen_G[layer]
         return mha1.metric_tensors(q, q_mask)
 
-    def _full_pass(self, ids: Tensor, attention_mask: Optional[Tensor], include_pad_in_g: bool,
-                   frozen_G: Optional[List[Tensor]] = None, cache: Optional[PLDRCache] = None,
+    def _full_pass(self, ids: Tensor, attention_mask: Tensor | None, include_pad_in_g: bool,
+                   frozen_G: list[Tensor] | None = None, cache: PLDRCache | None = None,
                    logits_to_keep: int = 0):
         """Uncached pass over ``ids [B,S]``; optionally writes k/v and A/A_LM/G into ``cache``.
 
@@ -231,7 +230,7 @@ class PLDRForCausalLM(nn.Module):
         return self.final_layer(x), deductive
 
     # ---- forward -------------------------------------------------------------------------------
-    def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
                 include_pad_in_g: bool = False) -> Tensor:
         """Full uncached forward: logits ``[B, S, V]`` (G recomputed from this input).
 
@@ -255,7 +254,7 @@ class PLDRForCausalLM(nn.Module):
                                                    device=self.device),
                          cache_start=None, A=[None] * L, A_LM=[None] * L, G=[None] * L)
 
-    def prefill(self, input_ids: Tensor, cache: PLDRCache, attention_mask: Optional[Tensor] = None,
+    def prefill(self, input_ids: Tensor, cache: PLDRCache, attention_mask: Tensor | None = None,
                 include_pad_in_g: bool = False) -> Tensor:
         """Run the prompt, fill ``cache`` (k, v, A, A_LM, G); logits of the last position ``[B,V]``."""
         B, S = input_ids.shape
@@ -279,7 +278,7 @@ class PLDRForCausalLM(nn.Module):
         return logits[:, -1]
 
     def decode_step(self, tokens: Tensor, cache: PLDRCache, recompute_G: bool = False,
-                    positions: Optional[Tensor] = None, max_position: Optional[int] = None
+                    positions: Tensor | None = None, max_position: int | None = None
                     ) -> Tensor:
         """One token per row (``tokens [B,1]``): append k/v at ``cache.length``, attend with the
         cached G (or G recomputed from the cached A when ``recompute_G``); logits ``[B, V]``.
@@ -308,10 +307,10 @@ class PLDRForCausalLM(nn.Module):
     # ---- generate ------------------------------------------------------------------------------
     def generate_stream(self, input_ids: Tensor, max_new_tokens: int, cache: str = "kvg",
                         do_sample: bool = False, temperature: float = 1.0, top_k: int = 0,
-                        top_p: float = 1.0, eos_token_id: Optional[int] = None,
-                        attention_mask: Optional[Tensor] = None, seed: Optional[int] = None,
-                        include_pad_in_g: bool = False, max_length: Optional[int] = None,
-                        cuda_graph: bool = False, _state: Optional[list] = None
+                        top_p: float = 1.0, eos_token_id: int | None = None,
+                        attention_mask: Tensor | None = None, seed: int | None = None,
+                        include_pad_in_g: bool = False, max_length: int | None = None,
+                        cuda_graph: bool = False, _state: list | None = None
                         ) -> Iterator[Tensor]:
         """Yield the next token ids ``[B]`` step by step (same arguments as :meth:`generate`)."""
         ops.require_built()
@@ -380,10 +379,10 @@ class PLDRForCausalLM(nn.Module):
 
     def generate(self, input_ids: Tensor, max_new_tokens: int, cache: str = "kvg",
                  do_sample: bool = False, temperature: float = 1.0, top_k: int = 0,
-                 top_p: float = 1.0, eos_token_id: Optional[int] = None,
-                 attention_mask: Optional[Tensor] = None, seed: Optional[int] = None,
+                 top_p: float = 1.0, eos_token_id: int | None = None,
+                 attention_mask: Tensor | None = None, seed: int | None = None,
                  return_deductive: bool = False, include_pad_in_g: bool = False,
-                 max_length: Optional[int] = None, cuda_graph: bool = False):
+                 max_length: int | None = None, cuda_graph: bool = False):
         """Generate up to ``max_new_tokens`` per row → ids ``[B, S + new]`` (left-padded prompts
         via ``attention_mask``, 0 = pad). Greedy unless ``do_sample``. With ``return_deductive``
         also the per-layer ``(A, A_LM, G)`` in use at the end (the prompt's in cached modes).

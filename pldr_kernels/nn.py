@@ -16,7 +16,7 @@ warning.
 from __future__ import annotations
 
 import warnings
-from typing import List, Optional, Sequence, Tuple
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -41,7 +41,7 @@ def _warn_training_fallback() -> None:
         _warned_training_fallback = True
 
 
-def _needs_autograd(module: nn.Module, *inputs: Optional[Tensor]) -> bool:
+def _needs_autograd(module: nn.Module, *inputs: Tensor | None) -> bool:
     if not torch.is_grad_enabled():
         return False
     if any(t is not None and t.requires_grad for t in inputs):
@@ -71,10 +71,10 @@ class ParameterPack:
         self.owner = owner
         self.paths = [tuple(p.split(".")) for p in paths]
         self.shape = tuple(shape)
-        self.packed: Optional[Tensor] = None
-        self._ptrs: List[int] = []
+        self.packed: Tensor | None = None
+        self._ptrs: list[int] = []
 
-    def get_params(self) -> List[Tensor]:
+    def get_params(self) -> list[Tensor]:
         params = []
         for path in self.paths:
             obj = self.owner
@@ -127,7 +127,7 @@ class RotaryEmbedding(nn.Module):
     def _apply(self, fn, recurse=True):
         return super()._apply(_keep_fp32(fn), recurse)
 
-    def rotation(self, positions: Tensor, max_position: Optional[int] = None):
+    def rotation(self, positions: Tensor, max_position: int | None = None):
         """The rotation for ``positions [B, S]``, computed once per step and shared by all layers:
         complex ``cos + i·sin`` ``[B, S, 1, d/2]`` (interleaved) or fp32 ``(cos, sin)``
         ``[B, S, 1, d]`` (rotate_half). ``max_position`` (host int) spares the device→host read of
@@ -181,7 +181,7 @@ class MetricLearner(nn.Module):
         R, Gd, d = num_reslayerA, num_denseA, head_dim
         glus = [f"reslayerAs.{r}.denseAs.{g}" for r in range(R) for g in range(Gd)]
 
-        def stack(linear_name: str, what: str, shape) -> Optional[ParameterPack]:
+        def stack(linear_name: str, what: str, shape) -> ParameterPack | None:
             if what == "bias" and not glu_bias:
                 return None
             return ParameterPack(self, [f"{g}.{linear_name}.{what}" for g in glus], shape)
@@ -213,7 +213,7 @@ class MetricLearner(nn.Module):
                 pack.repack()
         return self
 
-    def packed_metric_weights(self) -> List[Tensor]:
+    def packed_metric_weights(self) -> list[Tensor]:
         """Weights in the positional order of ``pldr::metric_tensors`` (after q, q_mask)."""
         w = {}
         for name, pack in self._metric_packs.items():
@@ -226,8 +226,8 @@ class MetricLearner(nn.Module):
                 w["w3"], w["b3"], w["lnA_w"], w["lnA_b"], plga.Wlst, plga.blst, plga.pwlst,
                 plga.alst, plga.balst]
 
-    def metric_tensors(self, q: Tensor, q_mask: Optional[Tensor] = None
-                       ) -> Tuple[Tensor, Tensor, Tensor]:
+    def metric_tensors(self, q: Tensor, q_mask: Tensor | None = None
+                       ) -> tuple[Tensor, Tensor, Tensor]:
         """``q [B,S,H,d]`` (post-RoPE), ``q_mask [B,S]`` bool (False rows left out of QᵀQ) →
         fp32 ``(A, A_LM, G)`` ``[B,H,d,d]``."""
         if _needs_autograd(self, q):
@@ -236,7 +236,7 @@ class MetricLearner(nn.Module):
         return ops.metric_tensors(q, q_mask, *self.packed_metric_weights(),
                                   eps_ln=self.metric_eps)
 
-    def _metric_tensors_autograd(self, q: Tensor, q_mask: Optional[Tensor]):
+    def _metric_tensors_autograd(self, q: Tensor, q_mask: Tensor | None):
         qf = q.float()
         if q_mask is not None:
             qf = qf * q_mask.to(qf.dtype)[:, :, None, None]
@@ -246,7 +246,7 @@ class MetricLearner(nn.Module):
         A_LM, G = self.plgatt_layer.g_from_metric(A)
         return A, A_LM, G
 
-    def g_from_metric(self, A: Tensor) -> Tuple[Tensor, Tensor]:
+    def g_from_metric(self, A: Tensor) -> tuple[Tensor, Tensor]:
         """Steps 9–12 on a cached metric tensor ``A`` → fp32 ``(A_LM, G)`` (the 'kv' cache mode)."""
         return self.plgatt_layer.g_from_metric(A.float())
 
@@ -264,7 +264,7 @@ class GCachedAttention(nn.Module):
 
     def __init__(self, hidden_size: int, num_heads: int, head_dim: int = 64, bias: bool = True,
                  interleaved_rope: bool = True, rope_theta: float = 10000.0,
-                 max_positions: int = 1024, rope: Optional[RotaryEmbedding] = None):
+                 max_positions: int = 1024, rope: RotaryEmbedding | None = None):
         nn.Module.__init__(self)
         self._build_attention(hidden_size, num_heads, head_dim, bias, interleaved_rope, rope_theta,
                               max_positions, rope)
@@ -299,7 +299,7 @@ class GCachedAttention(nn.Module):
         self._repack_qkv()
         return self
 
-    def project(self, x: Tensor, rotation) -> Tuple[Tensor, Tensor, Tensor]:
+    def project(self, x: Tensor, rotation) -> tuple[Tensor, Tensor, Tensor]:
         """``x [B,S,D]`` → post-RoPE q, k and v ``[B,S,H,d]`` (views; only the last dim contiguous)."""
         B, S, _ = x.shape
         H, d = self.num_heads, self.head_dim
@@ -314,8 +314,8 @@ class GCachedAttention(nn.Module):
         qk = self.rope(qk, rotation)
         return qk[:, :, :H], qk[:, :, H:], v
 
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, G: Optional[Tensor],
-               key_mask: Optional[Tensor] = None, causal: bool = True) -> Tensor:
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, G: Tensor | None,
+               key_mask: Tensor | None = None, causal: bool = True) -> Tensor:
         """Full-sequence G-attention ``[B,S,H,d]`` (prefill / uncached forward)."""
         if _needs_autograd(self, q, k, v, G):
             _warn_training_fallback()
@@ -326,8 +326,8 @@ class GCachedAttention(nn.Module):
         B, S = o.shape[:2]
         return self.dense(o.reshape(B, S, self.num_heads * self.head_dim))
 
-    def forward(self, x: Tensor, G: Optional[Tensor], positions: Optional[Tensor] = None,
-                key_mask: Optional[Tensor] = None, causal: bool = True) -> Tensor:
+    def forward(self, x: Tensor, G: Tensor | None, positions: Tensor | None = None,
+                key_mask: Tensor | None = None, causal: bool = True) -> Tensor:
         """Uncached attention of ``x [B,S,D]`` with a given G; positions default to 0..S-1."""
         B, S, _ = x.shape
         if positions is None:
@@ -335,8 +335,8 @@ class GCachedAttention(nn.Module):
         q, k, v = self.project(x, self.rope.rotation(positions))
         return self.output(self.attend(q, k, v, G, key_mask, causal))
 
-    def decode(self, x: Tensor, G: Optional[Tensor], rotation, k_cache: Tensor,
-               v_cache: Tensor, cache_seqlens: Tensor, cache_start: Optional[Tensor] = None
+    def decode(self, x: Tensor, G: Tensor | None, rotation, k_cache: Tensor,
+               v_cache: Tensor, cache_seqlens: Tensor, cache_start: Tensor | None = None
                ) -> Tensor:
         """One generation step: append this step's k/v to the caches in place at ``cache_seqlens``
         and attend to rows ``cache_start … cache_seqlens`` (``pldr::g_attention_decode``)."""
@@ -355,7 +355,7 @@ class PowerLawGraphAttention(GCachedAttention, MetricLearner):
                  num_reslayerA: int = 8, num_denseA: int = 2, eps: float = 1e-6,
                  bias: bool = True, glu_bias: bool = True, interleaved_rope: bool = True,
                  rope_theta: float = 10000.0, max_positions: int = 1024,
-                 rope: Optional[RotaryEmbedding] = None):
+                 rope: RotaryEmbedding | None = None):
         nn.Module.__init__(self)
         self._build_attention(hidden_size, num_heads, head_dim, bias, interleaved_rope,
                               rope_theta, max_positions, rope)
@@ -367,8 +367,8 @@ class PowerLawGraphAttention(GCachedAttention, MetricLearner):
         self._repack_qkv()
         return self
 
-    def forward(self, x: Tensor, positions: Optional[Tensor] = None,
-                attention_mask: Optional[Tensor] = None, include_pad_in_g: bool = False,
+    def forward(self, x: Tensor, positions: Tensor | None = None,
+                attention_mask: Tensor | None = None, include_pad_in_g: bool = False,
                 return_metric: bool = False):
         """Uncached PLGA of ``x [B,S,D]``. ``attention_mask [B,S]`` (1 = token, 0 = pad) masks pad
         keys and, unless ``include_pad_in_g``, leaves pad rows out of QᵀQ."""

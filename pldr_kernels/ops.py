@@ -5,15 +5,13 @@ re-checks inputs, so these calls cost what ``torch.ops.pldr.*`` costs.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
-
 import torch
 
 Tensor = torch.Tensor
 
 try:
     from . import _C  # noqa: F401  (static initialisers register torch.ops.pldr.*)
-    _LOAD_ERROR: Optional[BaseException] = None
+    _LOAD_ERROR: BaseException | None = None
 except ImportError as exc:  # keep `import pldr_kernels` (and the reference) usable without a build
     _LOAD_ERROR = exc
 
@@ -27,26 +25,35 @@ def require_built() -> None:
             "`pip install --no-build-isolation -e .` (or `make build`).") from _LOAD_ERROR
 
 
-def metric_tensors(q: Tensor, q_mask: Optional[Tensor], ln0_w: Tensor, ln0_b: Tensor, w1: Tensor,
+def built_with_cuda() -> bool:
+    """Whether this build of ``_C`` holds CUDA kernels (setup.py records it in _build_info)."""
+    try:
+        from ._build_info import BUILD_INFO
+    except ImportError:
+        return False
+    return bool(BUILD_INFO.get("with_cuda"))
+
+
+def metric_tensors(q: Tensor, q_mask: Tensor | None, ln0_w: Tensor, ln0_b: Tensor, w1: Tensor,
                    b1: Tensor, w2: Tensor, b2: Tensor, w3: Tensor, b3: Tensor, lnA_w: Tensor,
                    lnA_b: Tensor, W: Tensor, b: Tensor, pw: Tensor, a: Tensor, ba: Tensor,
-                   eps_ln: float = 1e-6, eps_adj: float = 1e-9) -> Tuple[Tensor, Tensor, Tensor]:
+                   eps_ln: float = 1e-6, eps_adj: float = 1e-9) -> tuple[Tensor, Tensor, Tensor]:
     """Fused metric learner: ``q [B,S,H,d]`` → fp32 ``(A, A_LM, G)`` ``[B,H,d,d]`` (DESIGN §3.1)."""
     return torch.ops.pldr.metric_tensors(q, q_mask, ln0_w, ln0_b, w1, b1, w2, b2, w3, b3, lnA_w,
                                          lnA_b, W, b, pw, a, ba, eps_ln, eps_adj)
 
 
-def g_attention(q: Tensor, k: Tensor, v: Tensor, G: Optional[Tensor] = None,
-                key_mask: Optional[Tensor] = None, causal: bool = False,
-                scale: Optional[float] = None) -> Tuple[Tensor, Tensor]:
+def g_attention(q: Tensor, k: Tensor, v: Tensor, G: Tensor | None = None,
+                key_mask: Tensor | None = None, causal: bool = False,
+                scale: float | None = None) -> tuple[Tensor, Tensor]:
     """``softmax((q·G)·kᵀ·scale + mask)·v`` → ``(out [B,Sq,H,d], lse [B,H,Sq])`` (DESIGN §3.2)."""
     return torch.ops.pldr.g_attention(q, k, v, G, key_mask, causal, scale)
 
 
 def g_attention_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor,
-                       k_new: Optional[Tensor] = None, v_new: Optional[Tensor] = None,
-                       cache_start: Optional[Tensor] = None, G: Optional[Tensor] = None,
-                       scale: Optional[float] = None, num_splits: int = 0) -> Tensor:
+                       k_new: Tensor | None = None, v_new: Tensor | None = None,
+                       cache_start: Tensor | None = None, G: Tensor | None = None,
+                       scale: float | None = None, num_splits: int = 0) -> Tensor:
     """Decode step over a KV-cache, appending ``k_new/v_new`` in place first (DESIGN §3.3)."""
     return torch.ops.pldr.g_attention_decode(q, k_cache, v_cache, cache_seqlens, k_new, v_new,
                                              cache_start, G, scale, num_splits)

@@ -10,7 +10,6 @@ and G are ``[B, H, d, d]``; per-head PLGA parameters are ``[H, d, d]``.
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +21,7 @@ EPS_ADJ = 1e-9  # spec §2 step 10: added *after* iSwiGLU
 ROPE_THETA = 10000.0
 
 
-def compute_dtype(*tensors: Optional[Tensor]) -> torch.dtype:
+def compute_dtype(*tensors: Tensor | None) -> torch.dtype:
     """fp64 when any input is fp64 (the test oracle), fp32 otherwise (spec §5: never below fp32)."""
     if any(t is not None and t.dtype == torch.float64 for t in tensors):
         return torch.float64
@@ -79,11 +78,11 @@ def iswiglu(z: Tensor) -> Tensor:
     return z * F.silu(z)
 
 
-def metric_tensors(q: Tensor, q_mask: Optional[Tensor], ln0_w: Tensor, ln0_b: Tensor,
+def metric_tensors(q: Tensor, q_mask: Tensor | None, ln0_w: Tensor, ln0_b: Tensor,
                    w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, w3: Tensor, b3: Tensor,
                    lnA_w: Tensor, lnA_b: Tensor, W: Tensor, b: Tensor, pw: Tensor, a: Tensor,
                    ba: Tensor, eps_ln: float = LN_EPS, eps_adj: float = EPS_ADJ
-                   ) -> Tuple[Tensor, Tensor, Tensor]:
+                   ) -> tuple[Tensor, Tensor, Tensor]:
     """The deep PLGA network: ``q [B,S,H,d]`` → ``(A, A_LM, G)``, each ``[B,H,d,d]``.
 
     Weights are packed as in DESIGN.md §3.1: ``w1, w2 [R,Gd,F,d]``, ``b1, b2 [R,Gd,F]``,
@@ -113,7 +112,7 @@ def metric_tensors(q: Tensor, q_mask: Optional[Tensor], ln0_w: Tensor, ln0_b: Te
 
 
 def g_from_metric(A: Tensor, W: Tensor, b: Tensor, pw: Tensor, a: Tensor, ba: Tensor,
-                  eps_adj: float = EPS_ADJ) -> Tuple[Tensor, Tensor]:
+                  eps_adj: float = EPS_ADJ) -> tuple[Tensor, Tensor]:
     """Steps 9-12 alone: a cached metric tensor ``A`` → ``(A_LM, G)`` (the "kv" cache mode)."""
     ct = compute_dtype(A, W)
     A_LM = iswiglu(torch.matmul(W.to(ct), A.to(ct)) + b.to(ct)) + eps_adj
@@ -124,7 +123,7 @@ def g_from_metric(A: Tensor, W: Tensor, b: Tensor, pw: Tensor, a: Tensor, ba: Te
 # --------------------------------------------------------------------------------------------
 # G-attention (spec §2 steps 13-14)
 # --------------------------------------------------------------------------------------------
-def apply_g(q: Tensor, G: Optional[Tensor]) -> Tensor:
+def apply_g(q: Tensor, G: Tensor | None) -> Tensor:
     """``q̃ = q·G`` for ``q [B,S,H,d]`` and ``G [B|1,H,d,d]``, in the compute dtype."""
     ct = compute_dtype(q, G)
     if G is None:
@@ -132,9 +131,9 @@ def apply_g(q: Tensor, G: Optional[Tensor]) -> Tensor:
     return torch.einsum("bshi,bhij->bshj", q.to(ct), G.to(ct))
 
 
-def g_attention(q: Tensor, k: Tensor, v: Tensor, G: Optional[Tensor] = None,
-                key_mask: Optional[Tensor] = None, causal: bool = False,
-                scale: Optional[float] = None) -> Tuple[Tensor, Tensor]:
+def g_attention(q: Tensor, k: Tensor, v: Tensor, G: Tensor | None = None,
+                key_mask: Tensor | None = None, causal: bool = False,
+                scale: float | None = None) -> tuple[Tensor, Tensor]:
     """``softmax((q·G)·kᵀ·scale + mask)·v`` → ``(out [B,Sq,H,d] in q's dtype, lse [B,H,Sq] fp32)``.
 
     ``causal`` is bottom-right aligned (query i sees keys j ≤ i + Sk − Sq). ``key_mask [B,Sk]``:
@@ -152,8 +151,8 @@ def g_attention(q: Tensor, k: Tensor, v: Tensor, G: Optional[Tensor] = None,
     return out.to(q.dtype).contiguous(), lse.to(torch.float32)
 
 
-def masked_softmax(scores: Tensor, key_mask: Optional[Tensor] = None,
-                   causal: bool = False) -> Tuple[Tensor, Tensor]:
+def masked_softmax(scores: Tensor, key_mask: Tensor | None = None,
+                   causal: bool = False) -> tuple[Tensor, Tensor]:
     """Softmax of ``scores [B,H,Sq,Sk]`` over the visible keys, and its log-sum-exp ``[B,H,Sq]``.
 
     Visibility as in ``g_attention``: ``causal`` bottom-right aligned, ``key_mask [B,Sk]`` True =
@@ -175,9 +174,9 @@ def masked_softmax(scores: Tensor, key_mask: Optional[Tensor] = None,
 
 
 def g_attention_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor,
-                       k_new: Optional[Tensor] = None, v_new: Optional[Tensor] = None,
-                       cache_start: Optional[Tensor] = None, G: Optional[Tensor] = None,
-                       scale: Optional[float] = None) -> Tensor:
+                       k_new: Tensor | None = None, v_new: Tensor | None = None,
+                       cache_start: Tensor | None = None, G: Tensor | None = None,
+                       scale: float | None = None) -> Tensor:
     """One generation step over a KV-cache, with the semantics of ``pldr::g_attention_decode``.
 
     Writes ``k_new/v_new`` in place at rows ``cache_seqlens[b] … +Sn`` (refusing to pass the end),

@@ -15,7 +15,6 @@ fp32 as a benchmark contestant, fp64 as a test oracle.
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -23,8 +22,7 @@ from torch import nn
 
 from . import reference
 from .config import PLDRConfig
-from .sampling import (check_generate_args, make_generator, positions_from_mask,
-                       sample_next_token)
+from .sampling import check_generate_args, make_generator, positions_from_mask, sample_next_token
 
 Tensor = torch.Tensor
 EPS_ADJ = 1e-9
@@ -63,7 +61,7 @@ class ResLayerA(nn.Module):
         return self.layernormA(A + A_in)
 
 
-def plga_attention(q: Tensor, k: Tensor, v: Tensor, G: Tensor, mask: Optional[Tensor]) -> Tensor:
+def plga_attention(q: Tensor, k: Tensor, v: Tensor, G: Tensor, mask: Tensor | None) -> Tensor:
     """Steps 13–14 as the authors write them, on ``[B,H,S,dk]``: softmax((q·G)·kᵀ/√dk + mask·-1e9)·v.
 
     Batching addition: a query row with every key blocked (a left-pad row) outputs 0, the op
@@ -90,7 +88,7 @@ class PlgaLayer(nn.Module):
         self.alst = nn.Parameter(nn.init.xavier_normal_(torch.empty(shape)))
         self.balst = nn.Parameter(torch.zeros(shape))
 
-    def g_from_metric(self, A: Tensor) -> Tuple[Tensor, Tensor]:
+    def g_from_metric(self, A: Tensor) -> tuple[Tensor, Tensor]:
         """Steps 9–12: metric tensor A [B,H,dk,dk] → (A_LM, G_LM)."""
         A_LM = reference.iswiglu(torch.matmul(self.Wlst, A) + self.blst) + EPS_ADJ
         G = torch.matmul(self.alst, torch.pow(A_LM, self.pwlst)) + self.balst
@@ -120,7 +118,7 @@ class PlgMultiHeadAttention(nn.Module):
         return reference.apply_rope(x, positions, interleaved=self.config.reference_rope,
                                     theta=self.config.rope_theta)
 
-    def metric_tensor(self, q: Tensor, q_mask: Optional[Tensor]) -> Tensor:
+    def metric_tensor(self, q: Tensor, q_mask: Tensor | None) -> Tensor:
         """Steps 6–8 on post-RoPE ``q [B,H,S,dk]``: A = LN(qᵀq), then the residual metric learner."""
         if q_mask is not None:
             q = q * q_mask[:, None, :, None].to(q.dtype)
@@ -129,9 +127,9 @@ class PlgMultiHeadAttention(nn.Module):
             A = res(A)
         return A
 
-    def forward(self, x: Tensor, positions: Tensor, mask: Optional[Tensor],
-                kvcache: Optional[list] = None, Gcache: Optional[list] = None,
-                q_mask: Optional[Tensor] = None):
+    def forward(self, x: Tensor, positions: Tensor, mask: Tensor | None,
+                kvcache: list | None = None, Gcache: list | None = None,
+                q_mask: Tensor | None = None):
         """Returns ``(output, [A, A_LM, G], kvcache=[k, v, A])``; k/v in ``[B,S,H,dk]``."""
         B, S, _ = x.shape
         q = self.wq(x).view(B, S, self.num_heads, self.depth)
@@ -231,7 +229,7 @@ class ReferencePLDR(nn.Module):
             self.final_layer.weight = self.decoder.embedding.weight
 
     @classmethod
-    def from_model(cls, model: nn.Module, dtype: Optional[torch.dtype] = None) -> "ReferencePLDR":
+    def from_model(cls, model: nn.Module, dtype: torch.dtype | None = None) -> ReferencePLDR:
         """A reference model with the weights of ``model`` (e.g. a PLDRForCausalLM), in ``dtype``."""
         ref = cls(model.config)
         ref.load_state_dict(model.state_dict())
@@ -239,15 +237,15 @@ class ReferencePLDR(nn.Module):
         return ref.to(dtype) if dtype is not None else ref
 
     # ----------------------------------------------------------------------------------------
-    def predefined_gcache(self) -> Optional[List[list]]:
+    def predefined_gcache(self) -> list[list] | None:
         if self.config.has_metric_learner:
             return None
         dtype = self.final_layer.weight.dtype
         return [[g[1].to(dtype), g[2].to(dtype)] for g in self.decoder.past_G_values]
 
-    def step(self, ids: Tensor, positions: Tensor, mask: Optional[Tensor],
-             kvcachelst: Optional[list] = None, Gcachelst: Optional[list] = None,
-             q_mask: Optional[Tensor] = None):
+    def step(self, ids: Tensor, positions: Tensor, mask: Tensor | None,
+             kvcachelst: list | None = None, Gcachelst: list | None = None,
+             q_mask: Tensor | None = None):
         """One call of the authors' ``PLDR_Model.forward``: ``(logits, deductive, kvcachelst)``.
 
         ``mask`` is 1 where blocked (look-ahead ∪ key padding), broadcastable to [B,1,Sq,Sk]."""
@@ -259,13 +257,13 @@ class ReferencePLDR(nn.Module):
                                                 q_mask)
         return self.final_layer(x), deductive, kvcachelst
 
-    def prefill_mask(self, attention_mask: Optional[Tensor], S: int, device) -> Tensor:
+    def prefill_mask(self, attention_mask: Tensor | None, S: int, device) -> Tensor:
         blocked = torch.triu(torch.ones(S, S, device=device), diagonal=1)[None, None]
         if attention_mask is not None:
             blocked = torch.maximum(blocked, 1.0 - attention_mask.float()[:, None, None, :])
         return blocked
 
-    def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
                 include_pad_in_g: bool = False) -> Tensor:
         """Full uncached forward: logits ``[B, S, V]``."""
         B, S = input_ids.shape
@@ -277,8 +275,8 @@ class ReferencePLDR(nn.Module):
     @torch.no_grad()
     def generate(self, input_ids: Tensor, max_new_tokens: int, cache: str = "kvg",
                  do_sample: bool = False, temperature: float = 1.0, top_k: int = 0,
-                 top_p: float = 1.0, eos_token_id: Optional[int] = None,
-                 attention_mask: Optional[Tensor] = None, seed: Optional[int] = None,
+                 top_p: float = 1.0, eos_token_id: int | None = None,
+                 attention_mask: Tensor | None = None, seed: int | None = None,
                  return_deductive: bool = False, include_pad_in_g: bool = False):
         """Greedy or sampled generation; ``[B, S + new]`` token ids (+ per-layer (A, A_LM, G)).
 

@@ -1,8 +1,6 @@
 """Token selection and argument checks shared by the generation loops of both models."""
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 Tensor = torch.Tensor
@@ -15,7 +13,7 @@ CACHE_MODE_HELP = ("cache='none' (full recompute, G from the whole sequence each
 
 def check_generate_args(input_ids: Tensor, max_new_tokens: int, cache: str, do_sample: bool,
                         temperature: float, top_k: int, top_p: float,
-                        attention_mask: Optional[Tensor], vocab_size: int) -> None:
+                        attention_mask: Tensor | None, vocab_size: int) -> None:
     if cache not in CACHE_MODES:
         raise ValueError(f"cache must be one of {CACHE_MODES}: {CACHE_MODE_HELP}; got {cache!r}")
     if input_ids.dim() != 2 or input_ids.shape[1] < 1:
@@ -52,7 +50,7 @@ def check_left_padded(attention_mask: Tensor, input_ids: Tensor) -> None:
                          "row); right padding is not supported by the generation loop")
 
 
-def positions_from_mask(attention_mask: Optional[Tensor], B: int, S: int,
+def positions_from_mask(attention_mask: Tensor | None, B: int, S: int,
                         device: torch.device) -> Tensor:
     """RoPE positions ``[B, S]``: counted from each row's first real token, so a left-padded row
     sees the positions it would see alone; pad slots get position 1 (HF generate's rule)."""
@@ -63,7 +61,7 @@ def positions_from_mask(attention_mask: Optional[Tensor], B: int, S: int,
 
 
 def sample_next_token(logits: Tensor, do_sample: bool, temperature: float = 1.0, top_k: int = 0,
-                      top_p: float = 1.0, generator: Optional[torch.Generator] = None) -> Tensor:
+                      top_p: float = 1.0, generator: torch.Generator | None = None) -> Tensor:
     """``logits [B, V]`` → token ids ``[B]`` (int64): argmax, or temperature/top-k/top-p sampling."""
     if not do_sample:
         return logits.argmax(dim=-1)
@@ -82,7 +80,7 @@ def sample_next_token(logits: Tensor, do_sample: bool, temperature: float = 1.0,
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
 
-def make_generator(seed: Optional[int], device: torch.device) -> Optional[torch.Generator]:
+def make_generator(seed: int | None, device: torch.device) -> torch.Generator | None:
     if seed is None:
         return None
     g = torch.Generator(device=device)

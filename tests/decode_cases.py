@@ -5,9 +5,9 @@ from __future__ import annotations
 import math
 
 import torch
+from testing import assert_close_to_reference
 
 from pldr_kernels import reference
-from testing import assert_close_to_reference
 
 
 def peer_same_dtype(q, k_cache, v_cache, lens, Sn, appending, starts, G, scale):

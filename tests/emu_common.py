@@ -2,7 +2,6 @@
 drivers run by tools/cuda_emu/harness.py."""
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 

@@ -3,12 +3,11 @@ DESIGN §4 tolerance rule and the comparison against the fp64 reference."""
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
+from testing import assert_close_to_reference
 
 from pldr_kernels import reference
-from testing import assert_close_to_reference
 
 
 def same_dtype_attention(q, k, v, G=None, key_mask=None, causal=False, scale=None):
@@ -48,7 +47,7 @@ def check_against_reference(out, lse, q, k, v, G=None, key_mask=None, causal=Fal
         assert torch.all(out.permute(0, 2, 1, 3)[empty] == 0)
 
 
-def random_inputs(B, Sq, Sk, H, d, dtype, gen: Optional[torch.Generator] = None, device="cpu"):
+def random_inputs(B, Sq, Sk, H, d, dtype, gen: torch.Generator | None = None, device="cpu"):
     q = torch.randn(B, Sq, H, d, generator=gen).to(device=device, dtype=dtype)
     k = torch.randn(B, Sk, H, d, generator=gen).to(device=device, dtype=dtype)
     v = torch.randn(B, Sk, H, d, generator=gen).to(device=device, dtype=dtype)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from testing import random_g
+
 import pldr_kernels
 
 

@@ -13,8 +13,14 @@ from pldr_kernels.bench import ops_suite, report
 from pldr_kernels.bench.agreement import DisagreementError, check_agreement
 from pldr_kernels.bench.contestants import Contestant
 from pldr_kernels.bench.memory import peak_extra_bytes
-from pldr_kernels.bench.timing import (Clock, Measurement, Progress, measure_interleaved,
-                                      percentile, summarize)
+from pldr_kernels.bench.timing import (
+    Clock,
+    Measurement,
+    Progress,
+    measure_interleaved,
+    percentile,
+    summarize,
+)
 
 TINY_MODEL = ["num_hidden_layers=1", "hidden_size=128", "num_attention_heads=2",
               "intermediate_size=64", "vocab_size=64", "A_dff=16", "num_reslayerA=1",

@@ -9,11 +9,16 @@ import math
 
 import pytest
 import torch
-
 from decode_cases import assert_decode_matches_reference, peer_same_dtype
+from testing import (
+    METRIC_WEIGHT_ORDER,
+    assert_close_to_reference,
+    make_metric_weights,
+    metric_args,
+    random_g,
+)
+
 from pldr_kernels import reference
-from testing import (METRIC_WEIGHT_ORDER, assert_close_to_reference, make_metric_weights,
-                     metric_args, random_g)
 
 
 def _built_with_cuda() -> bool:

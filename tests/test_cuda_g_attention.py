@@ -2,7 +2,6 @@
 reference, DESIGN §4 tolerances. Skips cleanly without a GPU or without the CUDA kernels."""
 import pytest
 import torch
-
 from g_attention_cases import check_against_reference, random_inputs
 from testing import HAS_CUDA_KERNELS, random_g
 

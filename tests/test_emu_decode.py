@@ -9,11 +9,11 @@ import math
 
 import pytest
 import torch
-
 from decode_cases import assert_decode_matches_reference, peer_same_dtype
 from emu_common import DTYPE_CODE, from_raw, raw_spec, run, skip_without_compiler, to_raw
-from pldr_kernels import reference
 from testing import assert_close_to_reference, random_g
+
+from pldr_kernels import reference
 
 pytestmark = [pytest.mark.emulation, skip_without_compiler]
 

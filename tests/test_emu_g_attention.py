@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from emu_common import DTYPE_CODE, run, skip_without_compiler
 from g_attention_cases import check_against_reference
 from testing import random_g

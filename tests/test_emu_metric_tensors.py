@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from emu_common import DTYPE_CODE, from_raw, raw_spec, run, skip_without_compiler, to_raw
-from pldr_kernels import reference
 from testing import METRIC_WEIGHT_ORDER, assert_close_to_reference, make_metric_weights
+
+from pldr_kernels import reference
 
 pytestmark = [pytest.mark.emulation, skip_without_compiler]
 

@@ -5,7 +5,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from emu_common import run, skip_without_compiler
 
 DRIVER = Path(__file__).parent / "emu" / "mma_layout_driver.cpp"

@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from emu_common import run, skip_without_compiler
 
 pytestmark = [pytest.mark.emulation, skip_without_compiler]

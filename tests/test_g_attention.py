@@ -5,8 +5,8 @@ import math
 
 import pytest
 import torch
-
 from testing import DTYPES, assert_close_to_reference, random_g
+
 from pldr_kernels import reference
 
 g_attention = torch.ops.pldr.g_attention

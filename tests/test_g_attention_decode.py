@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from testing import DTYPES, assert_close_to_reference, random_g
 from test_g_attention import eager_same_dtype, reference64
+from testing import DTYPES, assert_close_to_reference, random_g
+
 from pldr_kernels import reference
 
 decode = torch.ops.pldr.g_attention_decode

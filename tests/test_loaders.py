@@ -6,8 +6,8 @@ import os
 
 import pytest
 import torch
-
 from model_testing import tiny_config, tiny_model
+
 from pldr_kernels import PLDRConfig, PLDRForCausalLM
 from pldr_kernels.loaders import CheckpointError, read_hyperparameters
 from pldr_kernels.reference_model import ReferencePLDR

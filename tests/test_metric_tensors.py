@@ -19,9 +19,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from testing import (METRIC_WEIGHT_ORDER, assert_close_to_reference, make_metric_weights,
-                     max_abs_err, metric_args)
+from testing import (
+    METRIC_WEIGHT_ORDER,
+    assert_close_to_reference,
+    make_metric_weights,
+    max_abs_err,
+    metric_args,
+)
 
 from pldr_kernels import reference
 

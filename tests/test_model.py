@@ -7,11 +7,11 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-
 from model_testing import left_pad, needs_cpu_kernels, prompt, tiny_model
+from testing import assert_close_to_reference
+
 from pldr_kernels import reference
 from pldr_kernels.reference_model import ReferencePLDR
-from testing import assert_close_to_reference
 
 CACHE_MODES = ("none", "g", "kv", "kvg")
 

@@ -6,11 +6,11 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-
 from model_testing import needs_cpu_kernels
+from testing import assert_close_to_reference
+
 from pldr_kernels import reference
 from pldr_kernels.nn import GCachedAttention, MetricLearner, PowerLawGraphAttention
-from testing import assert_close_to_reference
 
 D, H, d = 128, 2, 64
 

@@ -4,9 +4,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from testing import make_metric_weights, metric_args
 
 from pldr_kernels import reference as ref
-from testing import make_metric_weights, metric_args
 
 
 def test_rope_interleaved_is_complex_rotation_of_adjacent_pairs():

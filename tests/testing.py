@@ -1,14 +1,17 @@
 """Shared test helpers: tolerance rule of DESIGN.md §4, realistic inputs and weights."""
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 import pldr_kernels  # noqa: F401  (loads torch.ops.pldr)
+
 # Realistic inputs live in the package (the benchmark uses them too); re-exported for the tests.
 from pldr_kernels.bench.inputs import (  # noqa: F401
-    METRIC_WEIGHT_ORDER, make_metric_weights, metric_args, random_g)
+    METRIC_WEIGHT_ORDER,
+    make_metric_weights,
+    metric_args,
+    random_g,
+)
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 FP32_REL_TOL = 1e-5
@@ -22,7 +25,7 @@ def max_abs_err(x: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def assert_close_to_reference(out: torch.Tensor, ref64: torch.Tensor,
-                              peer: Optional[torch.Tensor] = None, name: str = "out",
+                              peer: torch.Tensor | None = None, name: str = "out",
                               rel_tol: float = FP32_REL_TOL, floor: float = LOW_PRECISION_FLOOR):
     """DESIGN.md §4: compare a kernel output with the fp64 oracle.
 

@@ -11,7 +11,6 @@ import argparse
 import os
 import sys
 import time
-from typing import List, Optional
 
 SUITES = ("ops", "generate", "all")
 
@@ -24,7 +23,7 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-def parse_bool_list(text: str) -> List[bool]:
+def parse_bool_list(text: str) -> list[bool]:
     return {"yes": [True], "true": [True], "no": [False], "false": [False],
             "both": [True, False]}[text.lower()]
 
@@ -141,7 +140,7 @@ def generate_config(args, device):
     return cfg
 
 
-def parse_overrides(items: List[str]) -> dict:
+def parse_overrides(items: list[str]) -> dict:
     """``["num_hidden_layers=1", "custom_G_type=None"]`` → typed dict (ints, floats, bools, None)."""
     import ast
     out = {}
@@ -156,7 +155,7 @@ def parse_overrides(items: List[str]) -> dict:
     return out
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     suite = args.suite or "all"
 

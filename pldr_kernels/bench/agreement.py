@@ -10,7 +10,6 @@ tests/testing.py:assert_close_to_reference, returning a verdict instead of raisi
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
@@ -38,7 +37,7 @@ def _max_abs(x: torch.Tensor) -> float:
     return x.abs().max().item() if x.numel() else 0.0
 
 
-def check_agreement(out: torch.Tensor, oracle: torch.Tensor, peer: Optional[torch.Tensor] = None,
+def check_agreement(out: torch.Tensor, oracle: torch.Tensor, peer: torch.Tensor | None = None,
                     rel_tol: float = FP32_REL_TOL, floor: float = LOW_PRECISION_FLOOR) -> Verdict:
     """Apply the §4 rule to ``out`` (``peer`` None → the fp32 relative rule)."""
     if tuple(out.shape) != tuple(oracle.shape):

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -31,16 +31,16 @@ OP_NAMES = ("g_attention", "g_attention_decode", "metric_tensors")
 @dataclass
 class Contestant:
     name: str
-    fn: Optional[Callable[[], object]] = None
-    skip_reason: Optional[str] = None
-    notes: List[str] = field(default_factory=list)
+    fn: Callable[[], object] | None = None
+    skip_reason: str | None = None
+    notes: list[str] = field(default_factory=list)
 
     @property
     def available(self) -> bool:
         return self.fn is not None and self.skip_reason is None
 
 
-def pldr_kernel_missing(op: str, device: torch.device) -> Optional[str]:
+def pldr_kernel_missing(op: str, device: torch.device) -> str | None:
     """Why ``torch.ops.pldr.<op>`` cannot run on ``device`` (None when it can)."""
     if pk_ops._LOAD_ERROR is not None:
         return f"pldr_kernels._C is not built ({pk_ops._LOAD_ERROR}); run `make build`"
@@ -77,7 +77,7 @@ def eager_g_attention(q, k, v, G, causal: bool, scale: float) -> torch.Tensor:
     return torch.matmul(probs, v.transpose(1, 2)).transpose(1, 2).contiguous()
 
 
-def sdpa_backends(device: torch.device) -> Dict[str, object]:
+def sdpa_backends(device: torch.device) -> dict[str, object]:
     """The SDPA backends worth trying on ``device``, by short name."""
     from torch.nn.attention import SDPBackend
 
@@ -137,7 +137,7 @@ def make_flex(q, k, v, G, causal: bool, scale: float) -> Callable[[], torch.Tens
 
 def attention_contestants(op: str, q, k, v, G, causal: bool, k_cache=None, v_cache=None,
                           cache_seqlens=None, with_flex: bool = True,
-                          flex_skip_reason: Optional[str] = None) -> List[Contestant]:
+                          flex_skip_reason: str | None = None) -> list[Contestant]:
     """Contestants for ``g_attention`` (prefill) or ``g_attention_decode`` (``q`` has Sn = 1).
 
     Decode contestants read the first ``cache_seqlens`` rows of the cache and append nothing, so
@@ -146,7 +146,7 @@ def attention_contestants(op: str, q, k, v, G, causal: bool, k_cache=None, v_cac
     device = q.device
     d = q.shape[-1]
     scale = 1.0 / math.sqrt(d)
-    out: List[Contestant] = []
+    out: list[Contestant] = []
     missing = pldr_kernel_missing(op, device)
     if op == "g_attention":
         out.append(Contestant("pldr_kernels", None if missing else
@@ -173,7 +173,7 @@ def attention_contestants(op: str, q, k, v, G, causal: bool, k_cache=None, v_cac
     return out
 
 
-def metric_contestants(q, weights: Dict[str, torch.Tensor]) -> List[Contestant]:
+def metric_contestants(q, weights: dict[str, torch.Tensor]) -> list[Contestant]:
     """``pldr_kernels`` against ``reference.metric_tensors`` — which *is* the authors' eager
     formulation (an ``F.linear`` per SwiGLU, fp32), so there is no separate eager row."""
     from .inputs import metric_args

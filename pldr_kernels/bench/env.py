@@ -7,7 +7,7 @@ import platform
 import subprocess
 import sys
 import time
-from typing import Any, Dict
+from typing import Any
 
 import torch
 
@@ -90,7 +90,7 @@ def busy_machine_warning(threads: int, competing=None):
             f"are inflated and noisy; compare ratios only and repeat the run")
 
 
-def collect_env(device: torch.device, argv=None) -> Dict[str, Any]:
+def collect_env(device: torch.device, argv=None) -> dict[str, Any]:
     import pldr_kernels
     from pldr_kernels import __main__ as pk_main
     from pldr_kernels import ops
@@ -99,7 +99,7 @@ def collect_env(device: torch.device, argv=None) -> Dict[str, Any]:
         from pldr_kernels._build_info import BUILD_INFO
     except ImportError:
         BUILD_INFO = {}
-    env: Dict[str, Any] = {
+    env: dict[str, Any] = {
         "device": str(device),
         "device_name": device_name(device),
         "torch": torch.__version__,
@@ -116,7 +116,7 @@ def collect_env(device: torch.device, argv=None) -> Dict[str, Any]:
         "cpu_capability": pk_main.cpu_features(),
         "cpu_count": os.cpu_count(),
         "platform": platform.platform(),
-        "time_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "time_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "argv": list(sys.argv if argv is None else argv),
     }
     if device.type == "cuda":

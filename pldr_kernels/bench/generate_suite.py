@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -37,12 +37,12 @@ class GenerateConfig:
     new_tokens: int = 8
     batch: int = 1
     repeats: int = 3
-    checkpoint: Optional[str] = None
+    checkpoint: str | None = None
     dtype: str = "float32"
     cuda_graph: bool = False
     memory: bool = True
     seed: int = 0
-    model_overrides: Optional[dict] = None  # PLDRConfig fields (e.g. a smaller model for tests)
+    model_overrides: dict | None = None  # PLDRConfig fields (e.g. a smaller model for tests)
 
 
 def quick_config() -> GenerateConfig:
@@ -57,9 +57,9 @@ def full_config() -> GenerateConfig:
 # Models
 # ---------------------------------------------------------------------------------------------
 def load_models(cfg: GenerateConfig, device: torch.device
-                ) -> Tuple[Dict[str, torch.nn.Module], List[dict], Optional[object]]:
+                ) -> tuple[dict[str, torch.nn.Module], list[dict], object | None]:
     """``({impl: model}, skipped, config)``: both models with one set of weights."""
-    skipped: List[dict] = []
+    skipped: list[dict] = []
     try:
         from ..config import PLDRConfig
         from ..model import PLDRForCausalLM
@@ -76,7 +76,7 @@ def load_models(cfg: GenerateConfig, device: torch.device
     else:  # the paper's 110M configuration unless overridden
         source = PLDRForCausalLM(PLDRConfig(**(cfg.model_overrides or {})))
     source = source.to(device).eval()
-    models: Dict[str, torch.nn.Module] = {}
+    models: dict[str, torch.nn.Module] = {}
     if "reference" in cfg.impls:
         models["reference"] = ReferencePLDR.from_model(source, dtype).eval()
     if "pldr_kernels" in cfg.impls:
@@ -90,7 +90,7 @@ def load_models(cfg: GenerateConfig, device: torch.device
     return models, skipped, source.config
 
 
-def pldr_op_missing(op: str, device: torch.device) -> Optional[str]:
+def pldr_op_missing(op: str, device: torch.device) -> str | None:
     from .contestants import pldr_kernel_missing
     return pldr_kernel_missing(op, device)
 
@@ -120,7 +120,7 @@ class StepTimer:
         else:
             self.marks.append(time.perf_counter_ns())
 
-    def elapsed_ms(self) -> List[float]:
+    def elapsed_ms(self) -> list[float]:
         """Milliseconds from the first mark to each later one."""
         if self.cuda:
             self.marks[-1].synchronize()
@@ -129,7 +129,7 @@ class StepTimer:
 
 
 def timed_generate(model, impl: str, ids: torch.Tensor, new_tokens: int, mode: str,
-                   cuda_graph: bool) -> Tuple[torch.Tensor, float, List[float], float]:
+                   cuda_graph: bool) -> tuple[torch.Tensor, float, list[float], float]:
     """``(ids, ttft_ms, per_step_ms, total_ms)`` of one greedy generation."""
     timer = StepTimer(ids.device)
     use_stream = cuda_graph and impl == "pldr_kernels" and mode in ("kv", "kvg")  # see graphed()
@@ -171,7 +171,7 @@ def shout(msg: str) -> None:
 
 
 def run_generate(cfg: GenerateConfig, device: torch.device, show_progress: bool = True
-                 ) -> Tuple[List[dict], List[dict]]:
+                 ) -> tuple[list[dict], list[dict]]:
     models, skipped, config = load_models(cfg, device)
     if not models:
         return [], skipped
@@ -182,7 +182,7 @@ def run_generate(cfg: GenerateConfig, device: torch.device, show_progress: bool 
                   "params": sum(p.numel() for p in first.parameters()),
                   "weights": cfg.checkpoint or "random (seeded)"}
     gen = torch.Generator().manual_seed(cfg.seed + 1)
-    results: List[dict] = []
+    results: list[dict] = []
     total_steps = len(cfg.prompt_lens) * (1 + cfg.repeats)
     with Progress(total_steps, "generate", show_progress) as progress:
         for prompt_len in cfg.prompt_lens:
@@ -199,12 +199,12 @@ def run_generate(cfg: GenerateConfig, device: torch.device, show_progress: bool 
     return results, skipped
 
 
-def run_prompt(models, impls, cfg: GenerateConfig, ids, device, progress) -> List[dict]:
+def run_prompt(models, impls, cfg: GenerateConfig, ids, device, progress) -> list[dict]:
     prompt_len = ids.shape[1]
     # 1. Agreement, warm-up and peak memory in one untimed run per (implementation, mode): the
     #    greedy tokens of every implementation are compared per mode.
-    tokens: Dict[Tuple[str, str], torch.Tensor] = {}
-    memory: Dict[Tuple[str, str], Tuple[int, str]] = {}
+    tokens: dict[tuple[str, str], torch.Tensor] = {}
+    memory: dict[tuple[str, str], tuple[int, str]] = {}
     for mode in cfg.modes:
         for impl in impls:  # a 2-token warm-up first, so one-time setup is not counted as memory
             models[impl].generate(ids, min(2, cfg.new_tokens), cache=mode, do_sample=False)
@@ -218,8 +218,8 @@ def run_prompt(models, impls, cfg: GenerateConfig, ids, device, progress) -> Lis
             else:
                 out = once()
             tokens[(impl, mode)] = out.cpu()
-    valid: Dict[Tuple[str, str], bool] = {}
-    notes: Dict[Tuple[str, str], str] = {}
+    valid: dict[tuple[str, str], bool] = {}
+    notes: dict[tuple[str, str], str] = {}
     for mode in cfg.modes:
         base = tokens.get(("reference", mode))
         for impl in impls:

@@ -7,7 +7,6 @@ and the model's, not on degenerate values.
 from __future__ import annotations
 
 import math
-from typing import Dict, Optional
 
 import torch
 
@@ -29,7 +28,7 @@ def random_g(B: int, H: int, d: int, device="cpu", generator=None) -> torch.Tens
 
 def make_metric_weights(d: int = 64, H: int = 14, R: int = NUM_RESLAYER_A, Gd: int = NUM_DENSE_A,
                         F: int = A_DFF, device="cpu",
-                        generator: Optional[torch.Generator] = None) -> Dict[str, torch.Tensor]:
+                        generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
     """fp32 metric-learner + PLGA weights in the packed layout of DESIGN §3.1.
 
     Linear weights are xavier-uniform like the authors' init; LayerNorm affines near (1, 0); the
@@ -52,7 +51,7 @@ def make_metric_weights(d: int = 64, H: int = 14, R: int = NUM_RESLAYER_A, Gd: i
     return {k: v.to(device=device, dtype=torch.float32) for k, v in w.items()}
 
 
-def metric_args(weights: Dict[str, torch.Tensor], dtype=None) -> list:
+def metric_args(weights: dict[str, torch.Tensor], dtype=None) -> list:
     """Weights in the positional order of pldr::metric_tensors (after q, q_mask)."""
     return [weights[k] if dtype is None else weights[k].to(dtype) for k in METRIC_WEIGHT_ORDER]
 

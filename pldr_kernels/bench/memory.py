@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Callable, Tuple
+from collections.abc import Callable
 
 import torch
 
@@ -43,7 +43,7 @@ def _walk(nodes):
         stack.extend(node.children)
 
 
-def cpu_peak_extra_bytes(fn: Callable[[], object]) -> Tuple[object, int]:
+def cpu_peak_extra_bytes(fn: Callable[[], object]) -> tuple[object, int]:
     """``(fn(), peak)``: the peak of (bytes allocated − bytes freed) during ``fn()``, from the
     profiler's memory events."""
     from torch.profiler import ProfilerActivity, profile
@@ -69,7 +69,7 @@ def cpu_peak_extra_bytes(fn: Callable[[], object]) -> Tuple[object, int]:
     return result, peak
 
 
-def cuda_peak_extra_bytes(fn: Callable[[], object], device) -> Tuple[object, int]:
+def cuda_peak_extra_bytes(fn: Callable[[], object], device) -> tuple[object, int]:
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     before = torch.cuda.memory_allocated(device)
@@ -79,7 +79,7 @@ def cuda_peak_extra_bytes(fn: Callable[[], object], device) -> Tuple[object, int
     return result, peak
 
 
-def run_with_peak(fn: Callable[[], object], device="cpu") -> Tuple[object, int, str]:
+def run_with_peak(fn: Callable[[], object], device="cpu") -> tuple[object, int, str]:
     """``(fn(), bytes, method)``: the result of one call and its peak extra memory."""
     device = torch.device(device)
     if device.type == "cuda":
@@ -89,7 +89,7 @@ def run_with_peak(fn: Callable[[], object], device="cpu") -> Tuple[object, int, 
     return result, peak, "torch.profiler allocation events, 1 thread"
 
 
-def peak_extra_bytes(fn: Callable[[], object], device="cpu") -> Tuple[int, str]:
+def peak_extra_bytes(fn: Callable[[], object], device="cpu") -> tuple[int, str]:
     """``(bytes, method)``: the peak extra memory of one ``fn()`` call on ``device``."""
     _, peak, method = run_with_peak(fn, device)
     return peak, method

@@ -9,17 +9,23 @@ from __future__ import annotations
 
 import itertools
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from .. import reference
 from .agreement import check_agreement
-from .contestants import (Contestant, attention_contestants, metric_contestants,
-                          timed_first_call)
-from .inputs import (A_DFF, NUM_DENSE_A, NUM_RESLAYER_A, make_metric_weights, metric_args, randn,
-                     random_g)
+from .contestants import Contestant, attention_contestants, metric_contestants, timed_first_call
+from .inputs import (
+    A_DFF,
+    NUM_DENSE_A,
+    NUM_RESLAYER_A,
+    make_metric_weights,
+    metric_args,
+    randn,
+    random_g,
+)
 from .memory import peak_extra_bytes
 from .timing import Clock, Progress, measure_interleaved
 
@@ -65,7 +71,7 @@ class OpsConfig:
     warmup: int
     repeats: int
     with_flex: bool
-    flex_skip_reason: Optional[str]
+    flex_skip_reason: str | None
     memory: bool
     memory_check_heads: int
     memory_check_len: int = 4096
@@ -89,7 +95,7 @@ def full_config() -> OpsConfig:
                      with_flex=True, flex_skip_reason=None, memory=True, memory_check_heads=14)
 
 
-def cases(cfg: OpsConfig) -> List[OpCase]:
+def cases(cfg: OpsConfig) -> list[OpCase]:
     out = []
     for op in cfg.ops:
         if op == "g_attention":
@@ -120,7 +126,7 @@ def visible_pairs(Sq: int, Sk: int, causal: bool) -> int:
     return sum(max(0, min(Sk, i + offset + 1)) for i in range(Sq))
 
 
-def work(case: OpCase) -> Tuple[Optional[float], Optional[float]]:
+def work(case: OpCase) -> tuple[float | None, float | None]:
     """``(flops, bytes)`` of one call (None where the metric does not apply)."""
     B, H, d = case.B, case.H, case.d
     esize = torch.empty((), dtype=DTYPES[case.dtype]).element_size()
@@ -155,9 +161,9 @@ def fp64_attention_oracle(q, k, v, G, causal: bool) -> torch.Tensor:
 
 @dataclass
 class PreparedCase:
-    contestants: List[Contestant]
+    contestants: list[Contestant]
     oracle: object
-    peer_name: Optional[str]  # whose output gives the "PyTorch same dtype" error (None: fp32 rule)
+    peer_name: str | None  # whose output gives the "PyTorch same dtype" error (None: fp32 rule)
 
 
 def prepare(case: OpCase, device: torch.device, cfg: OpsConfig, seed: int = 0) -> PreparedCase:
@@ -189,7 +195,7 @@ def prepare(case: OpCase, device: torch.device, cfg: OpsConfig, seed: int = 0) -
     return PreparedCase(contestants, oracle, None if dtype == torch.float32 else "eager")
 
 
-def judge(outputs: Dict[str, object], prepared: PreparedCase) -> Dict[str, str]:
+def judge(outputs: dict[str, object], prepared: PreparedCase) -> dict[str, str]:
     """Verdict text per contestant; raises nothing, marks disagreement with a leading '!'."""
     def as_list(x):
         return list(x) if isinstance(x, (tuple, list)) else [x]
@@ -217,7 +223,7 @@ def shout(msg: str) -> None:
 
 
 def run_case(case: OpCase, device: torch.device, cfg: OpsConfig, clock: Clock,
-             skipped: List[dict], progress: Optional[Progress] = None) -> List[dict]:
+             skipped: list[dict], progress: Progress | None = None) -> list[dict]:
     prepared = prepare(case, device, cfg)
     outputs, live, notes = {}, {}, {}
     for c in prepared.contestants:
@@ -279,7 +285,7 @@ def run_case(case: OpCase, device: torch.device, cfg: OpsConfig, clock: Clock,
 
 
 def memory_check(device: torch.device, H: int, S: int = 4096, d: int = 64,
-                 dtype: str = "float32") -> List[dict]:
+                 dtype: str = "float32") -> list[dict]:
     """Prefill at S = 4096: the extra memory pldr_kernels needs vs the reference's S×S scores.
 
     The requirement (issue): pldr_kernels < 1/10 of the reference. SDPA's flash backend is shown
@@ -316,11 +322,11 @@ def memory_check(device: torch.device, H: int, S: int = 4096, d: int = 64,
 
 
 def run_ops(cfg: OpsConfig, device: torch.device, show_progress: bool = True
-            ) -> Tuple[List[dict], List[dict]]:
+            ) -> tuple[list[dict], list[dict]]:
     """Run the sweep (and the S = 4096 memory check); returns ``(results, skipped)``."""
     clock = Clock(str(device))
-    skipped: List[dict] = []
-    results: List[dict] = []
+    skipped: list[dict] = []
+    results: list[dict] = []
     todo = cases(cfg)
     with Progress(len(todo) + 1, "ops", show_progress) as progress:
         for case in todo:
@@ -331,7 +337,7 @@ def run_ops(cfg: OpsConfig, device: torch.device, show_progress: bool = True
     return results, dedupe_skips(skipped)
 
 
-def dedupe_skips(skipped: List[dict]) -> List[dict]:
+def dedupe_skips(skipped: list[dict]) -> list[dict]:
     seen, out = set(), []
     for s in skipped:
         key = (s["bench"], s.get("op"), s["impl"], s["reason"])

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import statistics
 import sys
-from typing import Dict, List, Optional, Sequence
+from collections.abc import Sequence
 
 # ---------------------------------------------------------------------------------------------
 # Tables
@@ -35,7 +35,7 @@ def _numeric(cell) -> bool:
     return s.isdigit()
 
 
-def fmt(x: Optional[float], digits: int = 3) -> str:
+def fmt(x: float | None, digits: int = 3) -> str:
     if x is None:
         return "-"
     if x == 0:
@@ -47,7 +47,7 @@ def fmt(x: Optional[float], digits: int = 3) -> str:
     return f"{x:.{digits}g}" if abs(x) < 1 else f"{x:.2f}"
 
 
-def mib(nbytes: Optional[float]) -> str:
+def mib(nbytes: float | None) -> str:
     return "-" if nbytes is None else f"{nbytes / 2**20:.1f}"
 
 
@@ -55,7 +55,7 @@ OPS_HEADERS = ("op", "shape", "dtype", "causal", "impl", "p50 ms", "p20–p80 ms
                "extra MiB", "check")
 
 
-def ops_rows(results: List[dict]) -> List[List[str]]:
+def ops_rows(results: list[dict]) -> list[list[str]]:
     rows = []
     for r in results:
         if r["bench"] != "ops":
@@ -76,7 +76,7 @@ GEN_HEADERS = ("impl", "mode", "prompt", "new", "TTFT ms", "token p50 ms", "toke
                "tokens/s", "peak MiB", "check")
 
 
-def generate_rows(results: List[dict]) -> List[List[str]]:
+def generate_rows(results: list[dict]) -> list[list[str]]:
     rows = []
     for r in results:
         if r["bench"] != "generate":
@@ -88,7 +88,7 @@ def generate_rows(results: List[dict]) -> List[List[str]]:
     return rows
 
 
-def memory_lines(results: List[dict]) -> List[str]:
+def memory_lines(results: list[dict]) -> list[str]:
     rows = [r for r in results if r["bench"] == "ops_memory"]
     if not rows:
         return []
@@ -108,7 +108,7 @@ def memory_lines(results: List[dict]) -> List[str]:
     return lines
 
 
-def ordering_lines(results: List[dict]) -> List[str]:
+def ordering_lines(results: list[dict]) -> list[str]:
     """Per implementation: is per-token latency kvg <= kv < none (p50)? One line each."""
     gen = [r for r in results if r["bench"] == "generate"]
     lines = []
@@ -126,7 +126,7 @@ def ordering_lines(results: List[dict]) -> List[str]:
     return ["Cache-mode ordering:"] + lines if lines else []
 
 
-def headline_lines(results: List[dict]) -> List[str]:
+def headline_lines(results: list[dict]) -> list[str]:
     lines = []
     for r in results:
         if r["bench"] == "ops" and r["impl"] == "pldr_kernels" and r.get("best_other"):
@@ -143,7 +143,7 @@ def headline_lines(results: List[dict]) -> List[str]:
     return ["Speedups (p50):"] + lines if lines else []
 
 
-def note_lines(results: List[dict]) -> List[str]:
+def note_lines(results: list[dict]) -> list[str]:
     lines = []
     for r in results:
         if r.get("note"):
@@ -153,7 +153,7 @@ def note_lines(results: List[dict]) -> List[str]:
     return ["Notes:"] + lines if lines else []
 
 
-def skip_lines(skipped: List[dict]) -> List[str]:
+def skip_lines(skipped: list[dict]) -> list[str]:
     if not skipped:
         return []
     lines = ["Skipped:"]
@@ -171,7 +171,7 @@ def env_line(env: dict) -> str:
             f"{'yes' if build.get('with_cuda') else 'no'})")
 
 
-def terminal_report(env: dict, results: List[dict]) -> str:
+def terminal_report(env: dict, results: list[dict]) -> str:
     parts = [env_line(env)]
     if any(r["bench"] == "ops" for r in results):
         parts += ["", format_table(OPS_HEADERS, ops_rows(results))]
@@ -190,7 +190,7 @@ def terminal_report(env: dict, results: List[dict]) -> str:
     return "\n".join(parts)
 
 
-def markdown_report(env: dict, results: List[dict]) -> str:
+def markdown_report(env: dict, results: list[dict]) -> str:
     parts = [f"Measured with `{' '.join(['pldr-bench'] + list(env.get('argv', [])[1:]))}` on "
              f"{env_line(env)}, {env.get('time_utc', '')}. Times are medians (p50) over interleaved "
              "repeats; p20–p80 shows the spread."]
@@ -213,7 +213,7 @@ def markdown_report(env: dict, results: List[dict]) -> str:
     return "\n".join(parts) + "\n"
 
 
-def write_json(path: str, env: dict, results: List[dict]) -> None:
+def write_json(path: str, env: dict, results: list[dict]) -> None:
     with open(path, "w") as f:
         json.dump({"env": env, "results": results}, f, indent=1, default=str)
 
@@ -225,7 +225,7 @@ MATPLOTLIB_HINT = ("--plot needs matplotlib, which is not installed: `pip instal
                    "(into this environment: `{python} -m pip install matplotlib`)")
 
 
-def write_plot(path: str, env: dict, results: List[dict]) -> bool:
+def write_plot(path: str, env: dict, results: list[dict]) -> bool:
     """Latency against sequence length: generation per (implementation, mode) from the per-step
     samples, and prefill time per contestant from the ops sweep. False if matplotlib is missing."""
     try:
@@ -258,7 +258,7 @@ def write_plot(path: str, env: dict, results: List[dict]) -> bool:
             ax.set_ylabel("per-token latency, median over repeats (ms)")
             ax.set_title("generate: latency per decode step")
         else:
-            groups: Dict[tuple, list] = {}
+            groups: dict[tuple, list] = {}
             for r in rows:
                 groups.setdefault((r["impl"], r["dtype"], r["causal"], r["B"]), []).append(r)
             for (impl, dtype, causal, B), rs in groups.items():

@@ -11,8 +11,8 @@ from __future__ import annotations
 import math
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
@@ -29,7 +29,7 @@ def percentile(samples: Sequence[float], q: float) -> float:
     return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
-def summarize(samples: Sequence[float]) -> Dict[str, float]:
+def summarize(samples: Sequence[float]) -> dict[str, float]:
     """``{"p10": …, "p20": …, "p50": …, "p80": …, "p90": …, "mean": …, "n": …}`` of samples."""
     out = {f"p{q}": percentile(samples, q) for q in PERCENTILES}
     out["mean"] = sum(samples) / len(samples)
@@ -76,14 +76,14 @@ class Clock:
 
 @dataclass
 class Measurement:
-    samples_ms: List[float]
+    samples_ms: list[float]
     inner: int
 
     @property
-    def stats(self) -> Dict[str, float]:
+    def stats(self) -> dict[str, float]:
         return summarize(self.samples_ms)
 
-    def median_band_ms(self) -> Dict[str, float]:
+    def median_band_ms(self) -> dict[str, float]:
         """``{"median_ms", "p20_ms", "p80_ms"}``: the fields of the CUDA benchmark scripts' JSON."""
         return {"median_ms": percentile(self.samples_ms, 50),
                 "p20_ms": percentile(self.samples_ms, 20),
@@ -101,10 +101,10 @@ def calibrate_inner(clock: Clock, fn: Callable[[], object], min_sample_ms: float
     return inner
 
 
-def measure_interleaved(contestants: Dict[str, Callable[[], object]], clock: Clock,
+def measure_interleaved(contestants: dict[str, Callable[[], object]], clock: Clock,
                         warmup: int = 2, repeats: int = 10, min_sample_ms: float = 1.0,
-                        progress: Optional["Progress"] = None,
-                        inner: Optional[int] = None) -> Dict[str, Measurement]:
+                        progress: Progress | None = None,
+                        inner: int | None = None) -> dict[str, Measurement]:
     """Time every contestant ``repeats`` times, round-robin, after ``warmup`` calls each.
 
     The order rotates each repeat so no contestant always runs right after the same neighbour
@@ -118,7 +118,7 @@ def measure_interleaved(contestants: Dict[str, Callable[[], object]], clock: Clo
     clock.synchronize()
     inner_of = {name: inner or calibrate_inner(clock, contestants[name], min_sample_ms)
                 for name in names}
-    samples: Dict[str, List[float]] = {name: [] for name in names}
+    samples: dict[str, list[float]] = {name: [] for name in names}
     for rep in range(repeats):
         shift = rep % len(names)
         for name in names[shift:] + names[:shift]:
@@ -128,8 +128,8 @@ def measure_interleaved(contestants: Dict[str, Callable[[], object]], clock: Clo
     return {name: Measurement(samples[name], inner_of[name]) for name in names}
 
 
-def median_bands_ms(contestants: Dict[str, Callable[[], object]], clock: Clock, repeats: int,
-                    warmup: int = 2, inner: Optional[int] = None) -> Dict[str, Dict[str, float]]:
+def median_bands_ms(contestants: dict[str, Callable[[], object]], clock: Clock, repeats: int,
+                    warmup: int = 2, inner: int | None = None) -> dict[str, dict[str, float]]:
     """``measure_interleaved``, each contestant summarised by ``Measurement.median_band_ms``."""
     measured = measure_interleaved(contestants, clock, warmup=warmup, repeats=repeats, inner=inner)
     return {name: m.median_band_ms() for name, m in measured.items()}
@@ -177,7 +177,7 @@ class Progress:
             sys.stderr.write("\r" + " " * self._last_len + "\r")
             sys.stderr.flush()
 
-    def __enter__(self) -> "Progress":
+    def __enter__(self) -> Progress:
         return self
 
     def __exit__(self, *exc) -> None:

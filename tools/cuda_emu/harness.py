@@ -16,8 +16,8 @@ import os
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Dict, Iterable, Mapping, Optional, Tuple
 
 import numpy as np
 
@@ -41,7 +41,7 @@ def _header_digest() -> str:
     return h.hexdigest()
 
 
-def compile_driver(driver: Path, sanitize: Optional[str] = None,
+def compile_driver(driver: Path, sanitize: str | None = None,
                    extra_flags: Iterable[str] = ()) -> Path:
     """Compile ``driver`` against the shim; returns the executable (cached)."""
     sanitize = sanitize if sanitize is not None else os.environ.get("PLDR_EMU_SANITIZE") or None
@@ -65,8 +65,8 @@ def compile_driver(driver: Path, sanitize: Optional[str] = None,
 
 
 def run_driver(driver: Path, inputs: Mapping[str, np.ndarray], params: Mapping[str, int],
-               outputs: Mapping[str, Tuple[Tuple[int, ...], np.dtype]],
-               sanitize: Optional[str] = None, timeout: float = 600.0) -> Dict[str, np.ndarray]:
+               outputs: Mapping[str, tuple[tuple[int, ...], np.dtype]],
+               sanitize: str | None = None, timeout: float = 600.0) -> dict[str, np.ndarray]:
     """Compile (cached) and run ``driver``; returns the arrays it wrote, shaped as ``outputs``.
 
     Arrays in ``inputs`` that the driver also writes (e.g. a mutated cache) can be named in

@@ -1,0 +1,362 @@
+"""What decides "correct" in pldr-kernels, shipped with the package (like ``torch.testing``).
+
+The tests, the benchmark harness and users checking their own integration use the same pieces:
+
+* **inputs** — ``random_attention_inputs``, ``random_g``, ``make_metric_weights``, ``metric_args``:
+  realistic data (a G near the identity, xavier-initialised metric-learner weights with power
+  exponents of both signs), not degenerate values;
+* **peers** — one same-dtype PyTorch formulation per op (``g_attention_peer``,
+  ``g_attention_decode_peer``, ``metric_tensors_peer``): what a user would write in plain PyTorch
+  in the kernel's dtype; its error against fp64 sets the bound for low-precision kernels;
+* **the rule** (docs/design.md §4) — ``compare`` returns a :class:`Verdict`; ``check_g_attention``,
+  ``check_g_attention_decode`` and ``check_metric_tensors`` apply it to every output of an op
+  against ``pldr_kernels.reference`` run in fp64;
+* **backends** — ``available_backends(op)``: which devices this build can run an op on.
+
+The rule: fp32 outputs within ``FP32_REL_TOL`` · max|oracle| of the fp64 oracle; low-precision
+outputs within 2 × (the peer's error against the oracle) + ``LOW_PRECISION_FLOOR``. Non-finite
+entries must be non-finite in the same places with the same value (NaN where NaN, ±inf where ±inf).
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from . import reference
+
+Tensor = torch.Tensor
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+FP32_REL_TOL = 1e-5
+LOW_PRECISION_FLOOR = 1e-5
+OPS = ("metric_tensors", "g_attention", "g_attention_decode")
+METRIC_WEIGHT_ORDER = ("ln0_w", "ln0_b", "w1", "b1", "w2", "b2", "w3", "b3", "lnA_w", "lnA_b", "W",
+                       "b", "pw", "a", "ba")
+# The paper's 110M model (docs/spec.md §1): the metric learner's shape.
+A_DFF, NUM_RESLAYER_A, NUM_DENSE_A = 170, 8, 2
+
+
+# --------------------------------------------------------------------------------------------
+# Verdicts
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Verdict:
+    """The outcome of the rule for one output (or, with ``parts``, for all outputs of an op).
+
+    Truthy when it passes; ``str()`` says what was compared, the error, the bound and the rule, and
+    for a failure the worst entries. ``assert_ok()`` raises AssertionError with that text."""
+    name: str
+    ok: bool
+    max_abs_err: float
+    bound: float
+    rule: str
+    worst: str = ""
+    parts: tuple[Verdict, ...] = field(default=())
+
+    def __bool__(self) -> bool:
+        return self.ok
+
+    def __str__(self) -> str:
+        if self.parts:
+            shown = [p for p in self.parts if not p.ok] or [self.worst_part()]
+            head = "ok" if self.ok else f"{len(shown)} of {len(self.parts)} outputs disagree"
+            return f"{self.name}: {head}; " + "; ".join(str(p) for p in shown)
+        text = (f"{self.name}: max abs error {self.max_abs_err:.3e} "
+                f"{'<=' if self.ok else '>'} bound {self.bound:.3e} ({self.rule})")
+        return text + (f"; worst: {self.worst}" if self.worst else "")
+
+    def worst_part(self) -> Verdict:
+        """The part closest to (or furthest past) its bound."""
+        def ratio(v: Verdict) -> float:
+            if v.max_abs_err == 0:
+                return 0.0
+            return math.inf if v.bound <= 0 else v.max_abs_err / v.bound
+        return max(self.parts, key=ratio) if self.parts else self
+
+    def assert_ok(self) -> None:
+        if not self.ok:
+            raise AssertionError(str(self))
+
+    @staticmethod
+    def combine(name: str, parts: Sequence[Verdict]) -> Verdict:
+        parts = tuple(parts)
+        worst = max(parts, key=lambda v: (not v.ok, v.max_abs_err / v.bound if v.bound > 0
+                                          else (math.inf if v.max_abs_err else 0.0)))
+        return Verdict(name, all(p.ok for p in parts), worst.max_abs_err, worst.bound,
+                       worst.rule, parts=parts)
+
+
+def _max_abs(x: Tensor) -> float:
+    return x.abs().max().item() if x.numel() else 0.0
+
+
+def _worst_entries(o: Tensor, r: Tensor, n: int = 5) -> str:
+    diff = (o - r).abs().flatten()
+    idx = torch.topk(diff, min(n, diff.numel())).indices.tolist()
+    of, rf = o.flatten(), r.flatten()
+    return ", ".join(f"[{i}] got {of[i].item():.6g} want {rf[i].item():.6g}" for i in idx)
+
+
+def compare(out: Tensor, oracle: Tensor, peer: Tensor | None = None, *, name: str = "out",
+            rel_tol: float = FP32_REL_TOL, floor: float = LOW_PRECISION_FLOOR) -> Verdict:
+    """The rule of docs/design.md §4 for one output.
+
+    ``peer`` None: the fp32 rule, max|out − oracle| ≤ rel_tol · max|oracle|. Otherwise the peer
+    rule, max|out − oracle| ≤ 2 · max|peer − oracle| + floor, where ``peer`` is the same math done
+    by PyTorch in the kernel's dtype (one of the ``*_peer`` functions)."""
+    if tuple(out.shape) != tuple(oracle.shape):
+        return Verdict(name, False, math.inf, 0.0,
+                       f"shape {tuple(out.shape)} differs from the oracle's {tuple(oracle.shape)}")
+    o, r = out.detach().double().cpu(), oracle.detach().double().cpu()
+    finite = torch.isfinite(r)
+    same_nonfinite = torch.equal(torch.isfinite(o), finite) and torch.equal(
+        o[~finite].nan_to_num(0.0), r[~finite].nan_to_num(0.0)) and torch.equal(
+        o[~finite].isnan(), r[~finite].isnan())
+    if not same_nonfinite:
+        bad = ~(torch.isfinite(o) & finite) & ~((o == r) | (o.isnan() & r.isnan()))
+        idx = bad.flatten().nonzero()[:5, 0].tolist()
+        where = ", ".join(f"[{i}] got {o.flatten()[i].item():.6g} want {r.flatten()[i].item():.6g}"
+                          for i in idx)
+        return Verdict(name, False, math.inf, 0.0,
+                       f"{int(bad.sum())} non-finite entries differ from the oracle's", where)
+    o, r = o[finite], r[finite]
+    err = _max_abs(o - r)
+    if peer is None:
+        scale = _max_abs(r)
+        bound = rel_tol * max(scale, 1e-30)
+        rule = f"fp32 rule: {rel_tol:g} x max|oracle| {scale:.3e}"
+    else:
+        peer_err = _max_abs(peer.detach().double().cpu()[finite] - r)
+        bound = 2 * peer_err + floor
+        rule = f"peer rule: 2 x same-dtype PyTorch error {peer_err:.3e} + {floor:.3g}"
+    ok = err <= bound
+    return Verdict(name, ok, err, bound, rule, "" if ok else _worst_entries(o, r))
+
+
+def assert_close(out: Tensor, oracle: Tensor, peer: Tensor | None = None, **kw) -> None:
+    """``compare(...)`` that raises AssertionError (with the worst entries) when it fails."""
+    compare(out, oracle, peer, **kw).assert_ok()
+
+
+# --------------------------------------------------------------------------------------------
+# Inputs
+# --------------------------------------------------------------------------------------------
+def randn(shape, dtype=torch.float32, device="cpu", generator=None) -> Tensor:
+    """Standard normal values drawn on the CPU (same values on every device for a seed), then
+    moved and cast."""
+    return torch.randn(shape, generator=generator).to(device=device, dtype=dtype)
+
+
+def random_attention_inputs(B: int, Sq: int, Sk: int, H: int, d: int, dtype=torch.float32,
+                            device="cpu", generator=None) -> tuple[Tensor, Tensor, Tensor]:
+    """``q [B,Sq,H,d]``, ``k, v [B,Sk,H,d]`` standard normal in ``dtype``."""
+    return (randn((B, Sq, H, d), dtype, device, generator),
+            randn((B, Sk, H, d), dtype, device, generator),
+            randn((B, Sk, H, d), dtype, device, generator))
+
+
+def random_g(B: int, H: int, d: int, device="cpu", generator=None) -> Tensor:
+    """A well-conditioned fp32 G near the identity, as learned G_LM tends to be in scale.
+
+    Drawn on the CPU (from ``generator``, else the global CPU RNG) and then moved, so a seed gives
+    the same G on every device."""
+    noise = torch.randn(B, H, d, d, generator=generator).to(device)
+    return (torch.eye(d, device=device) + 0.3 * noise / math.sqrt(d)).float()
+
+
+def make_metric_weights(d: int = 64, H: int = 14, R: int = NUM_RESLAYER_A, Gd: int = NUM_DENSE_A,
+                        F: int = A_DFF, device="cpu",
+                        generator: torch.Generator | None = None) -> dict[str, Tensor]:
+    """fp32 metric-learner + PLGA weights in the packed layout of ``pldr::metric_tensors``
+    (docs/design.md §3.1).
+
+    Linear weights are xavier-uniform like the authors' init; LayerNorm affines near (1, 0); the
+    power exponents pw spread over both signs so the power stage is exercised (docs/spec.md §5.1).
+    """
+    def u(shape, bound):
+        return (torch.rand(shape, generator=generator) * 2 - 1) * bound
+
+    xav_in = math.sqrt(6.0 / (d + F))
+    xav_sq = math.sqrt(6.0 / (2 * d))
+    w = dict(
+        ln0_w=1 + 0.1 * u((d,), 1), ln0_b=0.1 * u((d,), 1),
+        w1=u((R, Gd, F, d), xav_in), b1=0.05 * u((R, Gd, F), 1),
+        w2=u((R, Gd, F, d), xav_in), b2=0.05 * u((R, Gd, F), 1),
+        w3=u((R, Gd, d, F), xav_in), b3=0.05 * u((R, Gd, d), 1),
+        lnA_w=1 + 0.1 * u((R, d), 1), lnA_b=0.1 * u((R, d), 1),
+        W=u((H, d, d), xav_sq), b=0.1 * u((H, d, d), 1),
+        pw=u((H, d, d), 1.0), a=u((H, d, d), xav_sq), ba=0.1 * u((H, d, d), 1),
+    )
+    return {k: v.to(device=device, dtype=torch.float32) for k, v in w.items()}
+
+
+def metric_args(weights: dict[str, Tensor], dtype=None) -> list[Tensor]:
+    """Weights in the positional order of ``pldr::metric_tensors`` (after q, q_mask)."""
+    return [weights[k] if dtype is None else weights[k].to(dtype) for k in METRIC_WEIGHT_ORDER]
+
+
+# --------------------------------------------------------------------------------------------
+# Peers: the same math in plain PyTorch, in the kernel's dtype
+# --------------------------------------------------------------------------------------------
+def g_attention_peer(q: Tensor, k: Tensor, v: Tensor, G: Tensor | None = None,
+                     key_mask: Tensor | None = None, causal: bool = False,
+                     scale: float | None = None) -> tuple[Tensor, Tensor]:
+    """``g_attention`` as a user writes it in q's dtype (the HF port's eager path):
+    q̃ = q·G in fp32 rounded once to the dtype, scores from a dtype matmul, softmax in fp32, P
+    rounded to the dtype, P·V as a dtype matmul. Returns ``(out [B,Sq,H,d], lse [B,H,Sq] fp32)``."""
+    dt = q.dtype
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    qt = reference.apply_g(q, G).to(dt).permute(0, 2, 1, 3)
+    scores = torch.matmul(qt, k.permute(0, 2, 3, 1)).float() * scale
+    p, lse = reference.masked_softmax(scores, key_mask, causal)
+    out = torch.matmul(p.to(dt), v.permute(0, 2, 1, 3)).permute(0, 2, 1, 3)
+    return out.contiguous(), lse
+
+
+def _decode_rows(cache_seqlens: Tensor, cache_start: Tensor | None, B: int):
+    lens = cache_seqlens.to(torch.int64).tolist()
+    starts = [0] * B if cache_start is None else cache_start.to(torch.int64).tolist()
+    return lens, starts
+
+
+def g_attention_decode_peer(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor,
+                            k_new: Tensor | None = None, v_new: Tensor | None = None,
+                            cache_start: Tensor | None = None, G: Tensor | None = None,
+                            scale: float | None = None) -> Tensor:
+    """``g_attention_decode`` in plain PyTorch in q's dtype: the append done on copies of the
+    caches (the arguments are not modified), then :func:`g_attention_peer` per batch row over its
+    visible rows, causal inside the new block."""
+    B, Sn = q.shape[:2]
+    lens, starts = _decode_rows(cache_seqlens, cache_start, B)
+    kc, vc = k_cache.clone(), v_cache.clone()
+    if k_new is not None:
+        for b in range(B):
+            kc[b, lens[b]:lens[b] + Sn] = k_new[b]
+            vc[b, lens[b]:lens[b] + Sn] = v_new[b]
+    appended = Sn if k_new is not None else 0
+    out = torch.empty_like(q)
+    for b in range(B):
+        s0, s1 = starts[b], lens[b] + appended
+        Gb = None if G is None else G[b if G.shape[0] > 1 else 0][None]
+        out[b] = g_attention_peer(q[b:b + 1], kc[b:b + 1, s0:s1], vc[b:b + 1, s0:s1], Gb,
+                                  causal=True, scale=scale)[0][0]
+    return out
+
+
+def metric_tensors_peer(q: Tensor, q_mask: Tensor | None, *weights: Tensor,
+                        eps_ln: float = reference.LN_EPS, eps_adj: float = reference.EPS_ADJ
+                        ) -> tuple[Tensor, Tensor, Tensor]:
+    """The metric learner in plain PyTorch fp32 — the op's only compute dtype (docs/spec.md §5)."""
+    return reference.metric_tensors(q, q_mask, *(w.float() for w in weights), eps_ln=eps_ln,
+                                    eps_adj=eps_adj)
+
+
+# --------------------------------------------------------------------------------------------
+# The rule applied to each op
+# --------------------------------------------------------------------------------------------
+def _double(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.double()
+
+
+def check_g_attention(out: Tensor, lse: Tensor | None, q: Tensor, k: Tensor, v: Tensor,
+                      G: Tensor | None = None, key_mask: Tensor | None = None,
+                      causal: bool = False, scale: float | None = None, *,
+                      oracle: tuple[Tensor, Tensor] | None = None,
+                      peer: tuple[Tensor, Tensor] | None = None) -> Verdict:
+    """``pldr::g_attention``'s ``(out, lse)`` (``lse`` None: not judged) against the fp64
+    reference: fp32 rule for fp32 inputs, peer rule (:func:`g_attention_peer`) otherwise. A query
+    row with no visible key must be exactly 0 with lse −inf. ``oracle``/``peer`` may be passed
+    precomputed (the benchmark computes a large oracle in chunks)."""
+    if oracle is None:
+        oracle = reference.g_attention(q.double(), k.double(), v.double(), _double(G), key_mask,
+                                       causal, scale)
+    if q.dtype != torch.float32 and peer is None:
+        peer = g_attention_peer(q, k, v, G, key_mask, causal, scale)
+    ref_out, ref_lse = oracle
+    parts = [compare(out, ref_out, None if peer is None else peer[0], name="out")]
+    if lse is not None:
+        parts.append(compare(lse, ref_lse, None if peer is None else peer[1], name="lse"))
+    empty = torch.isneginf(ref_lse.cpu())
+    if bool(empty.any()):
+        rows_zero = bool((out.detach().cpu().permute(0, 2, 1, 3)[empty] == 0).all())
+        parts.append(Verdict("rows without a visible key", rows_zero, 0.0 if rows_zero else math.inf,
+                             0.0, "exactly 0 (and lse -inf)"))
+    return Verdict.combine("g_attention", parts)
+
+
+def check_g_attention_decode(out: Tensor, q: Tensor, k_cache: Tensor, v_cache: Tensor,
+                             cache_seqlens: Tensor, k_new: Tensor | None = None,
+                             v_new: Tensor | None = None,
+                             cache_start: Tensor | None = None, G: Tensor | None = None,
+                             scale: float | None = None, *,
+                             oracle: Tensor | None = None) -> Verdict:
+    """One decode step's ``out`` against ``reference.g_attention_decode`` in fp64. ``k_cache`` /
+    ``v_cache`` are the caches *before* the step (they are not modified here)."""
+    if oracle is None:
+        oracle = reference.g_attention_decode(
+            q.double(), k_cache.double(), v_cache.double(), cache_seqlens, _double(k_new),
+            _double(v_new), cache_start, _double(G), scale)
+    peer = None
+    if q.dtype != torch.float32:
+        peer = g_attention_decode_peer(q, k_cache, v_cache, cache_seqlens, k_new, v_new,
+                                       cache_start, G, scale)
+    return Verdict.combine("g_attention_decode", [compare(out, oracle, peer, name="out")])
+
+
+def check_metric_tensors(out: Sequence[Tensor], q: Tensor, q_mask: Tensor | None,
+                         weights: dict[str, Tensor], eps_ln: float = reference.LN_EPS,
+                         eps_adj: float = reference.EPS_ADJ, *,
+                         oracle: Sequence[Tensor] | None = None) -> Verdict:
+    """``pldr::metric_tensors``'s ``(A, A_LM, G)`` against the fp64 reference on the same
+    (upcast) inputs.
+
+    A and A_LM: the fp32 rule. G cannot meet it end to end, for any fp32 evaluation: G = a·A_LM^pw
+    + ba with exponents of both signs, and A_LM ≈ z²/2 wherever z = W·A + b cancels, so a few-ulp
+    error of A becomes a large relative error of a tiny A_LM that a negative pw turns into the
+    largest entries of G (docs/spec.md §5.1). So G is judged in two parts:
+      * steps 9–12 given the kernel's own A, against fp64 steps 9–12 from that same A: fp32 rule;
+      * end to end: ≤ 2 × PyTorch-fp32's end-to-end error + the G error that the kernel's A error
+        alone causes (evaluated in fp64; A itself is held to the fp32 rule) + 1e-5·max|G|.
+    """
+    A, A_LM, G = out
+    if oracle is None:
+        oracle = reference.metric_tensors(q.double(), q_mask, *metric_args(weights, torch.float64),
+                                          eps_ln=eps_ln, eps_adj=eps_adj)
+    ref_A, ref_A_LM, ref_G = oracle
+    parts = [compare(A, ref_A, name="A"), compare(A_LM, ref_A_LM, name="A_LM")]
+    w64 = {k: weights[k].double().to(A.device) for k in ("W", "b", "pw", "a", "ba")}
+    G_given_A = reference.g_from_metric(A.double(), w64["W"], w64["b"], w64["pw"], w64["a"],
+                                        w64["ba"], eps_adj=eps_adj)[1]
+    parts.append(compare(G, G_given_A, name="G (steps 9-12 given its own A)"))
+    propagated = _max_abs((G_given_A - ref_G.to(G_given_A.device))[torch.isfinite(ref_G)])
+    floor = 1e-5 * _max_abs(ref_G[torch.isfinite(ref_G)])
+    G_peer = metric_tensors_peer(q, q_mask, *metric_args(weights), eps_ln=eps_ln,
+                                 eps_adj=eps_adj)[2]
+    parts.append(compare(G, ref_G, G_peer, floor=floor + propagated, name="G (end to end)"))
+    return Verdict.combine("metric_tensors", parts)
+
+
+# --------------------------------------------------------------------------------------------
+# Backends
+# --------------------------------------------------------------------------------------------
+def available_backends(op: str, *, need_device: bool = True) -> tuple[str, ...]:
+    """The devices ("cpu", "cuda") on which this build runs ``pldr::<op>``.
+
+    "cuda" needs a build with CUDA kernels (a CPU-only build registers a stub on the CUDA key that
+    explains how to rebuild) and, unless ``need_device=False``, a visible CUDA device."""
+    if op not in OPS:
+        raise ValueError(f"op must be one of {OPS}, got {op!r}")
+    from . import ops
+
+    if ops._LOAD_ERROR is not None:
+        return ()
+    backends = []
+    if torch._C._dispatch_has_kernel_for_dispatch_key(f"pldr::{op}", "CPU"):
+        backends.append("cpu")
+    if (ops.built_with_cuda() and (not need_device or torch.cuda.is_available())
+            and torch._C._dispatch_has_kernel_for_dispatch_key(f"pldr::{op}", "CUDA")):
+        backends.append("cuda")
+    return tuple(backends)
