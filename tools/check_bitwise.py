@@ -25,6 +25,9 @@ from pldr_kernels.reference_model import ReferencePLDR
 
 ops = torch.ops.pldr
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# Generation without early stopping, said explicitly (a refactor may default eos_token_id to the
+# config's; an explicit None means "no EOS" in both trees).
+NO_EOS = {"eos_token_id": None}
 
 
 def gen(seed: int) -> torch.Generator:
@@ -178,19 +181,19 @@ def model_cases(res: dict) -> None:
                 res[key + "/logits_padded"] = logits_of(m(ids, mask))
                 res[key + "/logits_padded_padg"] = logits_of(m(ids, mask, include_pad_in_g=True))
             for cache in ("none", "g", "kv", "kvg"):
-                out, ded = m.generate(single, 12, cache=cache, return_deductive=True)
+                out, ded = m.generate(single, 12, cache=cache, return_deductive=True, **NO_EOS)
                 res[f"{key}/gen/{cache}"] = out
                 store_deductive(res, f"{key}/gen/{cache}", ded)
                 res[f"{key}/gen_padded/{cache}"] = m.generate(ids, 9, cache=cache,
-                                                              attention_mask=mask)
+                                                              attention_mask=mask, **NO_EOS)
             res[key + "/sample"] = m.generate(ids, 10, cache="kvg", attention_mask=mask,
                                               do_sample=True, temperature=0.8, top_k=20,
-                                              top_p=0.9, seed=5)
+                                              top_p=0.9, seed=5, **NO_EOS)
             res[key + "/eos"] = m.generate(single, 16, cache="kvg", eos_token_id=int(
-                m.generate(single, 3, cache="kvg")[0, -1]))
-            res[key + "/stream"] = torch.stack(list(m.generate_stream(single, 6, cache="kv")))
+                m.generate(single, 3, cache="kvg", **NO_EOS)[0, -1]))
+            res[key + "/stream"] = torch.stack(list(m.generate_stream(single, 6, cache="kv", **NO_EOS)))
             res[key + "/padg"] = m.generate(ids, 6, cache="kvg", attention_mask=mask,
-                                            include_pad_in_g=True)
+                                            include_pad_in_g=True, **NO_EOS)
     # the reference model (the oracle; it must not change either)
     model = seeded_model(3)
     for dtype in (torch.float32, torch.float64):
@@ -199,7 +202,7 @@ def model_cases(res: dict) -> None:
         with torch.no_grad():
             res[key + "/logits_padded"] = ref(ids, mask)
         for cache in ("none", "g", "kv", "kvg"):
-            out, ded = ref.generate(single, 8, cache=cache, return_deductive=True)
+            out, ded = ref.generate(single, 8, cache=cache, return_deductive=True, **NO_EOS)
             res[f"{key}/gen/{cache}"] = out
             store_deductive(res, f"{key}/gen/{cache}", ded)
     # training fallback (autograd through the reference math): output and gradients
