@@ -50,6 +50,9 @@ def report() -> str:
         f"cuda kernels  {cuda_kernels}",
         f"cpu flags     {info.get('cpu_flags', '?')}",
     ]
+    mismatch = ops._torch_mismatch()
+    if mismatch:
+        lines.append(f"WARNING       {ops._mismatch_message(*mismatch)}")
     for op in OPS:
         lines.append(f"pldr::{op:<19} {op_backends(op, with_cuda)}")
     return "\n".join(lines)
