@@ -141,7 +141,7 @@ setup(
     install_requires=["torch>=2.11,<2.16", "safetensors"],  # safetensors: loaders.py
     extras_require={
         "bench": ["matplotlib", "tqdm"],  # pldr-bench --plot, progress bars
-        "test": ["pytest", "pytest-benchmark", "numpy"],  # numpy: tools/cuda_emu's harness
+        "test": ["pytest", "numpy"],  # numpy: the CUDA emulator's harness (tools/cuda_emu)
     },
     entry_points={"console_scripts": ["pldr-bench=pldr_kernels.bench.__main__:main"]},
     options={"bdist_wheel": {"py_limited_api": "cp311"}},
