@@ -1,5 +1,5 @@
 """Builds pldr_kernels._C: C++ CPU kernels always, CUDA kernels when torch is a CUDA build and nvcc
-is found (DESIGN.md §1).
+is found (docs/design.md §1).
 
 Environment switches:
   PLDR_KERNELS_SKIP_CUDA=1   never build the CUDA kernels
@@ -13,9 +13,19 @@ import os
 import platform
 import sys
 
-import torch
 from setuptools import find_packages, setup
-from torch.utils import cpp_extension
+
+try:
+    import torch
+    from torch.utils import cpp_extension
+except ImportError:
+    # pyproject.toml leaves torch out of the build requirements on purpose: an isolated build would
+    # download another torch (a CUDA one) and compile against headers that are not the runtime's.
+    sys.exit("pldr-kernels compiles against the torch it will run with, and no torch is importable"
+             " in this build environment (pip's default build isolation hides the installed one)."
+             " Install torch (and ninja) first, then build without build isolation:\n"
+             "    pip install torch ninja\n"
+             "    pip install --no-build-isolation .")
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_ARCHS = "8.0;9.0a"
@@ -30,10 +40,12 @@ def want_cuda() -> bool:
         return False
     possible = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
     if env_flag("PLDR_KERNELS_FORCE_CUDA") and not possible:
+        torch_kind = "a CUDA" if torch.version.cuda else "a CPU-only"
+        home = cpp_extension.CUDA_HOME
+        nvcc = f"was found at {home}" if home else "was not found"
         sys.exit(
             "PLDR_KERNELS_FORCE_CUDA=1 but the CUDA kernels cannot be built: "
-            f"torch {torch.__version__} is {'a CUDA' if torch.version.cuda else 'a CPU-only'} build "
-            f"and nvcc {'was found at ' + str(cpp_extension.CUDA_HOME) if cpp_extension.CUDA_HOME else 'was not found'}."
+            f"torch {torch.__version__} is {torch_kind} build and nvcc {nvcc}."
             " Install a CUDA build of torch (e.g. pip install torch==2.14.1) and put nvcc on PATH"
             " (or set CUDA_HOME).")
     return possible
@@ -75,6 +87,14 @@ def write_build_info(with_cuda: bool, archs: str) -> None:
         f.write(f"BUILD_INFO = {info!r}\n")
 
 
+def read_version() -> str:
+    """The one version string lives in pldr_kernels/_version.py (not imported: that needs _C)."""
+    namespace: dict = {}
+    with open(os.path.join(ROOT, "pldr_kernels", "_version.py")) as f:
+        exec(f.read(), namespace)
+    return namespace["__version__"]
+
+
 def make_extension():
     with_cuda = want_cuda()
     os.environ.setdefault("MAX_JOBS", default_max_jobs())
@@ -112,13 +132,17 @@ def make_extension():
 
 setup(
     name="pldr-kernels",
-    version="0.1.0",
+    version=read_version(),
     description="Fused CPU and CUDA kernels for PLDR-LLM power law graph attention",
     packages=find_packages(include=["pldr_kernels", "pldr_kernels.*"]),
     ext_modules=[make_extension()],
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
     python_requires=">=3.11",
-    install_requires=["torch>=2.11,<2.16", "numpy"],
+    install_requires=["torch>=2.11,<2.16", "safetensors"],  # safetensors: loaders.py
+    extras_require={
+        "bench": ["matplotlib", "tqdm"],  # pldr-bench --plot, progress bars
+        "test": ["pytest", "numpy"],  # numpy: the CUDA emulator's harness (tools/cuda_emu)
+    },
     entry_points={"console_scripts": ["pldr-bench=pldr_kernels.bench.__main__:main"]},
     options={"bdist_wheel": {"py_limited_api": "cp311"}},
 )

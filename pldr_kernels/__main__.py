@@ -1,4 +1,5 @@
-"""`python -m pldr_kernels`: how this build was made and what it can run."""
+"""`python -m pldr_kernels`: how this build was made and what it can run; exits 1 when the
+extension is not loaded (the last line says why and what to do)."""
 from __future__ import annotations
 
 import platform
@@ -25,37 +26,44 @@ def op_backends(op: str, with_cuda: bool) -> str:
 
 
 def report() -> str:
-    from . import ops
+    from . import __version__, ops
 
+    cuda_device = torch.cuda.get_device_name() if torch.cuda.is_available() else "none visible"
     lines = [
-        f"pldr-kernels {__import__('pldr_kernels').__version__}",
+        f"pldr-kernels {__version__} ({ops.PACKAGE_DIR})",
         f"python        {sys.version.split()[0]} ({platform.machine()})",
         f"torch         {torch.__version__} (CUDA {torch.version.cuda or 'none'})",
         f"threads       {torch.get_num_threads()}",
         f"cpu           {cpu_features()}",
-        f"cuda device   {torch.cuda.get_device_name() if torch.cuda.is_available() else 'none visible'}",
+        f"cuda device   {cuda_device}",
     ]
     if ops._LOAD_ERROR is not None:
         lines.append(f"extension     NOT LOADED: {ops._LOAD_ERROR}")
         return "\n".join(lines)
-    try:
-        from ._build_info import BUILD_INFO
-    except ImportError:
-        BUILD_INFO = {}
+    info = ops.build_info()
+    with_cuda = bool(info.get("with_cuda"))
+    cuda_kernels = (f"yes, archs {info.get('cuda_archs', '?')}" if with_cuda else
+                    "no (CUDA tensors raise an error that says how to rebuild)")
     lines += [
-        f"built with    torch {BUILD_INFO.get('built_with_torch', '?')}, "
-        f"CUDA {BUILD_INFO.get('built_with_cuda') or 'none'}",
-        f"cuda kernels  {'yes, archs ' + BUILD_INFO.get('cuda_archs', '?') if BUILD_INFO.get('with_cuda') else 'no (CUDA tensors raise an error that says how to rebuild)'}",
-        f"cpu flags     {BUILD_INFO.get('cpu_flags', '?')}",
+        f"built with    torch {info.get('built_with_torch', '?')}, "
+        f"CUDA {info.get('built_with_cuda') or 'none'}",
+        f"cuda kernels  {cuda_kernels}",
+        f"cpu flags     {info.get('cpu_flags', '?')}",
     ]
+    mismatch = ops._torch_mismatch()
+    if mismatch:
+        lines.append(f"WARNING       {ops._mismatch_message(*mismatch)}")
     for op in OPS:
-        lines.append(f"pldr::{op:<19} {op_backends(op, bool(BUILD_INFO.get('with_cuda')))}")
+        lines.append(f"pldr::{op:<19} {op_backends(op, with_cuda)}")
     return "\n".join(lines)
 
 
-def main() -> None:
+def main() -> int:
+    from . import ops
+
     print(report())
+    return 0 if ops._LOAD_ERROR is None else 1
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,74 +1,220 @@
-"""Thin Python entry points of the pldr ops and their fake (meta) kernels for torch.compile.
+"""Thin Python entry points of the pldr ops, the loading of ``_C`` and the fake (meta) kernels.
 
-The ops are defined and validated in C++ (csrc/ops.cpp, csrc/common/checks.h); nothing here
-re-checks inputs, so these calls cost what ``torch.ops.pldr.*`` costs.
+The ops are defined and validated in C++ (csrc/ops.cpp, csrc/common/checks.h); the wrappers do not
+re-check inputs, so they cost what ``torch.ops.pldr.*`` costs. The fake kernels run the same checks
+in Python (``_checks.py``) because under FakeTensor the C++ ones never run.
+
+When ``_C`` is missing or does not load, ``import pldr_kernels`` still works (the reference and the
+reference model need no build): ``_LOAD_ERROR`` says why, in words that say what to do, and the op
+wrappers raise that (``require_built``).
 """
 from __future__ import annotations
 
+import functools
+import importlib.machinery
+import importlib.util
+import os
+import sys
+import warnings
+from collections.abc import Callable
+from typing import Any
+
 import torch
+
+from . import _checks
 
 Tensor = torch.Tensor
 
+PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+@functools.cache
+def build_info() -> dict[str, Any]:
+    """How ``_C`` was built (setup.py writes ``_build_info.py`` beside it); empty when it never
+    was. Read from this directory, like ``_C``, never from another tree's copy."""
+    spec = importlib.machinery.PathFinder.find_spec(f"{__package__}._build_info", [PACKAGE_DIR])
+    if spec is None:
+        return {}
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return dict(module.BUILD_INFO)
+
+
+def built_with_cuda() -> bool:
+    """Whether this build of ``_C`` holds CUDA kernels (setup.py records it in _build_info)."""
+    return bool(build_info().get("with_cuda"))
+
+
+# ---- loading _C ------------------------------------------------------------------------------
+def _is_source_tree(package_dir: str = PACKAGE_DIR) -> bool:
+    root = os.path.dirname(package_dir)
+    return (os.path.isfile(os.path.join(root, "setup.py"))
+            and os.path.isdir(os.path.join(root, "csrc")))
+
+
+def _rebuild_command(package_dir: str = PACKAGE_DIR) -> str:
+    if _is_source_tree(package_dir):
+        return "`pip install --no-build-isolation -e .` (or `make build`) in " + os.path.dirname(
+            package_dir)
+    return "`pip install --no-build-isolation .` in the pldr-kernels source tree"
+
+
+def _has_extension(package_dir: str) -> bool:
+    return any(os.path.isfile(os.path.join(package_dir, "_C" + suffix))
+               for suffix in importlib.machinery.EXTENSION_SUFFIXES)
+
+
+def _other_copies(package_dir: str = PACKAGE_DIR) -> list[str]:
+    """Directories of other ``pldr_kernels`` packages Python could import (on sys.path, or mapped by
+    an editable install's finder), those with a built ``_C`` first."""
+    here = os.path.realpath(package_dir)
+    found: list[str] = []
+    for entry in sys.path:
+        candidate = os.path.join(entry or os.getcwd(), "pldr_kernels")
+        if os.path.isfile(os.path.join(candidate, "__init__.py")):
+            found.append(candidate)
+    for finder in sys.meta_path:
+        try:
+            spec = finder.find_spec("pldr_kernels", None)
+        except Exception:  # a third-party finder; this is only a hint
+            continue
+        if spec is not None and spec.origin:
+            found.append(os.path.dirname(spec.origin))
+    unique = list(dict.fromkeys(os.path.realpath(p) for p in found if os.path.realpath(p) != here))
+    return sorted(unique, key=lambda p: not _has_extension(p))
+
+
+def _torch_mismatch() -> tuple[str, str] | None:
+    """(built against, installed) when ``_C`` was built against another torch than this one."""
+    built = build_info().get("built_with_torch")
+    if built and built != str(torch.__version__):
+        return built, str(torch.__version__)
+    return None
+
+
+def _not_built_message(package_dir: str = PACKAGE_DIR) -> str:
+    if not _is_source_tree(package_dir):
+        return (f"pldr_kernels._C is missing from {package_dir}: this installation has no compiled "
+                f"extension. Reinstall it with {_rebuild_command(package_dir)}.")
+    others = _other_copies(package_dir)
+    if others:
+        return (f"pldr_kernels was imported from the source tree {package_dir}, where the "
+                "extension (_C) is not built. Python looks in the current directory (and "
+                f"PYTHONPATH) first, so this copy shadows the installed one at {others[0]}. Run "
+                "Python from another directory to use the installed package, or build this tree "
+                f"in place with {_rebuild_command(package_dir)}.")
+    return (f"pldr_kernels._C is not built: {package_dir} is the source tree and holds no compiled "
+            "extension. Build it with `pip install torch ninja` and then "
+            f"{_rebuild_command(package_dir)}.")
+
+
+def _mismatch_message(built: str, installed: str) -> str:
+    return (f"pldr_kernels was built against torch {built} but torch {installed} is installed; "
+            f"rebuild with {_rebuild_command()}.")
+
+
+def _load_extension() -> None:
+    """Load the ``_C`` that sits beside this file (the static initialisers register
+    torch.ops.pldr.*). Not ``from . import _C``: an editable install's finder would hand over
+    another tree's ``_C``, and a missing one would read "most likely due to a circular import"."""
+    name = f"{__package__}._C"
+    spec = importlib.machinery.PathFinder.find_spec(name, [PACKAGE_DIR])
+    if spec is None:
+        raise ImportError(_not_built_message(), name=name)
+    try:
+        module = importlib.util.module_from_spec(spec)  # dlopen happens here
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    except ImportError as exc:
+        sys.modules.pop(name, None)
+        mismatch = _torch_mismatch()
+        reason = (_mismatch_message(*mismatch) if mismatch else
+                  f"pldr_kernels._C ({spec.origin}) failed to load; rebuild with "
+                  f"{_rebuild_command()}.")
+        raise ImportError(f"{reason} The loader said: {exc}", name=name,
+                          path=spec.origin) from exc
+    sys.modules[__package__]._C = module
+    mismatch = _torch_mismatch()
+    if mismatch:  # it loaded, but against other headers anything can happen
+        warnings.warn(_mismatch_message(*mismatch) + " (It loaded, but kernels built against "
+                      "other torch headers can crash or compute wrong results.)", RuntimeWarning,
+                      stacklevel=2)
+
+
 try:
-    from . import _C  # noqa: F401  (static initialisers register torch.ops.pldr.*)
-    _LOAD_ERROR: BaseException | None = None
+    _load_extension()
+    _LOAD_ERROR: ImportError | None = None
 except ImportError as exc:  # keep `import pldr_kernels` (and the reference) usable without a build
     _LOAD_ERROR = exc
 
 
 def require_built() -> None:
-    """Raise a clear error when the compiled extension is missing."""
+    """Raise a clear error (why, and what to do) when the compiled extension is not loaded."""
     if _LOAD_ERROR is not None:
-        raise RuntimeError(
-            "pldr_kernels._C is not built or failed to load "
-            f"({type(_LOAD_ERROR).__name__}: {_LOAD_ERROR}). Build it from the repository root with "
-            "`pip install --no-build-isolation -e .` (or `make build`).") from _LOAD_ERROR
+        raise RuntimeError(str(_LOAD_ERROR)) from _LOAD_ERROR
 
 
-def built_with_cuda() -> bool:
-    """Whether this build of ``_C`` holds CUDA kernels (setup.py records it in _build_info)."""
-    try:
-        from ._build_info import BUILD_INFO
-    except ImportError:
-        return False
-    return bool(BUILD_INFO.get("with_cuda"))
+def _needs_extension(fn: Callable) -> Callable:
+    """The wrapper itself when ``_C`` loaded; else a stand-in that raises ``require_built``'s error
+    (not torch.ops' AttributeError), so the hot path carries no check."""
+    if _LOAD_ERROR is None:
+        return fn
+
+    @functools.wraps(fn)
+    def unavailable(*args, **kwargs):
+        require_built()
+
+    return unavailable
 
 
+# ---- the ops -----------------------------------------------------------------------------------
+@_needs_extension
 def metric_tensors(q: Tensor, q_mask: Tensor | None, ln0_w: Tensor, ln0_b: Tensor, w1: Tensor,
                    b1: Tensor, w2: Tensor, b2: Tensor, w3: Tensor, b3: Tensor, lnA_w: Tensor,
                    lnA_b: Tensor, W: Tensor, b: Tensor, pw: Tensor, a: Tensor, ba: Tensor,
                    eps_ln: float = 1e-6, eps_adj: float = 1e-9) -> tuple[Tensor, Tensor, Tensor]:
-    """Fused metric learner: ``q [B,S,H,d]`` → fp32 ``(A, A_LM, G)`` ``[B,H,d,d]`` (DESIGN §3.1)."""
+    """Fused metric learner: ``q [B,S,H,d]`` → fp32 ``(A, A_LM, G)`` ``[B,H,d,d]``
+    (docs/design.md §3.1)."""
     return torch.ops.pldr.metric_tensors(q, q_mask, ln0_w, ln0_b, w1, b1, w2, b2, w3, b3, lnA_w,
                                          lnA_b, W, b, pw, a, ba, eps_ln, eps_adj)
 
 
+@_needs_extension
 def g_attention(q: Tensor, k: Tensor, v: Tensor, G: Tensor | None = None,
                 key_mask: Tensor | None = None, causal: bool = False,
                 scale: float | None = None) -> tuple[Tensor, Tensor]:
-    """``softmax((q·G)·kᵀ·scale + mask)·v`` → ``(out [B,Sq,H,d], lse [B,H,Sq])`` (DESIGN §3.2)."""
+    """``softmax((q·G)·kᵀ·scale + mask)·v`` → ``(out [B,Sq,H,d], lse [B,H,Sq])``
+    (docs/design.md §3.2)."""
     return torch.ops.pldr.g_attention(q, k, v, G, key_mask, causal, scale)
 
 
+@_needs_extension
 def g_attention_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor,
                        k_new: Tensor | None = None, v_new: Tensor | None = None,
                        cache_start: Tensor | None = None, G: Tensor | None = None,
                        scale: float | None = None, num_splits: int = 0) -> Tensor:
-    """Decode step over a KV-cache, appending ``k_new/v_new`` in place first (DESIGN §3.3)."""
+    """Decode step over a KV-cache, appending ``k_new/v_new`` in place first
+    (docs/design.md §3.3)."""
     return torch.ops.pldr.g_attention_decode(q, k_cache, v_cache, cache_seqlens, k_new, v_new,
                                              cache_start, G, scale, num_splits)
 
 
+# ---- fake kernels: the C++ checks, then outputs of the kernels' shapes and dtypes --------------
+# The dispatcher also picks these for a call that mixes real and meta tensors (Meta outranks CPU
+# and CUDA); the device checks against q refuse it there, as the real kernels would.
 if _LOAD_ERROR is None:
 
     @torch.library.register_fake("pldr::metric_tensors")
     def _metric_tensors_fake(q, q_mask, ln0_w, ln0_b, w1, b1, w2, b2, w3, b3, lnA_w, lnA_b, W, b,
                              pw, a, ba, eps_ln=1e-6, eps_adj=1e-9):
+        _checks.check_metric_tensors_inputs(q, q_mask, ln0_w, ln0_b, w1, b1, w2, b2, w3, b3,
+                                            lnA_w, lnA_b, W, b, pw, a, ba)
         B, _, H, d = q.shape
         return tuple(q.new_empty((B, H, d, d), dtype=torch.float32) for _ in range(3))
 
     @torch.library.register_fake("pldr::g_attention")
     def _g_attention_fake(q, k, v, G=None, key_mask=None, causal=False, scale=None):
+        _checks.check_g_attention_inputs(q, k, v, G, key_mask, scale)
         B, Sq, H, d = q.shape
         out = q.new_empty((B, Sq, H, d))
         lse = q.new_empty((B, H, Sq), dtype=torch.float32)
@@ -77,4 +223,6 @@ if _LOAD_ERROR is None:
     @torch.library.register_fake("pldr::g_attention_decode")
     def _g_attention_decode_fake(q, k_cache, v_cache, cache_seqlens, k_new=None, v_new=None,
                                  cache_start=None, G=None, scale=None, num_splits=0):
+        _checks.check_g_attention_decode_inputs(q, k_cache, v_cache, cache_seqlens, k_new, v_new,
+                                                cache_start, G, scale, num_splits)
         return q.new_empty(q.shape)

@@ -1,0 +1,226 @@
+"""The fake (meta) kernels refuse what the C++ kernels refuse, with the same words.
+
+Every bad call below is made twice: on real CPU tensors (the C++ checks of csrc/common/checks.h
+answer) and on FakeTensors of the same tensors (pldr_kernels/_checks.py answers, as under
+torch.compile). Both must raise, with the same message. Then: a call mixing real and meta tensors
+is refused (the dispatcher sends it to the fake kernel, which must not return made-up tensors), a
+bad call fails when torch.compile traces it, and the checks hold with symbolic shapes.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from pldr_kernels import ops
+from pldr_kernels.testing import make_metric_weights, random_g
+
+pytestmark = pytest.mark.skipif(ops._LOAD_ERROR is not None, reason=f"{ops._LOAD_ERROR}")
+
+B, SQ, SK, H, D, SMAX = 2, 5, 7, 2, 64, 8
+
+
+def randn(*shape, dtype=torch.float32):
+    return torch.randn(*shape).to(dtype)
+
+
+def noncontiguous_last_dim(*shape):
+    return torch.randn(*shape[:-1], 2 * shape[-1])[..., ::2]
+
+
+def attention_call(**changes):
+    kw = dict(q=randn(B, SQ, H, D), k=randn(B, SK, H, D), v=randn(B, SK, H, D),
+              G=random_g(B, H, D), key_mask=torch.rand(B, SK) > 0.3, causal=False, scale=None)
+    return kw | changes
+
+
+def decode_call(**changes):
+    kw = dict(q=randn(B, 1, H, D), k_cache=randn(B, SMAX, H, D), v_cache=randn(B, SMAX, H, D),
+              cache_seqlens=torch.tensor([3, 5], dtype=torch.int32), k_new=randn(B, 1, H, D),
+              v_new=randn(B, 1, H, D), cache_start=torch.tensor([0, 1], dtype=torch.int32),
+              G=random_g(B, H, D), scale=None, num_splits=0)
+    return kw | changes
+
+
+def metric_call(**changes):
+    kw = dict(q=randn(B, SQ, H, D), q_mask=torch.rand(B, SQ) > 0.3)
+    kw |= make_metric_weights(d=D, H=H, R=2, Gd=1, F=8)
+    return kw | changes
+
+
+ATTENTION_BAD = {
+    "q rank": dict(q=randn(SQ, H, D)),
+    "k rank": dict(k=randn(1, B, SK, H, D)),
+    "v rank": dict(v=randn(B, SK, H * D)),
+    "q dtype": dict(q=randn(B, SQ, H, D, dtype=torch.float64)),
+    "k dtype differs": dict(k=randn(B, SK, H, D, dtype=torch.float16)),
+    "head dim 32": dict(q=randn(B, SQ, H, 32), k=randn(B, SK, H, 32), v=randn(B, SK, H, 32),
+                        G=None),
+    "k batch": dict(k=randn(1, SK, H, D)),
+    "k heads": dict(k=randn(B, SK, H + 1, D)),
+    "k head dim": dict(k=randn(B, SK, H, 128)),
+    "v shape": dict(v=randn(B, SK - 1, H, D)),
+    "q last dim strided": dict(q=noncontiguous_last_dim(B, SQ, H, D)),
+    "v last dim strided": dict(v=noncontiguous_last_dim(B, SK, H, D)),
+    "G dtype": dict(G=random_g(B, H, D).bfloat16()),
+    "G rank": dict(G=random_g(B, H, D)[0]),
+    "G batch": dict(G=random_g(B + 1, H, D)),
+    "G heads": dict(G=random_g(B, H + 1, D)),
+    "G head dim": dict(G=random_g(B, H, D)[..., :32]),
+    "G transposed": dict(G=random_g(B, H, D).transpose(-1, -2)),
+    "key_mask dtype": dict(key_mask=torch.ones(B, SK)),
+    "key_mask rank": dict(key_mask=torch.ones(SK, dtype=torch.bool)),
+    "key_mask batch": dict(key_mask=torch.ones(1, SK, dtype=torch.bool)),
+    "key_mask keys": dict(key_mask=torch.ones(B, SK + 1, dtype=torch.bool)),
+    "scale inf": dict(scale=float("inf")),
+    "scale nan": dict(scale=float("nan")),
+}
+
+DECODE_BAD = {
+    "q rank": dict(q=randn(B, H, D)),
+    "k_cache rank": dict(k_cache=randn(B, SMAX, H * D)),
+    "q dtype": dict(q=randn(B, 1, H, D, dtype=torch.float64)),
+    "k_cache dtype differs": dict(k_cache=randn(B, SMAX, H, D, dtype=torch.float16)),
+    "head dim 32": dict(q=randn(B, 1, H, 32), k_cache=randn(B, SMAX, H, 32),
+                        v_cache=randn(B, SMAX, H, 32), k_new=None, v_new=None, G=None),
+    "no new tokens": dict(q=randn(B, 0, H, D), k_new=randn(B, 0, H, D), v_new=randn(B, 0, H, D)),
+    "k_cache batch": dict(k_cache=randn(1, SMAX, H, D)),
+    "k_cache heads": dict(k_cache=randn(B, SMAX, H + 1, D)),
+    "v_cache shape": dict(v_cache=randn(B, SMAX + 1, H, D)),
+    "q last dim strided": dict(q=noncontiguous_last_dim(B, 1, H, D)),
+    "v_cache last dim strided": dict(v_cache=noncontiguous_last_dim(B, SMAX, H, D)),
+    "cache_seqlens dtype": dict(cache_seqlens=torch.tensor([3, 5])),
+    "cache_seqlens rank": dict(cache_seqlens=torch.tensor([[3, 5]], dtype=torch.int32)),
+    "cache_seqlens batch": dict(cache_seqlens=torch.tensor([3, 5, 1], dtype=torch.int32)),
+    "k_new alone": dict(v_new=None),
+    "k_new dtype": dict(k_new=randn(B, 1, H, D, dtype=torch.float16)),
+    "k_new shape": dict(k_new=randn(B, 2, H, D)),
+    "v_new rank": dict(v_new=randn(B, H, D)),
+    "more new tokens than the cache holds": dict(q=randn(B, SMAX + 1, H, D),
+                                                 k_new=randn(B, SMAX + 1, H, D),
+                                                 v_new=randn(B, SMAX + 1, H, D)),
+    "cache_start dtype": dict(cache_start=torch.tensor([0, 1])),
+    "cache_start batch": dict(cache_start=torch.tensor([0], dtype=torch.int32)),
+    "G batch": dict(G=random_g(B + 1, H, D)),
+    "G dtype": dict(G=random_g(B, H, D).half()),
+    "scale nan": dict(scale=float("nan")),
+    "num_splits negative": dict(num_splits=-1),
+}
+
+METRIC_BAD = {
+    "q rank": dict(q=randn(B, SQ, H * D)),
+    "q dtype": dict(q=randn(B, SQ, H, D, dtype=torch.float64)),
+    "q last dim strided": dict(q=noncontiguous_last_dim(B, SQ, H, D)),
+    "head dim 32": dict(q=randn(B, SQ, H, 32)),
+    "q_mask dtype": dict(q_mask=torch.ones(B, SQ, dtype=torch.int32)),
+    "q_mask rank": dict(q_mask=torch.ones(B * SQ, dtype=torch.bool)),
+    "q_mask batch": dict(q_mask=torch.ones(B + 1, SQ, dtype=torch.bool)),
+    "q_mask sequence": dict(q_mask=torch.ones(B, SQ - 1, dtype=torch.bool)),
+    "w1 rank": dict(w1=randn(2, 8, D)),
+    "w1 empty": dict(w1=randn(0, 1, 8, D)),
+    "ln0_w shape": dict(ln0_w=randn(D + 1)),
+    "w3 transposed": dict(w3=randn(2, 1, 8, D)),
+    "lnA_w shape": dict(lnA_w=randn(3, D)),
+    "b dtype": dict(b=randn(H, D, D, dtype=torch.bfloat16)),
+    "pw shape": dict(pw=randn(H, D, 32)),
+    "ba heads": dict(ba=randn(H + 1, D, D)),
+}
+
+CASES = ([("g_attention", attention_call, name, bad) for name, bad in ATTENTION_BAD.items()]
+         + [("g_attention_decode", decode_call, name, bad) for name, bad in DECODE_BAD.items()]
+         + [("metric_tensors", metric_call, name, bad) for name, bad in METRIC_BAD.items()])
+
+
+def error_of(op: str, kwargs: dict) -> str:
+    with pytest.raises(RuntimeError) as info:
+        getattr(torch.ops.pldr, op)(**kwargs)
+    return str(info.value)
+
+
+def as_fake(mode: FakeTensorMode, kwargs: dict) -> dict:
+    return {k: mode.from_tensor(v) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+
+
+@pytest.mark.parametrize("op, make, name, bad", CASES, ids=[f"{c[0]}: {c[2]}" for c in CASES])
+def test_fake_kernel_refuses_a_bad_call_as_the_kernel_does(op, make, name, bad):
+    kwargs = make(**bad)
+    real_error = error_of(op, kwargs)
+    mode = FakeTensorMode()
+    fake_kwargs = as_fake(mode, kwargs)
+    with mode:
+        fake_error = error_of(op, fake_kwargs)
+    assert fake_error == real_error
+
+
+@pytest.mark.parametrize("op, make", [("g_attention", attention_call),
+                                      ("g_attention_decode", decode_call),
+                                      ("metric_tensors", metric_call)])
+def test_fake_kernel_accepts_the_good_call_with_the_kernels_output_shapes(op, make):
+    kwargs = make()
+    real = getattr(torch.ops.pldr, op)(**kwargs)
+    mode = FakeTensorMode()
+    fake_kwargs = as_fake(mode, kwargs)
+    with mode:
+        fake = getattr(torch.ops.pldr, op)(**fake_kwargs)
+    real, fake = (x if isinstance(x, tuple) else (x,) for x in (real, fake))
+    assert [(t.shape, t.dtype, t.device) for t in fake] == [(t.shape, t.dtype, t.device)
+                                                            for t in real]
+
+
+MIXED = ([("g_attention", attention_call, arg) for arg in ("k", "v", "G", "key_mask")]
+         + [("g_attention_decode", decode_call, arg)
+            for arg in ("k_cache", "cache_seqlens", "k_new", "cache_start", "G")]
+         + [("metric_tensors", metric_call, arg) for arg in ("q_mask", "w1", "ba")])
+
+
+@pytest.mark.parametrize("op, make, arg", MIXED, ids=[f"{m[0]}: {m[2]} on meta" for m in MIXED])
+def test_a_meta_tensor_beside_a_cpu_q_is_refused(op, make, arg):
+    # Meta outranks CPU in dispatch, so this call reaches the fake kernel, not the CPU one.
+    kwargs = make()
+    kwargs[arg] = kwargs[arg].to("meta")
+    assert error_of(op, kwargs) == (f"{arg} must be on the same device as q (cpu), got meta. "
+                                    "Move it with .to(q.device).")
+
+
+def test_a_meta_q_with_cpu_tensors_is_refused():
+    kwargs = attention_call()
+    kwargs["q"] = kwargs["q"].to("meta")
+    assert error_of("g_attention", kwargs).startswith(
+        "k must be on the same device as q (meta), got cpu.")
+
+
+def test_all_meta_call_gives_meta_outputs():
+    kwargs = {k: v.to("meta") if isinstance(v, torch.Tensor) else v
+              for k, v in attention_call().items()}
+    out, lse = torch.ops.pldr.g_attention(**kwargs)
+    assert out.device.type == lse.device.type == "meta"
+    assert out.shape == (B, SQ, H, D) and lse.shape == (B, H, SQ) and lse.dtype == torch.float32
+
+
+def test_torch_compile_reports_a_bad_call_while_tracing():
+    torch._dynamo.reset()
+
+    def attend(q, k, v, G):
+        return ops.g_attention(q, k, v, G, causal=True)[0] * 2
+
+    kw = attention_call(G=random_g(B, H, D).double())
+    compiled = torch.compile(attend, fullgraph=True, backend="eager")
+    with pytest.raises(Exception, match=r"G must have dtype Float, got Double"):
+        compiled(kw["q"], kw["k"], kw["v"], kw["G"])
+
+
+def test_checks_hold_with_symbolic_shapes():
+    torch._dynamo.reset()
+
+    def attend(q, k, v, G, key_mask):
+        return ops.g_attention(q, k, v, G, key_mask)[0] + 1
+
+    compiled = torch.compile(attend, fullgraph=True, backend="eager", dynamic=True)
+    for sq, sk in ((5, 7), (9, 12)):
+        kw = attention_call(q=randn(B, sq, H, D), k=randn(B, sk, H, D), v=randn(B, sk, H, D),
+                            key_mask=torch.rand(B, sk) > 0.3)
+        args = (kw["q"], kw["k"], kw["v"], kw["G"], kw["key_mask"])
+        torch.testing.assert_close(compiled(*args), attend(*args), rtol=0, atol=0)
+    bad = attention_call(key_mask=torch.ones(B, SK + 3, dtype=torch.bool))
+    with pytest.raises(Exception, match=r"key_mask\.shape\[1\] \(keys\) must be"):
+        compiled(bad["q"], bad["k"], bad["v"], bad["G"], bad["key_mask"])
