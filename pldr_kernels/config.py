@@ -1,6 +1,6 @@
 """PLDRConfig: the hyperparameters of a PLDR-LLM, with the field names of the HF ``PldrllmConfig``.
 
-Field names and defaults follow pldr-spec.md §4 (the 110M model). ``from_hyperparameters`` maps the
+Field names and defaults follow docs/spec.md §4 (the 110M model). ``from_hyperparameters`` maps the
 authors' ``hpdict`` (their ``*_hyperparameters.py`` sidecar) onto these fields.
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Checkpoint formats of PLDR-LLM (pldr-spec §4): the authors' ``.pth`` and HF-format directories.
+"""Checkpoint formats of PLDR-LLM (docs/spec.md §4): the authors' ``.pth`` and HF-format directories.
 
 - ``.pth``: ``torch.save({'model_state_dict': OrderedDict(fp32), 'loss', 'accuracy', …})``, read
   with ``torch.load(weights_only=True)``; hyperparameters from a ``*_hyperparameters.py`` sidecar

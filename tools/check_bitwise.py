@@ -200,7 +200,7 @@ def model_cases(res: dict) -> None:
         ref = ReferencePLDR.from_model(model, dtype).eval()
         key = f"reference/{dtype}"
         with torch.no_grad():
-            res[key + "/logits_padded"] = ref(ids, mask)
+            res[key + "/logits_padded"] = logits_of(ref(ids, mask))
         for cache in ("none", "g", "kv", "kvg"):
             out, ded = ref.generate(single, 8, cache=cache, return_deductive=True, **NO_EOS)
             res[f"{key}/gen/{cache}"] = out
