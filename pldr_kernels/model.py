@@ -21,8 +21,13 @@ from torch import nn
 
 from . import generation, ops
 from .config import PLDRConfig
-from .layers import CausalLMOutput, causal_lm_loss, init_weights, positions_from_mask, \
-    predefined_g_values
+from .layers import (
+    CausalLMOutput,
+    causal_lm_loss,
+    init_weights,
+    positions_from_mask,
+    predefined_g_values,
+)
 from .nn import (
     GCachedAttention,
     KVCache,
@@ -94,7 +99,8 @@ class PLDRDecoder(PackedModule):
         return self.layernorm1(self.embedding(ids) * self.config.embedding_scale)
 
     def predefined_metric(self, layer: int) -> tuple[Tensor, Tensor, Tensor] | None:
-        """(A, A_LM, G) ``[1, H, d, d]`` of a predefined-G model's layer; None with a metric learner."""
+        """(A, A_LM, G) ``[1, H, d, d]`` of a predefined-G model's layer; None with a metric
+        learner."""
         if self.config.has_metric_learner:
             return None
         g = self.past_G_values[layer]
@@ -175,7 +181,8 @@ class PLDRForCausalLM(nn.Module):
     def _sequence_inputs(self, input_ids: Tensor, attention_mask: Tensor | None,
                          include_pad_in_g: bool, cache_use: str) -> StepInputs:
         """Step inputs of a full-sequence pass. An all-ones mask gives the bits of no mask (the ops
-        skip nothing and the positions are 0 … S-1), so the mask is used as given: no device read."""
+        skip nothing and the positions are 0 … S-1), so the mask is used as given: no device
+        read."""
         B, S = input_ids.shape
         positions = positions_from_mask(attention_mask, B, S, input_ids.device)
         key_mask = None if attention_mask is None else attention_mask.bool()
@@ -201,7 +208,7 @@ class PLDRForCausalLM(nn.Module):
     # ---- caches ------------------------------------------------------------------------------
     def setup_caches(self, batch_size: int, max_length: int | None,
                      share_first_G: bool = False) -> list[KVCache]:
-        """Attach a fresh :class:`KVCache` to every attention layer and return them (in layer order).
+        """Attach a fresh :class:`KVCache` to every attention layer; returns them in layer order.
 
         ``max_length``: rows of the static KV-cache (prompt + new tokens); None = metric tensors
         only (the cache modes without KV-cache). ``share_first_G``: one G serves the whole batch

@@ -128,8 +128,8 @@ class PackedModule(nn.Module):
     move, every :class:`ParameterPack` in ``packs`` is re-packed.
 
     Why an override of the private ``Module._apply`` and not hooks: PyTorch has no public hook
-    around ``.to()``/``.cuda()``/``.half()``, which all funnel through ``_apply``, and rule (1) has to
-    change what the cast does, not repair it afterwards (casting the metric learner to bf16 and
+    around ``.to()``/``.cuda()``/``.half()``, which all funnel through ``_apply``, and rule (1) has
+    to change what the cast does, not repair it afterwards (casting the metric learner to bf16 and
     back would lose its bits). The alternative to views — the packed tensors as the parameters, with
     state-dict hooks translating the authors' keys — would keep the keys but rename the parameters
     (``named_parameters``, optimiser groups, gradients), and a derived pack refreshed from
@@ -210,7 +210,7 @@ class RotaryEmbedding(PackedModule):
         return torch.cat((cos, cos), dim=-1), torch.cat((sin, sin), dim=-1)
 
     def forward(self, x: Tensor, rotation) -> Tensor:
-        """Rotate ``x [B, S, n, d]`` by a :meth:`rotation`; same math as ``reference.apply_rope``."""
+        """Rotate ``x [B, S, n, d]`` by a :meth:`rotation`; the math of ``reference.apply_rope``."""
         if self.interleaved:  # (x0 + i·x1)(cos + i·sin): the adjacent-pair rotation, in fp32
             xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
             return torch.view_as_real(xc * rotation).flatten(-2).to(x.dtype)
@@ -294,7 +294,8 @@ class KVCache:
 # Metric learner
 # --------------------------------------------------------------------------------------------
 class MetricLearner(PackedModule):
-    """The deep PLGA network (docs/spec.md §2 steps 6–12): post-RoPE ``q [B,S,H,d]`` → fp32 (A, A_LM, G).
+    """The deep PLGA network (docs/spec.md §2 steps 6–12): post-RoPE ``q [B,S,H,d]`` → fp32
+    (A, A_LM, G).
 
     Children (authors' names): ``layernorm1`` (LN over rows of QᵀQ), ``reslayerAs.{r}.denseAs.{g}``
     (SwiGLUs) with ``reslayerAs.{r}.layernormA``, and ``plgatt_layer.{Wlst,blst,pwlst,alst,balst}``.
@@ -421,7 +422,7 @@ class GCachedAttention(PackedModule):
             self.packs["qkv_bias"].repack()
 
     def project(self, x: Tensor, rotation) -> tuple[Tensor, Tensor, Tensor]:
-        """``x [B,S,D]`` → post-RoPE q, k and v ``[B,S,H,d]`` (views; only the last dim contiguous)."""
+        """``x [B,S,D]`` → post-RoPE q, k and v ``[B,S,H,d]`` (views; the last dim contiguous)."""
         B, S, _ = x.shape
         H, d = self.num_heads, self.head_dim
         if _needs_autograd(self, x):

@@ -3,9 +3,11 @@ the "reference" contestant of the benchmarks.
 
 Module tree and names follow ``pldr_model_v510.py`` (and the HF port), so the state-dict keys are
 those of docs/spec.md §4 and the same checkpoint loads here and into :class:`PLDRForCausalLM`.
-Math as the authors write it: ``F.linear`` projections, torchtune-style RoPE (``reference.apply_rope``),
-the metric learner as a stack of modules per layer, matmul/softmax attention with an additive
-``-1e9`` mask, a KV-cache ``[k, v, A]`` grown by concatenation and a G-cache list ``[A_LM, G]``.
+Math as the authors write it: ``F.linear`` projections, torchtune-style RoPE
+(``reference.apply_rope``), the metric learner as a stack of modules per layer, matmul/softmax
+attention with an additive ``-1e9`` mask, a KV-cache ``[k, v, A]`` grown by concatenation and a
+G-cache list ``[A_LM, G]``. The building blocks it shares with PLDRForCausalLM live in
+``layers.py``, the generation options and token choice in ``sampling.py``.
 
 Batching additions the authors' single-sequence code does not need: RoPE positions and the key
 padding mask come from ``attention_mask`` (left padding), and by default pad rows are left out of
@@ -39,7 +41,8 @@ MASK_PENALTY = -1e9
 
 
 def plga_attention(q: Tensor, k: Tensor, v: Tensor, G: Tensor, mask: Tensor | None) -> Tensor:
-    """Steps 13–14 as the authors write them, on ``[B,H,S,dk]``: softmax((q·G)·kᵀ/√dk + mask·-1e9)·v.
+    """Steps 13–14 as the authors write them, on ``[B,H,S,dk]``:
+    softmax((q·G)·kᵀ/√dk + mask·-1e9)·v.
 
     Batching addition: a query row with every key blocked (a left-pad row) outputs 0, the op
     contract (docs/design.md §3.2); the authors' batch-1 decoding never has such rows."""
@@ -77,7 +80,8 @@ class PlgMultiHeadAttention(nn.Module):
                                     theta=self.config.rope_theta)
 
     def metric_tensor(self, q: Tensor, q_mask: Tensor | None) -> Tensor:
-        """Steps 6–8 on post-RoPE ``q [B,H,S,dk]``: A = LN(qᵀq), then the residual metric learner."""
+        """Steps 6–8 on post-RoPE ``q [B,H,S,dk]``: A = LN(qᵀq), then the residual metric
+        learner."""
         if q_mask is not None:
             q = q * q_mask[:, None, :, None].to(q.dtype)
         A = self.layernorm1(torch.matmul(q.transpose(-1, -2), q))
@@ -171,7 +175,7 @@ class ReferencePLDR(nn.Module):
 
     @classmethod
     def from_model(cls, model: nn.Module, dtype: torch.dtype | None = None) -> ReferencePLDR:
-        """A reference model with the weights of ``model`` (e.g. a PLDRForCausalLM), in ``dtype``."""
+        """A reference model with the weights of ``model`` (e.g. a PLDRForCausalLM) in ``dtype``."""
         ref = cls(model.config)
         ref.load_state_dict(model.state_dict())
         ref.to(device=next(model.parameters()).device)

@@ -27,7 +27,7 @@ class GenerationOptions:
     """How to generate. ``model.generate(ids, max_new_tokens, **fields)`` builds one of these.
 
     - ``cache``: one of :data:`CACHE_MODES` (docs/spec.md §3.1 mode matrix), see CACHE_MODE_HELP.
-    - ``do_sample`` with ``temperature``, ``top_k`` (0 = off), ``top_p`` (1 = off); greedy otherwise.
+    - ``do_sample`` with ``temperature``, ``top_k`` (0 = off), ``top_p`` (1 = off); else greedy.
       ``seed`` seeds a private generator (None: the global RNG).
     - ``eos_token_id``: ``'config'`` (the default) stops a row at the model config's
       ``eos_token_id``; an int stops at that id; ``None`` never stops early. A stopped row is
@@ -119,7 +119,8 @@ def check_left_padded(attention_mask: Tensor, input_ids: Tensor) -> None:
 
 def sample_next_token(logits: Tensor, do_sample: bool, temperature: float = 1.0, top_k: int = 0,
                       top_p: float = 1.0, generator: torch.Generator | None = None) -> Tensor:
-    """``logits [B, V]`` → token ids ``[B]`` (int64): argmax, or temperature/top-k/top-p sampling."""
+    """``logits [B, V]`` → token ids ``[B]`` (int64): argmax, or temperature/top-k/top-p
+    sampling."""
     if not do_sample:
         return logits.argmax(dim=-1)
     scores = logits.float() / temperature
