@@ -236,8 +236,7 @@ class PLDRForCausalLM(nn.Module):
         """Run a whole sequence against the caches: store its k/v (rows 0 … S-1, when the caches
         have a KV part) and its (A, A_LM, G); logits of the last position ``[B, V]``.
 
-        ``G_from_cache``: attend with the cached G instead and write nothing (cache mode 'g').
-        Pass ``attention_mask`` only for a padded batch (the decode steps then need cache_start)."""
+        ``G_from_cache``: attend with the cached G instead and write nothing (cache mode 'g')."""
         caches = self.caches()
         if caches[0] is None:
             raise RuntimeError("prefill needs caches: call setup_caches(batch_size, max_length) "
@@ -260,7 +259,11 @@ class PLDRForCausalLM(nn.Module):
 
         Reads nothing back from the device and advances nothing (the caller does, in place), so
         the step can be captured in a CUDA graph or compiled."""
-        max_length = self.caches()[0].max_length
+        cache = self.caches()[0]
+        if cache is None or cache.k is None:
+            raise RuntimeError("decode_step needs KV-caches: call setup_caches(batch_size, "
+                               "max_length) and prefill first")
+        max_length = cache.max_length
         inputs = StepInputs(rotation=self.decoder.rope.rotation(positions, max_length - 1),
                             cache_use="decode_G_from_A" if recompute_G else "decode",
                             cache_seqlens=cache_seqlens, cache_start=cache_start)

@@ -242,6 +242,12 @@ class StepInputs:
     cache_seqlens: Tensor | None = None  # decode: int32 [B], rows already in the cache
     cache_start: Tensor | None = None  # decode: int32 [B], first real row; None without padding
 
+    def __post_init__(self):
+        if self.cache_use not in CACHE_USES:
+            raise ValueError(f"cache_use must be one of {CACHE_USES}, got {self.cache_use!r}")
+        if self.cache_use in ("decode", "decode_G_from_A") and self.cache_seqlens is None:
+            raise ValueError(f"cache_use={self.cache_use!r} needs cache_seqlens")
+
     @property
     def decoding(self) -> bool:
         return self.cache_use in ("decode", "decode_G_from_A")
