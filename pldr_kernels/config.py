@@ -1,6 +1,6 @@
 """PLDRConfig: the hyperparameters of a PLDR-LLM, with the field names of the HF ``PldrllmConfig``.
 
-Field names and defaults follow pldr-spec.md §4 (the 110M model). ``from_hyperparameters`` maps the
+Field names and defaults follow docs/spec.md §4 (the 110M model). ``from_hyperparameters`` maps the
 authors' ``hpdict`` (their ``*_hyperparameters.py`` sidecar) onto these fields.
 """
 from __future__ import annotations
@@ -46,7 +46,7 @@ class PLDRConfig:
     output_pldr_attentions: bool = False
     pad_token_id: int | None = 0
     bos_token_id: int | None = 2
-    eos_token_id: int | None = 3
+    eos_token_id: int | None = 3  # where generate() stops a row unless told otherwise
     tie_word_embeddings: bool = False
     rope_theta: float = 10000.0
     rope_scaling: dict | None = None

@@ -1,4 +1,5 @@
-"""Checkpoint formats of PLDR-LLM (pldr-spec §4): the authors' ``.pth`` and HF-format directories.
+"""Checkpoint formats of PLDR-LLM (docs/spec.md §4): the authors' ``.pth`` and HF-format
+directories.
 
 - ``.pth``: ``torch.save({'model_state_dict': OrderedDict(fp32), 'loss', 'accuracy', …})``, read
   with ``torch.load(weights_only=True)``; hyperparameters from a ``*_hyperparameters.py`` sidecar
@@ -16,7 +17,6 @@ import json
 import math
 import os
 from collections import OrderedDict
-from typing import Union
 
 import torch
 from torch import nn
@@ -25,7 +25,7 @@ from .config import PLDRConfig
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
-PathLike = Union[str, os.PathLike]
+PathLike = str | os.PathLike
 
 
 class CheckpointError(ValueError):
@@ -64,7 +64,8 @@ def load_checked_state_dict(model: nn.Module, state_dict: dict, source: str = "c
 
 
 def _plain_state_dict(model: nn.Module, dtype: torch.dtype | None = None) -> OrderedDict:
-    """Independent contiguous tensors (the packed views share storage, which safetensors refuses)."""
+    """Independent contiguous tensors (the packed views share storage, which safetensors
+    refuses)."""
     out = OrderedDict()
     for k, v in model.state_dict().items():
         t = v.detach().to("cpu")

@@ -1,29 +1,33 @@
 """Drop-in modules built on the pldr ops: MetricLearner, GCachedAttention, PowerLawGraphAttention.
 
-Parameter names follow the authors' modules (pldr-spec §4), so ``PowerLawGraphAttention`` loads an
-``mha1`` state dict as is. Weights that the ops take packed (the metric learner's ``[R,Gd,F,d]``
-stacks, the fused q/k/v projection) are packed once: the parameters become views into the packed
-tensor, so in-place updates (``load_state_dict``, optimiser steps) need no copy, and the pack is
-rebuilt after ``.to()``/``.cuda()`` or when a parameter is re-assigned.
+Parameter names follow the authors' modules (docs/spec.md §4), so ``PowerLawGraphAttention`` loads
+an ``mha1`` state dict as is. Weights that the ops take packed (the metric learner's ``[R,Gd,F,d]``
+stacks, the fused q/k/v projection, SwiGLU's gluw1/gluw2) are packed once: the parameters become
+views into the packed tensor (:class:`ParameterPack`), so in-place updates (``load_state_dict``,
+optimiser steps) need no copy.
 
 The G path (metric learner → G) stays fp32 when the module is cast to bf16/fp16: ``.to(bfloat16)``
-converts the projections but keeps the metric learner parameters in fp32 (pldr-spec §5).
+converts the projections but keeps the metric learner parameters in fp32 (docs/spec.md §5).
+
+Inside a model, each attention layer owns its generation cache (:class:`KVCache`, attached by
+``PLDRForCausalLM.setup_caches``) and runs one step of the model through :meth:`forward_step`, with
+the per-step inputs every layer shares (:class:`StepInputs`).
 
 Training: the kernels have no backward yet, so when autograd needs gradients these modules compute
-with the reference math (``reference.py`` / ``reference_model.py`` building blocks), with a one-time
-warning.
+with the reference math (``reference.py`` / ``layers.py`` building blocks), with a one-time warning.
 """
 from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from . import ops, reference
-from .reference_model import GLUVariant, PlgaLayer, ResLayerA
+from .layers import GLUVariant, PlgaLayer, ResLayerA
 
 Tensor = torch.Tensor
 METRIC_CHILDREN = ("plgatt_layer", "reslayerAs", "layernorm1")
@@ -59,11 +63,16 @@ def _keep_fp32(fn):
     return apply
 
 
+# --------------------------------------------------------------------------------------------
+# Packed parameters, and the one place that keeps them packed and the G path fp32
+# --------------------------------------------------------------------------------------------
 class ParameterPack:
     """Parameters of equal shape stored as views into one packed tensor of ``shape``.
 
-    ``get()`` returns the packed tensor, rebuilding it (and re-pointing the parameters at it) when a
-    parameter was re-assigned or moved; in-place updates of the parameters are seen for free."""
+    In-place updates of the parameters (optimiser steps, ``load_state_dict``) are seen by the pack
+    for free. What replaces a parameter's storage — ``.to()``/``.cuda()``, ``load_state_dict(
+    assign=True)``, a re-assigned parameter — is repaired by :meth:`ensure` (called by
+    :class:`PackedModule` after each of the first two, and by :meth:`get` in eager mode)."""
 
     def __init__(self, owner: nn.Module, paths: Sequence[str], shape: Sequence[int]):
         # Paths from the owner, not Parameter objects: load_state_dict(assign=True) may replace
@@ -99,18 +108,68 @@ class ParameterPack:
         self._ptrs = [p.data_ptr() for p in params]
         return self.packed
 
+    def ensure(self) -> None:
+        if not self._valid():
+            self.repack()
+
     def get(self) -> Tensor:
-        return self.packed if self._valid() else self.repack()
+        # torch.compile cannot trace data_ptr(): a compiled forward trusts the pack, which
+        # PackedModule keeps valid across .to() and load_state_dict(assign=True).
+        if not torch.compiler.is_compiling():
+            self.ensure()
+        return self.packed
+
+
+class PackedModule(nn.Module):
+    """Base of the modules here that hold packed weights or tensors that must stay fp32.
+
+    Two rules, one place. (1) ``fp32_children`` (child names) and ``fp32_own`` (this module's own
+    tensors) stay fp32 when the module is cast to bf16/fp16 (docs/spec.md §5). (2) After a cast or
+    move, every :class:`ParameterPack` in ``packs`` is re-packed.
+
+    Why an override of the private ``Module._apply`` and not hooks: PyTorch has no public hook
+    around ``.to()``/``.cuda()``/``.half()``, which all funnel through ``_apply``, and rule (1) has
+    to change what the cast does, not repair it afterwards (casting the metric learner to bf16 and
+    back would lose its bits). The alternative to views — the packed tensors as the parameters, with
+    state-dict hooks translating the authors' keys — would keep the keys but rename the parameters
+    (``named_parameters``, optimiser groups, gradients), and a derived pack refreshed from
+    ``_version`` counters would cost a copy after each optimiser step. Views are updated in place
+    by any optimiser, so they stay correct without either. ``load_state_dict(assign=True)``, which
+    swaps parameters, has a public hook and uses it."""
+
+    fp32_children: tuple[str, ...] = ()
+    fp32_own: bool = False
+
+    def __init__(self):
+        super().__init__()
+        self.packs: dict[str, ParameterPack] = {}
+        self.register_load_state_dict_post_hook(_ensure_packs_after_load)
+
+    def _apply(self, fn, recurse=True):
+        if recurse:
+            for name, child in self.named_children():
+                child._apply(_keep_fp32(fn) if name in self.fp32_children else fn)
+        super()._apply(_keep_fp32(fn) if self.fp32_own else fn, recurse=False)
+        for pack in self.packs.values():
+            pack.ensure()
+        return self
+
+
+def _ensure_packs_after_load(module: PackedModule, incompatible_keys) -> None:
+    for pack in module.packs.values():
+        pack.ensure()
 
 
 # --------------------------------------------------------------------------------------------
 # RoPE with precomputed tables
 # --------------------------------------------------------------------------------------------
-class RotaryEmbedding(nn.Module):
+class RotaryEmbedding(PackedModule):
     """``reference.apply_rope`` with cached fp32 cos/sin tables (non-persistent, grown on demand).
 
     ``interleaved=True``: v51/torchtune pairs (2j, 2j+1), computed in fp32 and cast back.
     ``interleaved=False``: v52/HF Llama rotate_half, cos/sin cast to the activation dtype first."""
+
+    fp32_own = True
 
     def __init__(self, head_dim: int, theta: float = 10000.0, interleaved: bool = True,
                  max_positions: int = 1024):
@@ -124,18 +183,24 @@ class RotaryEmbedding(nn.Module):
         ang = reference.rope_angles(torch.arange(n, device=device), self.head_dim, self.theta)
         self.cos, self.sin = ang.cos(), ang.sin()
 
-    def _apply(self, fn, recurse=True):
-        return super()._apply(_keep_fp32(fn), recurse)
+    def reserve(self, n: int) -> None:
+        """Grow the tables to cover positions ``0 … n-1`` (done before a compiled or captured step,
+        which must not grow them)."""
+        if n > self.cos.shape[0]:
+            self._build(max(n, 2 * self.cos.shape[0]), self.cos.device)
 
     def rotation(self, positions: Tensor, max_position: int | None = None):
         """The rotation for ``positions [B, S]``, computed once per step and shared by all layers:
         complex ``cos + i·sin`` ``[B, S, 1, d/2]`` (interleaved) or fp32 ``(cos, sin)``
-        ``[B, S, 1, d]`` (rotate_half). ``max_position`` (host int) spares the device→host read of
-        ``positions.max()`` (needed under CUDA-graph capture)."""
-        if max_position is None:
+        ``[B, S, 1, d]`` (rotate_half).
+
+        ``max_position`` is a host bound on ``positions`` (the model knows one from the shapes);
+        without it the bound is read from the device in eager mode, and under torch.compile the
+        positions must lie within the tables already built (``max_positions``, :meth:`reserve`)."""
+        if max_position is None and not torch.compiler.is_compiling():
             max_position = int(positions.max()) if positions.numel() else -1
-        if max_position + 1 > self.cos.shape[0]:
-            self._build(max(max_position + 1, 2 * self.cos.shape[0]), self.cos.device)
+        if max_position is not None:
+            self.reserve(max_position + 1)
         flat = positions.reshape(-1)
         shape = (*positions.shape, 1, -1)
         cos = self.cos.index_select(0, flat).view(shape)
@@ -145,7 +210,7 @@ class RotaryEmbedding(nn.Module):
         return torch.cat((cos, cos), dim=-1), torch.cat((sin, sin), dim=-1)
 
     def forward(self, x: Tensor, rotation) -> Tensor:
-        """Rotate ``x [B, S, n, d]`` by a :meth:`rotation`; same math as ``reference.apply_rope``."""
+        """Rotate ``x [B, S, n, d]`` by a :meth:`rotation`; the math of ``reference.apply_rope``."""
         if self.interleaved:  # (x0 + i·x1)(cos + i·sin): the adjacent-pair rotation, in fp32
             xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
             return torch.view_as_real(xc * rotation).flatten(-2).to(x.dtype)
@@ -156,18 +221,97 @@ class RotaryEmbedding(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------
+# One model step: what the layers share, and each attention layer's cache
+# --------------------------------------------------------------------------------------------
+CACHE_USES = ("off", "write", "read_G", "decode", "decode_G_from_A")
+
+
+@dataclass
+class StepInputs:
+    """What every layer of a model shares in one forward step (built once per step).
+
+    ``cache_use`` says what the attention layers do with their :class:`KVCache`:
+    'off' (no cache: a plain forward), 'write' (full sequence; store its k/v, when the cache has
+    room for them, and its metric tensors), 'read_G' (full sequence with the cached G, nothing
+    written: cache mode 'g'), 'decode' (append this step's k/v at ``cache_seqlens`` and attend with
+    the cached G) or 'decode_G_from_A' (the same with G recomputed from the cached A: mode 'kv')."""
+    rotation: Tensor | tuple[Tensor, Tensor]
+    key_mask: Tensor | None = None  # [B, S] bool, False = pad key (full-sequence steps)
+    q_mask: Tensor | None = None  # [B, S] bool, False = row left out of QᵀQ
+    cache_use: str = "off"
+    cache_seqlens: Tensor | None = None  # decode: int32 [B], rows already in the cache
+    cache_start: Tensor | None = None  # decode: int32 [B], first real row; None without padding
+
+    def __post_init__(self):
+        if self.cache_use not in CACHE_USES:
+            raise ValueError(f"cache_use must be one of {CACHE_USES}, got {self.cache_use!r}")
+        if self.cache_use in ("decode", "decode_G_from_A") and self.cache_seqlens is None:
+            raise ValueError(f"cache_use={self.cache_use!r} needs cache_seqlens")
+
+    @property
+    def decoding(self) -> bool:
+        return self.cache_use in ("decode", "decode_G_from_A")
+
+
+@dataclass
+class KVCache:
+    """One attention layer's generation cache: static ``k, v [B, Smax, H, d]`` in the model dtype
+    (None in the cache modes without a KV-cache), and the metric tensors in use ``A, A_LM, G``,
+    fp32 ``[rows, H, d, d]`` (rows = B, or 1 when one G serves the batch). Written in place, so the
+    tensors keep their addresses (CUDA-graph replay, torch.compile)."""
+    k: Tensor | None
+    v: Tensor | None
+    A: Tensor
+    A_LM: Tensor
+    G: Tensor
+
+    @classmethod
+    def allocate(cls, batch_size: int, max_length: int | None, num_heads: int, head_dim: int,
+                 metric_rows: int, dtype: torch.dtype, device: torch.device) -> KVCache:
+        kv_shape = (batch_size, max_length, num_heads, head_dim)
+        metric_shape = (metric_rows, num_heads, head_dim, head_dim)
+
+        def kv():
+            return None if max_length is None else torch.zeros(kv_shape, dtype=dtype,
+                                                               device=device)
+
+        def metric():
+            return torch.zeros(metric_shape, dtype=torch.float32, device=device)
+        return cls(k=kv(), v=kv(), A=metric(), A_LM=metric(), G=metric())
+
+    @property
+    def max_length(self) -> int:
+        return 0 if self.k is None else self.k.shape[1]
+
+    def write(self, k: Tensor, v: Tensor, A: Tensor, A_LM: Tensor, G: Tensor) -> None:
+        """Store a full sequence's k/v (rows 0 … S-1, when there is a KV-cache) and metric tensors
+        (their first ``rows`` batch rows)."""
+        if self.k is not None:
+            S = k.shape[1]
+            self.k[:, :S] = k
+            self.v[:, :S] = v
+        rows = self.G.shape[0]
+        self.A.copy_(A[:rows])
+        self.A_LM.copy_(A_LM[:rows])
+        self.G.copy_(G[:rows])
+
+
+# --------------------------------------------------------------------------------------------
 # Metric learner
 # --------------------------------------------------------------------------------------------
-class MetricLearner(nn.Module):
-    """The deep PLGA network (spec §2 steps 6–12): post-RoPE ``q [B,S,H,d]`` → fp32 (A, A_LM, G).
+class MetricLearner(PackedModule):
+    """The deep PLGA network (docs/spec.md §2 steps 6–12): post-RoPE ``q [B,S,H,d]`` → fp32
+    (A, A_LM, G).
 
     Children (authors' names): ``layernorm1`` (LN over rows of QᵀQ), ``reslayerAs.{r}.denseAs.{g}``
     (SwiGLUs) with ``reslayerAs.{r}.layernormA``, and ``plgatt_layer.{Wlst,blst,pwlst,alst,balst}``.
     """
 
+    fp32_children = METRIC_CHILDREN
+
     def __init__(self, head_dim: int, num_heads: int, A_dff: int = 170, num_reslayerA: int = 8,
                  num_denseA: int = 2, eps: float = 1e-6, glu_bias: bool = True):
-        nn.Module.__init__(self)
+        PackedModule.__init__(self)
         self._build_metric_learner(head_dim, num_heads, A_dff, num_reslayerA, num_denseA, eps,
                                    glu_bias)
 
@@ -181,44 +325,32 @@ class MetricLearner(nn.Module):
         R, Gd, d = num_reslayerA, num_denseA, head_dim
         glus = [f"reslayerAs.{r}.denseAs.{g}" for r in range(R) for g in range(Gd)]
 
-        def stack(linear_name: str, what: str, shape) -> ParameterPack | None:
+        def stack(name: str, linear_name: str, what: str, shape) -> None:
             if what == "bias" and not glu_bias:
-                return None
-            return ParameterPack(self, [f"{g}.{linear_name}.{what}" for g in glus], shape)
+                return  # the op takes zero biases (packed_metric_weights)
+            self.packs[name] = ParameterPack(
+                self, [f"{g}.{linear_name}.{what}" for g in glus], shape)
 
-        self._metric_packs = {
-            "w1": stack("gluw1", "weight", (R, Gd, A_dff, d)),
-            "b1": stack("gluw1", "bias", (R, Gd, A_dff)),
-            "w2": stack("gluw2", "weight", (R, Gd, A_dff, d)),
-            "b2": stack("gluw2", "bias", (R, Gd, A_dff)),
-            "w3": stack("gluw3", "weight", (R, Gd, d, A_dff)),
-            "b3": stack("gluw3", "bias", (R, Gd, d)),
-            "lnA_w": ParameterPack(self, [f"reslayerAs.{r}.layernormA.weight" for r in range(R)],
-                                   (R, d)),
-            "lnA_b": ParameterPack(self, [f"reslayerAs.{r}.layernormA.bias" for r in range(R)],
-                                   (R, d)),
-        }
+        stack("w1", "gluw1", "weight", (R, Gd, A_dff, d))
+        stack("b1", "gluw1", "bias", (R, Gd, A_dff))
+        stack("w2", "gluw2", "weight", (R, Gd, A_dff, d))
+        stack("b2", "gluw2", "bias", (R, Gd, A_dff))
+        stack("w3", "gluw3", "weight", (R, Gd, d, A_dff))
+        stack("b3", "gluw3", "bias", (R, Gd, d))
+        self.packs["lnA_w"] = ParameterPack(
+            self, [f"reslayerAs.{r}.layernormA.weight" for r in range(R)], (R, d))
+        self.packs["lnA_b"] = ParameterPack(
+            self, [f"reslayerAs.{r}.layernormA.bias" for r in range(R)], (R, d))
         self._zero_biases = {"b1": (R, Gd, A_dff), "b2": (R, Gd, A_dff), "b3": (R, Gd, d)}
-        for pack in self._metric_packs.values():
-            if pack is not None:
-                pack.repack()
-
-    def _apply(self, fn, recurse=True):
-        if recurse:
-            for name, child in self.named_children():
-                child._apply(_keep_fp32(fn) if name in METRIC_CHILDREN else fn)
-        super()._apply(fn, recurse=False)
-        for pack in self._metric_packs.values():
-            if pack is not None:
-                pack.repack()
-        return self
+        for pack in self.packs.values():
+            pack.repack()
 
     def packed_metric_weights(self) -> list[Tensor]:
         """Weights in the positional order of ``pldr::metric_tensors`` (after q, q_mask)."""
         w = {}
-        for name, pack in self._metric_packs.items():
-            if pack is not None:
-                w[name] = pack.get()
+        for name in ("w1", "b1", "w2", "b2", "w3", "b3", "lnA_w", "lnA_b"):
+            if name in self.packs:
+                w[name] = self.packs[name].get()
             else:  # glu_bias=False: the op takes zero biases
                 w[name] = torch.zeros(self._zero_biases[name], device=self.layernorm1.weight.device)
         plga = self.plgatt_layer
@@ -256,16 +388,17 @@ class MetricLearner(nn.Module):
 # --------------------------------------------------------------------------------------------
 # Attention
 # --------------------------------------------------------------------------------------------
-class GCachedAttention(nn.Module):
+class GCachedAttention(PackedModule):
     """Multi-head attention with a given G (``softmax((q·G)kᵀ/√d)v``): projections ``wq, wk, wv``
     (fused into one GEMM), RoPE, ``pldr::g_attention`` / ``pldr::g_attention_decode``, ``dense``.
 
-    G ``[B or 1, H, d, d]`` fp32; None = identity (plain SDPA)."""
+    G ``[B or 1, H, d, d]`` fp32; None = identity (plain SDPA). ``kv_cache`` is this layer's
+    generation cache inside a model (None otherwise)."""
 
     def __init__(self, hidden_size: int, num_heads: int, head_dim: int = 64, bias: bool = True,
                  interleaved_rope: bool = True, rope_theta: float = 10000.0,
                  max_positions: int = 1024, rope: RotaryEmbedding | None = None):
-        nn.Module.__init__(self)
+        PackedModule.__init__(self)
         self._build_attention(hidden_size, num_heads, head_dim, bias, interleaved_rope, rope_theta,
                               max_positions, rope)
 
@@ -283,24 +416,19 @@ class GCachedAttention(nn.Module):
         # A model passes one RotaryEmbedding shared by its layers (non-persistent tables only).
         self.rope = rope if rope is not None else RotaryEmbedding(head_dim, rope_theta,
                                                                   interleaved_rope, max_positions)
+        self.kv_cache: KVCache | None = None
         projections = ("wq", "wk", "wv")
-        self._qkv_weight = ParameterPack(self, [f"{p}.weight" for p in projections], (3 * D, D))
-        self._qkv_bias = (ParameterPack(self, [f"{p}.bias" for p in projections], (3 * D,))
-                          if bias else None)
-        self._repack_qkv()
-
-    def _repack_qkv(self) -> None:
-        self._qkv_weight.repack()
-        if self._qkv_bias is not None:
-            self._qkv_bias.repack()
-
-    def _apply(self, fn, recurse=True):
-        super()._apply(fn, recurse)
-        self._repack_qkv()
-        return self
+        self.packs["qkv_weight"] = ParameterPack(self, [f"{p}.weight" for p in projections],
+                                                 (3 * D, D))
+        if bias:
+            self.packs["qkv_bias"] = ParameterPack(self, [f"{p}.bias" for p in projections],
+                                                   (3 * D,))
+        self.packs["qkv_weight"].repack()
+        if bias:
+            self.packs["qkv_bias"].repack()
 
     def project(self, x: Tensor, rotation) -> tuple[Tensor, Tensor, Tensor]:
-        """``x [B,S,D]`` → post-RoPE q, k and v ``[B,S,H,d]`` (views; only the last dim contiguous)."""
+        """``x [B,S,D]`` → post-RoPE q, k and v ``[B,S,H,d]`` (views; the last dim contiguous)."""
         B, S, _ = x.shape
         H, d = self.num_heads, self.head_dim
         if _needs_autograd(self, x):
@@ -308,8 +436,8 @@ class GCachedAttention(nn.Module):
             qk = torch.stack((q, k), dim=2).view(B, S, 2 * H, d)
             v = v.view(B, S, H, d)
         else:
-            bias = self._qkv_bias.get() if self._qkv_bias is not None else None
-            qkv = F.linear(x, self._qkv_weight.get(), bias).view(B, S, 3, H, d)
+            bias = self.packs["qkv_bias"].get() if "qkv_bias" in self.packs else None
+            qkv = F.linear(x, self.packs["qkv_weight"].get(), bias).view(B, S, 3, H, d)
             qk, v = qkv[:, :, :2].reshape(B, S, 2 * H, d), qkv[:, :, 2]
         qk = self.rope(qk, rotation)
         return qk[:, :, :H], qk[:, :, H:], v
@@ -330,19 +458,42 @@ class GCachedAttention(nn.Module):
                 key_mask: Tensor | None = None, causal: bool = True) -> Tensor:
         """Uncached attention of ``x [B,S,D]`` with a given G; positions default to 0..S-1."""
         B, S, _ = x.shape
+        max_position = None
         if positions is None:
             positions = torch.arange(S, device=x.device)[None].expand(B, S)
-        q, k, v = self.project(x, self.rope.rotation(positions))
+            max_position = S - 1
+        q, k, v = self.project(x, self.rope.rotation(positions, max_position))
         return self.output(self.attend(q, k, v, G, key_mask, causal))
 
-    def decode(self, x: Tensor, G: Tensor | None, rotation, k_cache: Tensor,
-               v_cache: Tensor, cache_seqlens: Tensor, cache_start: Tensor | None = None
-               ) -> Tensor:
-        """One generation step: append this step's k/v to the caches in place at ``cache_seqlens``
-        and attend to rows ``cache_start … cache_seqlens`` (``pldr::g_attention_decode``)."""
-        q, k, v = self.project(x, rotation)
-        o = ops.g_attention_decode(q, k_cache, v_cache, cache_seqlens, k, v, cache_start, G)
-        return self.output(o)
+    # ---- one step of a model, with this layer's cache -----------------------------------------
+    def forward_step(self, x: Tensor, inputs: StepInputs,
+                     metric: tuple[Tensor, Tensor, Tensor] | None = None) -> Tensor:
+        """One model step of ``x [B,S,D]`` (S = 1 when decoding), causal; ``metric`` is the given
+        (A, A_LM, G) of a predefined-G model (None: computed, for the metric learner)."""
+        q, k, v = self.project(x, inputs.rotation)
+        cache = self.kv_cache
+        if inputs.cache_use != "off" and cache is None:
+            raise RuntimeError(f"cache_use={inputs.cache_use!r} needs this layer's kv_cache; "
+                               f"set it up first (PLDRForCausalLM.setup_caches)")
+        if inputs.decoding:
+            G = self._decode_G(cache, inputs.cache_use)
+            o = ops.g_attention_decode(q, cache.k, cache.v, inputs.cache_seqlens, k, v,
+                                       inputs.cache_start, G)
+            return self.output(o)
+        if inputs.cache_use == "read_G":
+            G = cache.G
+        else:
+            A, A_LM, G = self._metric(q, inputs.q_mask, metric)
+            if inputs.cache_use == "write":
+                cache.write(k, v, A, A_LM, G)
+        return self.output(self.attend(q, k, v, G, inputs.key_mask, causal=True))
+
+    def _metric(self, q: Tensor, q_mask: Tensor | None, metric):
+        """(A, A_LM, G) of a full-sequence step: the given ones (identity G when None)."""
+        return metric if metric is not None else (None, None, None)
+
+    def _decode_G(self, cache: KVCache, cache_use: str) -> Tensor:
+        return cache.G  # no metric learner to recompute G with: the cached G serves both modes
 
 
 class PowerLawGraphAttention(GCachedAttention, MetricLearner):
@@ -356,16 +507,11 @@ class PowerLawGraphAttention(GCachedAttention, MetricLearner):
                  bias: bool = True, glu_bias: bool = True, interleaved_rope: bool = True,
                  rope_theta: float = 10000.0, max_positions: int = 1024,
                  rope: RotaryEmbedding | None = None):
-        nn.Module.__init__(self)
+        PackedModule.__init__(self)
         self._build_attention(hidden_size, num_heads, head_dim, bias, interleaved_rope,
                               rope_theta, max_positions, rope)
         self._build_metric_learner(head_dim, num_heads, A_dff, num_reslayerA, num_denseA, eps,
                                    glu_bias)
-
-    def _apply(self, fn, recurse=True):
-        MetricLearner._apply(self, fn, recurse)  # keeps the G path fp32, repacks its weights
-        self._repack_qkv()
-        return self
 
     def forward(self, x: Tensor, positions: Tensor | None = None,
                 attention_mask: Tensor | None = None, include_pad_in_g: bool = False,
@@ -373,40 +519,43 @@ class PowerLawGraphAttention(GCachedAttention, MetricLearner):
         """Uncached PLGA of ``x [B,S,D]``. ``attention_mask [B,S]`` (1 = token, 0 = pad) masks pad
         keys and, unless ``include_pad_in_g``, leaves pad rows out of QᵀQ."""
         B, S, _ = x.shape
+        max_position = None
         if positions is None:
             positions = torch.arange(S, device=x.device)[None].expand(B, S)
-        q, k, v = self.project(x, self.rope.rotation(positions))
+            max_position = S - 1
+        q, k, v = self.project(x, self.rope.rotation(positions, max_position))
         key_mask = None if attention_mask is None else attention_mask.bool()
         q_mask = None if include_pad_in_g else key_mask
         A, A_LM, G = self.metric_tensors(q, q_mask)
         out = self.output(self.attend(q, k, v, G, key_mask, causal=True))
         return (out, (A, A_LM, G)) if return_metric else out
 
+    def _metric(self, q: Tensor, q_mask: Tensor | None, metric):
+        return self.metric_tensors(q, q_mask)
 
-class SwiGLU(GLUVariant):
+    def _decode_G(self, cache: KVCache, cache_use: str) -> Tensor:
+        if cache_use == "decode_G_from_A":
+            return self.g_from_metric(cache.A)[1]
+        return cache.G
+
+
+class SwiGLU(GLUVariant, PackedModule):
     """The authors' ``GLUVariant`` (``gluw3(silu(gluw1(x)) * gluw2(x))``) with gluw1/gluw2 fused
     into one GEMM at inference."""
 
     def __init__(self, d_in: int, d_hidden: int, d_out: int, bias: bool = True):
         super().__init__(d_in, d_hidden, d_out, bias)
-        self._w12 = ParameterPack(self, ["gluw1.weight", "gluw2.weight"], (2 * d_hidden, d_in))
-        self._b12 = (ParameterPack(self, ["gluw1.bias", "gluw2.bias"], (2 * d_hidden,))
-                     if bias else None)
-        self._repack()
-
-    def _repack(self) -> None:
-        self._w12.repack()
-        if self._b12 is not None:
-            self._b12.repack()
-
-    def _apply(self, fn, recurse=True):
-        super()._apply(fn, recurse)
-        self._repack()
-        return self
+        self.packs["w12"] = ParameterPack(self, ["gluw1.weight", "gluw2.weight"],
+                                          (2 * d_hidden, d_in))
+        if bias:
+            self.packs["b12"] = ParameterPack(self, ["gluw1.bias", "gluw2.bias"], (2 * d_hidden,))
+        for pack in self.packs.values():
+            pack.repack()
 
     def forward(self, x: Tensor) -> Tensor:
         if _needs_autograd(self, x):
             return super().forward(x)
-        h = F.linear(x, self._w12.get(), self._b12.get() if self._b12 is not None else None)
+        bias = self.packs["b12"].get() if "b12" in self.packs else None
+        h = F.linear(x, self.packs["w12"].get(), bias)
         gate, up = h.chunk(2, dim=-1)
         return self.gluw3(F.silu(gate) * up)

@@ -2,10 +2,12 @@
 the "reference" contestant of the benchmarks.
 
 Module tree and names follow ``pldr_model_v510.py`` (and the HF port), so the state-dict keys are
-those of pldr-spec.md §4 and the same checkpoint loads here and into :class:`PLDRForCausalLM`.
-Math as the authors write it: ``F.linear`` projections, torchtune-style RoPE (``reference.apply_rope``),
-the metric learner as a stack of modules per layer, matmul/softmax attention with an additive
-``-1e9`` mask, a KV-cache ``[k, v, A]`` grown by concatenation and a G-cache list ``[A_LM, G]``.
+those of docs/spec.md §4 and the same checkpoint loads here and into :class:`PLDRForCausalLM`.
+Math as the authors write it: ``F.linear`` projections, torchtune-style RoPE
+(``reference.apply_rope``), the metric learner as a stack of modules per layer, matmul/softmax
+attention with an additive ``-1e9`` mask, a KV-cache ``[k, v, A]`` grown by concatenation and a
+G-cache list ``[A_LM, G]``. The building blocks it shares with PLDRForCausalLM live in
+``layers.py``, the generation options and token choice in ``sampling.py``.
 
 Batching additions the authors' single-sequence code does not need: RoPE positions and the key
 padding mask come from ``attention_mask`` (left padding), and by default pad rows are left out of
@@ -22,50 +24,28 @@ from torch import nn
 
 from . import reference
 from .config import PLDRConfig
-from .sampling import check_generate_args, make_generator, positions_from_mask, sample_next_token
+from .layers import (
+    CausalLMOutput,
+    GLUVariant,
+    PlgaLayer,
+    ResLayerA,
+    causal_lm_loss,
+    init_weights,
+    positions_from_mask,
+    predefined_g_values,
+)
+from .sampling import GenerationOptions, TokenPicker
 
 Tensor = torch.Tensor
-EPS_ADJ = 1e-9
 MASK_PENALTY = -1e9
 
 
-# --------------------------------------------------------------------------------------------
-# Building blocks (authors' names)
-# --------------------------------------------------------------------------------------------
-class GLUVariant(nn.Module):
-    """SwiGLU: ``gluw3(silu(gluw1(x)) * gluw2(x))``."""
-
-    def __init__(self, d_in: int, d_hidden: int, d_out: int, bias: bool = True):
-        super().__init__()
-        self.gluw1 = nn.Linear(d_in, d_hidden, bias=bias)
-        self.gluw2 = nn.Linear(d_in, d_hidden, bias=bias)
-        self.gluw3 = nn.Linear(d_hidden, d_out, bias=bias)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.gluw3(F.silu(self.gluw1(x)) * self.gluw2(x))
-
-
-class ResLayerA(nn.Module):
-    """Residual unit of the metric learner: ``LN(GLU_g(…GLU_0(A)) + A)``."""
-
-    def __init__(self, depth: int, A_dff: int, num_denseA: int, eps: float, bias: bool = True):
-        super().__init__()
-        self.denseAs = nn.ModuleList([GLUVariant(depth, A_dff, depth, bias)
-                                      for _ in range(num_denseA)])
-        self.layernormA = nn.LayerNorm(depth, eps=eps)
-
-    def forward(self, A: Tensor) -> Tensor:
-        A_in = A
-        for dense in self.denseAs:
-            A = dense(A)
-        return self.layernormA(A + A_in)
-
-
 def plga_attention(q: Tensor, k: Tensor, v: Tensor, G: Tensor, mask: Tensor | None) -> Tensor:
-    """Steps 13–14 as the authors write them, on ``[B,H,S,dk]``: softmax((q·G)·kᵀ/√dk + mask·-1e9)·v.
+    """Steps 13–14 as the authors write them, on ``[B,H,S,dk]``:
+    softmax((q·G)·kᵀ/√dk + mask·-1e9)·v.
 
     Batching addition: a query row with every key blocked (a left-pad row) outputs 0, the op
-    contract (DESIGN §3.2); the authors' batch-1 decoding never has such rows."""
+    contract (docs/design.md §3.2); the authors' batch-1 decoding never has such rows."""
     dk = q.shape[-1]
     scores = torch.matmul(torch.matmul(q, G.to(q.dtype)), k.transpose(-1, -2)) / math.sqrt(dk)
     if mask is None:
@@ -74,25 +54,6 @@ def plga_attention(q: Tensor, k: Tensor, v: Tensor, G: Tensor, mask: Tensor | No
     out = torch.matmul(F.softmax(scores, dim=-1), v)
     all_blocked = (mask >= 1).all(dim=-1, keepdim=True)
     return out.masked_fill(all_blocked, 0.0) if bool(all_blocked.any()) else out
-
-
-class PlgaLayer(nn.Module):
-    """Power law graph attention parameters (``plgatt_layer``) and steps 9–14."""
-
-    def __init__(self, depth: int, num_heads: int):
-        super().__init__()
-        shape = (num_heads, depth, depth)
-        self.Wlst = nn.Parameter(nn.init.xavier_normal_(torch.empty(shape)))
-        self.blst = nn.Parameter(torch.zeros(shape))
-        self.pwlst = nn.Parameter(nn.init.xavier_normal_(torch.empty(shape)))
-        self.alst = nn.Parameter(nn.init.xavier_normal_(torch.empty(shape)))
-        self.balst = nn.Parameter(torch.zeros(shape))
-
-    def g_from_metric(self, A: Tensor) -> tuple[Tensor, Tensor]:
-        """Steps 9–12: metric tensor A [B,H,dk,dk] → (A_LM, G_LM)."""
-        A_LM = reference.iswiglu(torch.matmul(self.Wlst, A) + self.blst) + EPS_ADJ
-        G = torch.matmul(self.alst, torch.pow(A_LM, self.pwlst)) + self.balst
-        return A_LM, G
 
 
 class PlgMultiHeadAttention(nn.Module):
@@ -119,7 +80,8 @@ class PlgMultiHeadAttention(nn.Module):
                                     theta=self.config.rope_theta)
 
     def metric_tensor(self, q: Tensor, q_mask: Tensor | None) -> Tensor:
-        """Steps 6–8 on post-RoPE ``q [B,H,S,dk]``: A = LN(qᵀq), then the residual metric learner."""
+        """Steps 6–8 on post-RoPE ``q [B,H,S,dk]``: A = LN(qᵀq), then the residual metric
+        learner."""
         if q_mask is not None:
             q = q * q_mask[:, None, :, None].to(q.dtype)
         A = self.layernorm1(torch.matmul(q.transpose(-1, -2), q))
@@ -169,16 +131,6 @@ class PLDRDecoderLayer(nn.Module):
         return out2, deductive, kvcache
 
 
-def predefined_g_values(config: PLDRConfig) -> Tensor:
-    """Initial ``past_G_values [L, 3, 1, H, dk, dk]`` (A, A_LM, G) of a predefined-G model: identity
-    for 'identity' and 'external' (until the user writes G), standard normal for 'random'."""
-    L, H, dk = config.num_hidden_layers, config.num_attention_heads, config.head_dim
-    eye = torch.eye(dk).expand(L, 3, 1, H, dk, dk).clone()
-    if config.custom_G_type == "random":
-        eye[:, 2] = torch.randn(L, 1, H, dk, dk)
-    return eye
-
-
 class PLDRDecoder(nn.Module):
     def __init__(self, config: PLDRConfig):
         super().__init__()
@@ -188,7 +140,7 @@ class PLDRDecoder(nn.Module):
                                          for _ in range(config.num_hidden_layers)])
         self.layernorm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         if not config.has_metric_learner:
-            # HF port: persistent buffers, saved with the checkpoint (pldr-spec §3.2).
+            # HF port: persistent buffers, saved with the checkpoint (docs/spec.md §3.2).
             self.register_buffer("past_G_values", predefined_g_values(config))
             self.register_buffer("past_G_values_status",
                                  torch.ones(config.num_hidden_layers, dtype=torch.bool))
@@ -207,13 +159,6 @@ class PLDRDecoder(nn.Module):
 # --------------------------------------------------------------------------------------------
 # The model
 # --------------------------------------------------------------------------------------------
-def _init_weights(module: nn.Module) -> None:
-    if isinstance(module, nn.Linear):
-        nn.init.xavier_uniform_(module.weight)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
-
-
 class ReferencePLDR(nn.Module):
     """The authors' PLDR_Model (decoder + biased LM head) with a batched generate loop."""
 
@@ -224,13 +169,13 @@ class ReferencePLDR(nn.Module):
         self.decoder = PLDRDecoder(config)
         self.final_layer = nn.Linear(config.hidden_size, config.vocab_size,
                                      bias=config.final_bias)
-        self.apply(_init_weights)
+        self.apply(init_weights)
         if config.tie_word_embeddings:
             self.final_layer.weight = self.decoder.embedding.weight
 
     @classmethod
     def from_model(cls, model: nn.Module, dtype: torch.dtype | None = None) -> ReferencePLDR:
-        """A reference model with the weights of ``model`` (e.g. a PLDRForCausalLM), in ``dtype``."""
+        """A reference model with the weights of ``model`` (e.g. a PLDRForCausalLM) in ``dtype``."""
         ref = cls(model.config)
         ref.load_state_dict(model.state_dict())
         ref.to(device=next(model.parameters()).device)
@@ -264,56 +209,57 @@ class ReferencePLDR(nn.Module):
         return blocked
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
-                include_pad_in_g: bool = False) -> Tensor:
-        """Full uncached forward: logits ``[B, S, V]``."""
+                include_pad_in_g: bool = False, labels: Tensor | None = None) -> CausalLMOutput:
+        """Full uncached forward: ``.logits [B, S, V]`` and, with ``labels``, ``.loss`` (as
+        PLDRForCausalLM)."""
         B, S = input_ids.shape
         positions = positions_from_mask(attention_mask, B, S, input_ids.device)
         q_mask = None if (attention_mask is None or include_pad_in_g) else attention_mask.bool()
         mask = self.prefill_mask(attention_mask, S, input_ids.device)
-        return self.step(input_ids, positions, mask, q_mask=q_mask)[0]
+        logits = self.step(input_ids, positions, mask, q_mask=q_mask)[0]
+        loss = None if labels is None else causal_lm_loss(logits, labels)
+        return CausalLMOutput(logits=logits, loss=loss)
 
     @torch.no_grad()
-    def generate(self, input_ids: Tensor, max_new_tokens: int, cache: str = "kvg",
-                 do_sample: bool = False, temperature: float = 1.0, top_k: int = 0,
-                 top_p: float = 1.0, eos_token_id: int | None = None,
-                 attention_mask: Tensor | None = None, seed: int | None = None,
-                 return_deductive: bool = False, include_pad_in_g: bool = False):
+    def generate(self, input_ids: Tensor, max_new_tokens: int | None = None, *,
+                 attention_mask: Tensor | None = None, return_deductive: bool = False,
+                 options: GenerationOptions | None = None, **fields):
         """Greedy or sampled generation; ``[B, S + new]`` token ids (+ per-layer (A, A_LM, G)).
+        Arguments as ``PLDRForCausalLM.generate`` (the same :class:`GenerationOptions`); this model
+        grows its caches by concatenation, so ``max_length`` is not needed, and it has no
+        CUDA-graph path.
 
-        Cache modes (pldr-spec §3.1 matrix): 'none' re-runs the whole sequence and recomputes G;
-        'g' re-runs it with G frozen from the prompt; 'kv' caches k, v and A and recomputes G from A;
-        'kvg' caches k, v, A and G."""
-        check_generate_args(input_ids, max_new_tokens, cache, do_sample, temperature, top_k,
-                            top_p, attention_mask, self.config.vocab_size)
+        Cache modes (docs/spec.md §3.1 matrix): 'none' re-runs the whole sequence and recomputes
+        G; 'g' re-runs it with G frozen from the prompt; 'kv' caches k, v and A and recomputes G
+        from A; 'kvg' caches k, v, A and G."""
+        o = GenerationOptions.of(options, max_new_tokens, **fields)
+        o.check(input_ids, attention_mask, self.config.vocab_size)
+        if o.cuda_graph:
+            raise ValueError("cuda_graph=True: ReferencePLDR has no CUDA-graph decode path "
+                             "(PLDRForCausalLM has)")
         device = input_ids.device
         B, S = input_ids.shape
         ids = input_ids.long()
         mask = (torch.ones_like(ids) if attention_mask is None else attention_mask.long())
         padded = attention_mask is not None and bool((mask == 0).any())
-        generator = make_generator(seed, device)
-        finished = torch.zeros(B, dtype=torch.bool, device=device)
-        pad_id = self.config.pad_token_id if self.config.pad_token_id is not None else 0
+        pick = TokenPicker(o, self.config, B, device)
 
         def full_forward(Gcachelst):
-            q_mask = mask.bool() if padded and not include_pad_in_g else None
+            q_mask = mask.bool() if padded and not o.include_pad_in_g else None
             positions = positions_from_mask(mask if padded else None, B, ids.shape[1], device)
             blocked = self.prefill_mask(mask if padded else None, ids.shape[1], device)
             return self.step(ids, positions, blocked, None, Gcachelst, q_mask)
 
         logits, deductive, kvcachelst = full_forward(None)
-        Gcachelst = [[d[1], d[2]] for d in deductive] if cache in ("g", "kvg") else None
-        for step in range(max_new_tokens):
-            nxt = sample_next_token(logits[:, -1], do_sample, temperature, top_k, top_p,
-                                    generator)
-            if eos_token_id is not None:
-                nxt = torch.where(finished, torch.full_like(nxt, pad_id), nxt)
-                finished |= nxt == eos_token_id
+        Gcachelst = [[d[1], d[2]] for d in deductive] if o.cache in ("g", "kvg") else None
+        for step in range(o.max_new_tokens):
+            nxt = pick(logits[:, -1])
             ids = torch.cat([ids, nxt[:, None]], dim=1)
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-            if step == max_new_tokens - 1 or (eos_token_id is not None and bool(finished.all())):
+            if step == o.max_new_tokens - 1 or pick.all_finished():
                 break
-            if cache in ("none", "g"):
-                logits, deductive, _ = full_forward(Gcachelst if cache == "g" else None)
+            if o.cache in ("none", "g"):
+                logits, deductive, _ = full_forward(Gcachelst if o.cache == "g" else None)
             else:
                 positions = mask[:, :-1].sum(dim=1, keepdim=True)  # real tokens before the new one
                 key_mask = (1.0 - mask.float())[:, None, None, :] if padded else None

@@ -1,5 +1,15 @@
-"""Token selection and argument checks shared by the generation loops of both models."""
+"""What both models' generation shares: the options of a generate call, their checks, and token
+selection (greedy, temperature/top-k/top-p sampling, early stop at EOS).
+
+This module is neutral ground: the generation loop of PLDRForCausalLM (``generation.py``) and the
+authors'-style loop of ReferencePLDR both take a :class:`GenerationOptions`, so they are driven by
+the same arguments with the same defaults.
+"""
 from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -9,30 +19,87 @@ CACHE_MODES = ("none", "g", "kv", "kvg")
 CACHE_MODE_HELP = ("cache='none' (full recompute, G from the whole sequence each step), 'g' (full "
                    "recompute, G frozen from the prompt), 'kv' (KV-cache, A cached, G recomputed "
                    "from A each step) or 'kvg' (KV-cache and G-cache)")
+FROM_CONFIG = "config"
 
 
-def check_generate_args(input_ids: Tensor, max_new_tokens: int, cache: str, do_sample: bool,
-                        temperature: float, top_k: int, top_p: float,
-                        attention_mask: Tensor | None, vocab_size: int) -> None:
-    if cache not in CACHE_MODES:
-        raise ValueError(f"cache must be one of {CACHE_MODES}: {CACHE_MODE_HELP}; got {cache!r}")
-    if input_ids.dim() != 2 or input_ids.shape[1] < 1:
-        raise ValueError(f"input_ids must be [B, S] with S >= 1, got shape {tuple(input_ids.shape)}")
-    if input_ids.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"input_ids must be int64 or int32 token ids, got {input_ids.dtype}")
-    if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= vocab_size):
-        raise ValueError(f"input_ids must lie in [0, vocab_size={vocab_size}), got values in "
-                         f"[{input_ids.min().item()}, {input_ids.max().item()}]")
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
-    if do_sample and not temperature > 0:
-        raise ValueError(f"temperature must be > 0 when do_sample=True, got {temperature!r}")
-    if not isinstance(top_k, int) or top_k < 0:
-        raise ValueError(f"top_k must be an int >= 0 (0 = off), got {top_k!r}")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1] (1 = off), got {top_p!r}")
-    if attention_mask is not None:
-        check_left_padded(attention_mask, input_ids)
+@dataclass(frozen=True)
+class GenerationOptions:
+    """How to generate. ``model.generate(ids, max_new_tokens, **fields)`` builds one of these.
+
+    - ``cache``: one of :data:`CACHE_MODES` (docs/spec.md §3.1 mode matrix), see CACHE_MODE_HELP.
+    - ``do_sample`` with ``temperature``, ``top_k`` (0 = off), ``top_p`` (1 = off); else greedy.
+      ``seed`` seeds a private generator (None: the global RNG).
+    - ``eos_token_id``: ``'config'`` (the default) stops a row at the model config's
+      ``eos_token_id``; an int stops at that id; ``None`` never stops early. A stopped row is
+      filled with the config's ``pad_token_id`` (0 if None) until every row has stopped.
+    - ``include_pad_in_g``: pad rows of a left-padded prompt enter QᵀQ (the HF port's behaviour).
+    - ``max_length``: rows of PLDRForCausalLM's static KV-cache (default prompt + new tokens).
+    - ``cuda_graph``: replay the decode step as a CUDA graph (PLDRForCausalLM on CUDA, 'kv'/'kvg').
+    """
+    max_new_tokens: int
+    cache: str = "kvg"
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    eos_token_id: int | None | Literal["config"] = FROM_CONFIG
+    seed: int | None = None
+    include_pad_in_g: bool = False
+    max_length: int | None = None
+    cuda_graph: bool = False
+
+    @classmethod
+    def of(cls, options: GenerationOptions | None, max_new_tokens: int | None,
+           **fields) -> GenerationOptions:
+        """``options`` with ``max_new_tokens`` and ``fields`` replaced, or new options from them;
+        unknown field names are refused with the list of valid ones."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(fields) - names)
+        if unknown:
+            raise TypeError(f"unknown generation option(s) {unknown}; valid: {sorted(names)}")
+        if max_new_tokens is not None:
+            fields["max_new_tokens"] = max_new_tokens
+        if options is not None:
+            return dataclasses.replace(options, **fields)
+        if "max_new_tokens" not in fields:
+            raise TypeError("generate needs max_new_tokens (or options=GenerationOptions(...))")
+        return cls(**fields)
+
+    def eos(self, config) -> int | None:
+        """The EOS id in effect for a model with ``config``."""
+        return config.eos_token_id if self.eos_token_id == FROM_CONFIG else self.eos_token_id
+
+    def check(self, input_ids: Tensor, attention_mask: Tensor | None, vocab_size: int) -> None:
+        """Raise ValueError naming the first bad argument, what was expected and what was given."""
+        if self.cache not in CACHE_MODES:
+            raise ValueError(f"cache must be one of {CACHE_MODES}: {CACHE_MODE_HELP}; "
+                             f"got {self.cache!r}")
+        if input_ids.dim() != 2 or input_ids.shape[1] < 1:
+            raise ValueError(f"input_ids must be [B, S] with S >= 1, got shape "
+                             f"{tuple(input_ids.shape)}")
+        if input_ids.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"input_ids must be int64 or int32 token ids, got {input_ids.dtype}")
+        if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= vocab_size):
+            raise ValueError(f"input_ids must lie in [0, vocab_size={vocab_size}), got values in "
+                             f"[{input_ids.min().item()}, {input_ids.max().item()}]")
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be an int >= 0, got {self.max_new_tokens!r}")
+        if self.do_sample and not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0 when do_sample=True, got "
+                             f"{self.temperature!r}")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"top_k must be an int >= 0 (0 = off), got {self.top_k!r}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1] (1 = off), got {self.top_p!r}")
+        eos = self.eos_token_id
+        if eos not in (None, FROM_CONFIG) and (not isinstance(eos, int) or isinstance(eos, bool)):
+            raise ValueError(f"eos_token_id must be an int, None (no early stop) or "
+                             f"{FROM_CONFIG!r} (the model config's), got {eos!r}")
+        if self.max_length is not None and (not isinstance(self.max_length, int)
+                                            or self.max_length < 1):
+            raise ValueError(f"max_length must be None or an int >= 1, got {self.max_length!r}")
+        if attention_mask is not None:
+            check_left_padded(attention_mask, input_ids)
 
 
 def check_left_padded(attention_mask: Tensor, input_ids: Tensor) -> None:
@@ -50,19 +117,10 @@ def check_left_padded(attention_mask: Tensor, input_ids: Tensor) -> None:
                          "row); right padding is not supported by the generation loop")
 
 
-def positions_from_mask(attention_mask: Tensor | None, B: int, S: int,
-                        device: torch.device) -> Tensor:
-    """RoPE positions ``[B, S]``: counted from each row's first real token, so a left-padded row
-    sees the positions it would see alone; pad slots get position 1 (HF generate's rule)."""
-    if attention_mask is None:
-        return torch.arange(S, device=device)[None, :].expand(B, S)
-    m = attention_mask.to(torch.int64)
-    return (m.cumsum(dim=1) - 1).masked_fill(m == 0, 1)
-
-
 def sample_next_token(logits: Tensor, do_sample: bool, temperature: float = 1.0, top_k: int = 0,
                       top_p: float = 1.0, generator: torch.Generator | None = None) -> Tensor:
-    """``logits [B, V]`` → token ids ``[B]`` (int64): argmax, or temperature/top-k/top-p sampling."""
+    """``logits [B, V]`` → token ids ``[B]`` (int64): argmax, or temperature/top-k/top-p
+    sampling."""
     if not do_sample:
         return logits.argmax(dim=-1)
     scores = logits.float() / temperature
@@ -86,3 +144,28 @@ def make_generator(seed: int | None, device: torch.device) -> torch.Generator | 
     g = torch.Generator(device=device)
     g.manual_seed(seed)
     return g
+
+
+class TokenPicker:
+    """Chooses each step's tokens for a batch and tracks which rows have reached EOS."""
+
+    def __init__(self, options: GenerationOptions, config, batch_size: int, device: torch.device):
+        self.options = options
+        self.eos = options.eos(config)
+        self.pad_id = config.pad_token_id if config.pad_token_id is not None else 0
+        self.generator = make_generator(options.seed, device)
+        self.finished = torch.zeros(batch_size, dtype=torch.bool, device=device)
+
+    def __call__(self, logits: Tensor) -> Tensor:
+        """``logits [B, V]`` → next ids ``[B]``; rows already finished get the pad id."""
+        o = self.options
+        nxt = sample_next_token(logits, o.do_sample, o.temperature, o.top_k, o.top_p,
+                                self.generator)
+        if self.eos is not None:
+            nxt = torch.where(self.finished, torch.full_like(nxt, self.pad_id), nxt)
+            self.finished |= nxt == self.eos
+        return nxt
+
+    def all_finished(self) -> bool:
+        """Whether every row has stopped (reads one bool from the device; False without EOS)."""
+        return self.eos is not None and bool(self.finished.all())

@@ -40,7 +40,8 @@ def test_state_dict_keys_are_the_authors():
     keys = set(tiny_model().state_dict())
     for k in ("decoder.embedding.weight", "decoder.layernorm1.weight", "final_layer.bias",
               "decoder.dec_layers.1.mha1.wq.weight", "decoder.dec_layers.1.mha1.dense.bias",
-              "decoder.dec_layers.1.mha1.plgatt_layer.pwlst", "decoder.dec_layers.1.mha1.layernorm1.bias",
+              "decoder.dec_layers.1.mha1.plgatt_layer.pwlst",
+              "decoder.dec_layers.1.mha1.layernorm1.bias",
               "decoder.dec_layers.1.mha1.reslayerAs.1.denseAs.1.gluw3.weight",
               "decoder.dec_layers.1.mha1.reslayerAs.1.layernormA.weight",
               "decoder.dec_layers.1.ffn.gluw2.bias", "decoder.dec_layers.1.layernorm2.weight"):
@@ -67,7 +68,8 @@ def test_pth_with_hyperparameter_sidecar_is_parsed_not_executed(tmp_path):
     model = tiny_model(seed=2)
     model.save_pth(tmp_path / "PLDRv51_tiny.pth")
     marker = tmp_path / "executed"
-    (tmp_path / "PLDRv51_tiny_hyperparameters.py").write_text(SIDECAR.replace("{marker}", str(marker)))
+    sidecar = SIDECAR.replace("{marker}", str(marker))
+    (tmp_path / "PLDRv51_tiny_hyperparameters.py").write_text(sidecar)
     hp = read_hyperparameters(tmp_path / "PLDRv51_tiny_hyperparameters.py")
     assert hp["dff"] == 341 and hp["d_model"] == 128 and hp["activation"] == "silu"
     assert "side_effect" not in hp
@@ -113,7 +115,8 @@ def test_bad_checkpoint_lists_every_bad_key(tmp_path):
         PLDRForCausalLM.from_pth(tmp_path / "bad.pth", config=model.config)
     msg = str(info.value)
     for text in ("2 missing", "plgatt_layer.pwlst", "final_layer.bias", "1 unexpected",
-                 "rotary.theta", "1 mis-shaped", "gluw1.weight: checkpoint (340, 128) vs model (341, 128)"):
+                 "rotary.theta", "1 mis-shaped",
+                 "gluw1.weight: checkpoint (340, 128) vs model (341, 128)"):
         assert text in msg, (text, msg)
 
 

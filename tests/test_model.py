@@ -11,7 +11,9 @@ from model_testing import left_pad, needs_cpu_kernels, prompt, tiny_model
 from testing import assert_close_to_reference
 
 from pldr_kernels import reference
+from pldr_kernels.generation import DecodeState
 from pldr_kernels.reference_model import ReferencePLDR
+from pldr_kernels.sampling import GenerationOptions
 
 CACHE_MODES = ("none", "g", "kv", "kvg")
 
@@ -23,7 +25,7 @@ def test_prefill_logits_match_reference(reference_rope):
     ref = ReferencePLDR.from_model(model, torch.float64).eval()
     ids = prompt(23, seed=1)
     with torch.no_grad():
-        assert_close_to_reference(model(ids), ref(ids), name="logits")
+        assert_close_to_reference(model(ids).logits, ref(ids).logits, name="logits")
 
 
 @needs_cpu_kernels
@@ -33,8 +35,8 @@ def test_padded_prefill_logits_match_reference(include_pad_in_g):
     ref = ReferencePLDR.from_model(model, torch.float64).eval()
     ids, mask = left_pad([prompt(17, seed=2), prompt(9, seed=3)])
     with torch.no_grad():
-        out = model(ids, mask, include_pad_in_g=include_pad_in_g)
-        want = ref(ids, mask, include_pad_in_g=include_pad_in_g)
+        out = model(ids, mask, include_pad_in_g=include_pad_in_g).logits
+        want = ref(ids, mask, include_pad_in_g=include_pad_in_g).logits
     real = mask.bool()  # pad positions have no visible key: their logits are not compared
     assert_close_to_reference(out[real], want[real], name="logits")
 
@@ -46,11 +48,13 @@ def test_greedy_generation_matches_reference(cache):
     ref = ReferencePLDR.from_model(model, torch.float64).eval()
     peer = ReferencePLDR.from_model(model, torch.float32).eval()
     ids = prompt(11, seed=4)
-    got, ded = model.generate(ids, 32, cache=cache, return_deductive=True)
-    want, ref_ded = ref.generate(ids, 32, cache=cache, return_deductive=True)
-    _, peer_ded = peer.generate(ids, 32, cache=cache, return_deductive=True)
+    no_eos = dict(cache=cache, return_deductive=True, eos_token_id=None)
+    got, ded = model.generate(ids, 32, **no_eos)
+    want, ref_ded = ref.generate(ids, 32, **no_eos)
+    _, peer_ded = peer.generate(ids, 32, **no_eos)
     assert got.shape == (1, 11 + 32)
-    assert torch.equal(got, want), f"cache={cache}: {got[0, 11:].tolist()} vs {want[0, 11:].tolist()}"
+    assert torch.equal(got, want), \
+        f"cache={cache}: {got[0, 11:].tolist()} vs {want[0, 11:].tolist()}"
     # G of layer ≥ 1 sits behind a whole layer and the power stage, which amplify fp32 rounding
     # (spec §5.1): judged against the same model in fp32 PyTorch (DESIGN §4 peer rule).
     names = ("A", "A_LM", "G") if cache != "g" else ("A_LM", "G")  # 'g': A is recomputed (authors)
@@ -78,14 +82,14 @@ def test_left_padded_batch_equals_each_prompt_alone(cache):
     model = tiny_model(seed=7)
     prompts = [prompt(14, seed=8), prompt(5, seed=9), prompt(10, seed=10)]
     ids, mask = left_pad(prompts)
-    batch = model.generate(ids, 16, cache=cache, attention_mask=mask)
+    batch = model.generate(ids, 16, cache=cache, attention_mask=mask, eos_token_id=None)
     for i, p in enumerate(prompts):
-        alone = model.generate(p, 16, cache=cache)
+        alone = model.generate(p, 16, cache=cache, eos_token_id=None)
         assert torch.equal(batch[i, ids.shape[1] - p.shape[1]:], alone[0]), f"row {i}"
     with torch.no_grad():
-        batch_logits = model(ids, mask)
+        batch_logits = model(ids, mask).logits
         for i, p in enumerate(prompts):
-            alone_logits = model(p)[0]
+            alone_logits = model(p).logits[0]
             row = batch_logits[i, ids.shape[1] - p.shape[1]:]
             assert (row - alone_logits).abs().max() <= 1e-5 * alone_logits.abs().max()
 
@@ -121,8 +125,8 @@ def test_sampling_is_seeded_and_top_k_1_is_greedy():
 def test_stream_and_eos():
     model = tiny_model(seed=16)
     ids = prompt(9, seed=17)
-    full = model.generate(ids, 10)
-    streamed = torch.stack(list(model.generate_stream(ids, 10)), dim=1)
+    full = model.generate(ids, 10, eos_token_id=None)
+    streamed = torch.stack(list(model.generate_stream(ids, 10, eos_token_id=None)), dim=1)
     assert torch.equal(streamed, full[:, 9:])
     eos = int(full[0, 12])  # the 4th generated token
     stopped = model.generate(ids, 10, eos_token_id=eos)
@@ -135,17 +139,22 @@ def test_cache_never_written_past_its_end():
     model = tiny_model(seed=18)
     ids = prompt(6, seed=19)
     with pytest.raises(RuntimeError, match="KV-cache full"):
-        model.generate(ids, 5, max_length=8)
-    cache = model.allocate_cache(1, 8)
+        model.generate(ids, 5, max_length=8, eos_token_id=None)
+    with pytest.raises(RuntimeError, match="KV-cache full"):
+        model.generate(ids, 1, max_length=5)  # the prompt alone does not fit
+    assert model.caches() == [None, None]  # a failed generation leaves no caches behind
     with torch.no_grad():
-        model.prefill(ids, cache)
+        model.setup_caches(1, 8)
+        model.prefill(ids)
+        state = DecodeState.after_prompt(None, 1, 6, 8, ids.device)
         for _ in range(2):
-            model.decode_step(torch.tensor([[5]]), cache)
-            model.advance(cache)
-        snapshot = [k.clone() for k in cache.k]
+            model.decode_step(torch.tensor([[5]]), state.positions, state.cache_seqlens)
+            state.advance()
+        snapshot = [c.k.clone() for c in model.caches()]
         with pytest.raises((RuntimeError, ValueError), match="exceeds the cache length"):
-            model.decode_step(torch.tensor([[5]]), cache)  # the op refuses the append
-    assert all(torch.equal(a, b) for a, b in zip(snapshot, cache.k))
+            # the op refuses the append
+            model.decode_step(torch.tensor([[5]]), state.positions, state.cache_seqlens)
+    assert all(torch.equal(a, c.k) for a, c in zip(snapshot, model.caches()))
 
 
 def _sdpa_forward(model, ids):
@@ -176,7 +185,7 @@ def test_identity_g_model_equals_sdpa():
     with torch.no_grad():
         want = _sdpa_forward(model.double(), ids)
         model.float()
-        assert_close_to_reference(model(ids), want, name="logits")
+        assert_close_to_reference(model(ids).logits, want, name="logits")
     assert "decoder.past_G_values" in model.state_dict()
     assert not any("plgatt_layer" in k or "reslayerAs" in k for k in model.state_dict())
 
@@ -191,7 +200,7 @@ def test_external_g_matches_reference(cache):
     ref = ReferencePLDR.from_model(model, torch.float64).eval()
     ids = prompt(10, seed=23)
     with torch.no_grad():
-        assert_close_to_reference(model(ids), ref(ids), name="logits")
+        assert_close_to_reference(model(ids).logits, ref(ids).logits, name="logits")
     assert torch.equal(model.generate(ids, 16, cache=cache), ref.generate(ids, 16, cache=cache))
 
 
@@ -201,21 +210,22 @@ def test_bf16_weights_keep_the_g_path_fp32():
     ref = ReferencePLDR.from_model(model, torch.float64).eval()
     ids = prompt(15, seed=25)
     with torch.no_grad():
-        want = ref(ids)
+        want = ref(ids).logits
         model.to(torch.bfloat16)
         att = model.decoder.dec_layers[0].mha1
-        assert att.wq.weight.dtype == torch.bfloat16 and model.final_layer.weight.dtype == torch.bfloat16
+        assert att.wq.weight.dtype == torch.bfloat16
+        assert model.final_layer.weight.dtype == torch.bfloat16
         assert att.plgatt_layer.pwlst.dtype == torch.float32
         assert att.reslayerAs[0].denseAs[0].gluw1.weight.dtype == torch.float32
         assert all(w.dtype == torch.float32 for w in att.packed_metric_weights())
-        out = model(ids)
+        out = model(ids).logits
     # Peer (DESIGN §4): the same dtypes through plain PyTorch — the autograd path of the model.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        peer = model(ids).detach()
+        peer = model(ids).logits.detach()
     assert out.dtype == torch.bfloat16 and peer.dtype == torch.bfloat16
     assert_close_to_reference(out, want, peer=peer, name="bf16 logits")
-    assert model.generate(ids, 4).shape == (1, 19)
+    assert model.generate(ids, 4, eos_token_id=None).shape == (1, 19)
 
 
 @needs_cpu_kernels
@@ -223,10 +233,10 @@ def test_training_falls_back_to_reference_math_with_gradients():
     model = tiny_model(seed=26).train()
     ids = prompt(8, seed=27)
     with torch.no_grad():
-        fused = model(ids)
+        fused = model(ids).logits
     with warnings.catch_warnings(record=True):
         warnings.simplefilter("always")
-        logits = model(ids)
+        logits = model(ids).logits
     assert logits.requires_grad
     assert_close_to_reference(logits.detach(), fused.double(), name="logits", rel_tol=1e-5)
     logits.logsumexp(-1).sum().backward()
@@ -265,10 +275,126 @@ def test_cache_first_g_shares_row_0_g_in_decode():
     """HF port's cache_first_G: every row decodes with row 0's G (prefill uses each row's own)."""
     model = tiny_model(seed=30, cache_first_G=True)
     a, b = prompt(8, seed=31), prompt(8, seed=32)
-    out, ded = model.generate(torch.cat([a, b]), 6, return_deductive=True)
+    out, ded = model.generate(torch.cat([a, b]), 6, return_deductive=True, eos_token_id=None)
     assert ded[0][2].shape[0] == 1
     with torch.no_grad():
         G_a = model.decoder.dec_layers[0].mha1(model.decoder.embed(a), return_metric=True)[1][2]
     assert (ded[0][2] - G_a).abs().max() <= 1e-6 * G_a.abs().max()  # row 0's G, not row 1's
-    assert torch.equal(out[0], model.generate(a, 6)[0])
+    assert torch.equal(out[0], model.generate(a, 6, eos_token_id=None)[0])
     assert torch.equal(model.generate(a, 0), a)
+
+
+@needs_cpu_kernels
+def test_labels_give_the_shifted_next_token_loss():
+    """HF convention: position t is scored against labels[t + 1]; -100 labels are left out."""
+    model = tiny_model(seed=33)
+    ref = ReferencePLDR.from_model(model, torch.float64).eval()
+    ids = prompt(12, seed=34)
+    labels = ids.clone()
+    labels[0, :4] = -100  # e.g. a prompt that is not trained on
+    with torch.no_grad():
+        out = model(ids, labels=labels)
+        want = ref(ids, labels=labels)
+    logits = out.logits[0].double()
+    targets = ids[0, 1:]
+    picked = torch.arange(3, 11)  # positions whose next label is not -100 (labels 4 … 11)
+    nll = torch.logsumexp(logits[picked], -1) - logits[picked, targets[picked]]
+    assert out.loss.dtype == torch.float32 and out.loss.dim() == 0
+    assert_close_to_reference(out.loss, nll.mean(), name="loss")
+    assert_close_to_reference(out.loss, want.loss, name="loss vs reference")
+    assert model(ids).loss is None
+    with pytest.raises(ValueError, match="labels must have the shape"):
+        model(ids, labels=labels[:, 1:])
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("cache", ["none", "kvg"])
+def test_eos_defaults_to_the_config_and_none_disables_it(cache):
+    ids = prompt(9, seed=36)
+    free = tiny_model(seed=35).generate(ids, 10, cache=cache, eos_token_id=None)
+    eos = int(free[0, 12])  # the 4th generated token
+    first = int((free[0, 9:] == eos).nonzero()[0])
+    model = tiny_model(seed=35, eos_token_id=eos)
+    ref = ReferencePLDR.from_model(model, torch.float64).eval()
+    stopped = model.generate(ids, 10, cache=cache)
+    assert torch.equal(stopped, free[:, :9 + first + 1])
+    assert torch.equal(ref.generate(ids, 10, cache=cache), stopped)
+    assert torch.equal(model.generate(ids, 10, cache=cache, eos_token_id=None), free)
+    assert torch.equal(ref.generate(ids, 10, cache=cache, eos_token_id=None), free)
+
+
+@needs_cpu_kernels
+def test_options_object_equals_keywords_and_unknown_keywords_are_refused():
+    model = tiny_model(seed=37)
+    ids = prompt(7, seed=38)
+    options = GenerationOptions(max_new_tokens=6, cache="kv", do_sample=True, top_k=5, seed=2)
+    by_keywords = model.generate(ids, 6, cache="kv", do_sample=True, top_k=5, seed=2)
+    assert torch.equal(model.generate(ids, options=options), by_keywords)
+    assert torch.equal(model.generate(ids, 3, options=options), by_keywords[:, :10])
+    with pytest.raises(TypeError, match="unknown generation option.*'tempreature'"):
+        model.generate(ids, 2, tempreature=0.5)
+    with pytest.raises(ValueError, match="eos_token_id must be"):
+        model.generate(ids, 2, eos_token_id="3")
+    with pytest.raises(ValueError, match="ReferencePLDR has no CUDA-graph"):
+        ReferencePLDR.from_model(model).generate(ids, 2, cuda_graph=True)
+
+
+@needs_cpu_kernels
+def test_caches_belong_to_one_generation_at_a_time():
+    model = tiny_model(seed=39)
+    ids = prompt(5, seed=40)
+    first = model.generate_stream(ids, 4, eos_token_id=None)
+    next(first)
+    assert all(c is not None for c in model.caches())
+    second = model.generate_stream(ids, 4, eos_token_id=None)
+    assert len(list(second)) == 4
+    assert model.caches() == [None, None]  # cleared at the end of a generation
+    with pytest.raises(RuntimeError, match="another generation on this model replaced"):
+        next(first)
+
+
+@needs_cpu_kernels
+def test_torch_compile_fullgraph_forward_prefill_and_decode_step():
+    """The whole model traces without graph breaks. Inductor fuses the LayerNorms and pointwise ops
+    differently from eager, so compiled outputs are judged against the fp64 reference by the fp32
+    rule, like the eager ones; the pldr ops run unchanged inside the graph."""
+    torch._dynamo.reset()
+    model = tiny_model(seed=41, num_hidden_layers=1, num_reslayerA=1, num_denseA=1, vocab_size=64)
+    ref = ReferencePLDR.from_model(model, torch.float64).eval()
+    ids, mask = left_pad([prompt(9, seed=42, vocab=64), prompt(5, seed=43, vocab=64)])
+    labels = ids.masked_fill(mask == 0, -100)
+    compile_kw = dict(fullgraph=True, dynamic=False, backend="inductor")
+    with torch.no_grad():
+        out = torch.compile(model, **compile_kw)(ids, mask, labels=labels)
+        want = ref(ids, mask, labels=labels)
+        real = mask.bool()
+        assert_close_to_reference(out.logits[real], want.logits[real], name="compiled logits")
+        assert_close_to_reference(out.loss, want.loss, name="compiled loss")
+
+    def prefill_and_decode(prefill, decode_step):
+        """Greedy prompt + 3 decode steps ('kvg'): the logits of each step and the tokens."""
+        model.setup_caches(2, 16)
+        state = DecodeState.after_prompt(mask, 2, ids.shape[1], 16, ids.device)
+        steps = [prefill(ids, mask)]
+        tokens = [steps[-1].argmax(-1)[:, None]]
+        for _ in range(3):
+            steps.append(decode_step(tokens[-1], state.positions, state.cache_seqlens,
+                                     state.cache_start))
+            state.advance()
+            tokens.append(steps[-1].argmax(-1)[:, None])
+        k_cache = model.caches()[0].k.clone()
+        model.clear_caches()
+        return steps, torch.cat([ids, *tokens], dim=1), k_cache
+
+    with torch.no_grad():
+        eager, eager_tokens, eager_k = prefill_and_decode(model.prefill, model.decode_step)
+        compiled, tokens, k_cache = prefill_and_decode(
+            torch.compile(model.prefill, **compile_kw),
+            torch.compile(model.decode_step, **compile_kw))
+    # The eager steps are judged against the fp64 reference by the other tests; the compiled
+    # ones against the eager ones, by the fp32 rule.
+    for i, (c, e) in enumerate(zip(compiled, eager)):
+        assert_close_to_reference(c, e.double(), name=f"compiled step {i} logits")
+    assert_close_to_reference(k_cache, eager_k.double(), name="k cache written under compile")
+    assert torch.equal(tokens, eager_tokens)
+    assert torch.equal(tokens, ref.generate(ids, 4, attention_mask=mask, eos_token_id=None))

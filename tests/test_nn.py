@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -41,7 +42,8 @@ def test_metric_weights_are_packed_as_views_in_op_layout():
     # load_state_dict copies in place: the pack sees the new values without repacking.
     sd = {k: v + 1 for k, v in ml.state_dict().items()}
     ml.load_state_dict(sd)
-    assert torch.equal(ml.packed_metric_weights()[2][1, 0], sd["reslayerAs.1.denseAs.0.gluw1.weight"])
+    assert torch.equal(ml.packed_metric_weights()[2][1, 0],
+                       sd["reslayerAs.1.denseAs.0.gluw1.weight"])
     # Re-assigned parameters (assign=True) are re-packed on the next call.
     ml.load_state_dict({k: v * 2 for k, v in sd.items()}, assign=True)
     assert torch.equal(ml.packed_metric_weights()[4][0, 1],
@@ -57,7 +59,8 @@ def test_low_precision_cast_keeps_metric_learner_fp32():
     att = PowerLawGraphAttention(D, H, d, num_reslayerA=2).to(torch.bfloat16)
     assert att.wq.weight.dtype == torch.bfloat16 and att.dense.weight.dtype == torch.bfloat16
     assert all(p.dtype == torch.float32 for p in att.reslayerAs.parameters())
-    assert att.plgatt_layer.Wlst.dtype == torch.float32 and att.layernorm1.weight.dtype == torch.float32
+    assert att.plgatt_layer.Wlst.dtype == torch.float32
+    assert att.layernorm1.weight.dtype == torch.float32
     assert att.rope.cos.dtype == torch.float32
     assert all(w.dtype == torch.float32 for w in att.packed_metric_weights())
 
@@ -150,3 +153,64 @@ def test_training_uses_reference_math_with_a_warning():
     out.sum().backward()
     assert att.plgatt_layer.pwlst.grad is not None and att.wq.weight.grad is not None
     assert_close_to_reference(out.detach(), fused.double(), name="out")
+
+
+@needs_cpu_kernels
+def test_fused_weights_follow_optimizer_steps_and_loads():
+    """The packed weights the kernels read are views of the parameters: an optimiser step (in
+    place) is seen without repacking; .to() and load_state_dict(assign=True) repack eagerly, so a
+    compiled forward (which cannot check the pack) never reads stale weights."""
+    torch.manual_seed(5)
+    att = PowerLawGraphAttention(D, H, d, num_reslayerA=2)
+    x = torch.randn(1, 11, D)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loss = att(x).square().mean()  # reference math (autograd on)
+    loss.backward()
+    torch.optim.AdamW(att.parameters(), lr=1e-2, foreach=True).step()
+    packed = att.packs["w1"].packed
+    assert packed.data_ptr() == att.reslayerAs[0].denseAs[0].gluw1.weight.data_ptr()
+    assert torch.equal(packed[0, 0], att.reslayerAs[0].denseAs[0].gluw1.weight)
+    with torch.no_grad():
+        fused = att(x)
+    assert att.packs["w1"].packed is packed  # no repack was needed
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        updated = att(x).detach()  # the reference math on the updated parameters
+    assert_close_to_reference(fused, updated.double(), name="out after an optimiser step")
+    att.load_state_dict({k: v.clone() for k, v in att.state_dict().items()}, assign=True)
+    w1 = att.reslayerAs[1].denseAs[1].gluw1.weight
+    assert att.packs["w1"].packed[1, 1].data_ptr() == w1.data_ptr()
+    att.double()
+    assert att.packs["qkv_weight"].packed.dtype == torch.float64
+    assert att.packs["qkv_weight"].packed[:D].data_ptr() == att.wq.weight.data_ptr()
+
+
+@needs_cpu_kernels
+def test_torch_compile_fullgraph_modules():
+    """The modules trace without graph breaks (positions given or not). aot_eager runs the traced,
+    functionalised graph on the eager kernels, so the outputs are bitwise those of eager mode;
+    inductor codegen of the same code is covered by the model's compile test (peer rule)."""
+    torch._dynamo.reset()
+    torch.manual_seed(6)
+    plga = PowerLawGraphAttention(D, H, d, num_reslayerA=1, num_denseA=1).eval()
+    gca = GCachedAttention(D, H, d).eval()
+    ml = _metric_learner(seed=7)
+    x = torch.randn(2, 13, D)
+    mask = torch.ones(2, 13, dtype=torch.long)
+    mask[1, :4] = 0
+    pos = (mask.cumsum(1) - 1).masked_fill(mask == 0, 1)
+    G = torch.eye(d).expand(2, H, d, d) + 0.01
+    q = torch.randn(2, 13, H, d)
+    calls = [(plga, (x,), dict(attention_mask=mask, return_metric=True)),
+             (plga, (x, pos, mask), {}),
+             (gca, (x, G), {}),
+             (ml, (q, mask.bool()), {})]
+    with torch.no_grad():
+        for module, args, kwargs in calls:
+            want = module(*args, **kwargs)
+            got = torch.compile(module, fullgraph=True, dynamic=False, backend="aot_eager")(
+                *args, **kwargs)
+            for g, w in zip(torch.utils._pytree.tree_leaves(got),
+                            torch.utils._pytree.tree_leaves(want)):
+                assert torch.equal(g, w), type(module).__name__

@@ -1,5 +1,5 @@
-"""Bitwise-identity check for refactors: every op output, logit and generated token of a fixed set of
-cases, saved from one tree and compared with another.
+"""Bitwise-identity check for refactors: every op output, logit and generated token of a fixed set
+of cases, saved from one tree and compared with another.
 
     python tools/check_bitwise.py save before.pt     # on the old tree (PYTHONPATH=old checkout)
     python tools/check_bitwise.py save after.pt      # on the new tree
@@ -39,7 +39,8 @@ def randn(shape, dtype, seed):
 
 
 def random_g(B, H, d, seed):
-    return (torch.eye(d) + 0.3 * torch.randn(B, H, d, d, generator=gen(seed)) / math.sqrt(d)).float()
+    noise = torch.randn(B, H, d, d, generator=gen(seed))
+    return (torch.eye(d) + 0.3 * noise / math.sqrt(d)).float()
 
 
 def metric_weights(d, H, R=2, Gd=2, F=170, seed=0):
@@ -191,7 +192,8 @@ def model_cases(res: dict) -> None:
                                               top_p=0.9, seed=5, **NO_EOS)
             res[key + "/eos"] = m.generate(single, 16, cache="kvg", eos_token_id=int(
                 m.generate(single, 3, cache="kvg", **NO_EOS)[0, -1]))
-            res[key + "/stream"] = torch.stack(list(m.generate_stream(single, 6, cache="kv", **NO_EOS)))
+            res[key + "/stream"] = torch.stack(list(m.generate_stream(single, 6, cache="kv",
+                                                                      **NO_EOS)))
             res[key + "/padg"] = m.generate(ids, 6, cache="kvg", attention_mask=mask,
                                             include_pad_in_g=True, **NO_EOS)
     # the reference model (the oracle; it must not change either)
@@ -200,7 +202,7 @@ def model_cases(res: dict) -> None:
         ref = ReferencePLDR.from_model(model, dtype).eval()
         key = f"reference/{dtype}"
         with torch.no_grad():
-            res[key + "/logits_padded"] = ref(ids, mask)
+            res[key + "/logits_padded"] = logits_of(ref(ids, mask))
         for cache in ("none", "g", "kv", "kvg"):
             out, ded = ref.generate(single, 8, cache=cache, return_deductive=True, **NO_EOS)
             res[f"{key}/gen/{cache}"] = out
@@ -226,7 +228,8 @@ def nn_cases(res: dict) -> None:
     plga = pnn.PowerLawGraphAttention(D, H, d, num_reslayerA=2).eval()
     with torch.no_grad():
         out, (A, A_LM, G) = plga(x, attention_mask=mask, return_metric=True)
-        res["nn/plga/out"], res["nn/plga/A"], res["nn/plga/A_LM"], res["nn/plga/G"] = out, A, A_LM, G
+        res["nn/plga/out"], res["nn/plga/A"] = out, A
+        res["nn/plga/A_LM"], res["nn/plga/G"] = A_LM, G
         res["nn/plga/out_nomask"] = plga(x)
         gca = pnn.GCachedAttention(D, H, d).eval()
         res["nn/gca/out"] = gca(x, random_g(B, H, d, 13))
@@ -263,7 +266,8 @@ def same(x: torch.Tensor, y: torch.Tensor) -> bool:
     if x.shape != y.shape or x.dtype != y.dtype:
         return False
     if x.is_floating_point():
-        return torch.equal(x.isnan(), y.isnan()) and torch.equal(x.nan_to_num(0.0), y.nan_to_num(0.0))
+        return (torch.equal(x.isnan(), y.isnan())
+                and torch.equal(x.nan_to_num(0.0), y.nan_to_num(0.0)))
     return torch.equal(x, y)
 
 

@@ -1,0 +1,118 @@
+"""Building blocks shared by PLDRForCausalLM (``model.py``, ``nn.py``) and the authors'-style
+ReferencePLDR (``reference_model.py``), so that neither model imports from the other.
+
+The modules keep the authors' class roles and attribute names (``gluw1/2/3``, ``denseAs``,
+``layernormA``, ``plgatt_layer.{Wlst, blst, pwlst, alst, balst}``), which makes the state-dict keys
+those of docs/spec.md §4 in both models.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import reference
+from .config import PLDRConfig
+
+Tensor = torch.Tensor
+IGNORE_INDEX = -100  # label of a position left out of the loss (the HF convention)
+
+
+class GLUVariant(nn.Module):
+    """SwiGLU: ``gluw3(silu(gluw1(x)) * gluw2(x))``."""
+
+    def __init__(self, d_in: int, d_hidden: int, d_out: int, bias: bool = True):
+        super().__init__()
+        self.gluw1 = nn.Linear(d_in, d_hidden, bias=bias)
+        self.gluw2 = nn.Linear(d_in, d_hidden, bias=bias)
+        self.gluw3 = nn.Linear(d_hidden, d_out, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.gluw3(F.silu(self.gluw1(x)) * self.gluw2(x))
+
+
+class ResLayerA(nn.Module):
+    """Residual unit of the metric learner: ``LN(GLU_g(…GLU_0(A)) + A)``."""
+
+    def __init__(self, depth: int, A_dff: int, num_denseA: int, eps: float, bias: bool = True):
+        super().__init__()
+        self.denseAs = nn.ModuleList([GLUVariant(depth, A_dff, depth, bias)
+                                      for _ in range(num_denseA)])
+        self.layernormA = nn.LayerNorm(depth, eps=eps)
+
+    def forward(self, A: Tensor) -> Tensor:
+        A_in = A
+        for dense in self.denseAs:
+            A = dense(A)
+        return self.layernormA(A + A_in)
+
+
+class PlgaLayer(nn.Module):
+    """Power law graph attention parameters (``plgatt_layer``) and docs/spec.md §2 steps 9–12."""
+
+    def __init__(self, depth: int, num_heads: int):
+        super().__init__()
+        shape = (num_heads, depth, depth)
+        self.Wlst = nn.Parameter(nn.init.xavier_normal_(torch.empty(shape)))
+        self.blst = nn.Parameter(torch.zeros(shape))
+        self.pwlst = nn.Parameter(nn.init.xavier_normal_(torch.empty(shape)))
+        self.alst = nn.Parameter(nn.init.xavier_normal_(torch.empty(shape)))
+        self.balst = nn.Parameter(torch.zeros(shape))
+
+    def g_from_metric(self, A: Tensor) -> tuple[Tensor, Tensor]:
+        """Steps 9–12: metric tensor A [B,H,dk,dk] → (A_LM, G_LM)."""
+        A_LM = reference.iswiglu(torch.matmul(self.Wlst, A) + self.blst) + reference.EPS_ADJ
+        G = torch.matmul(self.alst, torch.pow(A_LM, self.pwlst)) + self.balst
+        return A_LM, G
+
+
+def init_weights(module: nn.Module) -> None:
+    """The authors' initialisation of the linear layers (xavier-uniform weights, zero biases)."""
+    if isinstance(module, nn.Linear):
+        nn.init.xavier_uniform_(module.weight)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+
+def predefined_g_values(config: PLDRConfig) -> Tensor:
+    """Initial ``past_G_values [L, 3, 1, H, dk, dk]`` (A, A_LM, G) of a predefined-G model: identity
+    for 'identity' and 'external' (until the user writes G), standard normal for 'random'."""
+    L, H, dk = config.num_hidden_layers, config.num_attention_heads, config.head_dim
+    eye = torch.eye(dk).expand(L, 3, 1, H, dk, dk).clone()
+    if config.custom_G_type == "random":
+        eye[:, 2] = torch.randn(L, 1, H, dk, dk)
+    return eye
+
+
+def positions_from_mask(attention_mask: Tensor | None, B: int, S: int,
+                        device: torch.device) -> Tensor:
+    """RoPE positions ``[B, S]``: counted from each row's first real token, so a left-padded row
+    sees the positions it would see alone; pad slots get position 1 (HF generate's rule)."""
+    if attention_mask is None:
+        return torch.arange(S, device=device)[None, :].expand(B, S)
+    m = attention_mask.to(torch.int64)
+    return (m.cumsum(dim=1) - 1).masked_fill(m == 0, 1)
+
+
+# --------------------------------------------------------------------------------------------
+# The output of a forward pass
+# --------------------------------------------------------------------------------------------
+@dataclass
+class CausalLMOutput:
+    """What ``model(input_ids, labels=...)`` returns, named as HF's ``CausalLMOutput``:
+    ``logits [B, S, V]`` and, when labels were given, the mean next-token cross entropy."""
+    logits: Tensor
+    loss: Tensor | None = None
+
+
+def causal_lm_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    """HF's causal-LM loss: position t predicts ``labels[:, t + 1]``; labels equal to -100 (and the
+    last position, which has no next token) are left out; fp32 mean over the rest."""
+    if labels.shape != logits.shape[:2]:
+        raise ValueError(f"labels must have the shape of input_ids {tuple(logits.shape[:2])}, "
+                         f"got {tuple(labels.shape)}")
+    shifted = F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:]
+    return F.cross_entropy(logits.float().flatten(0, 1), shifted.flatten().to(torch.int64),
+                           ignore_index=IGNORE_INDEX)
