@@ -10,5 +10,7 @@ authors'-style model, an oracle); ``python -m pldr_kernels`` reports the build.
 from . import ops  # noqa: F401  (loads _C and registers the fake kernels)
 from ._version import __version__  # noqa: F401
 from .config import PLDRConfig  # noqa: F401
+from .layers import CausalLMOutput  # noqa: F401
 from .model import PLDRForCausalLM  # noqa: F401
 from .ops import g_attention, g_attention_decode, metric_tensors  # noqa: F401
+from .sampling import GenerationOptions  # noqa: F401
