@@ -1,4 +1,4 @@
-// Fused CPU kernel of pldr::metric_tensors (DESIGN.md §3.1; pldr-spec.md §2 steps 6–12, §5).
+// Fused CPU kernel of pldr::metric_tensors (docs/design.md §3.1; docs/spec.md §2 steps 6–12, §5).
 //
 // Layout idea. After A0 = QᵀQ, the LayerNorms and all SwiGLU MLPs act on each row of A
 // independently with weights shared by every head, so a block of rows (of one or several heads)
@@ -30,12 +30,11 @@
 #include <type_traits>
 
 #include "common/checks.h"
+#include "common/dispatch.h"
 #include "cpu/metric_row_blocks.h"
 
-namespace pldr {
+namespace pldr::cpu {
 namespace {
-
-using namespace metric_cpu;
 
 struct AlignedFree {
   void operator()(float* p) const { std::free(p); }
@@ -98,14 +97,9 @@ void metric_rows_block(const at::Tensor& q, const bool* mask, int64_t row0, int6
     const int64_t seg = std::min(d - i0, row0 + nrows - g);
     if (bh != sc.gathered_bh) {
       const int64_t bi = bh / H, hi = bh % H;
-      switch (q.scalar_type()) {
-        case at::kFloat: sc.S_kept = gather_queries<float>(q, mask, bi, hi, sc.Qs.get()); break;
-        case at::kBFloat16:
-          sc.S_kept = gather_queries<c10::BFloat16>(q, mask, bi, hi, sc.Qs.get());
-          break;
-        case at::kHalf: sc.S_kept = gather_queries<c10::Half>(q, mask, bi, hi, sc.Qs.get()); break;
-        default: TORCH_CHECK(false, "unreachable: q dtype checked above");
-      }
+      sc.S_kept = PLDR_DTYPE_SWITCH(q.scalar_type(), Elements, T, [&] {
+        return gather_queries<T>(q, mask, bi, hi, sc.Qs.get());
+      });
       sc.gathered_bh = bh;
     }
     qtq_columns(sc.Qs.get(), sc.S_kept, d, i0, static_cast<int>(seg / kLanes), Tt + (g - row0),
@@ -203,7 +197,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> metric_tensors_cpu(
 }
 
 }  // namespace
+}  // namespace pldr::cpu
 
-TORCH_LIBRARY_IMPL(pldr, CPU, m) { m.impl("metric_tensors", &metric_tensors_cpu); }
-
-}  // namespace pldr
+TORCH_LIBRARY_IMPL(pldr, CPU, m) { m.impl("metric_tensors", &pldr::cpu::metric_tensors_cpu); }
