@@ -58,7 +58,8 @@ struct TileScratch {
 template <typename T>
 struct KeyRange {
   Rows<T> k, v;
-  const bool* key_mask;  // nullptr = all keys visible
+  const bool* key_mask;  // key j at key_mask[j·key_mask_stride]; nullptr = all keys visible
+  int64_t key_mask_stride;
   int64_t begin, end;
   bool causal;
   int64_t diag;
@@ -102,6 +103,15 @@ inline void prefetch_row(const T* row) {
   }
 }
 
+// Whether key_mask lets any of the keys [j0, j0 + n) through.
+template <typename T>
+bool any_key_visible(const KeyRange<T>& kr, int64_t j0, int64_t n) {
+  for (int64_t jj = 0; jj < n; ++jj) {
+    if (kr.key_mask[(j0 + jj) * kr.key_mask_stride]) return true;
+  }
+  return false;
+}
+
 // Masks invisible keys of a score tile with −inf (causal diagonal, key_mask).
 template <typename T>
 void mask_scores(float* scores, int64_t M, int64_t j0, int64_t n, const KeyRange<T>& kr) {
@@ -113,7 +123,7 @@ void mask_scores(float* scores, int64_t M, int64_t j0, int64_t n, const KeyRange
   }
   if (kr.key_mask != nullptr) {
     for (int64_t jj = 0; jj < n; ++jj) {
-      if (!kr.key_mask[j0 + jj]) {
+      if (!kr.key_mask[(j0 + jj) * kr.key_mask_stride]) {
         for (int64_t r = 0; r < M; ++r) scores[r * kKeyTile + jj] = kNegInf;
       }
     }
@@ -132,8 +142,7 @@ void attend_key_range(int64_t M, const KeyRange<T>& kr, bool allow_row_path, Til
   float* out = s.out.data();
   for (int64_t j0 = kr.begin; j0 < end; j0 += kKeyTile) {
     const int64_t n = std::min(kKeyTile, end - j0);
-    if (kr.key_mask != nullptr &&
-        std::none_of(kr.key_mask + j0, kr.key_mask + j0 + n, [](bool b) { return b; })) {
+    if (kr.key_mask != nullptr && !any_key_visible(kr, j0, n)) {
       continue;  // a fully padded tile contributes nothing
     }
     if (row_path) {

@@ -27,9 +27,9 @@ void g_attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tens
   const int64_t B = q.size(0), Sq = q.size(1), H = q.size(2), Sk = k.size(1);
   const int64_t q_tiles = ceil_div(Sq, kQueryTile);
   const int64_t n_items = B * H * q_tiles;
-  at::Tensor mask;
-  if (key_mask.has_value()) mask = key_mask->contiguous();
-  const bool* mask_ptr = mask.defined() ? mask.data_ptr<bool>() : nullptr;
+  const bool* mask_ptr = key_mask.has_value() ? key_mask->data_ptr<bool>() : nullptr;
+  const int64_t mask_batch_stride = key_mask.has_value() ? key_mask->stride(0) : 0;
+  const int64_t mask_key_stride = key_mask.has_value() ? key_mask->stride(1) : 0;
   const GView g_view(G, D);
   T* out_ptr = out.data_ptr<T>();
   float* lse_ptr = lse.data_ptr<float>();
@@ -49,8 +49,13 @@ void g_attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tens
         const int64_t q0 = t * kQueryTile, M = std::min(kQueryTile, Sq - q0);
         form_q_tilde<T, D>(rows_of<T>(q, b, h), q0, M, g_view.at(b, h), g_view.ld, factor, s);
         reset_accumulators<D>(M, s);
-        const KeyRange<T> kr{rows_of<T>(k, b, h), rows_of<T>(v, b, h),
-                             mask_ptr ? mask_ptr + b * Sk : nullptr, 0, Sk, causal,
+        const KeyRange<T> kr{rows_of<T>(k, b, h),
+                             rows_of<T>(v, b, h),
+                             mask_ptr ? mask_ptr + b * mask_batch_stride : nullptr,
+                             mask_key_stride,
+                             0,
+                             Sk,
+                             causal,
                              q0 + Sk - Sq};
         attend_key_range<T, D>(M, kr, /*allow_row_path=*/false, s);
         for (int64_t r = 0; r < M; ++r) {

@@ -105,7 +105,7 @@ void g_attention_decode_kernel(const at::Tensor& q, const at::Tensor& k_cache,
         const auto [first, last] = split_range(it.b, it.split);
         // Query i of the new block sees cache rows up to key_end − Sn + i (bottom-right causal).
         const KeyRange<T> kr{rows_of<T>(k_cache, it.b, it.h), rows_of<T>(v_cache, it.b, it.h),
-                             nullptr, first, last, true, key_end[it.b] - Sn + q0};
+                             nullptr, 0, first, last, true, key_end[it.b] - Sn + q0};
         attend_key_range<T, D>(M, kr, /*allow_row_path=*/true, s);
         for (int64_t r = 0; r < M; ++r) {
           const float l = s.l[r];
@@ -148,12 +148,12 @@ void g_attention_decode_kernel(const at::Tensor& q, const at::Tensor& k_cache,
   });
 }
 
+// The n int32 values of a [n] tensor (read through its stride), or n × fill when absent.
 std::vector<int64_t> host_values(const c10::optional<at::Tensor>& t, int64_t n, int64_t fill) {
   std::vector<int64_t> values(n, fill);
   if (t.has_value()) {
-    const auto c = t->contiguous();
-    const int32_t* p = c.data_ptr<int32_t>();
-    for (int64_t i = 0; i < n; ++i) values[i] = p[i];
+    const int32_t* p = t->data_ptr<int32_t>();
+    for (int64_t i = 0; i < n; ++i) values[i] = p[i * t->stride(0)];
   }
   return values;
 }
