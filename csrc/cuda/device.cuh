@@ -21,6 +21,7 @@
 #include <cstdint>
 
 #include "common/numerics.h"
+#include "cuda/params.h"
 
 // Launches `kernel` (a variable holding a kernel function pointer, so that template commas stay
 // out of the macro) on `stream` and checks the launch; under the emulator the blocks run one
@@ -63,6 +64,17 @@ inline void allow_dynamic_smem(Kernel kernel, size_t dynamic_bytes, size_t stati
 #else
   (void)kernel, (void)dynamic_bytes, (void)static_bytes;
 #endif
+}
+
+// The (b, h) slice of a [B, S, H, d] tensor as T*: row s starts at the result + s·t.row_stride.
+template <class T>
+__device__ __forceinline__ T* head_rows(const StridedBSHD& t, int b, int h) {
+  return static_cast<T*>(t.ptr) + b * t.batch_stride + h * t.head_stride;
+}
+
+// G[b, h] (row r at the result + r·G.row_stride), or nullptr when there is no G.
+__device__ __forceinline__ const float* head_matrix(const StridedG& G, int b, int h) {
+  return G.ptr != nullptr ? G.ptr + b * G.batch_stride + h * G.head_stride : nullptr;
 }
 
 // ------------------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
-// pldr::g_attention_decode on CUDA (docs/design.md §3.3): one generation step over a KV-cache with G
-// applied to the query, split-KV so that batch 1 fills the GPU. Device code and its launch
+// pldr::g_attention_decode on CUDA (docs/design.md §3.3): one generation step over a KV-cache with
+// G applied to the query, split-KV so that batch 1 fills the GPU. Device code and its launch
 // (choose_decode_splits, launch_g_attention_decode, at the end); no torch headers, so the CPU
 // emulator (tools/cuda_emu, tests/emu/decode_driver.cpp) runs exactly this code.
 //
@@ -54,7 +54,8 @@ __device__ __forceinline__ DecodeRow decode_row(const DecodeParams& p, int b) {
   DecodeRow r;
   r.len = p.cache_seqlens[b * p.cache_seqlens_batch_stride];
   const int64_t total = int64_t(r.len) + (p.k_new.ptr != nullptr ? p.Sn : 0);
-  const int64_t start = p.cache_start != nullptr ? p.cache_start[b * p.cache_start_batch_stride] : 0;
+  const int64_t start =
+      p.cache_start != nullptr ? p.cache_start[b * p.cache_start_batch_stride] : 0;
   r.valid = r.len >= 0 && total <= p.Smax && total >= p.Sn && start >= 0 && start <= total - p.Sn;
   r.begin = r.valid ? int(start) : 0;
   r.end = r.valid ? int(total) : 0;
@@ -83,8 +84,8 @@ __global__ void __launch_bounds__(kDecodeThreads) g_attention_decode_kernel(cons
   const int tid = threadIdx.x;
   const DecodeRow row = decode_row(p, b);
 
-  const T* q = static_cast<const T*>(p.q.ptr) + b * p.q.batch_stride + h * p.q.head_stride;
-  T* out = static_cast<T*>(p.out.ptr) + b * p.out.batch_stride + h * p.out.head_stride;
+  const T* q = head_rows<const T>(p.q, b, h);
+  T* out = head_rows<T>(p.out, b, h);
   if (!row.valid) {  // uniform over the block: nothing written to the cache, NaN out
     if (p.num_splits == 1) {
       for (int idx = tid; idx < nq * D; idx += kDecodeThreads)
@@ -93,11 +94,11 @@ __global__ void __launch_bounds__(kDecodeThreads) g_attention_decode_kernel(cons
     return;  // with splits, decode_combine_kernel writes the NaN
   }
 
-  T* k_cache = static_cast<T*>(p.k_cache.ptr) + b * p.k_cache.batch_stride + h * p.k_cache.head_stride;
-  T* v_cache = static_cast<T*>(p.v_cache.ptr) + b * p.v_cache.batch_stride + h * p.v_cache.head_stride;
+  T* k_cache = head_rows<T>(p.k_cache, b, h);
+  T* v_cache = head_rows<T>(p.v_cache, b, h);
   const bool appending = p.k_new.ptr != nullptr;
-  const T* k_new = appending ? static_cast<const T*>(p.k_new.ptr) + b * p.k_new.batch_stride + h * p.k_new.head_stride : nullptr;
-  const T* v_new = appending ? static_cast<const T*>(p.v_new.ptr) + b * p.v_new.batch_stride + h * p.v_new.head_stride : nullptr;
+  const T* k_new = appending ? head_rows<const T>(p.k_new, b, h) : nullptr;
+  const T* v_new = appending ? head_rows<const T>(p.v_new, b, h) : nullptr;
 
   if (appending && split == 0 && blockIdx.y < unsigned(p.H)) {
     for (int idx = tid; idx < p.Sn * D; idx += kDecodeThreads) {
@@ -112,7 +113,7 @@ __global__ void __launch_bounds__(kDecodeThreads) g_attention_decode_kernel(cons
     q_s[idx / D][idx % D] = to_float(q[(q0 + idx / D) * p.q.row_stride + idx % D]);
   __syncthreads();
   const float qscale = p.scale * kLog2e;
-  const float* G = p.G.ptr != nullptr ? p.G.ptr + b * p.G.batch_stride + h * p.G.head_stride : nullptr;
+  const float* G = head_matrix(p.G, b, h);
   for (int idx = tid; idx < nq * D; idx += kDecodeThreads) {
     const int i = idx / D, j = idx % D;
     float v;
@@ -264,7 +265,7 @@ __global__ void __launch_bounds__(kDecodeThreads) g_attention_decode_kernel(cons
 template <class T, int D>
 __global__ void __launch_bounds__(D) decode_combine_kernel(const DecodeParams p) {
   const int h = blockIdx.x, s = blockIdx.y, b = blockIdx.z, e = threadIdx.x;
-  T* out = static_cast<T*>(p.out.ptr) + b * p.out.batch_stride + s * p.out.row_stride + h * p.out.head_stride;
+  T* out = head_rows<T>(p.out, b, h) + s * p.out.row_stride;
   if (!decode_row(p, b).valid) {
     out[e] = from_float<T>(NAN);
     return;

@@ -18,10 +18,10 @@
 // accumulated in fp32 on the tensor cores (the products are exact). G_hi + G_lo represents each
 // entry of G to a relative 2^-16 (bf16) / 2^-22 (fp16; 2^-25 absolute where G_lo is subnormal),
 // far below the single rounding of the fp32 result q̃ to the MMA dtype (relative 2^-8 / 2^-11),
-// which therefore dominates: q̃ carries the same
-// error as q.float() @ G rounded once to q's dtype (what a user feeding SDPA would do), and the
-// tests hold the kernel to the docs/design.md §4 rule against exactly that PyTorch peer. fp16 caveat: G
-// entries beyond the fp16 range (|G| > 65504) overflow (fp16 is not a supported G dtype, docs/spec.md §5.2).
+// which therefore dominates: q̃ carries the same error as q.float() @ G rounded once to q's dtype
+// (what a user feeding SDPA would do), and the tests hold the kernel to the docs/design.md §4 rule
+// against exactly that PyTorch peer. fp16 caveat: G entries beyond the fp16 range (|G| > 65504)
+// overflow (fp16 is not a supported G dtype, docs/spec.md §5.2).
 #pragma once
 
 #include <cmath>
@@ -82,10 +82,11 @@ __device__ __forceinline__ int swizzle(int row, int col) {
 // cp.async a [kRows][D] tile whose row r starts at src + r*row_stride; rows >= rows_valid are
 // zero-filled (never read from global memory).
 template <int D, int kRows>
-__device__ __forceinline__ void load_tile_async(uint16_t* tile, const uint16_t* src, int64_t row_stride,
-                                 int rows_valid, int tid) {
+__device__ __forceinline__ void load_tile_async(uint16_t* tile, const uint16_t* src,
+                                                int64_t row_stride, int rows_valid, int tid) {
   using Tiling = MmaTiling<D>;
-  static_assert(kRows * Tiling::kChunks % Tiling::kThreads == 0, "tile must split evenly over the threads");
+  static_assert(kRows * Tiling::kChunks % Tiling::kThreads == 0,
+                "tile must split evenly over the threads");
 #pragma unroll
   for (int i = 0; i < kRows * Tiling::kChunks / Tiling::kThreads; ++i) {
     const int c = tid + i * Tiling::kThreads;
@@ -99,7 +100,7 @@ __device__ __forceinline__ void load_tile_async(uint16_t* tile, const uint16_t* 
 // in the MMA dtype, swizzled [k][n] tiles read with ldmatrix.trans. G − G_hi is exact in fp32.
 template <class T, int D>
 __device__ __forceinline__ void stage_g_split(uint16_t* s_hi, uint16_t* s_lo, const float* G,
-                               int64_t row_stride, int tid) {
+                                              int64_t row_stride, int tid) {
   using Tiling = MmaTiling<D>;
 #pragma unroll 2
   for (int c = tid; c < Tiling::kGRows * Tiling::kChunks; c += Tiling::kThreads) {
@@ -121,8 +122,9 @@ __device__ __forceinline__ void stage_g_split(uint16_t* s_hi, uint16_t* s_lo, co
 // Two fp32 accumulator tiles (16x8 each, C layout) of columns 16ks..16ks+15 → one A fragment:
 // the C layout of two adjacent n-tiles is exactly the A layout, so values stay in registers.
 template <class T>
-__device__ __forceinline__ void accumulators_to_a_fragment(uint32_t (&a)[4], const float (&c0)[4],
-                                            const float (&c1)[4]) {
+__device__ __forceinline__ void accumulators_to_a_fragment(uint32_t (&a)[4],
+                                                           const float (&c0)[4],
+                                                           const float (&c1)[4]) {
   a[0] = pack2<T>(c0[0], c0[1]);
   a[1] = pack2<T>(c0[2], c0[3]);
   a[2] = pack2<T>(c1[0], c1[1]);
@@ -137,9 +139,9 @@ __global__ void __launch_bounds__(MmaTiling<D>::kThreads, MmaTiling<D>::kMinBloc
 
   PLDR_DYNAMIC_SMEM(smem);
   uint16_t* s_q = reinterpret_cast<uint16_t*>(smem);
-  uint16_t* s_k = s_q + Tiling::kQElems;        // 2 stages
-  uint16_t* s_v = s_k + 2 * Tiling::kKVElems;   // 2 stages
-  unsigned char* s_visible = reinterpret_cast<unsigned char*>(s_v + 2 * Tiling::kKVElems);  // 2 stages
+  uint16_t* s_k = s_q + Tiling::kQElems;       // 2 stages
+  uint16_t* s_v = s_k + 2 * Tiling::kKVElems;  // 2 stages
+  auto* s_visible = reinterpret_cast<unsigned char*>(s_v + 2 * Tiling::kKVElems);  // 2 stages
   uint16_t* s_g_hi = s_k;
   uint16_t* s_g_lo = s_k + Tiling::kGRows * D;
 
@@ -150,10 +152,9 @@ __global__ void __launch_bounds__(MmaTiling<D>::kThreads, MmaTiling<D>::kMinBloc
   const int m0 = m_block * kBlockM;
   const int q_rows = (p.Sq - m0 < kBlockM) ? p.Sq - m0 : kBlockM;
 
-  const uint16_t* q = static_cast<const uint16_t*>(p.q.ptr) + b * p.q.batch_stride +
-                      h * p.q.head_stride + m0 * p.q.row_stride;
-  const uint16_t* k = static_cast<const uint16_t*>(p.k.ptr) + b * p.k.batch_stride + h * p.k.head_stride;
-  const uint16_t* v = static_cast<const uint16_t*>(p.v.ptr) + b * p.v.batch_stride + h * p.v.head_stride;
+  const uint16_t* q = head_rows<const uint16_t>(p.q, b, h) + m0 * p.q.row_stride;
+  const uint16_t* k = head_rows<const uint16_t>(p.k, b, h);
+  const uint16_t* v = head_rows<const uint16_t>(p.v, b, h);
   const bool* key_mask = p.key_mask ? p.key_mask + b * p.key_mask_batch_stride : nullptr;
 
   const int key_end = visible_key_end(p, m0 + q_rows - 1);
@@ -163,7 +164,7 @@ __global__ void __launch_bounds__(MmaTiling<D>::kThreads, MmaTiling<D>::kMinBloc
   load_tile_async<D, kBlockM>(s_q, q, p.q.row_stride, q_rows, tid);
   cp_async_commit();
   const bool has_g = p.G.ptr != nullptr;
-  const float* G = has_g ? p.G.ptr + b * p.G.batch_stride + h * p.G.head_stride : nullptr;
+  const float* G = head_matrix(p.G, b, h);
   if (has_g) stage_g_split<T, D>(s_g_hi, s_g_lo, G, p.G.row_stride, tid);  // first chunk
   cp_async_wait<0>();
   __syncthreads();
@@ -230,8 +231,8 @@ __global__ void __launch_bounds__(MmaTiling<D>::kThreads, MmaTiling<D>::kMinBloc
   };
   auto issue_v = [&](int tile, int stage) {
     const int key0 = tile * kBlockN;
-    load_tile_async<D, kBlockN>(s_v + stage * Tiling::kKVElems, v + key0 * p.v.row_stride, p.v.row_stride,
-                       p.Sk - key0, tid);
+    load_tile_async<D, kBlockN>(s_v + stage * Tiling::kKVElems, v + key0 * p.v.row_stride,
+                                p.v.row_stride, p.Sk - key0, tid);
   };
 
   float o_acc[D / 8][4];
@@ -240,7 +241,7 @@ __global__ void __launch_bounds__(MmaTiling<D>::kThreads, MmaTiling<D>::kMinBloc
 #pragma unroll
     for (int i = 0; i < 4; ++i) o_acc[nt][i] = 0.f;
   float row_max[2] = {-INFINITY, -INFINITY};  // log2 units (score · scale · log2 e)
-  float row_sum[2] = {0.f, 0.f};              // this thread's share; summed over the quad at the end
+  float row_sum[2] = {0.f, 0.f};  // this thread's share; summed over the quad at the end
   const float scale_log2 = p.scale * kLog2e;
   const int row0 = m0 + warp * 16 + group;  // rows row0 and row0 + 8 of this thread
   const int causal_shift = p.Sk - p.Sq;
@@ -382,7 +383,7 @@ __global__ void __launch_bounds__(MmaTiling<D>::kThreads, MmaTiling<D>::kMinBloc
     }
   }
   __syncwarp();
-  uint16_t* out = static_cast<uint16_t*>(p.out.ptr) + b * p.out.batch_stride + h * p.out.head_stride;
+  uint16_t* out = head_rows<uint16_t>(p.out, b, h);
 #pragma unroll
   for (int i = 0; i < 16 * Tiling::kChunks / 32; ++i) {
     const int c = lane + 32 * i;
@@ -425,14 +426,13 @@ __global__ void __launch_bounds__(Fp32Tiling::kThreads)
   const int i = blockIdx.x * Fp32Tiling::kWarps + warp, h = blockIdx.y, b = blockIdx.z;
   if (i >= p.Sq) return;  // whole warp; only warp-level synchronisation below
 
-  const float* q = static_cast<const float*>(p.q.ptr) + b * p.q.batch_stride + h * p.q.head_stride +
-                   i * p.q.row_stride;
-  const float* k = static_cast<const float*>(p.k.ptr) + b * p.k.batch_stride + h * p.k.head_stride;
-  const float* v = static_cast<const float*>(p.v.ptr) + b * p.v.batch_stride + h * p.v.head_stride;
+  const float* q = head_rows<const float>(p.q, b, h) + i * p.q.row_stride;
+  const float* k = head_rows<const float>(p.k, b, h);
+  const float* v = head_rows<const float>(p.v, b, h);
   const bool* key_mask = p.key_mask ? p.key_mask + b * p.key_mask_batch_stride : nullptr;
 
   // q̃ = q·G in fp32 (G row r at G + r*G_row_stride)
-  const float* G = p.G.ptr ? p.G.ptr + b * p.G.batch_stride + h * p.G.head_stride : nullptr;
+  const float* G = head_matrix(p.G, b, h);
 #pragma unroll
   for (int j = 0; j < kCols; ++j) {
     const int c = lane + 32 * j;
@@ -478,8 +478,7 @@ __global__ void __launch_bounds__(Fp32Tiling::kThreads)
     __syncwarp();
   }
 
-  float* out = static_cast<float*>(p.out.ptr) + b * p.out.batch_stride + h * p.out.head_stride +
-               i * p.out.row_stride;
+  float* out = head_rows<float>(p.out, b, h) + i * p.out.row_stride;
   const float inv = l > 0.f ? 1.f / l : 0.f;  // no visible key: out = 0, lse = -inf
 #pragma unroll
   for (int j = 0; j < kCols; ++j) out[lane + 32 * j] = o[j] * inv;

@@ -39,7 +39,7 @@ __global__ void __launch_bounds__(kMetricThreads) qtq_partial_kernel(const Metri
   __shared__ float q_s[kQtqRowsPerChunk][D];
   const int chunk = blockIdx.x, h = blockIdx.y, b = blockIdx.z, tid = threadIdx.x;
   const int s0 = chunk * kQtqRowsPerChunk;
-  const T* q = static_cast<const T*>(p.q.ptr) + b * p.q.batch_stride + h * p.q.head_stride;
+  const T* q = head_rows<const T>(p.q, b, h);
   for (int idx = tid; idx < kQtqRowsPerChunk * D; idx += kMetricThreads) {
     const int r = idx / D, e = idx % D, s = s0 + r;
     const bool keep = s < p.S && (p.q_mask == nullptr ||
@@ -243,7 +243,8 @@ constexpr int kAffineEpilogue = 1;  // X = A_P: G = a·A_P + ba
 constexpr int kMatmulRowsPerBlock = 8;
 
 template <int D, int kEpilogue>
-__global__ void __launch_bounds__(kMetricThreads) metric_rowtile_matmul_kernel(const MetricParams p) {
+__global__ void __launch_bounds__(kMetricThreads)
+    metric_rowtile_matmul_kernel(const MetricParams p) {
   constexpr int RT = kMatmulRowsPerBlock;
   constexpr int kRowsPerThread = RT * D / kMetricThreads;
   __shared__ float left_s[RT][D];
@@ -277,7 +278,9 @@ __global__ void __launch_bounds__(kMetricThreads) metric_rowtile_matmul_kernel(c
   }
 }
 
-inline int metric_qtq_chunks(int S) { return S > 0 ? (S + kQtqRowsPerChunk - 1) / kQtqRowsPerChunk : 1; }
+inline int metric_qtq_chunks(int S) {
+  return S > 0 ? (S + kQtqRowsPerChunk - 1) / kQtqRowsPerChunk : 1;
+}
 
 // Shared memory of one metric_rows_kernel<D> block, static and dynamic: the API checks it against
 // the GPU's limit before launching (a large F needs more than the default 48 KiB).

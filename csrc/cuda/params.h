@@ -1,5 +1,5 @@
-// Launch parameters of the three CUDA ops (docs/design.md §3): plain structs of pointers, sizes and
-// strides, filled by the *_api.cu files from checked tensors and by the emulation drivers
+// Launch parameters of the three CUDA ops (docs/design.md §3): plain structs of pointers, sizes
+// and strides, filled by the *_api.cu files from checked tensors and by the emulation drivers
 // (tests/emu) from raw arrays. No torch or CUDA headers, so the emulator includes this as is.
 //
 // One stride scheme, in elements: a stride is named after the dimension it steps, batch, row (a

@@ -47,82 +47,69 @@ __device__ __forceinline__ float round_to(float x) {
 }
 
 // ------------------------------------------------------------------------------------------
-// mma.sync.aligned.m16n8k16.row.col, fp32 accumulators: d = a·b + c (d may alias c)
+// mma.sync.aligned.m16n8k16.row.col, fp32 accumulators, T = __nv_bfloat16 or __half:
+// d = a·b + c (d may alias c), and the accumulating form d += a·b.
 // ------------------------------------------------------------------------------------------
-__device__ __forceinline__ void mma_m16n8k16_bf16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2],
-                                   const float (&c)[4]) {
-#ifndef PLDR_CUDA_EMULATION
-#if defined(__CUDA_ARCH__)
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-      "{%8,%9}, {%10,%11,%12,%13};\n"
-      : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "f"(c[0]), "f"(c[1]),
-        "f"(c[2]), "f"(c[3]));
-#endif
-#else
-  cuda_emu::mma_m16n8k16<true>(d, a, b, c);
-#endif
-}
-__device__ __forceinline__ void mma_m16n8k16_f16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2],
-                                  const float (&c)[4]) {
-#ifndef PLDR_CUDA_EMULATION
-#if defined(__CUDA_ARCH__)
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-      "{%8,%9}, {%10,%11,%12,%13};\n"
-      : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "f"(c[0]), "f"(c[1]),
-        "f"(c[2]), "f"(c[3]));
-#endif
-#else
-  cuda_emu::mma_m16n8k16<false>(d, a, b, c);
-#endif
-}
-// d = a·b + c in the element type T (d may alias c), and the accumulating form d += a·b.
+// The instruction for operand type TYPE ("bf16" or "f16"), as a string literal for asm.
+#define PLDR_MMA_M16N8K16(TYPE)                                                              \
+  "mma.sync.aligned.m16n8k16.row.col.f32." TYPE "." TYPE ".f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, " \
+  "{%8,%9}, {%10,%11,%12,%13};\n"
+#define PLDR_MMA_OPERANDS                                                                   \
+  : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])                                           \
+  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "f"(c[0]), "f"(c[1]), \
+    "f"(c[2]), "f"(c[3])
+
 template <class T>
 __device__ __forceinline__ void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4],
                                              const uint32_t (&b)[2], const float (&c)[4]) {
-  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    mma_m16n8k16_bf16(d, a, b, c);
+  constexpr bool kBf16 = std::is_same_v<T, __nv_bfloat16>;
+  static_assert(kBf16 || std::is_same_v<T, __half>, "mma_m16n8k16: bf16 or fp16 operands");
+#ifndef PLDR_CUDA_EMULATION
+#if defined(__CUDA_ARCH__)
+  if constexpr (kBf16) {
+    asm volatile(PLDR_MMA_M16N8K16("bf16") PLDR_MMA_OPERANDS);
   } else {
-    static_assert(std::is_same_v<T, __half>, "mma_m16n8k16: bf16 or fp16");
-    mma_m16n8k16_f16(d, a, b, c);
+    asm volatile(PLDR_MMA_M16N8K16("f16") PLDR_MMA_OPERANDS);
   }
+#endif
+#else
+  cuda_emu::mma_m16n8k16<kBf16>(d, a, b, c);
+#endif
 }
 template <class T>
 __device__ __forceinline__ void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4],
                                              const uint32_t (&b)[2]) {
   mma_m16n8k16<T>(d, a, b, d);
 }
+#undef PLDR_MMA_M16N8K16
+#undef PLDR_MMA_OPERANDS
 
 // ------------------------------------------------------------------------------------------
 // ldmatrix.sync.aligned.m8n8.x4[.trans].shared.b16; `row` is this lane's row address (lanes
 // 8j..8j+7 address the 8 rows of matrix j, 16 bytes each, 16-byte aligned).
 // ------------------------------------------------------------------------------------------
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* row) {
+template <bool kTrans>
+__device__ __forceinline__ void ldmatrix_m8n8_x4(uint32_t (&r)[4], const void* row) {
 #ifndef PLDR_CUDA_EMULATION
 #if defined(__CUDA_ARCH__)
   const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(row));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
+  if constexpr (kTrans) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
+  } else {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
+  }
 #endif
 #else
-  cuda_emu::ldmatrix_x4(r, row, false);
+  cuda_emu::ldmatrix_x4(r, row, kTrans);
 #endif
 }
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* row) {
+  ldmatrix_m8n8_x4<false>(r, row);
+}
 __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* row) {
-#ifndef PLDR_CUDA_EMULATION
-#if defined(__CUDA_ARCH__)
-  const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(row));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-#endif
-#else
-  cuda_emu::ldmatrix_x4(r, row, true);
-#endif
+  ldmatrix_m8n8_x4<true>(r, row);
 }
 
 // ------------------------------------------------------------------------------------------

@@ -50,7 +50,8 @@ int run(const std::string& dir, const emu_io::Params& prm) {
   p.causal = prm["causal"] != 0;
 
   if (dtype == 0) {
-    d == 64 ? launch_g_attention<float, 64>(p, nullptr) : launch_g_attention<float, 128>(p, nullptr);
+    d == 64 ? launch_g_attention<float, 64>(p, nullptr)
+            : launch_g_attention<float, 128>(p, nullptr);
   } else if (dtype == 1) {
     d == 64 ? launch_g_attention<__nv_bfloat16, 64>(p, nullptr)
             : launch_g_attention<__nv_bfloat16, 128>(p, nullptr);

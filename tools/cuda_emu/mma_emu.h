@@ -1,6 +1,6 @@
-// CPU emulation of the warp-level tensor-core instructions our CUDA kernels use (docs/design.md §5):
-// mma.sync.aligned.m16n8k16.row.col (bf16/f16 inputs, f32 accumulators), ldmatrix .x4 (.trans) and
-// cp.async (16 bytes, zero-fill, commit/wait groups). Include after cuda_cpu_shim.h (the harness
+// CPU emulation of the warp-level tensor-core instructions our CUDA kernels use
+// (docs/design.md §5): mma.sync.aligned.m16n8k16.row.col (bf16/f16 inputs, f32 accumulators),
+// ldmatrix .x4 (.trans) and cp.async (16 bytes, zero-fill, commit/wait groups). Include after cuda_cpu_shim.h (the harness
 // force-includes the shim, which also has the 16-bit conversions and dynamic shared memory);
 // device code reaches these only through csrc/cuda/ptx.cuh.
 //
