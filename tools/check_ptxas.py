@@ -45,7 +45,7 @@ def main(path: str) -> int:
         flag = "  SPILL" if r in bad else ""
         print(f"{r['arch']:>7} regs {r['regs']!s:>4} spill st/ld {r['spill'][0]}/{r['spill'][1]}"
               f"  {names[r['fn']][:110]}{flag}")
-    # ptxas's own warnings (-warn-spills / -warn-lmem-usage), not the command lines that pass the flags
+    # ptxas's own warnings (-warn-spills, -warn-lmem-usage), not the command lines with the flags
     warn = [l for l in text.splitlines() if l.lstrip().startswith("ptxas") and "warning" in l
             and ("spill" in l.lower() or "local memory" in l.lower())]
     if warn:

@@ -1,5 +1,5 @@
 // Input validation shared by the CPU and CUDA backends, so that the same bad input gives the same
-// error on every device (DESIGN.md §3.5). Each message names the argument, what was expected, what
+// error on every device (docs/design.md §3.5). Each message names the argument, what was expected, what
 // was given and, where useful, how to fix it. Host-only code: include from .cpp / *_api.cu files.
 #pragma once
 
@@ -197,28 +197,24 @@ inline DecodeDims check_g_attention_decode_inputs(
 inline void check_cache_bounds_host(const at::Tensor& cache_seqlens,
                                     const c10::optional<at::Tensor>& cache_start, int64_t Sn,
                                     int64_t Smax, bool appending) {
-  const auto lens = cache_seqlens.contiguous();
-  const int32_t* L = lens.data_ptr<int32_t>();
-  at::Tensor starts;
-  const int32_t* S0 = nullptr;
-  if (cache_start.has_value()) {
-    starts = cache_start->contiguous();
-    S0 = starts.data_ptr<int32_t>();
-  }
+  const int32_t* lens = cache_seqlens.data_ptr<int32_t>();  // read through their strides
+  const int32_t* starts = cache_start.has_value() ? cache_start->data_ptr<int32_t>() : nullptr;
   const int64_t added = appending ? Sn : 0;
-  for (int64_t b = 0; b < lens.size(0); ++b) {
-    TORCH_CHECK(L[b] >= 0, "cache_seqlens[", b, "] must be >= 0, got ", L[b], ".");
-    TORCH_CHECK(L[b] + added <= Smax, "cache_seqlens[", b, "] + Sn = ", L[b], " + ", added, " = ",
-                L[b] + added, " exceeds the cache length Smax = ", Smax,
+  for (int64_t b = 0; b < cache_seqlens.size(0); ++b) {
+    const int32_t L = lens[b * cache_seqlens.stride(0)];
+    TORCH_CHECK(L >= 0, "cache_seqlens[", b, "] must be >= 0, got ", L, ".");
+    TORCH_CHECK(L + added <= Smax, "cache_seqlens[", b, "] + Sn = ", L, " + ", added, " = ",
+                L + added, " exceeds the cache length Smax = ", Smax,
                 ": appending would write past the end of k_cache/v_cache. Allocate a longer cache"
                 " or stop generating; the cache was left untouched.");
     if (!appending) {
-      TORCH_CHECK(L[b] >= Sn, "cache_seqlens[", b, "] = ", L[b], " must be >= Sn = ", Sn,
+      TORCH_CHECK(L >= Sn, "cache_seqlens[", b, "] = ", L, " must be >= Sn = ", Sn,
                   " when k_new/v_new are not given (the new tokens must already be in the cache).");
     }
-    if (S0 != nullptr) {
-      const int64_t last_start = L[b] + added - Sn;  // row of the first new token
-      TORCH_CHECK(S0[b] >= 0 && S0[b] <= last_start, "cache_start[", b, "] = ", S0[b],
+    if (starts != nullptr) {
+      const int32_t S0 = starts[b * cache_start->stride(0)];
+      const int64_t last_start = L + added - Sn;  // row of the first new token
+      TORCH_CHECK(S0 >= 0 && S0 <= last_start, "cache_start[", b, "] = ", S0,
                   " must lie in [0, ", last_start, "]: the first valid row cannot come after the"
                   " first new token.");
     }

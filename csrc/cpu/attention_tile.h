@@ -1,4 +1,4 @@
-// Tile math shared by the CPU prefill and decode attention kernels (csrc/cpu/g_attention_cpu.cpp):
+// Tile math of the CPU attention kernels (through cpu/attention_core.h):
 // dtype conversion of rows, the online-softmax update of one score tile, and the small-query
 // ("row") products used when a query tile has too few rows for a GEMM to pay off.
 //
@@ -21,8 +21,6 @@ namespace pldr::cpu {
 using simd::f32x16;
 using simd::kLanes;
 
-constexpr float kLog2e = 1.4426950408889634f;
-constexpr double kLn2 = 0.69314718055994530942;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 // ------------------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 // Torch-free building blocks of the fused metric-learner CPU kernel (metric_tensors_cpu.cpp):
 // register-tiled products, LayerNorm and SwiGLU on a transposed row block, and the per-head
-// output stage. Plain pointers only, so a standalone micro-benchmark can include this file.
+// output stage. Plain pointers, no torch: metric_tensors_cpu.cpp does the tensor plumbing.
 //
 // A row block is held transposed, Xt[j][m] = A[m0 + m][j] (features j down, rows m across the
 // 16 lanes), so that a product X·Wᵀ is W·Xt with W's entries broadcast as
@@ -14,8 +14,7 @@
 
 #include "cpu/simd_f32x16.h"
 
-namespace pldr {
-namespace metric_cpu {
+namespace pldr::cpu {
 
 using simd::f32x16;
 using simd::kLanes;
@@ -219,7 +218,7 @@ constexpr int kF64Lanes = 8;
 // fp32 values is exact in fp64, so only the final rounding to fp32 remains. This is the one
 // place where the kernel goes beyond fp32: Z = W·A + b cancels to nearly 0 in some entries, where
 // A_LM ≈ Z²/2 and a negative pw turn the absolute fp32 error of Z into the largest errors of G
-// (pldr-spec §5.1); it costs ~2·d³ multiply-adds per head, nothing next to the MLPs.
+// (docs/spec.md §5.1); it costs ~2·d³ multiply-adds per head, nothing next to the MLPs.
 // Register tile: 4 rows × 32 columns; d is a multiple of 32.
 inline void product_f64(const float* L, const double* Rd, const float* bias, int64_t d,
                         float* out) {
@@ -258,7 +257,7 @@ inline void metric_head_outputs(const float* A, int64_t d, const float* W, const
   const f32x16 eps = simd::splat(eps_adj);
   for (int64_t i = 0; i < d * d; i += kLanes) {
     const f32x16 z = simd::load(A_LM + i);
-    // spec §5.2/5.3: z·silu(z) first, then + eps_adj.
+    // docs/spec.md §5.2/5.3: z·silu(z) first, then + eps_adj.
     simd::store(A_LM + i, simd::add(simd::mul(z, simd::silu(z)), eps));
   }
   for (int64_t i = 0; i < d * d; ++i) A_P[i] = std::pow(A_LM[i], pw[i]);
@@ -266,5 +265,4 @@ inline void metric_head_outputs(const float* A, int64_t d, const float* W, const
   product_f64(a, Md, ba, d, G);
 }
 
-}  // namespace metric_cpu
-}  // namespace pldr
+}  // namespace pldr::cpu

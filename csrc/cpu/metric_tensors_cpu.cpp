@@ -1,4 +1,4 @@
-// Fused CPU kernel of pldr::metric_tensors (DESIGN.md §3.1; pldr-spec.md §2 steps 6–12, §5).
+// Fused CPU kernel of pldr::metric_tensors (docs/design.md §3.1; docs/spec.md §2 steps 6–12, §5).
 //
 // Layout idea. After A0 = QᵀQ, the LayerNorms and all SwiGLU MLPs act on each row of A
 // independently with weights shared by every head, so a block of rows (of one or several heads)
@@ -30,12 +30,11 @@
 #include <type_traits>
 
 #include "common/checks.h"
+#include "common/dispatch.h"
 #include "cpu/metric_row_blocks.h"
 
-namespace pldr {
+namespace pldr::cpu {
 namespace {
-
-using namespace metric_cpu;
 
 struct AlignedFree {
   void operator()(float* p) const { std::free(p); }
@@ -55,16 +54,22 @@ struct MetricWeights {
   const float *W, *b, *pw, *a, *ba;
 };
 
+// q_mask [B, S] read through its strides; ptr = nullptr: every row is real.
+struct QueryMask {
+  const bool* ptr = nullptr;
+  int64_t batch_stride = 0, row_stride = 0;
+};
+
 // Copies q[b, :, h, :] (masked rows left out, order kept) into Qs [S_kept][d] as fp32; returns
 // S_kept. Keeping the order makes a padded row's reduction identical to the unpadded one.
 template <typename T>
-int64_t gather_queries(const at::Tensor& q, const bool* mask, int64_t b, int64_t h, float* Qs) {
+int64_t gather_queries(const at::Tensor& q, const QueryMask& mask, int64_t b, int64_t h, float* Qs) {
   const int64_t S = q.size(1), d = q.size(3);
   const T* base = q.data_ptr<T>() + b * q.stride(0) + h * q.stride(2);
   const int64_t s_stride = q.stride(1);
   int64_t kept = 0;
   for (int64_t s = 0; s < S; ++s) {
-    if (mask != nullptr && !mask[b * S + s]) continue;
+    if (mask.ptr != nullptr && !mask.ptr[b * mask.batch_stride + s * mask.row_stride]) continue;
     const T* src = base + s * s_stride;
     float* dst = Qs + kept * d;
     for (int64_t j = 0; j < d; ++j) dst[j] = static_cast<float>(src[j]);
@@ -85,7 +90,7 @@ struct RowBlockScratch {
 
 // Phase 1 for the global rows [row0, row0 + nrows) of A viewed as [B·H·d, d] (row g = bh·d + i);
 // nrows is a multiple of 16 and ≤ kMaxBlockRows. Writes those rows of A.
-void metric_rows_block(const at::Tensor& q, const bool* mask, int64_t row0, int64_t nrows,
+void metric_rows_block(const at::Tensor& q, const QueryMask& mask, int64_t row0, int64_t nrows,
                        const MetricDims& dims, const MetricWeights& w, float eps_ln,
                        RowBlockScratch& sc, float* A_out) {
   const int64_t d = dims.d, F = dims.F, H = dims.H;
@@ -98,14 +103,9 @@ void metric_rows_block(const at::Tensor& q, const bool* mask, int64_t row0, int6
     const int64_t seg = std::min(d - i0, row0 + nrows - g);
     if (bh != sc.gathered_bh) {
       const int64_t bi = bh / H, hi = bh % H;
-      switch (q.scalar_type()) {
-        case at::kFloat: sc.S_kept = gather_queries<float>(q, mask, bi, hi, sc.Qs.get()); break;
-        case at::kBFloat16:
-          sc.S_kept = gather_queries<c10::BFloat16>(q, mask, bi, hi, sc.Qs.get());
-          break;
-        case at::kHalf: sc.S_kept = gather_queries<c10::Half>(q, mask, bi, hi, sc.Qs.get()); break;
-        default: TORCH_CHECK(false, "unreachable: q dtype checked above");
-      }
+      sc.S_kept = PLDR_DTYPE_SWITCH(q.scalar_type(), Elements, T, [&] {
+        return gather_queries<T>(q, mask, bi, hi, sc.Qs.get());
+      });
       sc.gathered_bh = bh;
     }
     qtq_columns(sc.Qs.get(), sc.S_kept, d, i0, static_cast<int>(seg / kLanes), Tt + (g - row0),
@@ -153,11 +153,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> metric_tensors_cpu(
       weights[6].data_ptr<float>(),  weights[7].data_ptr<float>(),  weights[8].data_ptr<float>(),
       weights[9].data_ptr<float>(),  weights[10].data_ptr<float>(), weights[11].data_ptr<float>(),
       weights[12].data_ptr<float>(), weights[13].data_ptr<float>(), weights[14].data_ptr<float>()};
-  at::Tensor mask;
-  const bool* mask_ptr = nullptr;
+  QueryMask mask;
   if (q_mask.has_value()) {
-    mask = q_mask->contiguous();
-    mask_ptr = mask.data_ptr<bool>();
+    mask = QueryMask{q_mask->data_ptr<bool>(), q_mask->stride(0), q_mask->stride(1)};
   }
   const float eps_ln_f = static_cast<float>(eps_ln);
   const float eps_adj_f = static_cast<float>(eps_adj);
@@ -182,7 +180,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> metric_tensors_cpu(
                        make_buffer(d * block_rows), make_buffer(max_feat * block_rows)};
     for (int64_t blk = next_block++; blk < n_blocks; blk = next_block++) {
       const int64_t row = blk * block_rows;
-      metric_rows_block(q, mask_ptr, row, std::min(block_rows, total_rows - row), dims, w,
+      metric_rows_block(q, mask, row, std::min(block_rows, total_rows - row), dims, w,
                         eps_ln_f, sc, A_ptr);
     }
   });
@@ -203,7 +201,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> metric_tensors_cpu(
 }
 
 }  // namespace
+}  // namespace pldr::cpu
 
-TORCH_LIBRARY_IMPL(pldr, CPU, m) { m.impl("metric_tensors", &metric_tensors_cpu); }
-
-}  // namespace pldr
+TORCH_LIBRARY_IMPL(pldr, CPU, m) { m.impl("metric_tensors", &pldr::cpu::metric_tensors_cpu); }

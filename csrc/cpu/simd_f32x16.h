@@ -32,7 +32,16 @@
 #define PLDR_SIMD_END_INTRINSICS
 #endif
 
-namespace pldr {
+namespace pldr::cpu {
+
+// The element types of the CPU kernels, for PLDR_DTYPE_SWITCH (common/dispatch.h): the three
+// that load_as_f32 widens.
+struct Elements {
+  using fp32 = float;
+  using bf16 = c10::BFloat16;
+  using fp16 = c10::Half;
+};
+
 namespace simd {
 
 constexpr int kLanes = 16;
@@ -214,4 +223,4 @@ PLDR_SIMD_INLINE f32x16 exp2(f32x16 x) {
 PLDR_SIMD_INLINE f32x16 silu(f32x16 z) { return div(z, add(splat(1.0f), exp(sub(zero(), z)))); }
 
 }  // namespace simd
-}  // namespace pldr
+}  // namespace pldr::cpu

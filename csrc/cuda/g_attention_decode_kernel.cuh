@@ -1,6 +1,7 @@
-// g_attention_decode on CUDA (DESIGN.md §3.3): one generation step over a KV-cache with G applied
-// to the query, split-KV so that batch 1 fills the GPU. Device code plus the host-side launch
-// logic; no torch headers, so the CPU emulator (tools/cuda_emu) runs exactly this code.
+// pldr::g_attention_decode on CUDA (docs/design.md §3.3): one generation step over a KV-cache with
+// G applied to the query, split-KV so that batch 1 fills the GPU. Device code and its launch
+// (choose_decode_splits, launch_g_attention_decode, at the end); no torch headers, so the CPU
+// emulator (tools/cuda_emu, tests/emu/decode_driver.cpp) runs exactly this code.
 //
 // Work split. Grid (num_splits, H * q_chunks, B), 128 threads. A block owns one (b, h), up to
 // kQueriesPerBlock of the Sn new queries, and 1/num_splits of the row's visible keys (the split
@@ -22,13 +23,14 @@
 // stays untouched for that row — and its outputs are NaN, so the failure is never silent.
 #pragma once
 
-#include "cuda/simt_common.cuh"
-
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 
-namespace pldr_cuda {
+#include "cuda/device.cuh"
+#include "cuda/params.h"
+
+namespace pldr::cuda {
 
 constexpr int kDecodeThreads = 128;
 constexpr int kDecodeWarps = kDecodeThreads / 32;
@@ -39,35 +41,6 @@ constexpr int kQueriesPerBlock = 4;
 constexpr int kDecodeKeyUnroll = 2;  // keys in flight per lane group per iteration
 constexpr int kMaxDecodeSplits = 128;
 constexpr int kMinKeysPerSplit = 64;
-constexpr float kLog2e = 1.4426950408889634f;
-constexpr float kLn2 = 0.6931471805599453f;
-
-// POD parameters; strides are in elements. Pointers to optional inputs are null when absent.
-struct DecodeParams {
-  const void* q;
-  void* k_cache;
-  void* v_cache;
-  const int32_t* cache_seqlens;
-  const void* k_new;  // null: no append
-  const void* v_new;
-  const int32_t* cache_start;  // null: rows start at 0
-  const float* G;              // null: identity
-  void* out;
-  float* o_partial;    // [B, Sn, H, num_splits, d] fp32, used when num_splits > 1
-  float* lse_partial;  // [B, Sn, H, num_splits] fp32 (base-2 log-sum-exp)
-  int B, Sn, Smax, H, d;
-  int64_t q_sb, q_ss, q_sh;
-  int64_t kc_sb, kc_ss, kc_sh;
-  int64_t vc_sb, vc_ss, vc_sh;
-  int64_t kn_sb, kn_ss, kn_sh;
-  int64_t vn_sb, vn_ss, vn_sh;
-  int64_t out_sb, out_ss, out_sh;
-  int64_t G_sb, G_sh, G_sr;  // G_sb = 0 when one G is shared by the batch
-  float scale;
-  int num_splits;
-  int q_chunks;
-  bool vec_ok;  // every K/V/k_new/v_new row is 16-byte aligned
-};
 
 // The visible key range of row b, checked on the device (see "Bounds" above).
 struct DecodeRow {
@@ -79,9 +52,10 @@ struct DecodeRow {
 
 __device__ __forceinline__ DecodeRow decode_row(const DecodeParams& p, int b) {
   DecodeRow r;
-  r.len = p.cache_seqlens[b];
-  const int64_t total = int64_t(r.len) + (p.k_new != nullptr ? p.Sn : 0);
-  const int64_t start = p.cache_start != nullptr ? p.cache_start[b] : 0;
+  r.len = p.cache_seqlens[b * p.cache_seqlens_batch_stride];
+  const int64_t total = int64_t(r.len) + (p.k_new.ptr != nullptr ? p.Sn : 0);
+  const int64_t start =
+      p.cache_start != nullptr ? p.cache_start[b * p.cache_start_batch_stride] : 0;
   r.valid = r.len >= 0 && total <= p.Smax && total >= p.Sn && start >= 0 && start <= total - p.Sn;
   r.begin = r.valid ? int(start) : 0;
   r.end = r.valid ? int(total) : 0;
@@ -110,42 +84,42 @@ __global__ void __launch_bounds__(kDecodeThreads) g_attention_decode_kernel(cons
   const int tid = threadIdx.x;
   const DecodeRow row = decode_row(p, b);
 
-  const T* q = static_cast<const T*>(p.q) + b * p.q_sb + h * p.q_sh;
-  T* out = static_cast<T*>(p.out) + b * p.out_sb + h * p.out_sh;
+  const T* q = head_rows<const T>(p.q, b, h);
+  T* out = head_rows<T>(p.out, b, h);
   if (!row.valid) {  // uniform over the block: nothing written to the cache, NaN out
     if (p.num_splits == 1) {
       for (int idx = tid; idx < nq * D; idx += kDecodeThreads)
-        out[(q0 + idx / D) * p.out_ss + idx % D] = from_float<T>(NAN);
+        out[(q0 + idx / D) * p.out.row_stride + idx % D] = from_float<T>(NAN);
     }
     return;  // with splits, decode_combine_kernel writes the NaN
   }
 
-  T* k_cache = static_cast<T*>(p.k_cache) + b * p.kc_sb + h * p.kc_sh;
-  T* v_cache = static_cast<T*>(p.v_cache) + b * p.vc_sb + h * p.vc_sh;
-  const bool appending = p.k_new != nullptr;
-  const T* k_new = appending ? static_cast<const T*>(p.k_new) + b * p.kn_sb + h * p.kn_sh : nullptr;
-  const T* v_new = appending ? static_cast<const T*>(p.v_new) + b * p.vn_sb + h * p.vn_sh : nullptr;
+  T* k_cache = head_rows<T>(p.k_cache, b, h);
+  T* v_cache = head_rows<T>(p.v_cache, b, h);
+  const bool appending = p.k_new.ptr != nullptr;
+  const T* k_new = appending ? head_rows<const T>(p.k_new, b, h) : nullptr;
+  const T* v_new = appending ? head_rows<const T>(p.v_new, b, h) : nullptr;
 
   if (appending && split == 0 && blockIdx.y < unsigned(p.H)) {
     for (int idx = tid; idx < p.Sn * D; idx += kDecodeThreads) {
       const int s = idx / D, e = idx % D;
-      k_cache[int64_t(row.len + s) * p.kc_ss + e] = k_new[s * p.kn_ss + e];
-      v_cache[int64_t(row.len + s) * p.vc_ss + e] = v_new[s * p.vn_ss + e];
+      k_cache[int64_t(row.len + s) * p.k_cache.row_stride + e] = k_new[s * p.k_new.row_stride + e];
+      v_cache[int64_t(row.len + s) * p.v_cache.row_stride + e] = v_new[s * p.v_new.row_stride + e];
     }
   }
 
   // q̃ = q·G in fp32, with the softmax scale and log2(e) folded in (scores in the base-2 domain).
   for (int idx = tid; idx < nq * D; idx += kDecodeThreads)
-    q_s[idx / D][idx % D] = to_float(q[(q0 + idx / D) * p.q_ss + idx % D]);
+    q_s[idx / D][idx % D] = to_float(q[(q0 + idx / D) * p.q.row_stride + idx % D]);
   __syncthreads();
   const float qscale = p.scale * kLog2e;
-  const float* G = p.G != nullptr ? p.G + b * p.G_sb + h * p.G_sh : nullptr;
+  const float* G = head_matrix(p.G, b, h);
   for (int idx = tid; idx < nq * D; idx += kDecodeThreads) {
     const int i = idx / D, j = idx % D;
     float v;
     if (G != nullptr) {
       v = 0.f;
-      for (int k = 0; k < D; ++k) v = fmaf(q_s[i][k], G[k * p.G_sr + j], v);
+      for (int k = 0; k < D; ++k) v = fmaf(q_s[i][k], G[k * p.G.row_stride + j], v);
     } else {
       v = q_s[i][j];
     }
@@ -184,10 +158,10 @@ __global__ void __launch_bounds__(kDecodeThreads) g_attention_decode_kernel(cons
     for (int u = 0; u < kDecodeKeyUnroll; ++u) {
       key[u] = jw + u * kKeysPerStep + group;
       if (key[u] < ke) {
-        const T* kp = key[u] < last_cached ? k_cache + int64_t(key[u]) * p.kc_ss
-                                           : k_new + (key[u] - last_cached) * p.kn_ss;
-        const T* vp = key[u] < last_cached ? v_cache + int64_t(key[u]) * p.vc_ss
-                                           : v_new + (key[u] - last_cached) * p.vn_ss;
+        const T* kp = key[u] < last_cached ? k_cache + int64_t(key[u]) * p.k_cache.row_stride
+                                           : k_new + (key[u] - last_cached) * p.k_new.row_stride;
+        const T* vp = key[u] < last_cached ? v_cache + int64_t(key[u]) * p.v_cache.row_stride
+                                           : v_new + (key[u] - last_cached) * p.v_new.row_stride;
         load_as_float(kp + sub * kElemsPerLane, p.vec_ok, kf[u]);
         load_as_float(vp + sub * kElemsPerLane, p.vec_ok, vf[u]);
       } else {
@@ -277,7 +251,7 @@ __global__ void __launch_bounds__(kDecodeThreads) g_attention_decode_kernel(cons
     }
     const float o_norm = lsum > 0.f ? o / lsum : 0.f;
     if (p.num_splits == 1) {
-      out[(q0 + i) * p.out_ss + e] = from_float<T>(o_norm);
+      out[(q0 + i) * p.out.row_stride + e] = from_float<T>(o_norm);
     } else {
       const int64_t slot = ((int64_t(b) * p.Sn + q0 + i) * p.H + h) * p.num_splits + split;
       p.o_partial[slot * D + e] = o_norm;
@@ -291,7 +265,7 @@ __global__ void __launch_bounds__(kDecodeThreads) g_attention_decode_kernel(cons
 template <class T, int D>
 __global__ void __launch_bounds__(D) decode_combine_kernel(const DecodeParams p) {
   const int h = blockIdx.x, s = blockIdx.y, b = blockIdx.z, e = threadIdx.x;
-  T* out = static_cast<T*>(p.out) + b * p.out_sb + s * p.out_ss + h * p.out_sh;
+  T* out = head_rows<T>(p.out, b, h) + s * p.out.row_stride;
   if (!decode_row(p, b).valid) {
     out[e] = from_float<T>(NAN);
     return;
@@ -311,16 +285,20 @@ __global__ void __launch_bounds__(D) decode_combine_kernel(const DecodeParams p)
   out[e] = from_float<T>(wsum > 0.f ? o / wsum : 0.f);
 }
 
-// Splits of the key range: 1 when B·H·q_chunks blocks already fill the GPU, otherwise enough to
-// give ~4 blocks per SM (what the register budget of the 16-bit kernels allows; more resident
-// blocks = more loads in flight on long caches), keeping at least kMinKeysPerSplit keys of Smax
-// per split. Depends only on shapes (never on cache_seqlens), so a captured graph stays valid.
+// ============================================================================================
+// Launch (host)
+// ============================================================================================
+// Queries per block (see kQueriesPerBlock) and the blocks along grid.y that cover Sn.
 inline int decode_queries_per_block(int Sn) { return Sn == 1 ? 1 : kQueriesPerBlock; }
 inline int decode_query_chunks(int Sn) {
   const int per_block = decode_queries_per_block(Sn);
   return (Sn + per_block - 1) / per_block;
 }
 
+// Splits of the key range: 1 when B·H·q_chunks blocks already fill the GPU, otherwise enough to
+// give ~4 blocks per SM (what the register budget of the 16-bit kernels allows; more resident
+// blocks = more loads in flight on long caches), keeping at least kMinKeysPerSplit keys of Smax
+// per split. Depends only on shapes (never on cache_seqlens), so a captured graph stays valid.
 inline int choose_decode_splits(int B, int H, int Sn, int Smax, int num_sms, int64_t requested) {
   const int q_chunks = decode_query_chunks(Sn);
   if (requested > 0) return int(std::min<int64_t>(requested, kMaxDecodeSplits));
@@ -336,8 +314,9 @@ inline int choose_decode_splits(int B, int H, int Sn, int Smax, int num_sms, int
 // must be set.
 template <class T, int D>
 void launch_g_attention_decode(const DecodeParams& p, cudaStream_t stream) {
-  auto attend = decode_queries_per_block(p.Sn) == 1 ? &g_attention_decode_kernel<T, D, 1>
-                                                    : &g_attention_decode_kernel<T, D, kQueriesPerBlock>;
+  auto attend = decode_queries_per_block(p.Sn) == 1
+                    ? &g_attention_decode_kernel<T, D, 1>
+                    : &g_attention_decode_kernel<T, D, kQueriesPerBlock>;
   const dim3 grid(unsigned(p.num_splits), unsigned(p.H * p.q_chunks), unsigned(p.B));
   PLDR_LAUNCH_KERNEL(attend, grid, dim3(kDecodeThreads), 0, stream, p);
   if (p.num_splits > 1) {
@@ -347,4 +326,4 @@ void launch_g_attention_decode(const DecodeParams& p, cudaStream_t stream) {
   }
 }
 
-}  // namespace pldr_cuda
+}  // namespace pldr::cuda

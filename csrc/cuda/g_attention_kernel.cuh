@@ -1,9 +1,10 @@
-// Device code of pldr::g_attention (DESIGN.md §3.2): softmax((q·G)·kᵀ·scale + mask)·v.
-// Included by g_attention_api.cu (nvcc) and by the CPU emulation drivers in tests/emu (g++ with
-// tools/cuda_emu), so it uses only the wrappers of ptx.cuh and the shim-provided built-ins.
+// pldr::g_attention on CUDA (docs/design.md §3.2): softmax((q·G)·kᵀ·scale + mask)·v. Device code
+// and its launch (launch_g_attention, at the end); included by g_attention_api.cu (nvcc) and by
+// the emulation driver tests/emu/g_attention_driver.cpp (g++ with tools/cuda_emu), so it uses only
+// the wrappers of device.cuh / ptx.cuh and the shim-provided built-ins.
 //
 // Two kernels:
-// * g_attention_mma_kernel<D, Tag> (bf16/fp16, d = 64/128): FlashAttention-2 style. A block owns
+// * g_attention_mma_kernel<T, D> (bf16/fp16, d = 64/128): FlashAttention-2 style. A block owns
 //   64 query rows of one (batch, head); each of its 4 warps owns 16 rows and keeps q̃, the output
 //   accumulator and the softmax state in registers. Key/value tiles (64 rows at d = 64, 32 at
 //   d = 128) stream through shared memory with cp.async, double-buffered (tile n+1 loads while
@@ -17,50 +18,31 @@
 // accumulated in fp32 on the tensor cores (the products are exact). G_hi + G_lo represents each
 // entry of G to a relative 2^-16 (bf16) / 2^-22 (fp16; 2^-25 absolute where G_lo is subnormal),
 // far below the single rounding of the fp32 result q̃ to the MMA dtype (relative 2^-8 / 2^-11),
-// which therefore dominates: q̃ carries the same
-// error as q.float() @ G rounded once to q's dtype (what a user feeding SDPA would do), and the
-// tests hold the kernel to the DESIGN §4 rule against exactly that PyTorch peer. fp16 caveat: G
-// entries beyond the fp16 range (|G| > 65504) overflow (fp16 is not a supported G dtype, spec §5.2).
+// which therefore dominates: q̃ carries the same error as q.float() @ G rounded once to q's dtype
+// (what a user feeding SDPA would do), and the tests hold the kernel to the docs/design.md §4 rule
+// against exactly that PyTorch peer. fp16 caveat: G entries beyond the fp16 range (|G| > 65504)
+// overflow (fp16 is not a supported G dtype, docs/spec.md §5.2).
 #pragma once
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
-#include "ptx.cuh"
+#include "cuda/params.h"
+#include "cuda/ptx.cuh"
 
 namespace pldr::cuda {
 
-// Everything a launch needs; strides in elements. Built by the API from the checked tensors.
-// The tensor-core kernel moves 16-byte chunks: there q, k, v and out rows must start on 16-byte
-// boundaries (the API copies a view that does not; out is allocated contiguous).
-struct GAttentionParams {
-  const void* q;     // [B, Sq, H, d], 16-bit or fp32
-  const void* k;     // [B, Sk, H, d]
-  const void* v;     // [B, Sk, H, d]
-  void* out;         // [B, Sq, H, d], q's dtype
-  float* lse;        // [B, H, Sq] fp32, contiguous
-  const float* G;    // [B or 1, H, d, d] fp32; nullptr = identity
-  const bool* key_mask;  // [B, Sk], True = attend; nullptr = all keys
-  int64_t q_batch_stride, q_row_stride, q_head_stride;
-  int64_t k_batch_stride, k_row_stride, k_head_stride;
-  int64_t v_batch_stride, v_row_stride, v_head_stride;
-  int64_t out_batch_stride, out_row_stride, out_head_stride;
-  int64_t G_batch_stride, G_head_stride, G_row_stride;  // G_batch_stride = 0 when G is shared
-  int64_t key_mask_batch_stride, key_mask_key_stride;
-  int B, H, Sq, Sk;
-  float scale;  // softmax scale (default 1/sqrt(d))
-  bool causal;  // bottom-right aligned: query i sees keys j <= i + Sk - Sq
-};
-
 // Keys [0, end) that query rows up to `last_row` may see (causal limit, clamped to [0, Sk]).
-PLDR_DEVICE int visible_key_end(const GAttentionParams& p, int last_row) {
+__device__ __forceinline__ int visible_key_end(const GAttentionParams& p, int last_row) {
   if (!p.causal) return p.Sk;
   const int end = last_row + 1 + p.Sk - p.Sq;
   return end < 0 ? 0 : (end > p.Sk ? p.Sk : end);
 }
 
 // ============================================================================================
-// Tensor-core kernel (bf16 / fp16)
+// Tensor-core kernel (bf16 / fp16). It moves 16-byte chunks: q, k, v and out rows must start on
+// 16-byte boundaries (the API copies a q, k or v view that does not; out is allocated contiguous).
 // ============================================================================================
 template <int D>
 struct MmaTiling {
@@ -93,21 +75,22 @@ struct MmaTiling {
 // Offset of element (row, col) in a [rows][D] tile of 16-bit values stored with 16-byte chunks
 // XOR-swizzled by row: the 8 rows an ldmatrix phase reads hit 8 different bank groups.
 template <int D>
-PLDR_DEVICE int swizzle(int row, int col) {
+__device__ __forceinline__ int swizzle(int row, int col) {
   return row * D + (((col >> 3) ^ (row & 7)) << 3) + (col & 7);
 }
 
 // cp.async a [kRows][D] tile whose row r starts at src + r*row_stride; rows >= rows_valid are
 // zero-filled (never read from global memory).
 template <int D, int kRows>
-PLDR_DEVICE void load_tile_async(uint16_t* tile, const uint16_t* src, int64_t row_stride,
-                                 int rows_valid, int tid) {
-  using T = MmaTiling<D>;
-  static_assert(kRows * T::kChunks % T::kThreads == 0, "tile must split evenly over the threads");
+__device__ __forceinline__ void load_tile_async(uint16_t* tile, const uint16_t* src,
+                                                int64_t row_stride, int rows_valid, int tid) {
+  using Tiling = MmaTiling<D>;
+  static_assert(kRows * Tiling::kChunks % Tiling::kThreads == 0,
+                "tile must split evenly over the threads");
 #pragma unroll
-  for (int i = 0; i < kRows * T::kChunks / T::kThreads; ++i) {
-    const int c = tid + i * T::kThreads;
-    const int row = c / T::kChunks, col = (c % T::kChunks) * 8;
+  for (int i = 0; i < kRows * Tiling::kChunks / Tiling::kThreads; ++i) {
+    const int c = tid + i * Tiling::kThreads;
+    const int row = c / Tiling::kChunks, col = (c % Tiling::kChunks) * 8;
     const bool valid = row < rows_valid;
     cp_async_16(tile + swizzle<D>(row, col), valid ? src + row * row_stride + col : src, valid);
   }
@@ -115,21 +98,21 @@ PLDR_DEVICE void load_tile_async(uint16_t* tile, const uint16_t* src, int64_t ro
 
 // Stage kGRows rows of G (fp32, row r at G + r*row_stride) as G_hi = rn(G), G_lo = rn(G − G_hi)
 // in the MMA dtype, swizzled [k][n] tiles read with ldmatrix.trans. G − G_hi is exact in fp32.
-template <int D, class Tag>
-PLDR_DEVICE void stage_g_split(uint16_t* s_hi, uint16_t* s_lo, const float* G,
-                               int64_t row_stride, int tid) {
-  using T = MmaTiling<D>;
+template <class T, int D>
+__device__ __forceinline__ void stage_g_split(uint16_t* s_hi, uint16_t* s_lo, const float* G,
+                                              int64_t row_stride, int tid) {
+  using Tiling = MmaTiling<D>;
 #pragma unroll 2
-  for (int c = tid; c < T::kGRows * T::kChunks; c += T::kThreads) {
-    const int row = c / T::kChunks, col = (c % T::kChunks) * 8;
+  for (int c = tid; c < Tiling::kGRows * Tiling::kChunks; c += Tiling::kThreads) {
+    const int row = c / Tiling::kChunks, col = (c % Tiling::kChunks) * 8;
     const float* src = G + row * row_stride + col;
     uint32_t hi[4], lo[4];
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       const float x0 = src[2 * j], x1 = src[2 * j + 1];
-      const float h0 = round_to(Tag{}, x0), h1 = round_to(Tag{}, x1);
-      hi[j] = pack2(Tag{}, h0, h1);
-      lo[j] = pack2(Tag{}, x0 - h0, x1 - h1);
+      const float h0 = round_to<T>(x0), h1 = round_to<T>(x1);
+      hi[j] = pack2<T>(h0, h1);
+      lo[j] = pack2<T>(x0 - h0, x1 - h1);
     }
     *reinterpret_cast<Vec16*>(s_hi + swizzle<D>(row, col)) = Vec16{hi[0], hi[1], hi[2], hi[3]};
     *reinterpret_cast<Vec16*>(s_lo + swizzle<D>(row, col)) = Vec16{lo[0], lo[1], lo[2], lo[3]};
@@ -138,29 +121,29 @@ PLDR_DEVICE void stage_g_split(uint16_t* s_hi, uint16_t* s_lo, const float* G,
 
 // Two fp32 accumulator tiles (16x8 each, C layout) of columns 16ks..16ks+15 → one A fragment:
 // the C layout of two adjacent n-tiles is exactly the A layout, so values stay in registers.
-template <class Tag>
-PLDR_DEVICE void accumulators_to_a_fragment(uint32_t (&a)[4], const float (&c0)[4],
-                                            const float (&c1)[4]) {
-  a[0] = pack2(Tag{}, c0[0], c0[1]);
-  a[1] = pack2(Tag{}, c0[2], c0[3]);
-  a[2] = pack2(Tag{}, c1[0], c1[1]);
-  a[3] = pack2(Tag{}, c1[2], c1[3]);
+template <class T>
+__device__ __forceinline__ void accumulators_to_a_fragment(uint32_t (&a)[4],
+                                                           const float (&c0)[4],
+                                                           const float (&c1)[4]) {
+  a[0] = pack2<T>(c0[0], c0[1]);
+  a[1] = pack2<T>(c0[2], c0[3]);
+  a[2] = pack2<T>(c1[0], c1[1]);
+  a[3] = pack2<T>(c1[2], c1[3]);
 }
 
-template <int D, class Tag>
+template <class T, int D>
 __global__ void __launch_bounds__(MmaTiling<D>::kThreads, MmaTiling<D>::kMinBlocksPerSM)
     g_attention_mma_kernel(const GAttentionParams p) {
-  using T = MmaTiling<D>;
-  constexpr int kBlockM = T::kBlockM, kBlockN = T::kBlockN;
-  constexpr float kLog2e = 1.4426950408889634f, kLn2 = 0.6931471805599453f;
+  using Tiling = MmaTiling<D>;
+  constexpr int kBlockM = Tiling::kBlockM, kBlockN = Tiling::kBlockN;
 
   PLDR_DYNAMIC_SMEM(smem);
   uint16_t* s_q = reinterpret_cast<uint16_t*>(smem);
-  uint16_t* s_k = s_q + T::kQElems;        // 2 stages
-  uint16_t* s_v = s_k + 2 * T::kKVElems;   // 2 stages
-  unsigned char* s_visible = reinterpret_cast<unsigned char*>(s_v + 2 * T::kKVElems);  // 2 stages
+  uint16_t* s_k = s_q + Tiling::kQElems;       // 2 stages
+  uint16_t* s_v = s_k + 2 * Tiling::kKVElems;  // 2 stages
+  auto* s_visible = reinterpret_cast<unsigned char*>(s_v + 2 * Tiling::kKVElems);  // 2 stages
   uint16_t* s_g_hi = s_k;
-  uint16_t* s_g_lo = s_k + T::kGRows * D;
+  uint16_t* s_g_lo = s_k + Tiling::kGRows * D;
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int group = lane >> 2, tig = lane & 3;
@@ -169,21 +152,20 @@ __global__ void __launch_bounds__(MmaTiling<D>::kThreads, MmaTiling<D>::kMinBloc
   const int m0 = m_block * kBlockM;
   const int q_rows = (p.Sq - m0 < kBlockM) ? p.Sq - m0 : kBlockM;
 
-  const uint16_t* q = static_cast<const uint16_t*>(p.q) + b * p.q_batch_stride +
-                      h * p.q_head_stride + m0 * p.q_row_stride;
-  const uint16_t* k = static_cast<const uint16_t*>(p.k) + b * p.k_batch_stride + h * p.k_head_stride;
-  const uint16_t* v = static_cast<const uint16_t*>(p.v) + b * p.v_batch_stride + h * p.v_head_stride;
+  const uint16_t* q = head_rows<const uint16_t>(p.q, b, h) + m0 * p.q.row_stride;
+  const uint16_t* k = head_rows<const uint16_t>(p.k, b, h);
+  const uint16_t* v = head_rows<const uint16_t>(p.v, b, h);
   const bool* key_mask = p.key_mask ? p.key_mask + b * p.key_mask_batch_stride : nullptr;
 
   const int key_end = visible_key_end(p, m0 + q_rows - 1);
   const int n_tiles = (key_end + kBlockN - 1) / kBlockN;
 
   // ---- Q tile (and G) into shared memory ------------------------------------------------------
-  load_tile_async<D, kBlockM>(s_q, q, p.q_row_stride, q_rows, tid);
+  load_tile_async<D, kBlockM>(s_q, q, p.q.row_stride, q_rows, tid);
   cp_async_commit();
-  const bool has_g = p.G != nullptr;
-  const float* G = has_g ? p.G + b * p.G_batch_stride + h * p.G_head_stride : nullptr;
-  if (has_g) stage_g_split<D, Tag>(s_g_hi, s_g_lo, G, p.G_row_stride, tid);  // first chunk
+  const bool has_g = p.G.ptr != nullptr;
+  const float* G = head_matrix(p.G, b, h);
+  if (has_g) stage_g_split<T, D>(s_g_hi, s_g_lo, G, p.G.row_stride, tid);  // first chunk
   cp_async_wait<0>();
   __syncthreads();
 
@@ -204,40 +186,40 @@ __global__ void __launch_bounds__(MmaTiling<D>::kThreads, MmaTiling<D>::kMinBloc
       for (int i = 0; i < 4; ++i) acc[nt][i] = 0.f;
     const int g_row = (lane & 7) + 8 * ((lane >> 3) & 1), g_col = 8 * (lane >> 4);
 #pragma unroll
-    for (int chunk = 0; chunk < D / T::kGRows; ++chunk) {
+    for (int chunk = 0; chunk < D / Tiling::kGRows; ++chunk) {
       if (chunk > 0) {  // every warp is done with the previous chunk; stage the next one
         __syncthreads();
-        stage_g_split<D, Tag>(s_g_hi, s_g_lo, G + chunk * T::kGRows * p.G_row_stride,
-                              p.G_row_stride, tid);
+        stage_g_split<T, D>(s_g_hi, s_g_lo, G + chunk * Tiling::kGRows * p.G.row_stride,
+                              p.G.row_stride, tid);
         __syncthreads();
       }
 #pragma unroll
-      for (int ks = 0; ks < T::kGRows / 16; ++ks) {
+      for (int ks = 0; ks < Tiling::kGRows / 16; ++ks) {
 #pragma unroll
         for (int np = 0; np < D / 16; ++np) {
           const int offset = swizzle<D>(ks * 16 + g_row, np * 16 + g_col);
-          const uint32_t(&a)[4] = q_frag[chunk * T::kGRows / 16 + ks];
+          const uint32_t(&a)[4] = q_frag[chunk * Tiling::kGRows / 16 + ks];
           uint32_t hi[4], lo[4];
           ldmatrix_x4_trans(hi, s_g_hi + offset);
           ldmatrix_x4_trans(lo, s_g_lo + offset);
-          mma_m16n8k16(Tag{}, acc[2 * np], a, {hi[0], hi[1]});
-          mma_m16n8k16(Tag{}, acc[2 * np + 1], a, {hi[2], hi[3]});
-          mma_m16n8k16(Tag{}, acc[2 * np], a, {lo[0], lo[1]});
-          mma_m16n8k16(Tag{}, acc[2 * np + 1], a, {lo[2], lo[3]});
+          mma_m16n8k16<T>(acc[2 * np], a, {hi[0], hi[1]});
+          mma_m16n8k16<T>(acc[2 * np + 1], a, {hi[2], hi[3]});
+          mma_m16n8k16<T>(acc[2 * np], a, {lo[0], lo[1]});
+          mma_m16n8k16<T>(acc[2 * np + 1], a, {lo[2], lo[3]});
         }
       }
     }
 #pragma unroll
     for (int ks = 0; ks < D / 16; ++ks)
-      accumulators_to_a_fragment<Tag>(q_frag[ks], acc[2 * ks], acc[2 * ks + 1]);
+      accumulators_to_a_fragment<T>(q_frag[ks], acc[2 * ks], acc[2 * ks + 1]);
     __syncthreads();  // every warp is done with G_hi/G_lo before K/V overwrite them
   }
 
   // ---- K/V pipeline ---------------------------------------------------------------------------
   auto issue_k = [&](int tile, int stage) {
     const int key0 = tile * kBlockN;
-    load_tile_async<D, kBlockN>(s_k + stage * T::kKVElems, k + key0 * p.k_row_stride,
-                                p.k_row_stride, p.Sk - key0, tid);
+    load_tile_async<D, kBlockN>(s_k + stage * Tiling::kKVElems, k + key0 * p.k.row_stride,
+                                p.k.row_stride, p.Sk - key0, tid);
   };
   // Whether key tile*kBlockN + tid is inside Sk and allowed by key_mask (threads < kBlockN).
   // Loaded when the tile is issued, stored to s_visible only later, so that the global load's
@@ -245,12 +227,12 @@ __global__ void __launch_bounds__(MmaTiling<D>::kThreads, MmaTiling<D>::kMinBloc
   auto key_visible = [&](int tile) {
     const int key = tile * kBlockN + tid;
     return tid < kBlockN && key < p.Sk &&
-           (key_mask == nullptr || key_mask[key * p.key_mask_key_stride]);
+           (key_mask == nullptr || key_mask[key * p.key_mask_row_stride]);
   };
   auto issue_v = [&](int tile, int stage) {
     const int key0 = tile * kBlockN;
-    load_tile_async<D, kBlockN>(s_v + stage * T::kKVElems, v + key0 * p.v_row_stride, p.v_row_stride,
-                       p.Sk - key0, tid);
+    load_tile_async<D, kBlockN>(s_v + stage * Tiling::kKVElems, v + key0 * p.v.row_stride,
+                                p.v.row_stride, p.Sk - key0, tid);
   };
 
   float o_acc[D / 8][4];
@@ -259,7 +241,7 @@ __global__ void __launch_bounds__(MmaTiling<D>::kThreads, MmaTiling<D>::kMinBloc
 #pragma unroll
     for (int i = 0; i < 4; ++i) o_acc[nt][i] = 0.f;
   float row_max[2] = {-INFINITY, -INFINITY};  // log2 units (score · scale · log2 e)
-  float row_sum[2] = {0.f, 0.f};              // this thread's share; summed over the quad at the end
+  float row_sum[2] = {0.f, 0.f};  // this thread's share; summed over the quad at the end
   const float scale_log2 = p.scale * kLog2e;
   const int row0 = m0 + warp * 16 + group;  // rows row0 and row0 + 8 of this thread
   const int causal_shift = p.Sk - p.Sq;
@@ -289,7 +271,7 @@ __global__ void __launch_bounds__(MmaTiling<D>::kThreads, MmaTiling<D>::kMinBloc
 #pragma unroll
       for (int i = 0; i < 4; ++i) s[nt][i] = 0.f;
     {
-      const uint16_t* s_k_stage = s_k + stage * T::kKVElems;
+      const uint16_t* s_k_stage = s_k + stage * Tiling::kKVElems;
       const int k_row = (lane & 7) + 8 * (lane >> 4), k_col = 8 * ((lane >> 3) & 1);
 #pragma unroll
       for (int ks = 0; ks < D / 16; ++ks) {
@@ -297,8 +279,8 @@ __global__ void __launch_bounds__(MmaTiling<D>::kThreads, MmaTiling<D>::kMinBloc
         for (int np = 0; np < kBlockN / 16; ++np) {
           uint32_t kb[4];
           ldmatrix_x4(kb, s_k_stage + swizzle<D>(np * 16 + k_row, ks * 16 + k_col));
-          mma_m16n8k16(Tag{}, s[2 * np], q_frag[ks], {kb[0], kb[1]});
-          mma_m16n8k16(Tag{}, s[2 * np + 1], q_frag[ks], {kb[2], kb[3]});
+          mma_m16n8k16<T>(s[2 * np], q_frag[ks], {kb[0], kb[1]});
+          mma_m16n8k16<T>(s[2 * np + 1], q_frag[ks], {kb[2], kb[3]});
         }
       }
     }
@@ -355,14 +337,14 @@ __global__ void __launch_bounds__(MmaTiling<D>::kThreads, MmaTiling<D>::kMinBloc
     uint32_t p_frag[kBlockN / 16][4];
 #pragma unroll
     for (int ks = 0; ks < kBlockN / 16; ++ks)
-      accumulators_to_a_fragment<Tag>(p_frag[ks], s[2 * ks], s[2 * ks + 1]);
+      accumulators_to_a_fragment<T>(p_frag[ks], s[2 * ks], s[2 * ks + 1]);
 
     // Stage n+1's visibility bytes: their previous readers (tile n-1) passed the barrier above.
     if (tid < kBlockN) s_visible[(stage ^ 1) * kBlockN + tid] = next_visible;
     cp_async_wait<2>();  // in flight: V(n), K(n+1), V(n+1) → V(n) has landed
     __syncthreads();
     {
-      const uint16_t* s_v_stage = s_v + stage * T::kKVElems;
+      const uint16_t* s_v_stage = s_v + stage * Tiling::kKVElems;
       const int v_row = (lane & 7) + 8 * ((lane >> 3) & 1), v_col = 8 * (lane >> 4);
 #pragma unroll
       for (int ks = 0; ks < kBlockN / 16; ++ks) {
@@ -370,8 +352,8 @@ __global__ void __launch_bounds__(MmaTiling<D>::kThreads, MmaTiling<D>::kMinBloc
         for (int np = 0; np < D / 16; ++np) {
           uint32_t vb[4];
           ldmatrix_x4_trans(vb, s_v_stage + swizzle<D>(ks * 16 + v_row, np * 16 + v_col));
-          mma_m16n8k16(Tag{}, o_acc[2 * np], p_frag[ks], {vb[0], vb[1]});
-          mma_m16n8k16(Tag{}, o_acc[2 * np + 1], p_frag[ks], {vb[2], vb[3]});
+          mma_m16n8k16<T>(o_acc[2 * np], p_frag[ks], {vb[0], vb[1]});
+          mma_m16n8k16<T>(o_acc[2 * np + 1], p_frag[ks], {vb[2], vb[3]});
         }
       }
     }
@@ -386,7 +368,7 @@ __global__ void __launch_bounds__(MmaTiling<D>::kThreads, MmaTiling<D>::kMinBloc
     total += __shfl_xor_sync(0xffffffffu, total, 2);
     // No visible key: out = 0 and lse = -inf, as in reference.py.
     inv_sum[r] = total > 0.f ? 1.f / total : 0.f;
-    lse[r] = total > 0.f ? (row_max[r] + log2f(total)) * kLn2 : -INFINITY;
+    lse[r] = total > 0.f ? (row_max[r] + log2f(total)) * float(kLn2) : -INFINITY;
   }
   // Each warp reuses its own 16 rows of the Q tile (it read them itself, into q_frag).
   __syncwarp();
@@ -397,18 +379,18 @@ __global__ void __launch_bounds__(MmaTiling<D>::kThreads, MmaTiling<D>::kMinBloc
     for (int r = 0; r < 2; ++r) {
       const int row = warp * 16 + group + 8 * r, col = nt * 8 + 2 * tig;
       *reinterpret_cast<uint32_t*>(s_o + swizzle<D>(row, col)) =
-          pack2(Tag{}, o_acc[nt][2 * r] * inv_sum[r], o_acc[nt][2 * r + 1] * inv_sum[r]);
+          pack2<T>(o_acc[nt][2 * r] * inv_sum[r], o_acc[nt][2 * r + 1] * inv_sum[r]);
     }
   }
   __syncwarp();
-  uint16_t* out = static_cast<uint16_t*>(p.out) + b * p.out_batch_stride + h * p.out_head_stride;
+  uint16_t* out = head_rows<uint16_t>(p.out, b, h);
 #pragma unroll
-  for (int i = 0; i < 16 * T::kChunks / 32; ++i) {
+  for (int i = 0; i < 16 * Tiling::kChunks / 32; ++i) {
     const int c = lane + 32 * i;
-    const int row = c / T::kChunks, col = (c % T::kChunks) * 8;
+    const int row = c / Tiling::kChunks, col = (c % Tiling::kChunks) * 8;
     const int qi = m0 + warp * 16 + row;
     if (qi < p.Sq) {
-      *reinterpret_cast<Vec16*>(out + qi * p.out_row_stride + col) =
+      *reinterpret_cast<Vec16*>(out + qi * p.out.row_stride + col) =
           *reinterpret_cast<const Vec16*>(s_o + swizzle<D>(warp * 16 + row, col));
     }
   }
@@ -434,17 +416,6 @@ struct Fp32Tiling {
   }
 };
 
-PLDR_DEVICE float warp_max(float x) {
-#pragma unroll
-  for (int m = 16; m > 0; m >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, m));
-  return x;
-}
-PLDR_DEVICE float warp_sum(float x) {
-#pragma unroll
-  for (int m = 16; m > 0; m >>= 1) x += __shfl_xor_sync(0xffffffffu, x, m);
-  return x;
-}
-
 template <int D>
 __global__ void __launch_bounds__(Fp32Tiling::kThreads)
     g_attention_fp32_kernel(const GAttentionParams p) {
@@ -455,21 +426,23 @@ __global__ void __launch_bounds__(Fp32Tiling::kThreads)
   const int i = blockIdx.x * Fp32Tiling::kWarps + warp, h = blockIdx.y, b = blockIdx.z;
   if (i >= p.Sq) return;  // whole warp; only warp-level synchronisation below
 
-  const float* q = static_cast<const float*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride +
-                   i * p.q_row_stride;
-  const float* k = static_cast<const float*>(p.k) + b * p.k_batch_stride + h * p.k_head_stride;
-  const float* v = static_cast<const float*>(p.v) + b * p.v_batch_stride + h * p.v_head_stride;
+  const float* q = head_rows<const float>(p.q, b, h) + i * p.q.row_stride;
+  // k and v spelled out: through head_rows, nvcc 13 keeps this kernel at 48 registers, not 40.
+  const float* k =
+      static_cast<const float*>(p.k.ptr) + b * p.k.batch_stride + h * p.k.head_stride;
+  const float* v =
+      static_cast<const float*>(p.v.ptr) + b * p.v.batch_stride + h * p.v.head_stride;
   const bool* key_mask = p.key_mask ? p.key_mask + b * p.key_mask_batch_stride : nullptr;
 
   // q̃ = q·G in fp32 (G row r at G + r*G_row_stride)
-  const float* G = p.G ? p.G + b * p.G_batch_stride + h * p.G_head_stride : nullptr;
+  const float* G = head_matrix(p.G, b, h);
 #pragma unroll
   for (int j = 0; j < kCols; ++j) {
     const int c = lane + 32 * j;
     float acc = q[c];
     if (G != nullptr) {
       acc = 0.f;
-      for (int r = 0; r < D; ++r) acc = fmaf(q[r], G[r * p.G_row_stride + c], acc);
+      for (int r = 0; r < D; ++r) acc = fmaf(q[r], G[r * p.G.row_stride + c], acc);
     }
     s_qg[warp][c] = acc;
   }
@@ -482,8 +455,8 @@ __global__ void __launch_bounds__(Fp32Tiling::kThreads)
   for (int j0 = 0; j0 < key_end; j0 += 32) {
     const int key = j0 + lane;
     float s = -INFINITY;
-    if (key < key_end && (key_mask == nullptr || key_mask[key * p.key_mask_key_stride])) {
-      const float* k_row = k + key * p.k_row_stride;
+    if (key < key_end && (key_mask == nullptr || key_mask[key * p.key_mask_row_stride])) {
+      const float* k_row = k + key * p.k.row_stride;
       float dot = 0.f;
       for (int c = 0; c < D; ++c) dot = fmaf(s_qg[warp][c], k_row[c], dot);
       s = dot * p.scale;
@@ -501,20 +474,36 @@ __global__ void __launch_bounds__(Fp32Tiling::kThreads)
     for (int j = 0; j < kCols; ++j) o[j] *= correction;
     for (int kk = 0; kk < chunk; ++kk) {
       const float w = s_p[warp][kk];
-      const float* v_row = v + (j0 + kk) * p.v_row_stride;
+      const float* v_row = v + (j0 + kk) * p.v.row_stride;
 #pragma unroll
       for (int j = 0; j < kCols; ++j) o[j] = fmaf(w, v_row[lane + 32 * j], o[j]);
     }
     __syncwarp();
   }
 
-  float* out = static_cast<float*>(p.out) + b * p.out_batch_stride + h * p.out_head_stride +
-               i * p.out_row_stride;
+  float* out = head_rows<float>(p.out, b, h) + i * p.out.row_stride;
   const float inv = l > 0.f ? 1.f / l : 0.f;  // no visible key: out = 0, lse = -inf
 #pragma unroll
   for (int j = 0; j < kCols; ++j) out[lane + 32 * j] = o[j] * inv;
   if (lane == 0)
     p.lse[(static_cast<int64_t>(b) * p.H + h) * p.Sq + i] = l > 0.f ? m + logf(l) : -INFINITY;
+}
+
+// ============================================================================================
+// Launch: the tensor-core kernel for bf16 / fp16, the SIMT kernel for fp32.
+// ============================================================================================
+template <class T, int D>
+void launch_g_attention(const GAttentionParams& p, cudaStream_t stream) {
+  if constexpr (std::is_same_v<T, float>) {
+    auto kernel = &g_attention_fp32_kernel<D>;
+    PLDR_LAUNCH_KERNEL(kernel, Fp32Tiling::grid(p), dim3(Fp32Tiling::kThreads), 0, stream, p);
+  } else {
+    using Tiling = MmaTiling<D>;
+    auto kernel = &g_attention_mma_kernel<T, D>;
+    allow_dynamic_smem(kernel, Tiling::kSmemBytes);
+    PLDR_LAUNCH_KERNEL(kernel, Tiling::grid(p), dim3(Tiling::kThreads), Tiling::kSmemBytes, stream,
+                       p);
+  }
 }
 
 }  // namespace pldr::cuda

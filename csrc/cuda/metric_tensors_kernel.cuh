@@ -1,5 +1,6 @@
-// metric_tensors on CUDA (DESIGN.md §3.1, pldr-spec §2 steps 6-12), all in fp32 (spec §5). Device
-// code plus host-side launch logic; no torch headers, so the CPU emulator runs exactly this code.
+// pldr::metric_tensors on CUDA (docs/design.md §3.1, docs/spec.md §2 steps 6-12), all in fp32
+// (docs/spec.md §5). Device code and its launch (launch_metric_tensors, at the end); no torch
+// headers, so the CPU emulator (tests/emu/metric_driver.cpp) runs exactly this code.
 //
 // Four launches per call, each spread so that B = 1 fills the GPU:
 //   1. qtq_partial_kernel   grid (S chunks, H, B): QᵀQ of 64 query rows per block (masked rows
@@ -12,15 +13,17 @@
 //   3. metric_rowtile_matmul_kernel<kPower>  grid (d/8, H, B): Z = W_h·A + b, A_LM = z·silu(z) +
 //                           eps_adj, A_P = A_LM^pw (A_P to a workspace).
 //   4. metric_rowtile_matmul_kernel<kAffine> grid (d/8, H, B): G = a_h·A_P + ba.
-// Weights and outputs are contiguous (the host API makes them so); q is read through its strides.
+// Weights and outputs are contiguous (the host API makes them so); q and q_mask are read through
+// their strides.
 #pragma once
-
-#include "cuda/simt_common.cuh"
 
 #include <cmath>
 #include <cstdint>
 
-namespace pldr_cuda {
+#include "cuda/device.cuh"
+#include "cuda/params.h"
+
+namespace pldr::cuda {
 
 constexpr int kMetricThreads = 256;
 constexpr int kMetricRowsPerBlock = kMetricThreads / 32;  // one warp per row for the LayerNorms
@@ -29,35 +32,6 @@ constexpr int kHiddenPerPass = kMetricThreads;  // hidden units (F) per pass: on
 constexpr int kStageK = 16;                     // input columns staged per step (w1, w2)
 constexpr int kStageF = 64;                     // hidden units staged per step (w3)
 
-struct MetricParams {
-  const void* q;               // [B, S, H, d], activation dtype
-  const bool* q_mask;          // [B, S] contiguous, or null
-  const float* ln0_w;          // [d]
-  const float* ln0_b;          // [d]
-  const float* w1;             // [R, Gd, F, d]
-  const float* b1;             // [R, Gd, F]
-  const float* w2;             // [R, Gd, F, d]
-  const float* b2;             // [R, Gd, F]
-  const float* w3;             // [R, Gd, d, F]
-  const float* b3;             // [R, Gd, d]
-  const float* lnA_w;          // [R, d]
-  const float* lnA_b;          // [R, d]
-  const float* W;              // [H, d, d]
-  const float* b;              // [H, d, d]
-  const float* pw;             // [H, d, d]
-  const float* a;              // [H, d, d]
-  const float* ba;             // [H, d, d]
-  float* A;                    // [B, H, d, d] outputs
-  float* A_LM;
-  float* G;
-  float* qtq_partial;          // [B, H, n_chunks, d, d] workspace
-  float* A_P;                  // [B, H, d, d] workspace
-  int64_t q_sb, q_ss, q_sh;
-  int B, S, H, d, R, Gd, F;
-  int n_chunks;
-  float eps_ln, eps_adj;
-};
-
 // ---- 1. QᵀQ partials ------------------------------------------------------------------------
 template <class T, int D>
 __global__ void __launch_bounds__(kMetricThreads) qtq_partial_kernel(const MetricParams p) {
@@ -65,11 +39,12 @@ __global__ void __launch_bounds__(kMetricThreads) qtq_partial_kernel(const Metri
   __shared__ float q_s[kQtqRowsPerChunk][D];
   const int chunk = blockIdx.x, h = blockIdx.y, b = blockIdx.z, tid = threadIdx.x;
   const int s0 = chunk * kQtqRowsPerChunk;
-  const T* q = static_cast<const T*>(p.q) + b * p.q_sb + h * p.q_sh;
+  const T* q = head_rows<const T>(p.q, b, h);
   for (int idx = tid; idx < kQtqRowsPerChunk * D; idx += kMetricThreads) {
     const int r = idx / D, e = idx % D, s = s0 + r;
-    const bool keep = s < p.S && (p.q_mask == nullptr || p.q_mask[int64_t(b) * p.S + s]);
-    q_s[r][e] = keep ? to_float(q[s * p.q_ss + e]) : 0.f;
+    const bool keep = s < p.S && (p.q_mask == nullptr ||
+                                  p.q_mask[b * p.q_mask_batch_stride + s * p.q_mask_row_stride]);
+    q_s[r][e] = keep ? to_float(q[s * p.q.row_stride + e]) : 0.f;
   }
   __syncthreads();
   const int ti = tid / 16, tj = tid % 16;
@@ -218,11 +193,8 @@ __global__ void __launch_bounds__(kMetricThreads) metric_rows_kernel(const Metri
   static_assert(D % kMetricRowsPerBlock == 0 && D % 32 == 0, "rows of a block share one head");
   constexpr int R8 = kMetricRowsPerBlock;
   __shared__ MetricRowsSmem<D> sm;
-#ifdef PLDR_CUDA_EMULATION
-  float* dyn = cusim::dynamic_smem<float>();
-#else
-  extern __shared__ __align__(16) float dyn[];
-#endif
+  PLDR_DYNAMIC_SMEM(smem);
+  float* dyn = reinterpret_cast<float*>(smem);
   float* stage = dyn;
   float* u = dyn + (metric_rows_dynamic_smem(D, 0) / sizeof(float));
   const int tid = threadIdx.x;
@@ -271,7 +243,8 @@ constexpr int kAffineEpilogue = 1;  // X = A_P: G = a·A_P + ba
 constexpr int kMatmulRowsPerBlock = 8;
 
 template <int D, int kEpilogue>
-__global__ void __launch_bounds__(kMetricThreads) metric_rowtile_matmul_kernel(const MetricParams p) {
+__global__ void __launch_bounds__(kMetricThreads)
+    metric_rowtile_matmul_kernel(const MetricParams p) {
   constexpr int RT = kMatmulRowsPerBlock;
   constexpr int kRowsPerThread = RT * D / kMetricThreads;
   __shared__ float left_s[RT][D];
@@ -296,7 +269,7 @@ __global__ void __launch_bounds__(kMetricThreads) metric_rowtile_matmul_kernel(c
     const int64_t o = int64_t(i0 + r0 + rr) * D + j;
     if (kEpilogue == kPowerEpilogue) {
       const float z = acc[rr] + p.b[head + o];
-      const float a_lm = z * silu_f(z) + p.eps_adj;  // iSwiGLU, then eps (spec §5.2-3)
+      const float a_lm = z * silu_f(z) + p.eps_adj;  // iSwiGLU, then eps (docs/spec.md §5.2-3)
       p.A_LM[bh + o] = a_lm;
       p.A_P[bh + o] = powf(a_lm, p.pw[head + o]);
     } else {
@@ -305,19 +278,28 @@ __global__ void __launch_bounds__(kMetricThreads) metric_rowtile_matmul_kernel(c
   }
 }
 
-inline int metric_qtq_chunks(int S) { return S > 0 ? (S + kQtqRowsPerChunk - 1) / kQtqRowsPerChunk : 1; }
+inline int metric_qtq_chunks(int S) {
+  return S > 0 ? (S + kQtqRowsPerChunk - 1) / kQtqRowsPerChunk : 1;
+}
 
-// Launches the four kernels. p.n_chunks = metric_qtq_chunks(S) and the workspaces must be set;
-// `dynamic_smem` = metric_rows_dynamic_smem(D, F) (the caller raises the kernel's limit if needed).
+// Shared memory of one metric_rows_kernel<D> block, static and dynamic: the API checks it against
+// the GPU's limit before launching (a large F needs more than the default 48 KiB).
+template <int D>
+size_t metric_rows_smem_bytes(int F) {
+  return sizeof(MetricRowsSmem<D>) + metric_rows_dynamic_smem(D, F);
+}
+
+// Launches the four kernels. p.n_chunks = metric_qtq_chunks(S) and the workspaces must be set.
 template <class T, int D>
 void launch_metric_tensors(const MetricParams& p, cudaStream_t stream) {
   auto qtq = &qtq_partial_kernel<T, D>;
   PLDR_LAUNCH_KERNEL(qtq, dim3(unsigned(p.n_chunks), unsigned(p.H), unsigned(p.B)),
                      dim3(kMetricThreads), 0, stream, p);
   auto rows = &metric_rows_kernel<D>;
+  const size_t rows_dynamic_smem = metric_rows_dynamic_smem(D, p.F);
+  allow_dynamic_smem(rows, rows_dynamic_smem, sizeof(MetricRowsSmem<D>));
   const unsigned row_blocks = unsigned(int64_t(p.B) * p.H * D / kMetricRowsPerBlock);
-  PLDR_LAUNCH_KERNEL(rows, dim3(row_blocks), dim3(kMetricThreads),
-                     metric_rows_dynamic_smem(D, p.F), stream, p);
+  PLDR_LAUNCH_KERNEL(rows, dim3(row_blocks), dim3(kMetricThreads), rows_dynamic_smem, stream, p);
   const dim3 tiles(unsigned(D / kMatmulRowsPerBlock), unsigned(p.H), unsigned(p.B));
   auto power = &metric_rowtile_matmul_kernel<D, kPowerEpilogue>;
   PLDR_LAUNCH_KERNEL(power, tiles, dim3(kMetricThreads), 0, stream, p);
@@ -325,4 +307,4 @@ void launch_metric_tensors(const MetricParams& p, cudaStream_t stream) {
   PLDR_LAUNCH_KERNEL(affine, tiles, dim3(kMetricThreads), 0, stream, p);
 }
 
-}  // namespace pldr_cuda
+}  // namespace pldr::cuda

@@ -1,148 +1,123 @@
 // Device wrappers of the tensor-core and async-copy instructions (sm_80+): inline PTX under nvcc,
-// the CPU emulation of tools/cuda_emu/mma_emu.h otherwise, so kernels written against these
-// wrappers run unchanged through the emulator (DESIGN.md §5).
+// the CPU emulation of tools/cuda_emu/mma_emu.h under PLDR_CUDA_EMULATION, so kernels written
+// against these wrappers run unchanged through the emulator (docs/design.md §5).
 //
 // 16-bit operands travel as raw bits (uint16_t in memory, two per uint32_t register, the lower
-// column in the low half, as the PTX fragment layouts define). Element types are tags: Bf16, Fp16.
+// column in the low half, as the PTX fragment layouts define). The element type T (__nv_bfloat16
+// or __half) is a template argument.
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
-#if defined(__CUDACC__)
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#define PLDR_DEVICE __device__ __forceinline__
-// Dynamic shared memory: extern __shared__ on the GPU, a per-block buffer in the emulator.
-#define PLDR_DYNAMIC_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
-#else
+#include "cuda/device.cuh"
+#ifdef PLDR_CUDA_EMULATION
 #include "mma_emu.h"
-#define PLDR_DEVICE inline
-#define PLDR_DYNAMIC_SMEM(name) unsigned char* name = pldr_emu::dynamic_smem()
 #endif
 
 namespace pldr::cuda {
 
-struct Bf16 {};
-struct Fp16 {};
-
-#if defined(__CUDACC__)
-using Vec16 = uint4;  // one 16-byte vector load/store
-#else
-struct alignas(16) Vec16 {
-  uint32_t x, y, z, w;
-};
-#endif
-
 // ------------------------------------------------------------------------------------------
-// Conversions (round to nearest even)
+// Two fp32 values rounded (to nearest even) into one register of 16-bit values, lo in the low half
 // ------------------------------------------------------------------------------------------
-PLDR_DEVICE uint32_t pack2(Bf16, float lo, float hi) {
-#if defined(__CUDACC__)
+template <class T>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi);
+template <>
+__device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
+#ifndef PLDR_CUDA_EMULATION
   __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
   return *reinterpret_cast<uint32_t*>(&v);
 #else
-  return pldr_emu::float_to_bf16_bits(lo) | (uint32_t{pldr_emu::float_to_bf16_bits(hi)} << 16);
+  return cuda_emu::float_to_bf16_bits(lo) | (uint32_t{cuda_emu::float_to_bf16_bits(hi)} << 16);
 #endif
 }
-PLDR_DEVICE uint32_t pack2(Fp16, float lo, float hi) {
-#if defined(__CUDACC__)
+template <>
+__device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
+#ifndef PLDR_CUDA_EMULATION
   __half2 v = __floats2half2_rn(lo, hi);
   return *reinterpret_cast<uint32_t*>(&v);
 #else
-  return pldr_emu::float_to_half_bits(lo) | (uint32_t{pldr_emu::float_to_half_bits(hi)} << 16);
+  return cuda_emu::float_to_half_bits(lo) | (uint32_t{cuda_emu::float_to_half_bits(hi)} << 16);
 #endif
 }
-// x rounded to the 16-bit type and back to fp32.
-PLDR_DEVICE float round_to(Bf16, float x) {
-#if defined(__CUDACC__)
-  return __bfloat162float(__float2bfloat16_rn(x));
-#else
-  return pldr_emu::bf16_bits_to_float(pldr_emu::float_to_bf16_bits(x));
-#endif
-}
-PLDR_DEVICE float round_to(Fp16, float x) {
-#if defined(__CUDACC__)
-  return __half2float(__float2half_rn(x));
-#else
-  return pldr_emu::half_bits_to_float(pldr_emu::float_to_half_bits(x));
-#endif
+// x rounded to T and back to fp32.
+template <class T>
+__device__ __forceinline__ float round_to(float x) {
+  return to_float(from_float<T>(x));
 }
 
 // ------------------------------------------------------------------------------------------
-// mma.sync.aligned.m16n8k16.row.col, fp32 accumulators: d = a·b + c (d may alias c)
+// mma.sync.aligned.m16n8k16.row.col, fp32 accumulators, T = __nv_bfloat16 or __half:
+// d = a·b + c (d may alias c), and the accumulating form d += a·b.
 // ------------------------------------------------------------------------------------------
-PLDR_DEVICE void mma_m16n8k16_bf16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2],
-                                   const float (&c)[4]) {
-#if defined(__CUDACC__)
+// The instruction for operand type TYPE ("bf16" or "f16"), as a string literal for asm.
+#define PLDR_MMA_M16N8K16(TYPE)                                                              \
+  "mma.sync.aligned.m16n8k16.row.col.f32." TYPE "." TYPE ".f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, " \
+  "{%8,%9}, {%10,%11,%12,%13};\n"
+#define PLDR_MMA_OPERANDS                                                                   \
+  : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])                                           \
+  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "f"(c[0]), "f"(c[1]), \
+    "f"(c[2]), "f"(c[3])
+
+template <class T>
+__device__ __forceinline__ void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4],
+                                             const uint32_t (&b)[2], const float (&c)[4]) {
+  constexpr bool kBf16 = std::is_same_v<T, __nv_bfloat16>;
+  static_assert(kBf16 || std::is_same_v<T, __half>, "mma_m16n8k16: bf16 or fp16 operands");
+#ifndef PLDR_CUDA_EMULATION
 #if defined(__CUDA_ARCH__)
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-      "{%8,%9}, {%10,%11,%12,%13};\n"
-      : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "f"(c[0]), "f"(c[1]),
-        "f"(c[2]), "f"(c[3]));
+  if constexpr (kBf16) {
+    asm volatile(PLDR_MMA_M16N8K16("bf16") PLDR_MMA_OPERANDS);
+  } else {
+    asm volatile(PLDR_MMA_M16N8K16("f16") PLDR_MMA_OPERANDS);
+  }
 #endif
 #else
-  pldr_emu::mma_m16n8k16<true>(d, a, b, c);
+  cuda_emu::mma_m16n8k16<kBf16>(d, a, b, c);
 #endif
 }
-PLDR_DEVICE void mma_m16n8k16_f16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2],
-                                  const float (&c)[4]) {
-#if defined(__CUDACC__)
-#if defined(__CUDA_ARCH__)
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-      "{%8,%9}, {%10,%11,%12,%13};\n"
-      : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "f"(c[0]), "f"(c[1]),
-        "f"(c[2]), "f"(c[3]));
-#endif
-#else
-  pldr_emu::mma_m16n8k16<false>(d, a, b, c);
-#endif
+template <class T>
+__device__ __forceinline__ void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4],
+                                             const uint32_t (&b)[2]) {
+  mma_m16n8k16<T>(d, a, b, d);
 }
-PLDR_DEVICE void mma_m16n8k16(Bf16, float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
-  mma_m16n8k16_bf16(d, a, b, d);
-}
-PLDR_DEVICE void mma_m16n8k16(Fp16, float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
-  mma_m16n8k16_f16(d, a, b, d);
-}
+#undef PLDR_MMA_M16N8K16
+#undef PLDR_MMA_OPERANDS
 
 // ------------------------------------------------------------------------------------------
 // ldmatrix.sync.aligned.m8n8.x4[.trans].shared.b16; `row` is this lane's row address (lanes
 // 8j..8j+7 address the 8 rows of matrix j, 16 bytes each, 16-byte aligned).
 // ------------------------------------------------------------------------------------------
-PLDR_DEVICE void ldmatrix_x4(uint32_t (&r)[4], const void* row) {
-#if defined(__CUDACC__)
+template <bool kTrans>
+__device__ __forceinline__ void ldmatrix_m8n8_x4(uint32_t (&r)[4], const void* row) {
+#ifndef PLDR_CUDA_EMULATION
 #if defined(__CUDA_ARCH__)
   const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(row));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
+  if constexpr (kTrans) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
+  } else {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
+  }
 #endif
 #else
-  pldr_emu::ldmatrix_x4(r, row, false);
+  cuda_emu::ldmatrix_x4(r, row, kTrans);
 #endif
 }
-PLDR_DEVICE void ldmatrix_x4_trans(uint32_t (&r)[4], const void* row) {
-#if defined(__CUDACC__)
-#if defined(__CUDA_ARCH__)
-  const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(row));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-#endif
-#else
-  pldr_emu::ldmatrix_x4(r, row, true);
-#endif
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* row) {
+  ldmatrix_m8n8_x4<false>(r, row);
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* row) {
+  ldmatrix_m8n8_x4<true>(r, row);
 }
 
 // ------------------------------------------------------------------------------------------
 // cp.async: 16 bytes global -> shared, bypassing L1 (.cg). valid = false copies nothing and
 // zero-fills the 16 destination bytes (src-size 0), for rows past the end of a tensor.
 // ------------------------------------------------------------------------------------------
-PLDR_DEVICE void cp_async_16(void* smem_dst, const void* gmem_src, bool valid) {
-#if defined(__CUDACC__)
+__device__ __forceinline__ void cp_async_16(void* smem_dst, const void* gmem_src, bool valid) {
+#ifndef PLDR_CUDA_EMULATION
 #if defined(__CUDA_ARCH__)
   const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem_dst));
   const int src_bytes = valid ? 16 : 0;
@@ -150,28 +125,28 @@ PLDR_DEVICE void cp_async_16(void* smem_dst, const void* gmem_src, bool valid) {
                "r"(src_bytes));
 #endif
 #else
-  pldr_emu::cp_async_16(smem_dst, gmem_src, valid ? 16u : 0u);
+  cuda_emu::cp_async_16(smem_dst, gmem_src, valid ? 16u : 0u);
 #endif
 }
-PLDR_DEVICE void cp_async_commit() {
-#if defined(__CUDACC__)
+__device__ __forceinline__ void cp_async_commit() {
+#ifndef PLDR_CUDA_EMULATION
 #if defined(__CUDA_ARCH__)
   asm volatile("cp.async.commit_group;\n" ::: "memory");
 #endif
 #else
-  pldr_emu::cp_async_commit();
+  cuda_emu::cp_async_commit();
 #endif
 }
 // Wait until at most N of this thread's committed groups are still in flight. Other threads'
 // copies become visible only after a barrier (__syncthreads) that follows their wait.
 template <int N>
-PLDR_DEVICE void cp_async_wait() {
-#if defined(__CUDACC__)
+__device__ __forceinline__ void cp_async_wait() {
+#ifndef PLDR_CUDA_EMULATION
 #if defined(__CUDA_ARCH__)
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 #endif
 #else
-  pldr_emu::cp_async_wait(N);
+  cuda_emu::cp_async_wait(N);
 #endif
 }
 

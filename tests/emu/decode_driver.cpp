@@ -1,5 +1,5 @@
 // Emulation driver of g_attention_decode (tests/test_emu_decode.py): runs the real kernels and the
-// real launch logic of csrc/cuda/g_attention_decode_kernel.cuh on the CPU. Inputs are contiguous
+// real launch of csrc/cuda/g_attention_decode_kernel.cuh on the CPU. Inputs are contiguous
 // raw arrays; activation dtype code: 0 fp32, 1 bf16, 2 fp16 (16-bit values travel as uint16).
 #include "cuda/g_attention_decode_kernel.cuh"
 #include "driver_io.h"
@@ -32,25 +32,28 @@ int run(const std::string& dir, const emu_io::Params& P) {
   if (has_start) starts = emu_io::read<int32_t>(dir, "cache_start", B);
   if (G_batch > 0) G = emu_io::read<float>(dir, "G", size_t(G_batch) * H * D * D);
 
-  pldr_cuda::DecodeParams p{};
-  p.q = q.data();
-  p.k_cache = k_cache.data();
-  p.v_cache = v_cache.data();
+  using namespace pldr::cuda;
+  DecodeParams p{};
+  const int64_t q_sb = int64_t(Sn) * Hp * D, q_ss = int64_t(Hp) * D;
+  const int64_t cache_sb = int64_t(Smax) * Hp * D, cache_ss = int64_t(Hp) * D;
+  p.q = StridedBSHD{q.data(), q_sb, q_ss, D};
+  p.k_cache = StridedBSHD{k_cache.data(), cache_sb, cache_ss, D};
+  p.v_cache = StridedBSHD{v_cache.data(), cache_sb, cache_ss, D};
+  if (has_new) {  // laid out like q
+    p.k_new = StridedBSHD{k_new.data(), q_sb, q_ss, D};
+    p.v_new = StridedBSHD{v_new.data(), q_sb, q_ss, D};
+  }
+  p.out = StridedBSHD{out.data(), int64_t(Sn) * H * D, int64_t(H) * D, D};
+  p.G = StridedG{G_batch > 0 ? G.data() : nullptr, G_batch > 1 ? int64_t(H) * D * D : 0,
+                 int64_t(D) * D, D};
   p.cache_seqlens = lens.data();
-  p.k_new = has_new ? k_new.data() : nullptr;
-  p.v_new = has_new ? v_new.data() : nullptr;
+  p.cache_seqlens_batch_stride = 1;
   p.cache_start = has_start ? starts.data() : nullptr;
-  p.G = G_batch > 0 ? G.data() : nullptr;
-  p.out = out.data();
-  p.B = B; p.Sn = Sn; p.Smax = Smax; p.H = H; p.d = D;
-  p.q_sb = int64_t(Sn) * Hp * D; p.q_ss = int64_t(Hp) * D; p.q_sh = D;
-  p.kc_sb = p.vc_sb = int64_t(Smax) * Hp * D; p.kc_ss = p.vc_ss = int64_t(Hp) * D; p.kc_sh = p.vc_sh = D;
-  p.kn_sb = p.vn_sb = p.q_sb; p.kn_ss = p.vn_ss = p.q_ss; p.kn_sh = p.vn_sh = D;
-  p.out_sb = int64_t(Sn) * H * D; p.out_ss = int64_t(H) * D; p.out_sh = D;
-  p.G_sb = G_batch > 1 ? int64_t(H) * D * D : 0; p.G_sh = int64_t(D) * D; p.G_sr = D;
+  p.cache_start_batch_stride = 1;
+  p.B = B; p.Sn = Sn; p.Smax = Smax; p.H = H;
   p.scale = scale[0];
-  p.num_splits = pldr_cuda::choose_decode_splits(B, H, Sn, Smax, int(P["num_sms"]), P["num_splits"]);
-  p.q_chunks = pldr_cuda::decode_query_chunks(Sn);
+  p.num_splits = choose_decode_splits(B, H, Sn, Smax, int(P["num_sms"]), P["num_splits"]);
+  p.q_chunks = decode_query_chunks(Sn);
   p.vec_ok = P.get("force_scalar", 0) == 0;  // std::vector data is 16-byte aligned here
   std::vector<float> o_part, lse_part;
   if (p.num_splits > 1) {
@@ -59,7 +62,7 @@ int run(const std::string& dir, const emu_io::Params& P) {
     p.o_partial = o_part.data();
     p.lse_partial = lse_part.data();
   }
-  pldr_cuda::launch_g_attention_decode<T, D>(p, nullptr);
+  launch_g_attention_decode<T, D>(p, nullptr);
   emu_io::write(dir, "out", out);
   emu_io::write(dir, "k_cache", k_cache);
   emu_io::write(dir, "v_cache", v_cache);

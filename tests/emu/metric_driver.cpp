@@ -1,5 +1,5 @@
 // Emulation driver of metric_tensors (tests/test_emu_metric_tensors.py): runs the real kernels and
-// launch logic of csrc/cuda/metric_tensors_kernel.cuh on the CPU. q dtype code: 0 fp32, 1 bf16,
+// launch of csrc/cuda/metric_tensors_kernel.cuh on the CPU. q dtype code: 0 fp32, 1 bf16,
 // 2 fp16 (16-bit values travel as uint16); weights fp32, contiguous.
 #include "cuda/metric_tensors_kernel.cuh"
 #include "driver_io.h"
@@ -27,25 +27,26 @@ int run(const std::string& dir, const emu_io::Params& P) {
   auto W = rd("W", hdd), bW = rd("b", hdd), pw = rd("pw", hdd), a = rd("a", hdd), ba = rd("ba", hdd);
   const size_t n_out = size_t(B) * hdd;
   std::vector<float> A(n_out), A_LM(n_out), G(n_out), A_P(n_out);
-  const int n_chunks = pldr_cuda::metric_qtq_chunks(S);
+  using namespace pldr::cuda;
+  const int n_chunks = metric_qtq_chunks(S);
   std::vector<float> partial(size_t(B) * H * n_chunks * D * D);
   static_assert(sizeof(bool) == 1, "q_mask travels as bytes");
-  pldr_cuda::MetricParams p{};
-  p.q = q.data();
+  MetricParams p{};
+  p.q = StridedBSHD{q.data(), int64_t(S) * Hp * D, int64_t(Hp) * D, D};
   p.q_mask = has_mask ? reinterpret_cast<const bool*>(mask_bytes.data()) : nullptr;
+  p.q_mask_batch_stride = S, p.q_mask_row_stride = 1;
   p.ln0_w = ln0_w.data(); p.ln0_b = ln0_b.data();
   p.w1 = w1.data(); p.b1 = b1.data(); p.w2 = w2.data(); p.b2 = b2.data();
   p.w3 = w3.data(); p.b3 = b3.data(); p.lnA_w = lnA_w.data(); p.lnA_b = lnA_b.data();
   p.W = W.data(); p.b = bW.data(); p.pw = pw.data(); p.a = a.data(); p.ba = ba.data();
   p.A = A.data(); p.A_LM = A_LM.data(); p.G = G.data();
   p.qtq_partial = partial.data(); p.A_P = A_P.data();
-  p.q_sb = int64_t(S) * Hp * D; p.q_ss = int64_t(Hp) * D; p.q_sh = D;
-  p.B = B; p.S = S; p.H = H; p.d = D; p.R = R; p.Gd = Gd; p.F = F;
+  p.B = B; p.S = S; p.H = H; p.R = R; p.Gd = Gd; p.F = F;
   p.n_chunks = n_chunks;
   const auto eps = emu_io::read<float>(dir, "eps", 2);  // eps_ln, eps_adj as the API passes them
   p.eps_ln = eps[0];
   p.eps_adj = eps[1];
-  pldr_cuda::launch_metric_tensors<T, D>(p, nullptr);
+  launch_metric_tensors<T, D>(p, nullptr);
   emu_io::write(dir, "A", A);
   emu_io::write(dir, "A_LM", A_LM);
   emu_io::write(dir, "G", G);

@@ -1,5 +1,5 @@
 // Emulation driver for tests/test_emu_mma.py: checks the tensor-core wrappers of csrc/cuda/ptx.cuh
-// (mma.sync m16n8k16, ldmatrix .x4 / .trans) and the 16-bit conversions of tools/cuda_emu/mma_emu.h.
+// (mma.sync m16n8k16, ldmatrix .x4 / .trans) and the 16-bit conversions of tools/cuda_emu.
 //
 // mode 0 (conversions, no launch): x [n] fp32 → bf16/f16 bits and back.
 // mode 1 (one warp): A [16][16], B [16][16] (k x n), C [16][16] fp32, already representable in the
@@ -16,19 +16,19 @@
 
 using namespace pldr::cuda;
 
-template <class Tag>
+template <class T>
 __global__ void mma_layout_kernel(const float* A, const float* B, const float* C, float* d_explicit,
                                   float* d_ldmatrix, float* d_trans, uint32_t* raw_a,
                                   uint32_t* raw_a_trans) {
-  constexpr bool kBf16 = std::is_same_v<Tag, Bf16>;
+  constexpr bool kBf16 = std::is_same_v<T, __nv_bfloat16>;
   alignas(16) __shared__ uint16_t s_a[16 * 16];
   alignas(16) __shared__ uint16_t s_b[16 * 16];   // [k][n]
   alignas(16) __shared__ uint16_t s_bt[16 * 16];  // [n][k]
   const int lane = threadIdx.x, group = lane >> 2, tig = lane & 3;
   for (int i = lane; i < 256; i += 32) {
-    s_a[i] = pldr_emu::to_16bit<kBf16>(A[i]);
-    s_b[i] = pldr_emu::to_16bit<kBf16>(B[i]);
-    s_bt[(i % 16) * 16 + i / 16] = pldr_emu::to_16bit<kBf16>(B[i]);
+    s_a[i] = cuda_emu::to_16bit<kBf16>(A[i]);
+    s_b[i] = cuda_emu::to_16bit<kBf16>(B[i]);
+    s_bt[(i % 16) * 16 + i / 16] = cuda_emu::to_16bit<kBf16>(B[i]);
   }
   __syncthreads();
   auto pair = [](const uint16_t* m, int row, int col, int ld, int step) {
@@ -41,8 +41,7 @@ __global__ void mma_layout_kernel(const float* A, const float* B, const float* C
     for (int i = 0; i < 4; ++i) c[i] = C[(group + 8 * (i >> 1)) * 16 + n0 + 2 * tig + (i & 1)];
   };
   auto mma = [](float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2], const float (&c)[4]) {
-    if constexpr (kBf16) mma_m16n8k16_bf16(d, a, b, c);
-    else mma_m16n8k16_f16(d, a, b, c);
+    mma_m16n8k16<T>(d, a, b, c);
   };
 
   // 1. Fragments from the PTX ISA layouts (gpu-box.md), independent of ldmatrix.
@@ -116,10 +115,10 @@ int main(int argc, char** argv) {
     std::vector<uint16_t> bf(n), hf(n);
     std::vector<float> bf_back(n), hf_back(n);
     for (size_t i = 0; i < n; ++i) {
-      bf[i] = pldr_emu::float_to_bf16_bits(x[i]);
-      hf[i] = pldr_emu::float_to_half_bits(x[i]);
-      bf_back[i] = pldr_emu::bf16_bits_to_float(bf[i]);
-      hf_back[i] = pldr_emu::half_bits_to_float(hf[i]);
+      bf[i] = cuda_emu::float_to_bf16_bits(x[i]);
+      hf[i] = cuda_emu::float_to_half_bits(x[i]);
+      bf_back[i] = cuda_emu::bf16_bits_to_float(bf[i]);
+      hf_back[i] = cuda_emu::half_bits_to_float(hf[i]);
     }
     emu_io::write(dir, "bf16", bf);
     emu_io::write(dir, "f16", hf);
@@ -130,8 +129,8 @@ int main(int argc, char** argv) {
   if (prm["mode"] == 2) {
     auto src = emu_io::read<uint16_t>(dir, "src", 16);
     std::vector<uint16_t> after_wait1(16), after_wait0(16);
-    CUSIM_LAUNCH(cp_async_kernel, dim3(1), dim3(1), src.data(), after_wait1.data(),
-                 after_wait0.data());
+    cuda_emu::launch(dim3(1), dim3(1), 0, cp_async_kernel, src.data(), after_wait1.data(),
+                     after_wait0.data());
     emu_io::write(dir, "after_wait1", after_wait1);
     emu_io::write(dir, "after_wait0", after_wait0);
     return 0;
@@ -140,9 +139,9 @@ int main(int argc, char** argv) {
        C = emu_io::read<float>(dir, "C", 256);
   std::vector<float> d_explicit(256, NAN), d_ldmatrix(256, NAN), d_trans(256, NAN);
   std::vector<uint32_t> raw_a(128), raw_a_trans(128);
-  auto kernel = prm["bf16"] ? mma_layout_kernel<Bf16> : mma_layout_kernel<Fp16>;
-  CUSIM_LAUNCH(kernel, dim3(1), dim3(32), A.data(), B.data(), C.data(), d_explicit.data(),
-               d_ldmatrix.data(), d_trans.data(), raw_a.data(), raw_a_trans.data());
+  auto kernel = prm["bf16"] ? mma_layout_kernel<__nv_bfloat16> : mma_layout_kernel<__half>;
+  cuda_emu::launch(dim3(1), dim3(32), 0, kernel, A.data(), B.data(), C.data(), d_explicit.data(),
+                   d_ldmatrix.data(), d_trans.data(), raw_a.data(), raw_a_trans.data());
   emu_io::write(dir, "d_explicit", d_explicit);
   emu_io::write(dir, "d_ldmatrix", d_ldmatrix);
   emu_io::write(dir, "d_trans", d_trans);

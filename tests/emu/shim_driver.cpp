@@ -46,7 +46,7 @@ __global__ void early_exit(int* out) {
 }
 
 __global__ void dynamic_shared(int* out) {
-  int* s = cusim::dynamic_smem<int>();
+  int* s = cuda_emu::dynamic_smem<int>();
   const int t = threadIdx.x;
   s[t] = 3 * t + blockIdx.x;
   __syncthreads();
@@ -62,11 +62,11 @@ int main(int argc, char** argv) {
   std::vector<float> idx(kThreads);
   std::vector<double> down(kThreads);
   std::vector<long long> bcast(kThreads);
-  CUSIM_LAUNCH(shuffles, dim3(1), dim3(kThreads), xor5.data(), xor9.data(), idx.data(), down.data(),
-               up2.data(), bcast.data());
-  CUSIM_LAUNCH(barrier_rounds, dim3(1), dim3(kThreads), rounds.data());
-  CUSIM_LAUNCH(early_exit, dim3(1), dim3(kThreads), early.data());
-  CUSIM_LAUNCH_SMEM(dynamic_shared, dim3(2), dim3(kThreads), kThreads * sizeof(int), dyn.data());
+  cuda_emu::launch(dim3(1), dim3(kThreads), 0, shuffles, xor5.data(), xor9.data(), idx.data(),
+                   down.data(), up2.data(), bcast.data());
+  cuda_emu::launch(dim3(1), dim3(kThreads), 0, barrier_rounds, rounds.data());
+  cuda_emu::launch(dim3(1), dim3(kThreads), 0, early_exit, early.data());
+  cuda_emu::launch(dim3(2), dim3(kThreads), kThreads * sizeof(int), dynamic_shared, dyn.data());
   emu_io::write(dir, "xor5", xor5);
   emu_io::write(dir, "xor9_w8", xor9);
   emu_io::write(dir, "idx_w16", idx);

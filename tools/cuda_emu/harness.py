@@ -1,9 +1,10 @@
-"""Build and run CUDA device code on the CPU through the emulation shim (DESIGN.md §5).
+"""Build and run CUDA device code on the CPU through the emulation shim (docs/design.md §5).
 
 A *driver* is a small C++ program (no torch headers, so it compiles in seconds) that includes a
 kernel header from csrc/cuda, reads its inputs from ``<dir>/<name>.bin`` raw files and integer
-parameters from ``<dir>/params.txt`` (``name value`` lines), launches the kernel with
-``CUSIM_LAUNCH`` and writes each output to ``<dir>/<name>.bin``. Tests call :func:`run_driver`.
+parameters from ``<dir>/params.txt`` (``name value`` lines), calls the op's launch function of
+that header (or ``cuda_emu::launch``) and writes each output to ``<dir>/<name>.bin``. Tests call
+:func:`run_driver`.
 
 Executables are cached by a hash of the driver, every header it can include and the flags, under
 ``$PLDR_EMU_CACHE`` (default ``build/cuda_emu``). ``PLDR_EMU_SANITIZE=thread|address`` builds the

@@ -1,8 +1,8 @@
-// CPU emulation of the warp-level tensor-core instructions our CUDA kernels use (DESIGN.md §5):
-// mma.sync.aligned.m16n8k16.row.col (bf16/f16 inputs, f32 accumulators), ldmatrix .x4 (.trans),
-// cp.async (16 bytes, zero-fill, commit/wait groups), plus 16-bit float conversions and dynamic
-// shared memory. Include after cuda_cpu_shim.h (the harness force-includes the shim); device code
-// reaches these only through csrc/cuda/ptx.cuh.
+// CPU emulation of the warp-level tensor-core instructions our CUDA kernels use
+// (docs/design.md §5): mma.sync.aligned.m16n8k16.row.col (bf16/f16 inputs, f32 accumulators),
+// ldmatrix .x4 (.trans) and cp.async (16 bytes, zero-fill, commit/wait groups). Include after cuda_cpu_shim.h (the harness
+// force-includes the shim, which also has the 16-bit conversions and dynamic shared memory);
+// device code reaches these only through csrc/cuda/ptx.cuh.
 //
 // Fragment layouts follow the PTX ISA ("Matrix Fragments for mma.m16n8k16 with floating point
 // type", "ldmatrix"); tests/test_emu_mma.py checks them against a plain matmul and against the
@@ -18,13 +18,9 @@
 #include <cstdlib>
 #include <cstring>
 #include <deque>
-#include <mutex>
 #include <vector>
 
-namespace pldr_emu {
-
-// 16-bit float conversions (float_to_bf16_bits, …) come from cuda_cpu_shim.h, shared with the
-// emulated __float2bfloat16 / __float2half intrinsics.
+namespace cuda_emu {
 
 template <bool kBf16>
 inline float to_float16_bits_value(uint16_t h) {
@@ -46,12 +42,10 @@ struct LaneSlot {
 inline LaneSlot warp_slots[kMaxWarps][2][32];
 inline thread_local unsigned slot_phase = 0;
 
-inline unsigned lane_id() { return cusim::linear_tid() % 32; }
-
 // Publish this lane's slot, wait for the warp, then let `consume` read every lane's slot.
 template <class Publish, class Consume>
-inline void warp_exchange(Publish publish, Consume consume) {
-  const unsigned warp = cusim::linear_tid() / 32;
+inline void exchange_lane_slots(Publish publish, Consume consume) {
+  const unsigned warp = linear_tid() / 32;
   if (warp >= kMaxWarps) {
     std::fprintf(stderr, "mma_emu: more than %u warps per block\n", kMaxWarps);
     std::abort();
@@ -76,7 +70,7 @@ inline void warp_exchange(Publish publish, Consume consume) {
 template <bool kBf16>
 inline void mma_m16n8k16(float d[4], const uint32_t a[4], const uint32_t b[2], const float c[4]) {
   float result[4];
-  warp_exchange(
+  exchange_lane_slots(
       [&](LaneSlot& s) {
         for (int r = 0; r < 4; ++r) s.reg[r] = a[r];
         s.reg[4] = b[0];
@@ -111,7 +105,7 @@ inline void mma_m16n8k16(float d[4], const uint32_t a[4], const uint32_t b[2], c
 // or with .trans the elements (row (l%4)*2 + {0,1}, column l>>2).
 // ---------------------------------------------------------------------------------------------
 inline void ldmatrix_x4(uint32_t r[4], const void* row_addr, bool trans) {
-  warp_exchange([&](LaneSlot& s) { s.addr = row_addr; },
+  exchange_lane_slots([&](LaneSlot& s) { s.addr = row_addr; },
                 [&](const LaneSlot* slots) {
                   const unsigned lane = lane_id();
                   for (unsigned j = 0; j < 4; ++j) {
@@ -175,32 +169,4 @@ inline void cp_async_wait(unsigned allowed_pending) {
   }
 }
 
-// ---------------------------------------------------------------------------------------------
-// Dynamic shared memory (extern __shared__ on the GPU). The driver sizes it before a launch; it
-// is filled with 0xFF (NaN in bf16 and fp16) for every block, so reads of never-written shared
-// memory show up as NaN instead of silently reusing the previous block's data.
-// ---------------------------------------------------------------------------------------------
-inline std::vector<unsigned char> dynamic_smem_buffer;
-inline std::mutex dynamic_smem_mutex;
-inline bool dynamic_smem_fresh = false;
-inline dim3 dynamic_smem_block;
-
-inline void set_dynamic_smem_bytes(size_t bytes) {
-  std::lock_guard<std::mutex> lock(dynamic_smem_mutex);
-  dynamic_smem_buffer.assign(bytes, 0xFF);
-  dynamic_smem_fresh = true;
-}
-inline unsigned char* dynamic_smem() {
-  std::lock_guard<std::mutex> lock(dynamic_smem_mutex);
-  const dim3 b = cusim::bIdx;
-  const bool same_block = b.x == dynamic_smem_block.x && b.y == dynamic_smem_block.y &&
-                          b.z == dynamic_smem_block.z;
-  if (dynamic_smem_fresh || !same_block) {
-    std::memset(dynamic_smem_buffer.data(), 0xFF, dynamic_smem_buffer.size());
-    dynamic_smem_block = b;
-    dynamic_smem_fresh = false;
-  }
-  return dynamic_smem_buffer.data();
-}
-
-}  // namespace pldr_emu
+}  // namespace cuda_emu
