@@ -97,9 +97,12 @@ h200-wheel: $(H200_VENV)/.installed-$(H200_TORCH_VERSION)
 	cp build/h200-src/dist/pldr_kernels-*-abi3-*.whl $(WHEEL_DIR)/
 	cd build/h200-src && $(abspath $(H200_VENV))/bin/python tools/cuda_wheel.py record \
 	  $(abspath $(WHEEL_DIR))/$$(cd dist && ls pldr_kernels-*-abi3-*.whl)
-	$(H200_VENV)/bin/python -m pip install -q --no-deps --no-index --force-reinstall $(WHEEL_DIR)/pldr_kernels-*.whl
-	@# from outside the tree, so Python imports the installed wheel
-	cd $(H200_VENV) && bin/python $(abspath tools/cuda_wheel.py) verify --archs "$(H200_ARCHS)" --portable
+	@# pip accepts it for this Python, and it imports with torch $(H200_TORCH_VERSION) from there; not
+	@# installed into the venv, so that gpu_check.sh --dry-run with it sees what the H200 machine has
+	rm -rf build/h200-site
+	$(H200_VENV)/bin/python -m pip install -q --no-deps --no-index --target build/h200-site $(WHEEL_DIR)/pldr_kernels-*.whl
+	cd build/h200-site && $(abspath $(H200_VENV))/bin/python $(abspath tools/cuda_wheel.py) verify \
+	  --archs "$(H200_ARCHS)" --portable
 	@ls -l $(WHEEL_DIR)/pldr_kernels-*
 
 clean:

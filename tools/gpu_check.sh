@@ -34,6 +34,8 @@ esac
 PY=${PYTHON:-python3}
 case "$PY" in */*) PY="$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")" ;; esac  # survives cd
 export PYTHON="$PY" PYTHONUNBUFFERED=1
+# Every step imports this tree's pldr_kernels (scripts in tools/ too), with the binary put in it.
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export MAX_JOBS=${MAX_JOBS:-$([ "$DRY" = 1 ] && echo 2 || echo 16)}
 ARCHS=9.0a  # the H200; the carried wheel is built for the same (make cuda-check: H200_ARCHS)
 
@@ -63,7 +65,7 @@ if [ "${1:-}" = __install ]; then
     export CUDA_HOME=/usr/local/cuda
   fi
   echo "CUDA_HOME=${CUDA_HOME:-unset (torch looks for nvcc)}, MAX_JOBS=$MAX_JOBS"
-  # In place, as `make build` would: the tree's Python with this binary (the ptxas step reads this log)
+  # In place, like `pip install -e .` without touching the Python's packages (ptxas reads this log)
   exec env TORCH_CUDA_ARCH_LIST=$ARCHS PLDR_KERNELS_FORCE_CUDA=1 PLDR_KERNELS_PTXAS_VERBOSE=1 \
     "$PY" setup.py build_ext --inplace
 fi
@@ -134,7 +136,7 @@ step() {  # step NAME LIMIT_S gpu|cpu CMD...: run CMD (log in logs/NAME.log) wit
     return 1
   fi
   [ "$limit" -le "$left" ] || limit=$left
-  echo "== $name: $*"
+  echo "== $name: $(printf '%q ' "$@")"
   timeout -k 10 "$limit" "$@" > "$LOG/$name.log" 2>&1
   rc=$?
   tail -n 8 "$LOG/$name.log" | sed 's/^/   /'
