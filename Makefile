@@ -47,7 +47,7 @@ bench-suite: build
 	$(PY) -m pytest -q benchmarks --benchmark-only
 
 # Real nvcc builds of the CUDA kernels, each in a copy of the tree so the CPU build here is untouched
-# (about 12 min on a fresh machine with MAX_JOBS=2, 6 min once the venvs exist; CONTRIBUTING.md):
+# (measured here with MAX_JOBS=1: about 7 min on a fresh machine, 5-8 once the venvs exist):
 #  - cuda-build: sm_80 + sm_90a against torch $(CUDA_TORCH_VERSION) (C++20); fails on a compile or link
 #    error or a register spill.
 #  - h200-wheel: the H200 machine's stack, Python 3.12 + torch $(H200_TORCH_VERSION) (C++17), sm_90a,

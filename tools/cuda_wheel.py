@@ -86,19 +86,25 @@ def sidecar(wheel: str) -> str:
     return wheel + ".json"
 
 
-def cmd_record(args) -> int:
-    info = wheel_build_info(args.wheel)
-    record = {"wheel": os.path.basename(args.wheel), "wheel_sha256": file_sha256(args.wheel),
-              "source_sha256": source_hash(), "build_info": info,
-              "built_in_python": platform.python_version()}
-    with open(sidecar(args.wheel), "w") as f:
-        json.dump(record, f, indent=1)
+def record(wheel: str, root: str = ROOT) -> dict:
+    """Write WHEEL.json: the wheel's checksum, its build info and the hash of root's sources."""
+    info = wheel_build_info(wheel)
+    rec = {"wheel": os.path.basename(wheel), "wheel_sha256": file_sha256(wheel),
+           "source_sha256": source_hash(root), "build_info": info,
+           "built_in_python": platform.python_version()}
+    with open(sidecar(wheel), "w") as f:
+        json.dump(rec, f, indent=1)
         f.write("\n")
-    print(f"wrote {sidecar(args.wheel)}: source {record['source_sha256'][:12]}, {info}")
+    return rec
+
+
+def cmd_record(args) -> int:
+    rec = record(args.wheel)
+    print(f"wrote {sidecar(args.wheel)}: source {rec['source_sha256'][:12]}, {rec['build_info']}")
     return 0
 
 
-def mismatches(wheel: str) -> list[str]:
+def mismatches(wheel: str, root: str = ROOT) -> list[str]:
     """Why WHEEL cannot stand in for a build from this tree with this Python and torch."""
     import torch
 
@@ -134,7 +140,7 @@ def mismatches(wheel: str) -> list[str]:
     else:
         if record.get("wheel_sha256") != file_sha256(wheel):
             why.append(f"{os.path.basename(sidecar(wheel))} describes another wheel file")
-        here = source_hash()
+        here = source_hash(root)
         if record.get("source_sha256") != here:
             why.append(f"built from other sources (csrc/, setup.py): "
                        f"{str(record.get('source_sha256'))[:12]} vs this tree's {here[:12]}")
@@ -152,17 +158,25 @@ def cmd_matches(args) -> int:
     return 0
 
 
-def cmd_unpack(args) -> int:
-    dest = os.path.join(ROOT, "pldr_kernels")
-    so, info = wheel_members(args.wheel)
+def unpack(wheel: str, root: str = ROOT) -> tuple[str, str]:
+    """Put the wheel's extension and build info into root/pldr_kernels, where an in-place build
+    would (root's Python code then runs with this binary)."""
+    dest = os.path.join(root, "pldr_kernels")
+    so, info = wheel_members(wheel)
     for stale in os.listdir(dest):  # another build's extension would shadow or confuse the import
         if stale.startswith("_C") and stale.endswith(".so"):
             os.remove(os.path.join(dest, stale))
-    with zipfile.ZipFile(args.wheel) as z:
+    with zipfile.ZipFile(wheel) as z:
         for member in (so, info):
-            with open(os.path.join(ROOT, member), "wb") as f:
+            with open(os.path.join(root, member), "wb") as f:
                 f.write(z.read(member))
-    print(f"unpacked {so} and {info} from {os.path.basename(args.wheel)} into {dest}")
+    return so, info
+
+
+def cmd_unpack(args) -> int:
+    so, info = unpack(args.wheel)
+    print(f"unpacked {so} and {info} from {os.path.basename(args.wheel)} into "
+          f"{os.path.join(ROOT, 'pldr_kernels')}")
     return 0
 
 
