@@ -7,9 +7,16 @@ TORCH_VERSION ?= 2.13.0
 CUDA_VENV ?= .venv-cuda
 CUDA_TORCH_VERSION ?= 2.14.1
 CUDA_ARCHS ?= 8.0;9.0a
+CUDA_HOME ?= /usr/local/cuda
+# The H200 machine's stack (docs/design.md §5): Python 3.12, torch 2.11.0+cu130, sm_90a.
+H200_PYTHON ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12) $(shell command -v python3.12))
+H200_VENV ?= .venv-h200
+H200_TORCH_VERSION ?= 2.11.0
+H200_ARCHS ?= 9.0a
+WHEEL_DIR ?= .whl
 export MAX_JOBS ?= 2
 
-.PHONY: setup build test test-all emu-tsan bench bench-suite cuda-check clean
+.PHONY: setup build test emu-tsan bench bench-suite cuda-check cuda-build h200-wheel clean
 
 $(VENV)/.installed:
 	$(PYTHON) -m venv $(VENV)
@@ -39,19 +46,64 @@ bench: build
 bench-suite: build
 	$(PY) -m pytest -q benchmarks --benchmark-only
 
-# Real nvcc build of the CUDA kernels (sm_80 + sm_90a) against a CUDA build of torch, in a copy of
-# the tree so the CPU build here is untouched; fails on a compile/link error or a register spill.
-cuda-check:
+# Real nvcc builds of the CUDA kernels, each in a copy of the tree so the CPU build here is untouched
+# (measured here with MAX_JOBS=1: about 7 min on a fresh machine, 5-8 once the venvs exist):
+#  - cuda-build: sm_80 + sm_90a against torch $(CUDA_TORCH_VERSION) (C++20); fails on a compile or link
+#    error or a register spill.
+#  - h200-wheel: the H200 machine's stack, Python 3.12 + torch $(H200_TORCH_VERSION) (C++17), sm_90a,
+#    portable CPU code; an abi3 wheel in $(WHEEL_DIR)/ that tools/gpu_check.sh installs there instead
+#    of compiling (carry $(WHEEL_DIR) with the device run).
+cuda-check: cuda-build h200-wheel
+
+CUDA_ENV = CUDA_HOME=$(CUDA_HOME) PATH=$(CUDA_HOME)/bin:$$PATH PLDR_KERNELS_FORCE_CUDA=1 \
+  PLDR_KERNELS_PTXAS_VERBOSE=1
+COPY_TREE = git ls-files -z --cached --others --exclude-standard | xargs -0 cp --parents -t
+
+$(CUDA_VENV)/.installed-$(CUDA_TORCH_VERSION):
 	test -x $(CUDA_VENV)/bin/python || $(PYTHON) -m venv $(CUDA_VENV)
 	$(CUDA_VENV)/bin/python -m pip install -q "setuptools>=70" wheel ninja numpy torch==$(CUDA_TORCH_VERSION)
+	touch $@
+
+cuda-build: $(CUDA_VENV)/.installed-$(CUDA_TORCH_VERSION)
 	rm -rf build/cuda-src && mkdir -p build/cuda-src
-	git ls-files -z --cached --others --exclude-standard | xargs -0 cp --parents -t build/cuda-src
-	cd build/cuda-src && CUDA_HOME=$${CUDA_HOME:-/usr/local/cuda} PATH=$${CUDA_HOME:-/usr/local/cuda}/bin:$$PATH PLDR_KERNELS_FORCE_CUDA=1 PLDR_KERNELS_PTXAS_VERBOSE=1 \
-	  TORCH_CUDA_ARCH_LIST="$(CUDA_ARCHS)" $(abspath $(CUDA_VENV))/bin/python setup.py -q build_ext --inplace \
+	$(COPY_TREE) build/cuda-src
+	cd build/cuda-src && $(CUDA_ENV) TORCH_CUDA_ARCH_LIST="$(CUDA_ARCHS)" \
+	  $(abspath $(CUDA_VENV))/bin/python setup.py -q build_ext --inplace \
 	  > ../cuda-build.log 2>&1 || (tail -60 ../cuda-build.log; exit 1)
 	$(PYTHON) tools/check_ptxas.py build/cuda-build.log
-	cd build/cuda-src && $(abspath $(CUDA_VENV))/bin/python -c "import pldr_kernels, torch; \
-	  from pldr_kernels.__main__ import report; print(report())"
+	cd build/cuda-src && $(abspath $(CUDA_VENV))/bin/python tools/cuda_wheel.py verify --archs "$(CUDA_ARCHS)"
+
+$(H200_VENV)/.installed-$(H200_TORCH_VERSION):
+	@test -n "$(H200_PYTHON)" || { echo "h200-wheel needs Python 3.12 (python3.12 on PATH, or pyenv's \
+	  ~/.pyenv/versions/3.12.*; or set H200_PYTHON=/path/to/python3.12)"; exit 1; }
+	test -x $(H200_VENV)/bin/python || $(H200_PYTHON) -m venv $(H200_VENV)
+	@# what the H200 machine has (and abi3audit): pytest collects there as it does here
+	$(H200_VENV)/bin/python -m pip install -q "setuptools>=70" wheel ninja numpy pytest \
+	  pytest-benchmark safetensors tqdm matplotlib abi3audit torch==$(H200_TORCH_VERSION)
+	touch $@
+
+h200-wheel: $(H200_VENV)/.installed-$(H200_TORCH_VERSION)
+	rm -rf build/h200-src && mkdir -p build/h200-src $(WHEEL_DIR)
+	$(COPY_TREE) build/h200-src
+	cd build/h200-src && $(CUDA_ENV) PLDR_KERNELS_PORTABLE=1 TORCH_CUDA_ARCH_LIST="$(H200_ARCHS)" \
+	  $(abspath $(H200_VENV))/bin/python setup.py -q bdist_wheel -d dist \
+	  > ../h200-wheel.log 2>&1 || (tail -60 ../h200-wheel.log; exit 1)
+	@# torch 2.11 builds extensions as C++17: prove the CUDA API files were compiled that way
+	grep -q -- "nvcc.*-std=c++17" build/h200-wheel.log && ! grep -q -- "-std=c++2" build/h200-wheel.log \
+	  || { echo "h200-wheel: expected every compile as -std=c++17 (see build/h200-wheel.log)"; exit 1; }
+	$(PYTHON) tools/check_ptxas.py build/h200-wheel.log
+	$(H200_VENV)/bin/abi3audit --strict --summary build/h200-src/dist/pldr_kernels-*-abi3-*.whl
+	rm -f $(WHEEL_DIR)/pldr_kernels-*.whl $(WHEEL_DIR)/pldr_kernels-*.whl.json
+	cp build/h200-src/dist/pldr_kernels-*-abi3-*.whl $(WHEEL_DIR)/
+	cd build/h200-src && $(abspath $(H200_VENV))/bin/python tools/cuda_wheel.py record \
+	  $(abspath $(WHEEL_DIR))/$$(cd dist && ls pldr_kernels-*-abi3-*.whl)
+	@# pip accepts it for this Python, and it imports with torch $(H200_TORCH_VERSION) from there; not
+	@# installed into the venv, so that gpu_check.sh --dry-run with it sees what the H200 machine has
+	rm -rf build/h200-site
+	$(H200_VENV)/bin/python -m pip install -q --no-deps --no-index --target build/h200-site $(WHEEL_DIR)/pldr_kernels-*.whl
+	cd build/h200-site && $(abspath $(H200_VENV))/bin/python $(abspath tools/cuda_wheel.py) verify \
+	  --archs "$(H200_ARCHS)" --portable
+	@ls -l $(WHEEL_DIR)/pldr_kernels-*
 
 clean:
 	rm -rf build *.egg-info pldr_kernels/_C*.so pldr_kernels/_build_info.py

@@ -1,10 +1,16 @@
 """Small CUDA case for compute-sanitizer (memcheck, racecheck): each op once on awkward shapes,
-compared with the CPU kernels so a sanitizer run also catches wrong results."""
+compared with the CPU kernels so a sanitizer run also catches wrong results.
+
+  python tools/sanitize_case.py [--device cuda]   (under compute-sanitizer, as tools/gpu_check.sh)
+  python tools/sanitize_case.py --device cpu      every call without a GPU (gpu_check.sh --dry-run)
+"""
+import argparse
+
 import torch
 
 import pldr_kernels  # noqa: F401
 from pldr_kernels import ops
-from pldr_kernels.bench.inputs import make_metric_weights, metric_args
+from pldr_kernels.testing import make_metric_weights, metric_args
 
 
 def close(a, b, tol):
@@ -15,8 +21,11 @@ def close(a, b, tol):
 
 
 def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda",
+                    help="device of the ops under test (default cuda; cpu checks the script alone)")
+    dev = ap.parse_args().device
     torch.manual_seed(0)
-    dev = "cuda"
     B, S, H, d = 2, 37, 3, 64
     for dtype in (torch.bfloat16, torch.float32):
         q, k, v = (torch.randn(B, S, H, d, dtype=dtype) for _ in range(3))
@@ -47,8 +56,9 @@ def main():
     gpu = ops.metric_tensors(q.to(dev), mask.to(dev), *[t.to(dev) for t in metric_args(w)])
     for c, g in zip(cpu, gpu):
         close(g, c, 1e-3)
-    torch.cuda.synchronize()
-    print("sanitize_case: all ops ran and matched the CPU kernels")
+    if torch.device(dev).type == "cuda":
+        torch.cuda.synchronize()
+    print(f"sanitize_case: all ops ran on {dev} and matched the CPU kernels")
 
 
 if __name__ == "__main__":
