@@ -16,12 +16,12 @@ H200_ARCHS ?= 9.0a
 WHEEL_DIR ?= .whl
 export MAX_JOBS ?= 2
 
-.PHONY: setup build test emu-tsan bench bench-suite cuda-check cuda-build h200-wheel clean
+.PHONY: setup build test lint emu-tsan bench bench-suite cuda-check cuda-build h200-wheel clean
 
 $(VENV)/.installed:
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip "setuptools>=70" wheel
-	$(PY) -m pip install -q torch==$(TORCH_VERSION) numpy ninja pytest pytest-benchmark safetensors matplotlib
+	$(PY) -m pip install -q torch==$(TORCH_VERSION) numpy ninja pytest pytest-benchmark safetensors matplotlib tqdm ruff
 	touch $@
 
 setup: $(VENV)/.installed
@@ -35,6 +35,10 @@ build: setup
 # on the CPU through tools/cuda_emu. CUDA-device tests skip with a reason on machines without a GPU.
 test: build
 	$(PY) -m pytest -q -ra tests
+
+# ruff with the rules of pyproject.toml (pyflakes, pycodestyle, bugbear, pyupgrade, import order).
+lint: setup
+	$(VENV)/bin/ruff check .
 
 # The emulated CUDA kernels under ThreadSanitizer (slow; tiny shapes).
 emu-tsan: build
