@@ -43,8 +43,9 @@ def apply_rope(x: Tensor, positions: Tensor, interleaved: bool = True,
     """Rotary embedding of ``x [B, S, H, d]`` at ``positions`` (``[S]`` or ``[B, S]``).
 
     ``interleaved=True`` is the v51 flavour (torchtune, ``reference_rope=True``): adjacent pairs
-    (2j, 2j+1), computed in fp32 and cast back. ``interleaved=False`` is the v52 / HF Llama flavour:
-    pairs (i, i + d/2) via rotate_half, with cos/sin cast to the activation dtype before the multiply.
+    (2j, 2j+1), computed in fp32 and cast back. ``interleaved=False`` is the v52 / HF Llama
+    flavour: pairs (i, i + d/2) via rotate_half, with cos/sin cast to the activation dtype before
+    the multiply.
     """
     B, S, H, d = x.shape
     if positions.dim() == 1:
