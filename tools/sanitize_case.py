@@ -4,7 +4,7 @@ import torch
 
 import pldr_kernels  # noqa: F401
 from pldr_kernels import ops
-from pldr_kernels.bench.inputs import make_metric_weights, metric_args
+from pldr_kernels.testing import make_metric_weights, metric_args
 
 
 def close(a, b, tol):
