@@ -29,13 +29,6 @@ def positive(text: str) -> int:
     return value
 
 
-def bools(text: str) -> list[bool]:
-    choices = {"yes": [True], "no": [False], "both": [True, False]}
-    if text.lower() not in choices:
-        raise argparse.ArgumentTypeError(f"expected yes, no or both, got {text!r}")
-    return choices[text.lower()]
-
-
 def add_options(p: argparse.ArgumentParser, sub: bool) -> None:
     """Options accepted before or after the subcommand (a subparser must not reset them)."""
     def opt(*names, default=None, **kw):
@@ -58,24 +51,27 @@ def add_options(p: argparse.ArgumentParser, sub: bool) -> None:
     opt("--no-memory", action="store_true", default=False, help="skip the peak-memory measurements")
     opt("--no-progress", action="store_true", default=False, help="no progress bar on stderr")
     # the ops sweep
-    opt("--ops", nargs="+", choices=("g_attention", "g_attention_decode", "metric_tensors"))
-    opt("--batch", nargs="+", type=positive, help="batch sizes B (generate: the first)")
-    opt("--seqlens", nargs="+", type=positive, help="prefill and metric-learner lengths S")
-    opt("--cache-lens", nargs="+", type=positive, help="decode KV-cache lengths L")
-    opt("--heads", type=positive, help="heads H (default 14, as the 110M model)")
+    opt("--ops", nargs="+", choices=("g_attention", "g_attention_decode", "metric_tensors"),
+        metavar="OP", help="g_attention g_attention_decode metric_tensors (default: all)")
+    opt("--batch", nargs="+", type=positive, metavar="B", help="batch sizes (generate: the first)")
+    opt("--seqlens", nargs="+", type=positive, metavar="S", help="prefill, metric-learner lengths")
+    opt("--cache-lens", nargs="+", type=positive, metavar="L", help="decode KV-cache lengths")
+    opt("--heads", type=positive, metavar="H", help="heads (default 14, as the 110M model)")
     opt("--head-dims", nargs="+", type=int, choices=(64, 128))
-    opt("--dtypes", nargs="+", choices=("float32", "bfloat16", "float16"))
-    opt("--causal", type=bools, help="yes / no / both (prefill)")
-    opt("--memory-check-len", type=positive, help="S of the prefill memory check (4096)")
+    opt("--dtypes", nargs="+", choices=("float32", "bfloat16", "float16"), metavar="DTYPE",
+        help="float32 bfloat16 float16 (default: the first two)")
+    opt("--causal", choices=("yes", "no", "both"), help="prefill masks (default yes)")
+    opt("--memory-check-len", type=positive, metavar="S", help="prefill memory check's S (4096)")
     opt("--flex", dest="flex", action="store_true",
         help="include torch.compile(flex_attention) with --quick")
     opt("--no-flex", dest="flex", action="store_false")
     # generate
-    opt("--checkpoint", help="HF-format directory or authors' .pth (default: random weights)")
-    opt("--prompt-lens", nargs="+", type=positive)
-    opt("--new-tokens", type=positive)
+    opt("--checkpoint", metavar="PATH",
+        help="HF-format directory or authors' .pth (default: random weights)")
+    opt("--prompt-lens", nargs="+", type=positive, metavar="N")
+    opt("--new-tokens", type=positive, metavar="N")
     opt("--modes", nargs="+", choices=("none", "kv", "kvg"))
-    opt("--gen-dtypes", nargs="+", choices=("float32", "bfloat16"),
+    opt("--gen-dtypes", nargs="+", choices=("float32", "bfloat16"), metavar="DTYPE",
         help="pldr_kernels' dtypes (the reference runs in fp32)")
     opt("--model-config", nargs="+", metavar="FIELD=VALUE",
         help="PLDRConfig fields of the random model (e.g. num_hidden_layers=2)")
@@ -150,7 +146,7 @@ def configs(args):
             (ops, "ops", "ops"), (ops, "batch", "batches"), (ops, "seqlens", "prefill_seqlens"),
             (ops, "seqlens", "metric_seqlens"), (ops, "cache_lens", "decode_seqlens"),
             (ops, "heads", "heads"), (ops, "head_dims", "head_dims"), (ops, "dtypes", "dtypes"),
-            (ops, "causal", "causal"), (ops, "repeats", "repeats"), (ops, "warmup", "warmup"),
+            (ops, "repeats", "repeats"), (ops, "warmup", "warmup"),
             (ops, "memory_check_len", "memory_check_len"), (ops, "contestants", "contestants"),
             (gen, "contestants", "contestants"), (gen, "prompt_lens", "prompt_lens"),
             (gen, "new_tokens", "new_tokens"), (gen, "modes", "modes"),
@@ -158,6 +154,8 @@ def configs(args):
             (gen, "gen_dtypes", "dtypes")):
         if getattr(args, arg) is not None:
             setattr(target, field, getattr(args, arg))
+    if args.causal:
+        ops.causal = {"yes": [True], "no": [False], "both": [True, False]}[args.causal]
     if args.flex is not None:
         ops.flex_skip_reason = None if args.flex else "--no-flex"
     gen.batch = args.batch[0] if args.batch else 1

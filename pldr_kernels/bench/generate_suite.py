@@ -64,15 +64,15 @@ def load_models(cfg: GenerateConfig, device: torch.device):
                   else PLDRForCausalLM.from_pth(cfg.checkpoint))
     else:
         source = PLDRForCausalLM(PLDRConfig(**(cfg.model_overrides or {})))
-    source = source.to(device).eval()
+    source = source.to(device).float().eval()
     ref32 = ReferencePLDR.from_model(source, torch.float32).eval()
     models, skipped = {}, []
     if selected("reference", cfg.contestants):
         models[("reference", "float32")] = ref32
-    missing = [op for op in OPS if kernel_missing(op, device)]
+    missing = next(filter(None, (kernel_missing(op, device) for op in OPS)), None)
     if selected("pldr_kernels", cfg.contestants) and missing:
         skipped.append({"bench": "generate", "op": None, "impl": "pldr_kernels",
-                        "reason": kernel_missing(missing[0], device)})
+                        "reason": missing})
     elif selected("pldr_kernels", cfg.contestants):
         for dt in cfg.dtypes:
             models[("pldr_kernels", dt)] = (
@@ -123,42 +123,27 @@ def timed_generate(model, ids: torch.Tensor, new_tokens: int, mode: str, use_gra
 
 def tokens_verdict(tokens: torch.Tensor, want: torch.Tensor, prompt_len: int) -> testing.Verdict:
     differ = (tokens != want).any(dim=0)
-    first = f"first differs at new token {int(differ.nonzero()[0]) - prompt_len}" \
-        if differ.any() else ""
+    first = f"first at new token {int(differ.nonzero()[0]) - prompt_len}" if differ.any() else ""
     return testing.Verdict("greedy tokens", not differ.any(), float(differ.sum()), 0.0,
                            "differing token positions vs the fp32 reference's", first)
 
 
-class Checker:
-    """The agreement check of the module docstring; fp64 and peer models built on first use."""
+def logits_verdict(model, dtype: str, ids, source, refs: dict) -> testing.Verdict:
+    """The prompt's logits by the peer rule: oracle the reference model in fp64, peer it in
+    ``dtype`` (both built on first use, kept in ``refs``)."""
+    from ..reference_model import ReferencePLDR
 
-    def __init__(self, source, ref32):
-        self.source, self.ref32, self.models = source, ref32, {}
-
-    def model(self, dtype: torch.dtype):
-        from ..reference_model import ReferencePLDR
-        if dtype not in self.models:
-            self.models[dtype] = ReferencePLDR.from_model(self.source, dtype).eval()
-        return self.models[dtype]
-
-    def logits(self, model, ids):
+    def logits(m):
         with torch.no_grad():
-            out = model(ids)
+            out = m(ids)
         return getattr(out, "logits", out)
-
-    def verdict(self, model, dtype: str, ids, tokens, mode, want=None) -> testing.Verdict:
-        """``want``: the fp32 reference's tokens when it has already run."""
-        if dtype == "float32":
-            if want is None:
-                want = self.ref32.generate(ids, tokens.shape[1] - ids.shape[1], cache=mode,
-                                           do_sample=False, **NO_EOS).cpu()
-            return tokens_verdict(tokens, want, ids.shape[1])
-        peer = self.logits(self.model(DTYPES[dtype]), ids)
-        return testing.compare(self.logits(model, ids), self.logits(self.model(torch.float64), ids),
-                               peer, name=f"{dtype} logits of the prompt")
+    for dt in (torch.float64, DTYPES[dtype]):
+        refs.setdefault(dt, ReferencePLDR.from_model(source, dt).eval())
+    return testing.compare(logits(model), logits(refs[torch.float64]), logits(refs[DTYPES[dtype]]),
+                           name=f"{dtype} logits of the prompt")
 
 
-def run_prompt(models, cfg: GenerateConfig, ids, device, checker: Checker, bar) -> list[dict]:
+def run_prompt(models, cfg: GenerateConfig, ids, device, source, refs, bar) -> list[dict]:
     prompt_len = ids.shape[1]
     # 1. One untimed run per (implementation, mode) after a 2-token warm-up (one-time setup is
     #    not memory): its tokens are checked, its peak extra memory measured.
@@ -176,14 +161,19 @@ def run_prompt(models, cfg: GenerateConfig, ids, device, checker: Checker, bar) 
                 memory[(impl, dt, mode)] = (nbytes, method + ", extra over the loaded weights")
             else:
                 out = once()
-            if impl == "reference":
-                ref_tokens[mode] = out.cpu()
+            if impl == "reference":  # the first entry: its tokens are the fp32 check's
+                ref_tokens[mode] = out
+                continue
+            if dt == "float32":
+                want = ref_tokens[mode] if mode in ref_tokens else refs[torch.float32].generate(
+                    ids, cfg.new_tokens, cache=mode, do_sample=False, **NO_EOS)
+                v = tokens_verdict(out.cpu(), want.cpu(), prompt_len)
             else:
-                v = checker.verdict(model, dt, ids, out.cpu(), mode, ref_tokens.get(mode))
-                verdicts[(impl, dt, mode)] = v
-                if not v:
-                    shout(f"DISAGREEMENT in generate mode={mode} prompt={prompt_len}: {impl} "
-                          f"{dt}: {v} — its row is marked invalid")
+                v = logits_verdict(model, dt, ids, source, refs)
+            verdicts[(impl, dt, mode)] = v
+            if not v:
+                shout(f"DISAGREEMENT in generate mode={mode} prompt={prompt_len}: {impl} {dt}: "
+                      f"{v} — its row is marked invalid")
     bar.update(1)
     # 2. Timing, interleaved.
     keys = list(models)
@@ -237,7 +227,7 @@ def run_generate(cfg: GenerateConfig, device: torch.device, show_progress: bool 
             "params": sum(p.numel() for p in source.parameters()),
             "weights": cfg.checkpoint or "random (seeded)"}
     gen = torch.Generator().manual_seed(cfg.seed + 1)
-    checker, results = Checker(source, ref32), []
+    refs, results = {torch.float32: ref32}, []
     with progress_bar(len(cfg.prompt_lens) * (1 + cfg.repeats), "generate", show_progress) as bar:
         for prompt_len in cfg.prompt_lens:
             if prompt_len + cfg.new_tokens > c.max_position_embeddings:
@@ -249,5 +239,5 @@ def run_generate(cfg: GenerateConfig, device: torch.device, show_progress: bool 
             bar.set_postfix_str(f"prompt {prompt_len}", refresh=False)
             ids = torch.randint(4, c.vocab_size, (cfg.batch, prompt_len), generator=gen)
             results += [{**r, **desc} for r in run_prompt(models, cfg, ids.to(device), device,
-                                                          checker, bar)]
+                                                          source, refs, bar)]
     return results, skipped

@@ -181,16 +181,12 @@ def usable_cores() -> int:
 
 def git_commit() -> str:
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    try:
-        head = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"],
-                              capture_output=True, text=True, timeout=5)
-        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain",
-                                "--untracked-files=no"], capture_output=True, text=True, timeout=5)
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    if head.returncode != 0:
-        return "unknown"
-    return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        out = subprocess.run(["git", "-C", root, "describe", "--always", "--dirty"],
+                             capture_output=True, text=True, timeout=5)
+        if out.returncode == 0:
+            return out.stdout.strip()
+    return "unknown"
 
 
 def competing_runnable(samples: int = 10, interval_s: float = 0.02) -> float | None:
@@ -214,15 +210,9 @@ def busy_machine_warning(threads: int, competing: float | None = None) -> str | 
     multi-threaded ops, whose OpenMP barriers wait for descheduled threads."""
     cores = os.cpu_count() or 1
     competing = competing_runnable() if competing is None else competing
-    if competing is not None:
-        if competing <= 0.5 * cores:
-            return None
-        what = f"{competing:.1f} other runnable threads on {cores} cores"
-    else:
-        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-        if load <= cores:
-            return None
-        what = f"load average {load:.1f} on {cores} cores"
+    if competing is None or competing <= 0.5 * cores:
+        return None
+    what = f"{competing:.1f} other runnable threads on {cores} cores"
     advice = ("multi-threaded contestants suffer most (OpenMP barriers wait for descheduled "
               "threads); compare ratios only, repeat the run, or use --threads 1" if threads > 1
               else "compare ratios only and repeat the run")

@@ -1,22 +1,16 @@
 """`pldr-bench ops`: each op against the reference and what a user would otherwise run.
 
-Every contestant of a case gets the same inputs (model layout ``[B, S, H, d]``, fp32 ``G``) and
-returns the same thing, so the timed work is identical:
-  * ``pldr_kernels``         ``torch.ops.pldr.*`` (skipped, with the reason, without a kernel);
-  * ``reference``            ``pldr_kernels.reference`` (the oracle's math);
-  * ``eager``                the authors' (HF eager) formulation in the working dtype;
-  * ``sdpa_<backend>``       ``q̃ = q·G`` then ``F.scaled_dot_product_attention`` pinned to one
-                             backend (each one the device has);
-  * ``sdpa_<backend>_qg_given``  SDPA alone on a ``q̃`` computed beforehand (not by default:
-                             name it in ``--contestants``);
-  * ``flex_compiled``        ``q̃`` then ``torch.compile(flex_attention)``, bottom-right causal.
-Decode contestants read the first ``L`` rows of the cache and append nothing, so repeated calls do
-identical work. The metric learner has two: ``reference.metric_tensors`` *is* the eager one.
+The contestants of a case get the same inputs (model layout ``[B, S, H, d]``, fp32 ``G``) and do
+the same work: ``pldr_kernels`` (torch.ops.pldr), ``reference`` (the oracle's math), ``eager``
+(the authors' HF-eager formulation in the working dtype), ``sdpa_<backend>`` (``q̃ = q·G``, then
+SDPA pinned to that backend), ``sdpa_<backend>_qg_given`` (SDPA alone on a precomputed ``q̃``; only
+when named in ``--contestants``) and ``flex_compiled`` (``q̃``, then compiled FlexAttention).
+Decode reads the first ``L`` cache rows and appends nothing, so every call does the same work. The
+metric learner has two: ``reference.metric_tensors`` *is* the eager one.
 
-Per case: run each contestant once and judge it with ``pldr_kernels.testing`` against fp64 (a
-disagreement is shouted and its row marked invalid), measure each one's peak extra memory, then time
-them interleaved. Prefill and the metric learner report TFLOP/s; decode reports GB/s and that as a
-share of a device copy's bandwidth measured in the same run.
+Per case: one call of each contestant judged by ``pldr_kernels.testing`` against fp64 (a failure is
+shouted and its row marked invalid), its peak extra memory, then interleaved timing. Rates: TFLOP/s,
+and for decode GB/s (on CUDA also as a share of a device copy's bandwidth).
 """
 from __future__ import annotations
 
@@ -26,7 +20,7 @@ import math
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -126,7 +120,6 @@ class Contestant:
     name: str
     fn: Callable[[], object] | None
     skip_reason: str | None = None
-    notes: list[str] = field(default_factory=list)
 
 
 def kernel_missing(op: str, device: torch.device) -> str | None:

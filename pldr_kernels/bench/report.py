@@ -164,8 +164,8 @@ def render(data: dict, markdown: bool = False) -> str:
         parts += ["", f"{'**Generation**' if markdown else 'Generation'} ({g['model']}, "
                       f"{g['params'] / 1e6:.1f}M parameters, {g['weights']} weights, batch "
                       f"{g['batch']}, greedy; x ref = per-token speedup over the fp32 "
-                      f"reference) on {machine(env)}:", "", table(GEN_HEADERS, generate_rows(results),
-                                                       markdown)]
+                      f"reference) on {machine(env)}:", "",
+                  table(GEN_HEADERS, generate_rows(results), markdown)]
     extra = (memory_lines(results) + ordering_lines(results) + summary_lines(env, results)
              + [f"WARNING: {w}" for w in env.get("warnings", [])])
     if any(not r.get("valid", True) for r in results):
