@@ -49,7 +49,7 @@ class GenerateConfig:
     model_overrides: dict | None = None  # PLDRConfig fields (e.g. a tiny model for tests)
 
 
-QUICK = dict(prompt_lens=(16, 64, 128), new_tokens=8, repeats=3)
+QUICK = dict(prompt_lens=(16, 64, 128), new_tokens=6, repeats=3)
 
 
 def load_models(cfg: GenerateConfig, device: torch.device):
