@@ -1,7 +1,10 @@
-"""Fast tests of the benchmark harness itself (pldr_kernels.bench): statistics, timing loop,
-agreement check, memory measurement, the JSON shape and a tiny end-to-end run of the CLI."""
+"""The benchmark harness itself (pldr_kernels.bench): statistics, the timing loop, the agreement
+check before timing, memory measurement, the checks before a run, rendering from the JSON, and a
+tiny end-to-end run of the CLI."""
 import json
 import os
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -9,18 +12,8 @@ import pytest
 import torch
 
 from pldr_kernels.bench import __main__ as cli
-from pldr_kernels.bench import ops_suite, report
-from pldr_kernels.bench.agreement import DisagreementError, check_agreement
-from pldr_kernels.bench.contestants import Contestant
-from pldr_kernels.bench.memory import peak_extra_bytes
-from pldr_kernels.bench.timing import (
-    Clock,
-    Measurement,
-    Progress,
-    measure_interleaved,
-    percentile,
-    summarize,
-)
+from pldr_kernels.bench import measure, ops_suite, report
+from pldr_kernels.bench.measure import Clock, measure_interleaved, summarize
 
 TINY_MODEL = ["num_hidden_layers=1", "hidden_size=128", "num_attention_heads=2",
               "intermediate_size=64", "vocab_size=64", "A_dff=16", "num_reslayerA=1",
@@ -29,201 +22,150 @@ TINY_MODEL = ["num_hidden_layers=1", "hidden_size=128", "num_attention_heads=2",
 
 # ---- statistics and timing -------------------------------------------------------------------
 @pytest.mark.parametrize("n", [1, 2, 7, 20])
-def test_percentiles_match_numpy(n):
+def test_quantiles_match_numpy(n):
     xs = torch.rand(n, dtype=torch.float64).tolist()
-    for q in (10, 20, 50, 80, 90):
-        assert percentile(xs, q) == pytest.approx(float(np.percentile(xs, q)), abs=1e-12)
     s = summarize(xs)
-    assert s["n"] == n and s["p20"] <= s["p50"] <= s["p80"]
+    for q in (10, 20, 50, 80, 90):
+        assert s[f"p{q}"] == pytest.approx(float(np.percentile(xs, q)), abs=1e-12)
+    assert s["n"] == n and s["mean"] == pytest.approx(float(np.mean(xs)))
 
 
-def test_percentile_of_nothing_is_an_error():
-    with pytest.raises(ValueError, match="empty"):
-        percentile([], 50)
+def test_summary_of_nothing_is_an_error():
+    with pytest.raises(ValueError, match="no samples"):
+        summarize([])
 
 
 def test_clock_measures_at_least_the_sleep():
-    # A lower bound only (sleep never returns early); no claim about speed.
-    assert Clock("cpu").time_ms(lambda: time.sleep(0.003)) >= 3.0
+    assert Clock("cpu").time_ms(lambda: time.sleep(0.003)) >= 3.0  # sleep never returns early
 
 
-def test_measure_interleaved_round_robin_and_counts():
+def test_measure_interleaved_rotates_the_order_and_counts():
     calls = []
     contestants = {name: (lambda name=name: calls.append(name)) for name in "abc"}
-    result = measure_interleaved(contestants, Clock("cpu"), warmup=2, repeats=6,
-                                 min_sample_ms=0.0)
-    assert set(result) == {"a", "b", "c"}
+    result = measure_interleaved(contestants, Clock("cpu"), warmup=2, repeats=6, min_sample_ms=0)
     assert all(len(m.samples_ms) == 6 and m.inner == 1 for m in result.values())
-    timed = calls[6 + 3:]  # after 2 warm-up rounds and one calibration call each
+    timed = calls[2 * 3 + 3:]  # after 2 warm-up rounds and one calibration call each
     rounds = [timed[i:i + 3] for i in range(0, len(timed), 3)]
-    assert [r[0] for r in rounds] == ["a", "b", "c", "a", "b", "c"]  # the order rotates
-    assert all(sorted(r) == ["a", "b", "c"] for r in rounds)         # everyone once per round
+    assert [r[0] for r in rounds] == ["a", "b", "c", "a", "b", "c"]
+    assert all(sorted(r) == ["a", "b", "c"] for r in rounds)
 
 
-def test_fixed_inner_skips_calibration():
+def test_fixed_inner_skips_calibration_and_tiny_calls_are_batched():
     calls = []
-    result = measure_interleaved({"a": lambda: calls.append("a")}, Clock("cpu"), warmup=1,
-                                 repeats=3, min_sample_ms=1e9, inner=4)
-    assert result["a"].inner == 4 and len(result["a"].samples_ms) == 3
-    assert len(calls) == 1 + 3 * 4  # warm-up, then 4 calls per sample and no calibration calls
+    fixed = measure_interleaved({"a": lambda: calls.append(1)}, Clock("cpu"), warmup=1,
+                                repeats=3, min_sample_ms=1e9, inner=4)
+    assert fixed["a"].inner == 4 and len(calls) == 1 + 3 * 4
+    calibrated = measure_interleaved({"noop": lambda: None}, Clock("cpu"), warmup=0, repeats=2,
+                                     min_sample_ms=0.5)
+    assert calibrated["noop"].inner > 1
 
 
-def test_median_band_uses_the_shared_percentiles():
-    m = Measurement([5.0, 1.0, 4.0, 2.0, 3.0], inner=1)
-    assert m.median_band_ms() == {"median_ms": 3.0, "p20_ms": percentile(m.samples_ms, 20),
-                                  "p80_ms": percentile(m.samples_ms, 80)}
-    assert m.median_band_ms()["p20_ms"] == pytest.approx(1.8)
+# ---- the agreement check before timing ---------------------------------------------------------
+def tiny_ops_config(**kw):
+    return ops_suite.OpsConfig(**{**ops_suite.QUICK, "repeats": 2, "warmup": 0, "memory": False,
+                                  **kw})
 
 
-def test_calibration_batches_tiny_calls():
-    result = measure_interleaved({"noop": lambda: None}, Clock("cpu"), warmup=0, repeats=2,
-                                 min_sample_ms=0.5)
-    assert result["noop"].inner > 1
-
-
-def test_progress_without_tqdm(monkeypatch, capsys):
-    import builtins
-    real_import = builtins.__import__
-
-    def no_tqdm(name, *args, **kwargs):
-        if name.startswith("tqdm"):
-            raise ImportError("no tqdm")
-        return real_import(name, *args, **kwargs)
-    monkeypatch.setattr(builtins, "__import__", no_tqdm)
-    with Progress(3, "unit") as p:
-        p.update(1, note="first")
-    err = capsys.readouterr().err
-    assert "unit: 1/3  first" in err
-
-
-# ---- agreement --------------------------------------------------------------------------------
-def test_agreement_fp32_rule():
-    ref = torch.randn(4, 8, dtype=torch.float64)
-    assert check_agreement(ref.float(), ref).ok
-    bad = ref.clone()
-    bad[1, 2] += 1e-3 * ref.abs().max()
-    v = check_agreement(bad.float(), ref)
-    assert not v.ok and ">" in v.detail
-    with pytest.raises(DisagreementError, match="unit"):
-        v.raise_if_bad("unit")
-
-
-def test_agreement_low_precision_rule_uses_the_peer():
-    ref = torch.randn(64, 64, dtype=torch.float64)
-    peer = ref.to(torch.bfloat16)
-    assert check_agreement(ref.to(torch.bfloat16), ref, peer).ok
-    assert not check_agreement((ref + 0.5).to(torch.bfloat16), ref, peer).ok
-
-
-def test_agreement_flags_nan_and_shape():
-    ref = torch.ones(3, dtype=torch.float64)
-    assert not check_agreement(torch.tensor([1.0, float("nan"), 1.0]), ref).ok
-    assert not check_agreement(torch.ones(4), ref).ok
-
-
-def test_disagreeing_contestant_is_marked_invalid(monkeypatch, capsys):
-    case = ops_suite.OpCase("g_attention", 1, 16, 2, 64, "float32", True)
-    cfg = ops_suite.quick_config()
-    cfg.repeats, cfg.warmup, cfg.memory = 2, 0, False
+def test_a_disagreeing_contestant_is_shouted_and_marked_invalid(monkeypatch, capsys):
+    case = ops_suite.OpCase("g_attention", 1, 16, 2, 64, "bfloat16", True)
     real_prepare = ops_suite.prepare
 
     def with_a_wrong_contestant(case, device, cfg, seed=0):
-        prepared = real_prepare(case, device, cfg, seed)
-        good = next(c for c in prepared.contestants if c.name == "reference")
-        prepared.contestants.append(Contestant("wrong", lambda: good.fn() * 1.01))
-        return prepared
+        contestants, judge, peer = real_prepare(case, device, cfg, seed)
+        wrong = next(c for c in contestants if c.name == "reference").fn() * 1.02
+        # The fastest contestant of all: were invalid rows not excluded, it would be best_other.
+        return contestants + [ops_suite.Contestant("wrong", lambda: wrong)], judge, peer
     monkeypatch.setattr(ops_suite, "prepare", with_a_wrong_contestant)
-    rows = ops_suite.run_case(case, torch.device("cpu"), cfg, Clock("cpu"), [])
+    rows = ops_suite.run_case(case, torch.device("cpu"), tiny_ops_config(), Clock("cpu"), [])
     by_impl = {r["impl"]: r for r in rows}
-    assert by_impl["wrong"]["valid"] is False
-    assert by_impl["reference"]["valid"] and by_impl["eager"]["valid"]
-    assert "DISAGREEMENT" in capsys.readouterr().err
-    assert "INVALID" in report.format_table(report.OPS_HEADERS, report.ops_rows(rows))
+    assert not by_impl["wrong"]["valid"] and "peer rule" in by_impl["wrong"]["agreement"]
+    assert all(r["valid"] for name, r in by_impl.items() if name != "wrong")
+    assert "DISAGREEMENT in g_attention B1 S16 H2 d64 bfloat16: wrong" in capsys.readouterr().err
+    assert "INVALID" in report.table(report.OPS_HEADERS, report.ops_rows(rows), markdown=False)
+    assert by_impl["pldr_kernels"]["best_other"] in ("eager", "sdpa_flash", "sdpa_math")
 
 
-# ---- memory -----------------------------------------------------------------------------------
-def test_cpu_peak_memory_sees_a_temporary():
+def test_the_metric_reference_is_the_peer_and_the_kernel_is_judged():
+    case = ops_suite.OpCase("metric_tensors", 1, 16, 2, 64, "float32", False)
+    rows = {r["impl"]: r for r in ops_suite.run_case(case, torch.device("cpu"), tiny_ops_config(),
+                                                     Clock("cpu"), [])}
+    assert "same-dtype PyTorch peer, not judged" in rows["reference"]["agreement"]
+    assert rows["pldr_kernels"]["valid"] and "G (end to end)" in rows["pldr_kernels"]["agreement"]
+
+
+def test_contestant_patterns():
+    assert ops_suite.selected("sdpa_flash", None)
+    assert not ops_suite.selected("sdpa_flash_qg_given", None)
+    assert ops_suite.selected("sdpa_flash_qg_given", ["pldr_kernels", "sdpa_*"])
+    assert not ops_suite.selected("reference", ["pldr_kernels", "sdpa_*"])
+
+
+def test_oracle_by_head_chunks_equals_the_whole(monkeypatch):
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 8, 5, 64, generator=gen) for _ in range(3))
+    G = torch.randn(1, 5, 64, 64, generator=gen)
+    whole = ops_suite.fp64_attention(q, k, v, G, True)
+    monkeypatch.setattr(ops_suite, "ORACLE_CHUNK_ELEMENTS", 2 * 8 * 8)  # two heads per chunk
+    chunked = ops_suite.by_heads(ops_suite.fp64_attention, q, k, v, G, True)
+    assert torch.equal(chunked[0], whole[0]) and torch.equal(chunked[1], whole[1])
+
+
+# ---- memory and work counts -------------------------------------------------------------------
+def test_cpu_peak_memory_sees_a_temporary_and_restores_the_threads():
     n = 1 << 20  # 4 MiB of fp32, freed before the call returns
-
-    def temp_then_small():
-        big = torch.ones(n)
-        small = big[:4].clone()
-        del big
-        return small
-    nbytes, method = peak_extra_bytes(temp_then_small)
-    assert 4 * n <= nbytes < 4 * n + 4096
-    assert "profiler" in method
-    assert torch.get_num_threads() >= 1  # thread count restored (not left at 1 by accident)
-
-
-def test_memory_check_reference_materialises_scores():
-    rows = ops_suite.memory_check(torch.device("cpu"), H=2, S=256)
-    ref = next(r for r in rows if r["impl"] == "reference")
-    assert ref["peak_extra_bytes"] >= 2 * 256 * 256 * 4  # the S×S fp32 scores of 2 heads
-    flash = next(r for r in rows if r["impl"] == "sdpa_flash")
-    assert flash["peak_extra_bytes"] < ref["peak_extra_bytes"]
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        def temp_then_small():
+            big = torch.ones(n)
+            return big[:4].clone()
+        _, nbytes, method = measure.run_with_peak(temp_then_small)
+        assert torch.get_num_threads() == 2  # measured on 1 thread, then put back
+    finally:
+        torch.set_num_threads(before)
+    assert 4 * n <= nbytes < 4 * n + 4096 and "profiler" in method
 
 
-# ---- work counts ------------------------------------------------------------------------------
-def test_visible_pairs():
+def test_memory_check_sees_the_reference_scores():
+    rows = {r["impl"]: r for r in ops_suite.memory_check(torch.device("cpu"), H=2, S=256)}
+    assert rows["reference"]["peak_extra_bytes"] >= 2 * 256 * 256 * 4  # fp32 S×S of 2 heads
+    assert rows["sdpa_flash"]["peak_extra_bytes"] < rows["reference"]["peak_extra_bytes"]
+
+
+def test_visible_pairs_and_copy_bandwidth():
     assert ops_suite.visible_pairs(4, 4, True) == 10
     assert ops_suite.visible_pairs(2, 5, True) == 4 + 5  # bottom-right aligned
     assert ops_suite.visible_pairs(3, 5, False) == 15
+    row = ops_suite.copy_bandwidth(torch.device("cpu"), Clock("cpu"), repeats=2)
+    assert row["gbps"] == pytest.approx(2 * row["bytes"] / (row["time_ms_p50"] * 1e-3) / 1e9)
 
 
-# ---- the CLI end to end, tiny ------------------------------------------------------------------
-def test_tiny_quick_run_writes_json_markdown_and_plot(tmp_path, capsys):
-    pytest.importorskip("pldr_kernels.model", reason="the model branch has not landed")
-    out_json, out_md, out_png = tmp_path / "b.json", tmp_path / "b.md", tmp_path / "b.png"
-    argv = ["all", "--quick", "--no-progress", "--seqlens", "32", "--cache-lens", "64",
-            "--heads", "2", "--dtypes", "float32", "--repeats", "2", "--memory-check-len", "128",
-            "--prompt-lens", "8", "--new-tokens", "4", "--model-config", *TINY_MODEL,
-            "--json", str(out_json), "--markdown", str(out_md), "--plot", str(out_png)]
-    rc = cli.main(argv)
-    printed = capsys.readouterr().out
-    assert rc == 0, printed
-    data = json.loads(out_json.read_text())
-    assert set(data) == {"env", "results"}
-    env = data["env"]
-    for key in ("device_name", "torch", "build_info", "build_report", "threads", "cpu", "skipped"):
-        assert key in env
-    gen = [r for r in data["results"] if r["bench"] == "generate"]
-    ops = [r for r in data["results"] if r["bench"] == "ops"]
-    assert {r["mode"] for r in gen} == {"none", "kv", "kvg"}
-    assert "reference" in {r["impl"] for r in gen}
-    for r in gen:
-        assert r["impl"] in ("reference", "pldr_kernels")
-        assert isinstance(r["prompt_len"], int) and r["prompt_len"] == 8
-        assert isinstance(r["new_tokens"], int) and r["new_tokens"] == 4
-        for key in ("ttft_ms", "per_token_ms_p50", "per_token_ms_p90", "tokens_per_s"):
-            assert isinstance(r[key], float) and r[key] > 0
-        assert len(r["step_ms"]) == 2 and all(len(s) == 3 for s in r["step_ms"])  # raw samples
-    assert {r["op"] for r in ops} == {"g_attention", "g_attention_decode", "metric_tensors"}
-    for r in ops:
-        assert len(r["samples_ms"]) == 2 and r["valid"]
-        assert r["time_ms_p20"] <= r["time_ms_p50"] <= r["time_ms_p80"]
-    assert any(r["bench"] == "ops_memory" for r in data["results"])
-    assert "Cache-mode ordering" in printed and "| impl |" in out_md.read_text()
-    if _has_matplotlib():
-        assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+# ---- the CLI: checks before the run, then a tiny run, then rendering from the JSON -----------
+def test_checks_fail_before_the_run(monkeypatch, tmp_path, capsys):
+    real = cli.importlib.util.find_spec
+    monkeypatch.setattr(cli.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    monkeypatch.setattr(cli, "measure", lambda *a: pytest.fail("measured before the check"))
+    for argv, message in ((["--plot", str(tmp_path / "x.png")], "--plot needs matplotlib"),
+                          (["--json", str(tmp_path / "no" / "x.json")], "does not exist"),
+                          (["generate", "--cuda-graph"], "--cuda-graph needs --device cuda"),
+                          (["--checkpoint", str(tmp_path / "missing")], "no such file"),
+                          (["--model-config", "layers"], "expects FIELD=VALUE")):
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(argv)
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err, argv
+    monkeypatch.setattr(cli.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "tqdm" else real(name, *a))
+    with pytest.raises(SystemExit):
+        cli.main(["ops"])
+    assert "pldr-kernels[bench]" in capsys.readouterr().err
 
 
-def test_plot_without_matplotlib_says_how_to_install(monkeypatch, tmp_path, capsys):
-    import builtins
-    real_import = builtins.__import__
-
-    def no_mpl(name, *args, **kwargs):
-        if name.startswith("matplotlib"):
-            raise ImportError("no matplotlib")
-        return real_import(name, *args, **kwargs)
-    monkeypatch.setattr(builtins, "__import__", no_mpl)
-    assert report.write_plot(str(tmp_path / "x.png"), {}, []) is False
-    assert "pip install matplotlib" in capsys.readouterr().err
-
-
-def test_cli_refuses_cuda_graph_on_cpu(capsys):
-    assert cli.main(["generate", "--cuda-graph"]) == 2
-    assert "--cuda-graph needs --device cuda" in capsys.readouterr().err
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is visible")
+def test_cuda_without_a_device_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["ops", "--device", "cuda"])
+    assert "no CUDA device is visible" in capsys.readouterr().err
 
 
 def test_options_work_before_and_after_the_subcommand():
@@ -233,25 +175,65 @@ def test_options_work_before_and_after_the_subcommand():
     assert a.quick and b.quick and a.threads == b.threads == 1 and a.suite == b.suite == "ops"
 
 
-def _has_matplotlib():
-    try:
-        import matplotlib  # noqa: F401
-        return True
-    except ImportError:
-        return False
+def test_tiny_run_writes_json_and_renders_markdown_and_plot_from_it(tmp_path, capsys):
+    out = {ext: tmp_path / f"run.{ext}" for ext in ("json", "md", "png")}
+    argv = ["all", "--quick", "--no-progress", "--seqlens", "32", "--cache-lens", "64",
+            "--heads", "2", "--dtypes", "float32", "--repeats", "2", "--memory-check-len", "128",
+            "--prompt-lens", "8", "16", "--new-tokens", "4", "--gen-dtypes", "float32",
+            "bfloat16", "--model-config", *TINY_MODEL, "--json", str(out["json"]),
+            "--markdown", str(out["md"]), "--plot", str(out["png"])]
+    assert cli.main(argv) == 0, capsys.readouterr().out
+    printed = capsys.readouterr().out
+    data = json.loads(out["json"].read_text())
+    env, results = data["env"], data["results"]
+    assert env["cpu"] == measure.cpu_model() and env["threads"] == torch.get_num_threads()
+    gen = [r for r in results if r["bench"] == "generate"]
+    assert {(r["impl"], r["dtype"]) for r in gen} == {
+        ("reference", "float32"), ("pldr_kernels", "float32"), ("pldr_kernels", "bfloat16")}
+    assert {r["mode"] for r in gen} == {"none", "kv", "kvg"}
+    assert {r["prompt_len"] for r in gen} == {8, 16}
+    for r in gen:
+        assert r["valid"] and r["ttft_ms"] > 0 and r["per_token_ms_p50"] > 0
+        assert len(r["step_ms"]) == 2 and all(len(s) == 3 for s in r["step_ms"])  # raw samples
+        if r["impl"] == "pldr_kernels":
+            assert ("greedy tokens" if r["dtype"] == "float32" else "peer rule") in r["agreement"]
+    ops = [r for r in results if r["bench"] == "ops"]
+    assert {r["op"] for r in ops} == {"g_attention", "g_attention_decode", "metric_tensors"}
+    assert all(len(r["samples_ms"]) == 2 and r["valid"] for r in ops)
+    assert any(r["bench"] == "ops_memory" for r in results)
+    # Every table names the CPU and the thread count.
+    assert printed.count(f"on {env['cpu']}, {env['threads']} threads:") == 2
+    assert "Cache-mode ordering" in printed and "| impl | dtype | mode |" in out["md"].read_text()
+    assert out["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # The saved JSON renders the same Markdown again.
+    again = tmp_path / "again.md"
+    assert cli.main(["--from-json", str(out["json"]), "--markdown", str(again),
+                     "--plot", str(tmp_path / "again.png")]) == 0
+    assert again.read_text() == out["md"].read_text()
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is visible")
-def test_cli_refuses_cuda_without_a_device(capsys):
-    assert cli.main(["ops", "--device", "cuda"]) == 2
-    assert "no CUDA device is visible" in capsys.readouterr().err
+def test_ordering_check_fails_when_a_cache_does_not_help():
+    env = {"cpu": "CPU X", "threads": 3, "device": "cpu", "device_name": "CPU X"}
+    rows = [{"bench": "generate", "impl": "pldr_kernels", "dtype": "float32", "prompt_len": 8,
+             "new_tokens": 4, "mode": mode, "per_token_ms_p50": t}
+            for mode, t in (("none", 5.0), ("kv", 6.0), ("kvg", 1.0))]
+    assert "[FAIL: kvg <= kv < none]" in report.ordering_lines(rows)[1]
+    assert report.machine(env) == "CPU X, 3 threads"
 
 
-def test_busy_machine_warning_reads_competing_threads_now():
-    from pldr_kernels.bench.env import busy_machine_warning, competing_runnable
+# ---- the busy-machine warning ------------------------------------------------------------------
+def test_busy_machine_warning():
     cores = os.cpu_count() or 1
-    assert busy_machine_warning(2, competing=0.0) is None
-    warning = busy_machine_warning(2, competing=cores + 3.0)
-    assert warning is not None and "other runnable threads" in warning
-    measured = competing_runnable(samples=3, interval_s=0.001)
-    assert measured is None or measured >= 0
+    assert measure.busy_machine_warning(2, competing=0.0) is None
+    assert "other runnable threads" in measure.busy_machine_warning(2, competing=cores + 3.0)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="needs Linux /proc/stat")
+def test_competing_runnable_sees_a_busy_process():
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.2)
+        assert measure.competing_runnable(samples=5, interval_s=0.01) >= 1.0
+    finally:
+        busy.kill()
+        busy.wait()

@@ -6,7 +6,7 @@ import torch
 import pldr_kernels  # noqa: F401  (loads torch.ops.pldr)
 
 # Realistic inputs live in the package (the benchmark uses them too); re-exported for the tests.
-from pldr_kernels.bench.inputs import (  # noqa: F401
+from pldr_kernels.testing import (  # noqa: F401
     METRIC_WEIGHT_ORDER,
     make_metric_weights,
     metric_args,

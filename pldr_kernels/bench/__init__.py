@@ -1,7 +1,25 @@
-"""Benchmark harness of pldr-kernels (`pldr-bench`, `python -m pldr_kernels.bench`).
+"""The benchmark harness of pldr-kernels: `pldr-bench` (`python -m pldr_kernels.bench`).
 
-Modules: :mod:`.timing` (clocks, interleaved measurement, percentiles, progress),
-:mod:`.memory` (peak extra memory of a call), :mod:`.agreement` (the DESIGN §4 check run before
-timing), :mod:`.contestants` (pldr_kernels, reference, eager, SDPA backends, FlexAttention),
-:mod:`.ops_suite`, :mod:`.generate_suite`, :mod:`.report` (table, Markdown, JSON, plot).
+Modules: measure (clock, interleaved repeats, quantiles, peak memory, the machine), ops_suite (the
+contestants of each op and their sweep), generate_suite (whole-model generation), report (terminal
+table, Markdown and PNG, all rendered from the JSON data). Correctness is pldr_kernels.testing's.
+
+Measurements that once had their own scripts (add --json/--markdown/--plot to any):
+  prefill vs SDPA (q·G given and q·G + SDPA) and eager; decode vs SDPA on the same cache (CPU):
+    pldr-bench ops --ops g_attention g_attention_decode --seqlens 1024 --cache-lens 4096
+      --dtypes float32 --contestants pldr_kernels eager 'sdpa_*' --repeats 15
+  metric_tensors vs the eager metric learner (CPU):
+    pldr-bench ops --ops metric_tensors --seqlens 1024 --dtypes float32 --repeats 20
+  the 110M model: prefill (TTFT) and kvg decode per token, fp32 and bf16, vs the fp32 reference:
+    pldr-bench generate --prompt-lens 128 --new-tokens 24 --modes kvg
+      --gen-dtypes float32 bfloat16 --repeats 7
+  CUDA prefill, bf16, each SDPA backend with and without the q·G GEMM:
+    pldr-bench ops --device cuda --ops g_attention --batch 1 2 4 8 16
+      --seqlens 1024 2048 4096 8192 --dtypes bfloat16 --contestants pldr_kernels 'sdpa_*'
+      --repeats 30
+  CUDA decode GB/s against the device copy bandwidth, and the metric learner vs eager:
+    pldr-bench ops --device cuda --ops g_attention_decode --batch 1 8
+      --cache-lens 1024 16384 131072 --dtypes bfloat16 --repeats 50
+    pldr-bench ops --device cuda --ops metric_tensors --seqlens 1024
+      --dtypes bfloat16 float32 --repeats 50
 """

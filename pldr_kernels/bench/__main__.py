@@ -1,153 +1,132 @@
-"""`pldr-bench` / `python -m pldr_kernels.bench`: benchmark the pldr ops and whole-model generation.
+"""`pldr-bench` (`python -m pldr_kernels.bench`): time the pldr ops and whole-model generation.
 
-  pldr-bench --quick                      both suites, sized for ~2 minutes on a 2-core CPU
-  pldr-bench ops [--quick] [sweep options] [--json P] [--plot P] [--markdown [P]]
-  pldr-bench generate [--quick] [--checkpoint PATH] [--cuda-graph] ...
-  pldr-bench all ...                      both (the default when no subcommand is given)
+  pldr-bench --quick                   both suites, small (what `make bench` runs)
+  pldr-bench ops [sweep options]       each op vs the reference, eager, SDPA backends, FlexAttention
+  pldr-bench generate [options]        generation, reference vs pldr_kernels, cache none/kv/kvg
+  pldr-bench --from-json RUN.json --markdown --plot RUN.png     render a saved run again
+
+Options go before or after the subcommand. `--json` keeps every sample; the terminal report,
+`--markdown` and `--plot` are rendered from that same data.
 """
 from __future__ import annotations
 
 import argparse
+import ast
+import importlib.util
+import json
 import os
 import sys
 import time
 
 SUITES = ("ops", "generate", "all")
+BENCH_EXTRA = "pip install 'pldr-kernels[bench]'"
 
 
-def usable_cores() -> int:
-    """Cores this process may run on (the affinity mask, else the machine's count)."""
-    try:
-        return len(os.sched_getaffinity(0)) or 1
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
+def positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
 
 
-def parse_bool_list(text: str) -> list[bool]:
-    return {"yes": [True], "true": [True], "no": [False], "false": [False],
-            "both": [True, False]}[text.lower()]
-
-
-def add_common(p: argparse.ArgumentParser, sub: bool) -> None:
+def add_options(p: argparse.ArgumentParser, sub: bool) -> None:
     """Options accepted before or after the subcommand (a subparser must not reset them)."""
-    def d(value):
-        return argparse.SUPPRESS if sub else value
+    def opt(*names, default=None, **kw):
+        p.add_argument(*names, default=argparse.SUPPRESS if sub else default, **kw)
 
-    p.add_argument("--quick", action="store_true", default=d(False),
-                   help="small sweep (~2 min on a 2-core CPU; no FlexAttention compile)")
-    p.add_argument("--device", default=d("cpu"), help="cpu (default) or cuda[:N]")
-    p.add_argument("--threads", type=int, default=d(None),
-                   help="torch intra-op threads (default: all cores)")
-    p.add_argument("--repeats", type=int, default=d(None),
-                   help="timed repeats per contestant (default: 5 ops / 5 generate with --quick)")
-    p.add_argument("--warmup", type=int, default=d(None), help="warm-up calls per contestant (ops)")
-    p.add_argument("--json", metavar="PATH", default=d(None),
-                   help="write {env, results} with every sample")
-    p.add_argument("--plot", metavar="PATH", default=d(None),
-                   help="PNG: latency against sequence length (needs matplotlib)")
-    p.add_argument("--markdown", metavar="PATH", nargs="?", const="-", default=d(None),
-                   help="Markdown summary for the README (to PATH, or printed without PATH)")
-    p.add_argument("--no-memory", action="store_true", default=d(False),
-                   help="skip the peak-memory measurements")
-    p.add_argument("--no-progress", action="store_true", default=d(False),
-                   help="no progress bar on stderr")
-    # ops sweep
-    p.add_argument("--ops", nargs="+", default=d(None),
-                   choices=("g_attention", "g_attention_decode", "metric_tensors"))
-    p.add_argument("--batch", nargs="+", type=int, default=d(None), help="batch sizes B")
-    p.add_argument("--seqlens", nargs="+", type=int, default=d(None),
-                   help="prefill / metric-learner sequence lengths S")
-    p.add_argument("--cache-lens", nargs="+", type=int, default=d(None),
-                   help="decode KV-cache lengths")
-    p.add_argument("--heads", type=int, default=d(None), help="heads H (default 14, the 110M model)")
-    p.add_argument("--head-dims", nargs="+", type=int, default=d(None), help="head dims d (64, 128)")
-    p.add_argument("--dtypes", nargs="+", default=d(None),
-                   choices=("float32", "bfloat16", "float16"))
-    p.add_argument("--causal", type=parse_bool_list, default=d(None),
-                   help="yes / no / both (prefill)")
-    p.add_argument("--memory-check-len", type=int, default=d(None),
-                   help="S of the prefill memory comparison (default 4096)")
-    p.add_argument("--flex", dest="flex", action="store_true", default=d(None),
-                   help="include torch.compile(flex_attention) even with --quick")
-    p.add_argument("--no-flex", dest="flex", action="store_false", default=d(None))
+    opt("--quick", action="store_true", default=False,
+        help="small sweeps (~1 min on a 2-core CPU; no FlexAttention compile)")
+    opt("--device", default="cpu", help="cpu (default) or cuda[:N] (times with CUDA events)")
+    opt("--threads", type=positive, help="torch intra-op threads (default: all usable cores)")
+    opt("--repeats", type=positive, help="timed repeats per contestant")
+    opt("--warmup", type=int, help="warm-up calls per contestant (ops)")
+    opt("--contestants", nargs="+", metavar="PATTERN",
+        help="who is timed, shell patterns over pldr_kernels reference eager sdpa_<backend> "
+             "sdpa_<backend>_qg_given flex_compiled (default: all but *_qg_given)")
+    opt("--json", metavar="PATH", help="write {env, results} with every sample")
+    opt("--markdown", metavar="PATH", nargs="?", const="-",
+        help="Markdown for the README (to PATH, or printed)")
+    opt("--plot", metavar="PATH", help="PNG of latency against length (needs matplotlib)")
+    opt("--from-json", metavar="PATH", help="render a saved --json file instead of measuring")
+    opt("--no-memory", action="store_true", default=False, help="skip the peak-memory measurements")
+    opt("--no-progress", action="store_true", default=False, help="no progress bar on stderr")
+    # the ops sweep
+    opt("--ops", nargs="+", choices=("g_attention", "g_attention_decode", "metric_tensors"),
+        metavar="OP", help="g_attention g_attention_decode metric_tensors (default: all)")
+    opt("--batch", nargs="+", type=positive, metavar="B", help="batch sizes (generate: the first)")
+    opt("--seqlens", nargs="+", type=positive, metavar="S", help="prefill, metric-learner lengths")
+    opt("--cache-lens", nargs="+", type=positive, metavar="L", help="decode KV-cache lengths")
+    opt("--heads", type=positive, metavar="H", help="heads (default 14, as the 110M model)")
+    opt("--head-dims", nargs="+", type=int, choices=(64, 128))
+    opt("--dtypes", nargs="+", choices=("float32", "bfloat16", "float16"), metavar="DTYPE",
+        help="float32 bfloat16 float16 (default: the first two)")
+    opt("--causal", choices=("yes", "no", "both"), help="prefill masks (default yes)")
+    opt("--memory-check-len", type=positive, metavar="S", help="prefill memory check's S (4096)")
+    opt("--flex", dest="flex", action="store_true",
+        help="include torch.compile(flex_attention) with --quick")
+    opt("--no-flex", dest="flex", action="store_false")
     # generate
-    p.add_argument("--checkpoint", default=d(None),
-                   help="model weights: an HF-format directory or an authors' .pth (default: random)")
-    p.add_argument("--prompt-lens", nargs="+", type=int, default=d(None))
-    p.add_argument("--new-tokens", type=int, default=d(None))
-    p.add_argument("--modes", nargs="+", choices=("none", "kv", "kvg"), default=d(None))
-    p.add_argument("--impls", nargs="+", choices=("reference", "pldr_kernels"), default=d(None))
-    p.add_argument("--gen-dtype", choices=("float32", "bfloat16"), default=d(None),
-                   help="model dtype for generate (default float32, as the published inference)")
-    p.add_argument("--model-config", nargs="+", metavar="FIELD=VALUE", default=d(None),
-                   help="override PLDRConfig fields of the random-weight model "
-                        "(e.g. num_hidden_layers=7 num_attention_heads=12 hidden_size=768)")
-    p.add_argument("--cuda-graph", action="store_true", default=d(False),
-                   help="replay pldr_kernels' decode step from a CUDA graph (CUDA, kv/kvg)")
+    opt("--checkpoint", metavar="PATH",
+        help="HF-format directory or authors' .pth (default: random weights)")
+    opt("--prompt-lens", nargs="+", type=positive, metavar="N")
+    opt("--new-tokens", type=positive, metavar="N")
+    opt("--modes", nargs="+", choices=("none", "kv", "kvg"))
+    opt("--gen-dtypes", nargs="+", choices=("float32", "bfloat16"), metavar="DTYPE",
+        help="pldr_kernels' dtypes (the reference runs in fp32)")
+    opt("--model-config", nargs="+", metavar="FIELD=VALUE",
+        help="PLDRConfig fields of the random model (e.g. num_hidden_layers=2)")
+    opt("--cuda-graph", action="store_true", default=False,
+        help="replay pldr_kernels' decode step from a CUDA graph (kv, kvg)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="pldr-bench", description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Times are medians over interleaved repeats (p20-p80 spread); every contestant's "
-               "output is checked against the fp64 reference before it is timed.")
-    add_common(parser, sub=False)
+    from . import __doc__ as invocations
+    parser = argparse.ArgumentParser(prog="pldr-bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=invocations)
+    add_options(parser, sub=False)
     subs = parser.add_subparsers(dest="suite", metavar="{ops,generate,all}")
-    for name, text in (("ops", "each op vs the reference, eager, SDPA backends, FlexAttention"),
-                       ("generate", "end-to-end generation, reference vs pldr_kernels, cache "
-                                    "modes none/kv/kvg"),
-                       ("all", "both suites")):
-        add_common(subs.add_parser(name, help=text, description=text), sub=True)
+    for name in SUITES:
+        add_options(subs.add_parser(name, help=f"the {name} suite"), sub=True)
     return parser
 
 
-def ops_config(args):
-    from . import ops_suite
-    cfg = ops_suite.quick_config() if args.quick else ops_suite.full_config()
-    for attr, field in (("ops", "ops"), ("batch", "batches"), ("seqlens", "prefill_seqlens"),
-                        ("cache_lens", "decode_seqlens"), ("heads", "heads"),
-                        ("head_dims", "head_dims"), ("dtypes", "dtypes"), ("causal", "causal"),
-                        ("repeats", "repeats"), ("warmup", "warmup"),
-                        ("memory_check_len", "memory_check_len")):
-        value = getattr(args, attr)
-        if value is not None:
-            setattr(cfg, field, value)
-    if args.seqlens is not None:
-        cfg.metric_seqlens = args.seqlens
-    if args.flex is not None:
-        cfg.with_flex = args.flex
-        if not args.flex:
-            cfg.flex_skip_reason = "--no-flex"
-    cfg.memory = not args.no_memory
-    return cfg
-
-
-def generate_config(args, device):
-    from . import generate_suite
-    cfg = generate_suite.quick_config() if args.quick else generate_suite.full_config()
-    for attr, field in (("prompt_lens", "prompt_lens"), ("new_tokens", "new_tokens"),
-                        ("modes", "modes"), ("impls", "impls"), ("repeats", "repeats"),
-                        ("checkpoint", "checkpoint"), ("gen_dtype", "dtype"),
-                        ("batch", "batch")):
-        value = getattr(args, attr)
-        if value is not None:
-            setattr(cfg, field, value[0] if attr == "batch" else value)
-    if args.model_config:
-        cfg.model_overrides = parse_overrides(args.model_config)
-    cfg.cuda_graph = bool(args.cuda_graph)
-    cfg.memory = not args.no_memory
-    return cfg
-
-
-def parse_overrides(items: list[str]) -> dict:
-    """``["num_hidden_layers=1", "custom_G_type=None"]`` → typed dict (ints, floats, bools, None)."""
-    import ast
-    out = {}
-    for item in items:
+def check_before_running(parser: argparse.ArgumentParser, args) -> None:
+    """Every output's dependency and every input, before minutes of measuring."""
+    needs = {"tqdm": "the progress bar"} if not args.from_json else {}
+    if args.plot:
+        needs["matplotlib"] = "--plot"
+    for module, what in needs.items():
+        if importlib.util.find_spec(module) is None:
+            parser.error(f"{what} needs {module}, which is not installed: {BENCH_EXTRA} "
+                         f"(or `{sys.executable} -m pip install {module}`)")
+    for flag in ("json", "markdown", "plot"):
+        path = getattr(args, flag)
+        if path and path != "-" and not os.path.isdir(os.path.dirname(path) or "."):
+            parser.error(f"--{flag} {path}: the directory {os.path.dirname(path)!r} does not exist")
+    for flag in ("from_json", "checkpoint"):
+        path = getattr(args, flag)
+        if path and not os.path.exists(path):
+            parser.error(f"--{flag.replace('_', '-')} {path}: no such file or directory")
+    if args.from_json:
+        return
+    import torch
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device} but no CUDA device is visible (torch "
+                     f"{torch.__version__}, CUDA {torch.version.cuda or 'none'})")
+    if args.cuda_graph and not args.device.startswith("cuda"):
+        parser.error("--cuda-graph needs --device cuda")
+    for item in args.model_config or []:
         if "=" not in item:
-            raise SystemExit(f"pldr-bench: --model-config expects FIELD=VALUE, got {item!r}")
-        key, value = item.split("=", 1)
+            parser.error(f"--model-config expects FIELD=VALUE, got {item!r}")
+
+
+def overrides(items: list[str] | None) -> dict | None:
+    """``["num_hidden_layers=1", "custom_G_type=None"]`` → typed values (ints, floats, None…)."""
+    if not items:
+        return None
+    out = {}
+    for key, value in (item.split("=", 1) for item in items):
         try:
             out[key] = ast.literal_eval(value)
         except (ValueError, SyntaxError):
@@ -155,71 +134,93 @@ def parse_overrides(items: list[str]) -> dict:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    suite = args.suite or "all"
+def configs(args):
+    from .generate_suite import QUICK as GEN_QUICK
+    from .generate_suite import GenerateConfig
+    from .ops_suite import QUICK as OPS_QUICK
+    from .ops_suite import OpsConfig
 
+    ops = OpsConfig(**(OPS_QUICK if args.quick else {}))
+    gen = GenerateConfig(**(GEN_QUICK if args.quick else {}))
+    for target, arg, field in (
+            (ops, "ops", "ops"), (ops, "batch", "batches"), (ops, "seqlens", "prefill_seqlens"),
+            (ops, "seqlens", "metric_seqlens"), (ops, "cache_lens", "decode_seqlens"),
+            (ops, "heads", "heads"), (ops, "head_dims", "head_dims"), (ops, "dtypes", "dtypes"),
+            (ops, "repeats", "repeats"), (ops, "warmup", "warmup"),
+            (ops, "memory_check_len", "memory_check_len"), (ops, "contestants", "contestants"),
+            (gen, "contestants", "contestants"), (gen, "prompt_lens", "prompt_lens"),
+            (gen, "new_tokens", "new_tokens"), (gen, "modes", "modes"),
+            (gen, "repeats", "repeats"), (gen, "checkpoint", "checkpoint"),
+            (gen, "gen_dtypes", "dtypes")):
+        if getattr(args, arg) is not None:
+            setattr(target, field, getattr(args, arg))
+    if args.causal:
+        ops.causal = {"yes": [True], "no": [False], "both": [True, False]}[args.causal]
+    if args.flex is not None:
+        ops.flex_skip_reason = None if args.flex else "--no-flex"
+    gen.batch = args.batch[0] if args.batch else 1
+    gen.model_overrides, gen.cuda_graph = overrides(args.model_config), args.cuda_graph
+    ops.memory = gen.memory = not args.no_memory
+    return ops, gen
+
+
+def measure(args, argv: list[str]) -> dict:
     import torch
 
-    from . import report
-    from .env import collect_env
+    from .measure import busy_machine_warning, collect_env, usable_cores
 
     device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("pldr-bench: --device cuda but no CUDA device is visible "
-              f"(torch {torch.__version__}, CUDA {torch.version.cuda or 'none'})", file=sys.stderr)
-        return 2
-    if args.cuda_graph and device.type != "cuda":
-        print("pldr-bench: --cuda-graph needs --device cuda", file=sys.stderr)
-        return 2
-    torch.set_num_threads(args.threads or usable_cores())
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    started = time.perf_counter()
-    from .env import busy_machine_warning
+    torch.set_num_threads(args.threads or usable_cores())
+    started, suite = time.perf_counter(), args.suite or "all"
     warnings = [w for w in [busy_machine_warning(torch.get_num_threads())] if w]
     for w in warnings:
         print(f"pldr-bench: WARNING: {w}", file=sys.stderr)
+    ops_cfg, gen_cfg = configs(args)
     results, skipped = [], []
     if suite in ("ops", "all"):
         from .ops_suite import run_ops
-        r, s = run_ops(ops_config(args), device, not args.no_progress)
-        results += r
-        skipped += s
+        r, s = run_ops(ops_cfg, device, not args.no_progress)
+        results, skipped = results + r, skipped + s
     if suite in ("generate", "all"):
         from .generate_suite import run_generate
-        r, s = run_generate(generate_config(args, device), device, not args.no_progress)
-        results += r
-        skipped += s
-    env = collect_env(device, argv=[sys.argv[0]] + list(sys.argv[1:] if argv is None else argv))
-    env["suite"] = suite
-    env["quick"] = bool(args.quick)
-    env["wall_s"] = round(time.perf_counter() - started, 1)
-    env["skipped"] = skipped
+        r, s = run_generate(gen_cfg, device, not args.no_progress)
+        results, skipped = results + r, skipped + s
     late = busy_machine_warning(torch.get_num_threads())
-    if late and not warnings:
-        warnings.append(late)
-    env["warnings"] = warnings
-    print(report.terminal_report(env, results))
-    print(f"\nwall time {env['wall_s']:.1f} s")
-    for w in warnings:
-        print(f"WARNING: {w}")
-    if any(not r.get("valid", True) for r in results):
-        print("\nWARNING: some rows are INVALID (contestants disagreed); see the messages above.")
+    env = collect_env(device, ["pldr-bench", *argv])
+    env.update(suite=suite, quick=bool(args.quick), skipped=skipped,
+               wall_s=round(time.perf_counter() - started, 1),
+               warnings=warnings or ([late] if late else []))
+    return {"env": env, "results": results}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_before_running(parser, args)
+    from . import report
+
+    data = report.load(args.from_json) if args.from_json else measure(args, argv)
+    data = json.loads(json.dumps(data, default=str))  # render exactly what the JSON holds
     if args.json:
-        report.write_json(args.json, env, results)
-        print(f"wrote {args.json}")
+        with open(args.json, "w") as f:
+            json.dump(data, f, indent=1)
+    print(report.render(data))
     if args.markdown:
-        md = report.markdown_report(env, results)
+        md = report.render(data, markdown=True)
         if args.markdown == "-":
-            print("\n" + md)
+            print(md)
         else:
             with open(args.markdown, "w") as f:
                 f.write(md)
-            print(f"wrote {args.markdown}")
-    if args.plot and report.write_plot(args.plot, env, results):
-        print(f"wrote {args.plot}")
-    return 1 if any(not r.get("valid", True) for r in results) else 0
+    if args.plot:
+        report.write_plot(args.plot, data)
+    for path in (args.json, args.markdown if args.markdown != "-" else None, args.plot):
+        if path:
+            print(f"wrote {path}")
+    return 1 if any(not r.get("valid", True) for r in data["results"]) else 0
 
 
 if __name__ == "__main__":

@@ -1,19 +1,22 @@
-"""`pldr-bench generate`: end-to-end generation, reference model vs pldr_kernels, per cache mode.
+"""`pldr-bench generate`: end-to-end greedy generation, reference model vs pldr_kernels, per cache
+mode (none / kv / kvg) and prompt length.
 
-Both implementations hold the same weights (the paper's 110M configuration, random unless
-``--checkpoint``), get the same prompt and generate greedily, so they do identical work. The runs
-are interleaved (every repeat runs each (mode, implementation) once, implementations in a rotating
-order). Each decode step is timed where the step's logits come out of the LM head (a forward hook
-on ``final_layer``, the same point in both models): time to first token is start → the prompt's
-logits, per-token latency is the time between consecutive steps' logits. On CUDA the hook records
-CUDA events (no host sync inside the loop); with ``--cuda-graph`` the replayed step bypasses the
-hook, so pldr_kernels is timed at each token its ``generate_stream`` yields.
+Both models hold the same weights (the paper's 110M configuration, random unless
+``--checkpoint``), get the same prompt and do identical work. The reference runs in fp32 (the
+published inference); pldr_kernels in each ``--gen-dtypes``. Runs are interleaved: every repeat runs
+each (implementation, mode) once, in a rotating order. A step is timed where its logits leave the
+LM head (a forward hook on ``final_layer``, the same point in both models): time to first token is
+start → the prompt's logits, a token's latency the time between consecutive steps' logits. On CUDA
+the hook records events (no sync in the loop); with ``--cuda-graph`` the replayed step bypasses the
+hook, so pldr_kernels is timed at each token ``generate_stream`` yields.
 
-Before timing, the implementations' greedy tokens are compared per mode: a difference is printed
-loudly and the rows are marked invalid.
+Checked before timing (a failure is shouted and the rows marked invalid): fp32 pldr_kernels must
+produce the fp32 reference's greedy tokens; another dtype's logits of the prompt must pass the peer
+rule of ``pldr_kernels.testing`` (oracle: the reference model in fp64; peer: it in that dtype).
 """
 from __future__ import annotations
 
+import copy
 import os
 import time
 from collections.abc import Sequence
@@ -21,253 +24,220 @@ from dataclasses import dataclass
 
 import torch
 
-from .memory import run_with_peak
-from .timing import Progress, percentile
+from .. import testing
+from .measure import progress_bar, run_with_peak, summarize
+from .ops_suite import OPS, kernel_missing, selected, shout
 
-IMPLS = ("reference", "pldr_kernels")
 MODES = ("none", "kv", "kvg")
-PLDR_OPS = ("g_attention", "g_attention_decode", "metric_tensors")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+NO_EOS = {"eos_token_id": None}  # every run generates all its tokens
 
 
 @dataclass
 class GenerateConfig:
-    impls: Sequence[str] = IMPLS
+    contestants: Sequence[str] | None = None  # patterns on "reference", "pldr_kernels"
     modes: Sequence[str] = MODES
-    prompt_lens: Sequence[int] = (32,)
-    new_tokens: int = 8
+    prompt_lens: Sequence[int] = (64, 256, 512)
+    new_tokens: int = 32
     batch: int = 1
-    repeats: int = 3
+    repeats: int = 5
+    dtypes: Sequence[str] = ("float32",)
     checkpoint: str | None = None
-    dtype: str = "float32"
     cuda_graph: bool = False
     memory: bool = True
     seed: int = 0
-    model_overrides: dict | None = None  # PLDRConfig fields (e.g. a smaller model for tests)
+    model_overrides: dict | None = None  # PLDRConfig fields (e.g. a tiny model for tests)
 
 
-def quick_config() -> GenerateConfig:
-    return GenerateConfig(prompt_lens=(32,), new_tokens=12, repeats=5)
+QUICK = dict(prompt_lens=(16, 64, 128), new_tokens=6, repeats=3)
 
 
-def full_config() -> GenerateConfig:
-    return GenerateConfig(prompt_lens=(64, 256, 512), new_tokens=32, repeats=5)
+def load_models(cfg: GenerateConfig, device: torch.device):
+    """``(models {(impl, dtype): model}, skipped, source model, fp32 reference)``."""
+    from ..config import PLDRConfig
+    from ..model import PLDRForCausalLM
+    from ..reference_model import ReferencePLDR
 
-
-# ---------------------------------------------------------------------------------------------
-# Models
-# ---------------------------------------------------------------------------------------------
-def load_models(cfg: GenerateConfig, device: torch.device
-                ) -> tuple[dict[str, torch.nn.Module], list[dict], object | None]:
-    """``({impl: model}, skipped, config)``: both models with one set of weights."""
-    skipped: list[dict] = []
-    try:
-        from ..config import PLDRConfig
-        from ..model import PLDRForCausalLM
-        from ..reference_model import ReferencePLDR
-    except ImportError as exc:
-        reason = f"the model code is not available yet ({exc})"
-        return {}, [{"bench": "generate", "impl": i, "reason": reason} for i in cfg.impls], None
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
     torch.manual_seed(cfg.seed)
     if cfg.checkpoint:
-        path = cfg.checkpoint
-        source = (PLDRForCausalLM.from_pretrained(path) if os.path.isdir(path)
-                  else PLDRForCausalLM.from_pth(path))
-    else:  # the paper's 110M configuration unless overridden
+        source = (PLDRForCausalLM.from_pretrained(cfg.checkpoint) if os.path.isdir(cfg.checkpoint)
+                  else PLDRForCausalLM.from_pth(cfg.checkpoint))
+    else:
         source = PLDRForCausalLM(PLDRConfig(**(cfg.model_overrides or {})))
-    source = source.to(device).eval()
-    models: dict[str, torch.nn.Module] = {}
-    if "reference" in cfg.impls:
-        models["reference"] = ReferencePLDR.from_model(source, dtype).eval()
-    if "pldr_kernels" in cfg.impls:
-        missing = [op for op in PLDR_OPS if pldr_op_missing(op, device)]
-        if missing:
-            skipped.append({"bench": "generate", "impl": "pldr_kernels",
-                            "reason": f"no {device.type.upper()} kernel registered yet for "
-                                      + ", ".join(f"pldr::{op}" for op in missing)})
-        else:
-            models["pldr_kernels"] = source.to(dtype)
-    return models, skipped, source.config
+    source = source.to(device).float().eval()
+    ref32 = ReferencePLDR.from_model(source, torch.float32).eval()
+    models, skipped = {}, []
+    if selected("reference", cfg.contestants):
+        models[("reference", "float32")] = ref32
+    missing = next(filter(None, (kernel_missing(op, device) for op in OPS)), None)
+    if selected("pldr_kernels", cfg.contestants) and missing:
+        skipped.append({"bench": "generate", "op": None, "impl": "pldr_kernels",
+                        "reason": missing})
+    elif selected("pldr_kernels", cfg.contestants):
+        for dt in cfg.dtypes:
+            models[("pldr_kernels", dt)] = (
+                source if dt == "float32" else copy.deepcopy(source).to(DTYPES[dt])).eval()
+    return models, skipped, source, ref32
 
 
-def pldr_op_missing(op: str, device: torch.device) -> str | None:
-    from .contestants import pldr_kernel_missing
-    return pldr_kernel_missing(op, device)
-
-
-def lm_head(model: torch.nn.Module) -> torch.nn.Module:
-    head = getattr(model, "final_layer", None)
-    if head is None:
-        raise AttributeError(f"{type(model).__name__} has no final_layer (the LM head to time at)")
-    return head
-
-
-# ---------------------------------------------------------------------------------------------
-# One timed generation
-# ---------------------------------------------------------------------------------------------
-class StepTimer:
-    """Timestamps of the LM head's outputs (one per forward step) during one generate call."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-        self.marks: list = []
-
-    def mark(self, *_):
-        if self.cuda:
-            ev = torch.cuda.Event(enable_timing=True)
-            ev.record()
-            self.marks.append(ev)
-        else:
-            self.marks.append(time.perf_counter_ns())
-
-    def elapsed_ms(self) -> list[float]:
-        """Milliseconds from the first mark to each later one."""
-        if self.cuda:
-            self.marks[-1].synchronize()
-            return [self.marks[0].elapsed_time(m) for m in self.marks[1:]]
-        return [(m - self.marks[0]) / 1e6 for m in self.marks[1:]]
-
-
-def timed_generate(model, impl: str, ids: torch.Tensor, new_tokens: int, mode: str,
-                   cuda_graph: bool) -> tuple[torch.Tensor, float, list[float], float]:
-    """``(ids, ttft_ms, per_step_ms, total_ms)`` of one greedy generation."""
-    timer = StepTimer(ids.device)
-    use_stream = cuda_graph and impl == "pldr_kernels" and mode in ("kv", "kvg")  # see graphed()
-    handle = None if use_stream else lm_head(model).register_forward_hook(
-        lambda *a: timer.mark())
-    try:
-        timer.mark()  # start
-        if use_stream:
-            toks = []
-            for tok in model.generate_stream(ids, new_tokens, cache=mode, cuda_graph=True):
-                timer.mark()
-                toks.append(tok)
-            out = torch.cat([ids, torch.stack(toks, dim=1)], dim=1)
-        else:
-            out = model.generate(ids, new_tokens, cache=mode, do_sample=False)
-        timer.mark()  # end (after the last token was chosen)
-    finally:
-        if handle is not None:
-            handle.remove()
-    stamps = timer.elapsed_ms()
-    total = stamps[-1]
-    marks = stamps[:-1]  # one per forward (prefill, then each decode step)
-    ttft = marks[0]
-    steps = [b - a for a, b in zip(marks, marks[1:])]
-    return out, ttft, steps, total
-
-
-# ---------------------------------------------------------------------------------------------
-# The suite
-# ---------------------------------------------------------------------------------------------
 def graphed(cfg: GenerateConfig, impl: str, mode: str) -> bool:
-    """Whether this (implementation, mode) replays its decode step from a CUDA graph."""
     return cfg.cuda_graph and impl == "pldr_kernels" and mode in ("kv", "kvg")
 
 
-def shout(msg: str) -> None:
-    from .ops_suite import shout as _shout
-    _shout(msg)
+def timed_generate(model, ids: torch.Tensor, new_tokens: int, mode: str, use_graph: bool
+                   ) -> tuple[torch.Tensor, float, list[float], float]:
+    """``(ids, ttft_ms, per-step ms, total_ms)`` of one greedy generation."""
+    cuda = ids.device.type == "cuda"
+    marks: list = []
+
+    def mark(*_):
+        if cuda:
+            marks.append(torch.cuda.Event(enable_timing=True))
+            marks[-1].record()
+        else:
+            marks.append(time.perf_counter_ns())
+    handle = None if use_graph else model.final_layer.register_forward_hook(mark)
+    try:
+        mark()
+        if use_graph:
+            toks = []
+            for tok in model.generate_stream(ids, new_tokens, cache=mode, cuda_graph=True,
+                                             **NO_EOS):
+                mark()
+                toks.append(tok)
+            out = torch.cat([ids, torch.stack(toks, dim=1)], dim=1)
+        else:
+            out = model.generate(ids, new_tokens, cache=mode, do_sample=False, **NO_EOS)
+        mark()
+    finally:
+        if handle is not None:
+            handle.remove()
+    if cuda:
+        marks[-1].synchronize()
+        stamps = [marks[0].elapsed_time(m) for m in marks[1:]]
+    else:
+        stamps = [(m - marks[0]) / 1e6 for m in marks[1:]]
+    steps = stamps[:-1]  # one per forward: the prompt's, then each decode step's
+    return out, steps[0], [b - a for a, b in zip(steps, steps[1:])], stamps[-1]
+
+
+def tokens_verdict(tokens: torch.Tensor, want: torch.Tensor, prompt_len: int) -> testing.Verdict:
+    differ = (tokens != want).any(dim=0)
+    first = f"first at new token {int(differ.nonzero()[0]) - prompt_len}" if differ.any() else ""
+    return testing.Verdict("greedy tokens", not differ.any(), float(differ.sum()), 0.0,
+                           "differing token positions vs the fp32 reference's", first)
+
+
+def logits_verdict(model, dtype: str, ids, source, refs: dict) -> testing.Verdict:
+    """The prompt's logits by the peer rule: oracle the reference model in fp64, peer it in
+    ``dtype`` (both built on first use, kept in ``refs``)."""
+    from ..reference_model import ReferencePLDR
+
+    def logits(m):
+        with torch.no_grad():
+            out = m(ids)
+        return getattr(out, "logits", out)
+    for dt in (torch.float64, DTYPES[dtype]):
+        refs.setdefault(dt, ReferencePLDR.from_model(source, dt).eval())
+    return testing.compare(logits(model), logits(refs[torch.float64]), logits(refs[DTYPES[dtype]]),
+                           name=f"{dtype} logits of the prompt")
+
+
+def run_prompt(models, cfg: GenerateConfig, ids, device, source, refs, bar) -> list[dict]:
+    prompt_len = ids.shape[1]
+    # 1. One untimed run per (implementation, mode) after a 2-token warm-up (one-time setup is
+    #    not memory): its tokens are checked, its peak extra memory measured.
+    memory, verdicts, ref_tokens = {}, {}, {}
+    for mode in cfg.modes:
+        for (impl, dt), model in models.items():
+            graph = {"cuda_graph": True} if graphed(cfg, impl, mode) else {}
+            model.generate(ids, min(2, cfg.new_tokens), cache=mode, do_sample=False, **NO_EOS)
+
+            def once(model=model, mode=mode, graph=graph):
+                return model.generate(ids, cfg.new_tokens, cache=mode, do_sample=False, **NO_EOS,
+                                      **graph)
+            if cfg.memory:
+                out, nbytes, method = run_with_peak(once, device)
+                memory[(impl, dt, mode)] = (nbytes, method + ", extra over the loaded weights")
+            else:
+                out = once()
+            if impl == "reference":  # the first entry: its tokens are the fp32 check's
+                ref_tokens[mode] = out
+                continue
+            if dt == "float32":
+                want = ref_tokens[mode] if mode in ref_tokens else refs[torch.float32].generate(
+                    ids, cfg.new_tokens, cache=mode, do_sample=False, **NO_EOS)
+                v = tokens_verdict(out.cpu(), want.cpu(), prompt_len)
+            else:
+                v = logits_verdict(model, dt, ids, source, refs)
+            verdicts[(impl, dt, mode)] = v
+            if not v:
+                shout(f"DISAGREEMENT in generate mode={mode} prompt={prompt_len}: {impl} {dt}: "
+                      f"{v} — its row is marked invalid")
+    bar.update(1)
+    # 2. Timing, interleaved.
+    keys = list(models)
+    samples = {(key, mode): {"ttft": [], "steps": [], "total": []} for key in keys
+               for mode in cfg.modes}
+    for rep in range(cfg.repeats):
+        for m_i, mode in enumerate(cfg.modes):
+            shift = (rep + m_i) % len(keys)
+            for key in keys[shift:] + keys[:shift]:
+                _, ttft, steps, total = timed_generate(models[key], ids, cfg.new_tokens, mode,
+                                                       graphed(cfg, key[0], mode))
+                for name, value in (("ttft", ttft), ("steps", steps), ("total", total)):
+                    samples[(key, mode)][name].append(value)
+        bar.update(1)
+    rows = []
+    for mode in cfg.modes:
+        for impl, dt in keys:
+            s = samples[((impl, dt), mode)]
+            flat = [x for steps in s["steps"] for x in steps]
+            tok = summarize(flat) if flat else {}
+            total = summarize(s["total"])["p50"]
+            v = verdicts.get((impl, dt, mode))
+            nbytes, method = memory.get((impl, dt, mode), (None, None))
+            rows.append({
+                "bench": "generate", "impl": impl, "dtype": dt, "mode": mode,
+                "prompt_len": prompt_len, "new_tokens": cfg.new_tokens, "batch": cfg.batch,
+                "ttft_ms": summarize(s["ttft"])["p50"],
+                **{f"per_token_ms_{p}": tok.get(p) for p in ("p10", "p50", "p90")},
+                "tokens_per_s": cfg.batch * cfg.new_tokens / (total / 1e3), "total_ms_p50": total,
+                "ttft_samples_ms": s["ttft"], "step_ms": s["steps"],
+                "total_samples_ms": s["total"], "peak_memory_bytes": nbytes,
+                "memory_method": method, "cuda_graph": graphed(cfg, impl, mode),
+                "valid": v is None or v.ok,
+                "agreement": "the reference" if v is None else str(v)})
+    for r in rows:
+        ref = next((o for o in rows if o["impl"] == "reference" and o["mode"] == r["mode"]), None)
+        r["speedup_vs_reference"] = (ref["per_token_ms_p50"] / r["per_token_ms_p50"]
+                                     if ref and r["per_token_ms_p50"] else None)
+        r["ttft_speedup_vs_reference"] = ref["ttft_ms"] / r["ttft_ms"] if ref else None
+    return rows
 
 
 def run_generate(cfg: GenerateConfig, device: torch.device, show_progress: bool = True
                  ) -> tuple[list[dict], list[dict]]:
-    models, skipped, config = load_models(cfg, device)
+    models, skipped, source, ref32 = load_models(cfg, device)
     if not models:
         return [], skipped
-    impls = [i for i in cfg.impls if i in models]
-    first = next(iter(models.values()))
-    model_desc = {"model": f"L{config.num_hidden_layers} D{config.hidden_size} "
-                           f"H{config.num_attention_heads} V{config.vocab_size}",
-                  "params": sum(p.numel() for p in first.parameters()),
-                  "weights": cfg.checkpoint or "random (seeded)"}
+    c = source.config
+    desc = {"model": f"L{c.num_hidden_layers} D{c.hidden_size} H{c.num_attention_heads} "
+                     f"V{c.vocab_size}",
+            "params": sum(p.numel() for p in source.parameters()),
+            "weights": cfg.checkpoint or "random (seeded)"}
     gen = torch.Generator().manual_seed(cfg.seed + 1)
-    results: list[dict] = []
-    total_steps = len(cfg.prompt_lens) * (1 + cfg.repeats)
-    with Progress(total_steps, "generate", show_progress) as progress:
+    refs, results = {torch.float32: ref32}, []
+    with progress_bar(len(cfg.prompt_lens) * (1 + cfg.repeats), "generate", show_progress) as bar:
         for prompt_len in cfg.prompt_lens:
-            limit = config.max_position_embeddings
-            if prompt_len + cfg.new_tokens > limit:
-                skipped.append({"bench": "generate", "impl": "all",
+            if prompt_len + cfg.new_tokens > c.max_position_embeddings:
+                skipped.append({"bench": "generate", "op": None, "impl": "all",
                                 "reason": f"prompt {prompt_len} + {cfg.new_tokens} new tokens "
-                                          f"exceeds max_position_embeddings {limit}"})
+                                          f"exceeds max_position_embeddings "
+                                          f"{c.max_position_embeddings}"})
                 continue
-            ids = torch.randint(4, config.vocab_size, (cfg.batch, prompt_len),
-                                generator=gen).to(device)
-            rows = run_prompt(models, impls, cfg, ids, device, progress)
-            results += [{**r, **model_desc} for r in rows]
+            bar.set_postfix_str(f"prompt {prompt_len}", refresh=False)
+            ids = torch.randint(4, c.vocab_size, (cfg.batch, prompt_len), generator=gen)
+            results += [{**r, **desc} for r in run_prompt(models, cfg, ids.to(device), device,
+                                                          source, refs, bar)]
     return results, skipped
-
-
-def run_prompt(models, impls, cfg: GenerateConfig, ids, device, progress) -> list[dict]:
-    prompt_len = ids.shape[1]
-    # 1. Agreement, warm-up and peak memory in one untimed run per (implementation, mode): the
-    #    greedy tokens of every implementation are compared per mode.
-    tokens: dict[tuple[str, str], torch.Tensor] = {}
-    memory: dict[tuple[str, str], tuple[int, str]] = {}
-    for mode in cfg.modes:
-        for impl in impls:  # a 2-token warm-up first, so one-time setup is not counted as memory
-            models[impl].generate(ids, min(2, cfg.new_tokens), cache=mode, do_sample=False)
-
-            def once(model=models[impl], mode=mode, impl=impl):
-                graph = {"cuda_graph": True} if graphed(cfg, impl, mode) else {}
-                return model.generate(ids, cfg.new_tokens, cache=mode, do_sample=False, **graph)
-            if cfg.memory:
-                out, nbytes, method = run_with_peak(once, device)
-                memory[(impl, mode)] = (nbytes, method)
-            else:
-                out = once()
-            tokens[(impl, mode)] = out.cpu()
-    valid: dict[tuple[str, str], bool] = {}
-    notes: dict[tuple[str, str], str] = {}
-    for mode in cfg.modes:
-        base = tokens.get(("reference", mode))
-        for impl in impls:
-            t = tokens[(impl, mode)]
-            ok = base is None or torch.equal(t, base)
-            valid[(impl, mode)] = ok
-            if not ok:
-                first = int((t != base).any(dim=0).nonzero()[0]) - prompt_len
-                notes[(impl, mode)] = f"tokens differ from the reference from new token {first}"
-                shout(f"DISAGREEMENT in generate mode={mode} prompt={prompt_len}: {impl} "
-                      f"{notes[(impl, mode)]} — its row is marked invalid")
-    progress.update(1, note=f"prompt {prompt_len}: agreement, memory")
-    # 2. Timing, interleaved.
-    samples = {(impl, mode): {"ttft": [], "steps": [], "total": []}
-               for impl in impls for mode in cfg.modes}
-    order = list(impls)
-    for rep in range(cfg.repeats):
-        for mode in cfg.modes:
-            shift = (rep + cfg.modes.index(mode)) % len(order)
-            for impl in order[shift:] + order[:shift]:
-                _, ttft, steps, total = timed_generate(models[impl], impl, ids, cfg.new_tokens,
-                                                       mode, cfg.cuda_graph)
-                s = samples[(impl, mode)]
-                s["ttft"].append(ttft)
-                s["steps"].append(steps)
-                s["total"].append(total)
-        progress.update(1, note=f"prompt {prompt_len}: repeat {rep + 1}/{cfg.repeats}")
-    rows = []
-    for mode in cfg.modes:
-        for impl in impls:
-            s = samples[(impl, mode)]
-            flat = [x for steps in s["steps"] for x in steps]
-            total_p50 = percentile(s["total"], 50)
-            row = {
-                "bench": "generate", "impl": impl, "mode": mode, "prompt_len": prompt_len,
-                "new_tokens": cfg.new_tokens, "batch": cfg.batch, "dtype": cfg.dtype,
-                "ttft_ms": percentile(s["ttft"], 50),
-                "per_token_ms_p50": percentile(flat, 50) if flat else None,
-                "per_token_ms_p90": percentile(flat, 90) if flat else None,
-                "per_token_ms_p10": percentile(flat, 10) if flat else None,
-                "tokens_per_s": cfg.batch * cfg.new_tokens / (total_p50 / 1e3),
-                "total_ms_p50": total_p50,
-                "ttft_samples_ms": s["ttft"], "step_ms": s["steps"], "total_samples_ms": s["total"],
-                "peak_memory_bytes": memory.get((impl, mode), (None, None))[0],
-                "memory_method": (memory[(impl, mode)][1] + ", extra over the loaded weights")
-                if (impl, mode) in memory else None,
-                "cuda_graph": graphed(cfg, impl, mode),
-                "valid": valid[(impl, mode)], "note": notes.get((impl, mode), ""),
-            }
-            rows.append(row)
-    return rows

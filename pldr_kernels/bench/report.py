@@ -1,91 +1,86 @@
-"""Reporting: the terminal table, the Markdown summary, the JSON file and the PNG plot."""
+"""Rendering a run — the dict ``{"env", "results"}`` that ``--json`` writes — as the terminal
+report, Markdown, or a PNG. Everything here reads only that dict, so a saved JSON file renders the
+same (``pldr-bench --from-json RUN.json --markdown --plot RUN.png``)."""
 from __future__ import annotations
 
 import json
+import re
 import statistics
-import sys
+import textwrap
 from collections.abc import Sequence
 
-# ---------------------------------------------------------------------------------------------
-# Tables
-# ---------------------------------------------------------------------------------------------
 
-
-def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    widths = [max(len(str(h)), *(len(str(r[i])) for r in rows)) if rows else len(str(h))
-              for i, h in enumerate(headers)]
-    def line(cells):
-        return "  ".join(str(c).rjust(w) if i >= 1 and _numeric(c) else str(c).ljust(w)
-                         for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
-    sep = "  ".join("-" * w for w in widths)
-    return "\n".join([line(headers), sep] + [line(r) for r in rows])
-
-
-def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    out = ["| " + " | ".join(headers) + " |",
-           "|" + "|".join("---:" if _numeric(rows[0][i]) else "---" for i in range(len(headers)))
-           + "|" if rows else "|" + "|".join("---" for _ in headers) + "|"]
-    out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
-    return "\n".join(out)
-
-
-def _numeric(cell) -> bool:
-    s = str(cell).replace("x", "").replace("%", "").replace("–", "").replace(".", "")
-    s = s.replace("-", "").replace(" ", "")
-    return s.isdigit()
-
-
-def fmt(x: float | None, digits: int = 3) -> str:
+def fmt(x: float | None) -> str:
     if x is None:
         return "-"
-    if x == 0:
-        return "0"
-    if abs(x) >= 100:
+    if x == 0 or abs(x) >= 100:
         return f"{x:.0f}"
-    if abs(x) >= 10:
-        return f"{x:.1f}"
-    return f"{x:.{digits}g}" if abs(x) < 1 else f"{x:.2f}"
+    return f"{x:.1f}" if abs(x) >= 10 else f"{x:.3g}" if abs(x) < 1 else f"{x:.2f}"
 
 
 def mib(nbytes: float | None) -> str:
     return "-" if nbytes is None else f"{nbytes / 2**20:.1f}"
 
 
+def machine(env: dict) -> str:
+    """The CPU model and thread count (and the GPU) — named by every table."""
+    cpu = f"{env['cpu']}, {env['threads']} threads"
+    return f"{env['device_name']} (host {cpu})" if env["device"].startswith("cuda") else cpu
+
+
+def env_line(env: dict) -> str:
+    build = env.get("build_info", {})
+    return (f"{machine(env)}, torch {env['torch']}, pldr_kernels {env['pldr_kernels']} @ "
+            f"{env['git_commit']} (cpu flags {build.get('cpu_flags', '?')}, cuda kernels "
+            f"{'yes' if build.get('with_cuda') else 'no'})")
+
+
+def _numeric(cell: str) -> bool:
+    return re.fullmatch(r"[\d.–x%-]+( \w+/s)?( \(.*\))?", cell) is not None
+
+
+def table(headers: Sequence[str], rows: list[list[str]], markdown: bool) -> str:
+    if markdown:
+        align = ["---:" if rows and _numeric(c) else "---" for c in rows[0]] if rows else []
+        return "\n".join(["| " + " | ".join(headers) + " |", "|" + "|".join(align) + "|"]
+                         + ["| " + " | ".join(r) + " |" for r in rows])
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+
+    def line(cells):
+        return "  ".join(c.rjust(w) if i and _numeric(c) else c.ljust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+    return "\n".join([line(headers), "  ".join("-" * w for w in widths)] + [line(r) for r in rows])
+
+
 OPS_HEADERS = ("op", "shape", "dtype", "causal", "impl", "p50 ms", "p20–p80 ms", "rate", "x ref",
                "extra MiB", "check")
+GEN_HEADERS = ("impl", "dtype", "mode", "prompt", "new", "TTFT ms", "token p50 ms",
+               "token p90 ms", "tokens/s", "x ref", "peak MiB", "check")
 
 
 def ops_rows(results: list[dict]) -> list[list[str]]:
     rows = []
-    for r in results:
-        if r["bench"] != "ops":
-            continue
-        shape = (f"B{r['B']} L{r['Sk']} H{r['H']} d{r['d']}" if r["op"] == "g_attention_decode"
-                 else f"B{r['B']} S{r['Sq']} H{r['H']} d{r['d']}")
+    for r in (r for r in results if r["bench"] == "ops"):
+        length = f"L{r['Sk']}" if r["op"] == "g_attention_decode" else f"S{r['Sq']}"
         rate = (f"{fmt(r['tflops'])} TFLOP/s" if r.get("tflops") is not None else
-                f"{fmt(r['gbps'])} GB/s" if r.get("gbps") is not None else "-")
+                f"{fmt(r['gbps'])} GB/s" + (f" ({r['copy_fraction']:.0%} of copy)"
+                                            if r.get("copy_fraction") else ""))
         speed = r.get("speedup_vs_reference")
-        rows.append([r["op"], shape, r["dtype"], "yes" if r["causal"] else "no", r["impl"],
-                     fmt(r["time_ms_p50"]), f"{fmt(r['time_ms_p20'])}–{fmt(r['time_ms_p80'])}",
-                     rate, "-" if speed is None else f"{speed:.2f}x",
-                     mib(r.get("peak_extra_bytes")), "ok" if r["valid"] else "INVALID"])
+        rows.append([r["op"], f"B{r['B']} {length} H{r['H']} d{r['d']}", r["dtype"],
+                     "yes" if r["causal"] else "no", r["impl"], fmt(r["time_ms_p50"]),
+                     f"{fmt(r['time_ms_p20'])}–{fmt(r['time_ms_p80'])}", rate,
+                     "-" if speed is None else f"{speed:.2f}x", mib(r.get("peak_extra_bytes")),
+                     "ok" if r["valid"] else "INVALID"])
     return rows
-
-
-GEN_HEADERS = ("impl", "mode", "prompt", "new", "TTFT ms", "token p50 ms", "token p90 ms",
-               "tokens/s", "peak MiB", "check")
 
 
 def generate_rows(results: list[dict]) -> list[list[str]]:
-    rows = []
-    for r in results:
-        if r["bench"] != "generate":
-            continue
-        rows.append([r["impl"], r["mode"], str(r["prompt_len"]), str(r["new_tokens"]),
-                     fmt(r["ttft_ms"]), fmt(r["per_token_ms_p50"]), fmt(r["per_token_ms_p90"]),
-                     fmt(r["tokens_per_s"]), mib(r.get("peak_memory_bytes")),
-                     "ok" if r.get("valid", True) else "INVALID"])
-    return rows
+    return [[r["impl"], r["dtype"], r["mode"], str(r["prompt_len"]), str(r["new_tokens"]),
+             fmt(r["ttft_ms"]), fmt(r["per_token_ms_p50"]), fmt(r["per_token_ms_p90"]),
+             fmt(r["tokens_per_s"]),
+             "-" if r.get("speedup_vs_reference") is None else f"{r['speedup_vs_reference']:.2f}x",
+             mib(r.get("peak_memory_bytes")), "ok" if r["valid"] else "INVALID"]
+            for r in results if r["bench"] == "generate"]
 
 
 def memory_lines(results: list[dict]) -> list[str]:
@@ -100,183 +95,165 @@ def memory_lines(results: list[dict]) -> list[str]:
         if r["peak_extra_bytes"] is None:
             lines.append(f"  {r['impl']:<13} skipped: {r['skip_reason']}")
             continue
-        ratio = r.get("ratio_to_reference")
-        extra = "" if ratio is None or r["impl"] == "reference" else f"  = {ratio:.3f} x reference"
-        if "requirement_met" in r and r["requirement_met"] is not None:
+        ratio, extra = r.get("ratio_to_reference"), ""
+        if ratio is not None and r["impl"] != "reference":
+            extra = f"  = {ratio:.3f} x reference"
+        if r.get("requirement_met") is not None:
             extra += f"  [{'PASS' if r['requirement_met'] else 'FAIL'}: {r['requirement']}]"
         lines.append(f"  {r['impl']:<13} {mib(r['peak_extra_bytes']):>9} MiB{extra}")
     return lines
 
 
 def ordering_lines(results: list[dict]) -> list[str]:
-    """Per implementation: is per-token latency kvg <= kv < none (p50)? One line each."""
-    gen = [r for r in results if r["bench"] == "generate"]
+    """Per implementation and prompt: is the per-token p50 kvg <= kv < none?"""
+    p50: dict[tuple, dict] = {}
+    for r in results:
+        if r["bench"] == "generate":
+            key = (r["impl"], r["dtype"], r["prompt_len"], r["new_tokens"])
+            p50.setdefault(key, {})[r["mode"]] = r["per_token_ms_p50"]
     lines = []
-    for impl in dict.fromkeys(r["impl"] for r in gen):
-        for prompt_len, new_tokens in dict.fromkeys((r["prompt_len"], r["new_tokens"]) for r in gen):
-            p50 = {r["mode"]: r["per_token_ms_p50"] for r in gen
-                   if r["impl"] == impl and r["prompt_len"] == prompt_len
-                   and r["new_tokens"] == new_tokens}
-            if not all(m in p50 for m in ("none", "kv", "kvg")):
-                continue
-            ok = p50["kvg"] <= p50["kv"] < p50["none"]
-            lines.append(f"  {impl:<13} prompt {prompt_len} +{new_tokens}: per-token p50 kvg "
-                         f"{fmt(p50['kvg'])} ms, kv {fmt(p50['kv'])} ms, none {fmt(p50['none'])} ms"
+    for (impl, dtype, plen, new), t in p50.items():
+        if {"none", "kv", "kvg"} <= t.keys():
+            ok = t["kvg"] <= t["kv"] < t["none"]
+            lines.append(f"  {impl:<13} {dtype:<9} prompt {plen} +{new}: per-token p50 kvg "
+                         f"{fmt(t['kvg'])} ms, kv {fmt(t['kv'])} ms, none {fmt(t['none'])} ms"
                          f"  [{'PASS' if ok else 'FAIL'}: kvg <= kv < none]")
     return ["Cache-mode ordering:"] + lines if lines else []
 
 
-def headline_lines(results: list[dict]) -> list[str]:
+def summary_lines(env: dict, results: list[dict]) -> list[str]:
     lines = []
+    for r in results:
+        if r["bench"] == "copy":
+            lines.append(f"Device copy bandwidth: {fmt(r['gbps'])} GB/s ({r['impl']} of "
+                         f"{r['bytes'] >> 20} MiB, read + write)")
+    heads = []
+    longest = max((r["prompt_len"] for r in results if r["bench"] == "generate"), default=0)
     for r in results:
         if r["bench"] == "ops" and r["impl"] == "pldr_kernels" and r.get("best_other"):
-            length = f"L{r['Sk']}" if r["op"] == "g_attention_decode" else f"S{r['Sk']}"
-            lines.append(f"  {r['op']} B{r['B']} {length} {r['dtype']}: pldr_kernels "
-                         f"{r['speedup_vs_reference']:.2f}x reference, "
-                         f"{r['speedup_vs_best_other']:.2f}x {r['best_other']}")
-    gen = {(r["impl"], r["mode"], r["prompt_len"]): r for r in results if r["bench"] == "generate"}
-    for (impl, mode, plen), r in gen.items():
-        ref = gen.get(("reference", mode, plen))
-        if impl == "pldr_kernels" and ref:
-            lines.append(f"  generate {mode} prompt {plen}: pldr_kernels per-token "
-                         f"{ref['per_token_ms_p50'] / r['per_token_ms_p50']:.2f}x reference")
-    return ["Speedups (p50):"] + lines if lines else []
+            vs_ref = r["speedup_vs_reference"]
+            heads.append(f"  {r['op']} B{r['B']} {'L' if 'decode' in r['op'] else 'S'}{r['Sk']} "
+                         f"{r['dtype']}: " + (f"{vs_ref:.2f}x reference, " if vs_ref else "")
+                         + f"{r['speedup_vs_best_other']:.2f}x {r['best_other']}")
+        if r["bench"] == "generate" and r["impl"] == "pldr_kernels" and \
+                r.get("speedup_vs_reference") and r["prompt_len"] == longest:
+            heads.append(f"  generate {r['dtype']} {r['mode']} prompt {r['prompt_len']}: "
+                         f"per token {r['speedup_vs_reference']:.2f}x, TTFT "
+                         f"{r['ttft_speedup_vs_reference']:.2f}x the fp32 reference")
+    lines += ["Speedups of pldr_kernels (p50):"] + heads if heads else []
+    notes = [f"  {r['op']} {r['impl']}: {r['note']}" for r in results if r.get("note")]
+    notes += [f"  {s['bench']} {s.get('op') or ''} / {s['impl']}: {s['reason']}"
+              for s in env.get("skipped", [])]
+    return lines + (["Notes and skipped contestants:"] + notes if notes else [])
 
 
-def note_lines(results: list[dict]) -> list[str]:
-    lines = []
-    for r in results:
-        if r.get("note"):
-            where = (f"ops {r['op']} B{r['B']} S{r['Sk']} {r['dtype']}" if r["bench"] == "ops"
-                     else f"generate {r['mode']} prompt {r['prompt_len']}")
-            lines.append(f"  {where} / {r['impl']}: {r['note']}")
-    return ["Notes:"] + lines if lines else []
-
-
-def skip_lines(skipped: list[dict]) -> list[str]:
-    if not skipped:
-        return []
-    lines = ["Skipped:"]
-    for s in skipped:
-        where = s["bench"] + (f" {s['op']}" if s.get("op") else "")
-        lines.append(f"  {where} / {s['impl']}: {s['reason']}")
-    return lines
-
-
-def env_line(env: dict) -> str:
-    build = env.get("build_info", {})
-    return (f"{env['device_name']} ({env['device']}), {env['threads']} threads, torch {env['torch']}, "
-            f"pldr_kernels {env['pldr_kernels']} @ {env['git_commit']} "
-            f"(cpu flags {build.get('cpu_flags', '?')}, cuda kernels "
-            f"{'yes' if build.get('with_cuda') else 'no'})")
-
-
-def terminal_report(env: dict, results: list[dict]) -> str:
-    parts = [env_line(env)]
+def render(data: dict, markdown: bool = False) -> str:
+    env, results = data["env"], data["results"]
+    if markdown:
+        parts = [f"Measured with `{' '.join(['pldr-bench', *env['argv'][1:]])}` on "
+                 f"{env_line(env)}, {env['time_utc']}; {env['wall_s']:.0f} s of wall time. Times "
+                 "are medians (p50) over interleaved repeats; p20–p80 shows the spread."]
+    else:
+        parts = [env_line(env)]
     if any(r["bench"] == "ops" for r in results):
-        parts += ["", format_table(OPS_HEADERS, ops_rows(results))]
-    mem = memory_lines(results)
-    if mem:
-        parts += [""] + mem
-    if any(r["bench"] == "generate" for r in results):
-        g0 = next(r for r in results if r["bench"] == "generate")
-        parts += ["", f"generate: model {g0.get('model', '?')} ({g0.get('params', 0) / 1e6:.1f}M "
-                      f"parameters, {g0.get('weights', '?')} weights), {g0['dtype']}, batch "
-                      f"{g0['batch']}, greedy", format_table(GEN_HEADERS, generate_rows(results))]
-    for extra in (ordering_lines(results), headline_lines(results), note_lines(results),
-                  skip_lines(env.get("skipped", []))):
-        if extra:
-            parts += [""] + extra
-    return "\n".join(parts)
-
-
-def markdown_report(env: dict, results: list[dict]) -> str:
-    parts = [f"Measured with `{' '.join(['pldr-bench'] + list(env.get('argv', [])[1:]))}` on "
-             f"{env_line(env)}, {env.get('time_utc', '')}. Times are medians (p50) over interleaved "
-             "repeats; p20–p80 shows the spread."]
-    if any(r["bench"] == "ops" for r in results):
-        parts += ["", "**Ops**", "", markdown_table(OPS_HEADERS, ops_rows(results))]
-    mem = memory_lines(results)
-    if mem:
-        parts += ["", "```", *mem, "```"]
-    if any(r["bench"] == "generate" for r in results):
-        g0 = next(r for r in results if r["bench"] == "generate")
-        parts += ["", f"**Generation** ({g0.get('model', '?')}, {g0.get('params', 0) / 1e6:.1f}M "
-                      f"parameters, {g0.get('weights', '?')} weights, {g0['dtype']}, batch "
-                      f"{g0['batch']}, greedy)", "",
-                  markdown_table(GEN_HEADERS, generate_rows(results))]
-    extra = (ordering_lines(results) + headline_lines(results) + note_lines(results)
-             + skip_lines(env.get("skipped", [])))
-    extra += [f"Warning: {w}" for w in env.get("warnings", [])]
+        parts += ["", f"{'**Ops**' if markdown else 'Ops'} on {machine(env)}:", "",
+                  table(OPS_HEADERS, ops_rows(results), markdown)]
+    gen = [r for r in results if r["bench"] == "generate"]
+    if gen:
+        g = gen[0]
+        parts += ["", f"{'**Generation**' if markdown else 'Generation'} ({g['model']}, "
+                      f"{g['params'] / 1e6:.1f}M parameters, {g['weights']} weights, batch "
+                      f"{g['batch']}, greedy; x ref = per-token speedup over the fp32 "
+                      f"reference) on {machine(env)}:", "",
+                  table(GEN_HEADERS, generate_rows(results), markdown)]
+    extra = (memory_lines(results) + ordering_lines(results) + summary_lines(env, results)
+             + [f"WARNING: {w}" for w in env.get("warnings", [])])
+    if any(not r.get("valid", True) for r in results):
+        extra.append("WARNING: some rows are INVALID (contestants disagreed; see the messages)")
     if extra:
-        parts += ["", "```", *extra, "```"]
+        parts += [""] + (["```", *extra, "```"] if markdown else extra)
     return "\n".join(parts) + "\n"
 
 
-def write_json(path: str, env: dict, results: list[dict]) -> None:
-    with open(path, "w") as f:
-        json.dump({"env": env, "results": results}, f, indent=1, default=str)
+def load(path: str) -> dict:
+    with open(path) as f:
+        return json.load(f)
 
 
-# ---------------------------------------------------------------------------------------------
-# Plot
-# ---------------------------------------------------------------------------------------------
-MATPLOTLIB_HINT = ("--plot needs matplotlib, which is not installed: `pip install matplotlib` "
-                   "(into this environment: `{python} -m pip install matplotlib`)")
+# ---- the plot ----------------------------------------------------------------------------------
+MODE_COLOURS = {"none": "tab:red", "kv": "tab:blue", "kvg": "tab:green"}
+IMPL_STYLES = ["-", "--", ":", "-."]
 
 
-def write_plot(path: str, env: dict, results: list[dict]) -> bool:
-    """Latency against sequence length: generation per (implementation, mode) from the per-step
-    samples, and prefill time per contestant from the ops sweep. False if matplotlib is missing."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print(MATPLOTLIB_HINT.format(python=sys.executable), file=sys.stderr)
-        return False
+def write_plot(path: str, data: dict) -> None:
+    """Generation: per-token latency against the sequence length, and time to first token against
+    the prompt length (colour = cache mode, line style = implementation); the ops sweep: prefill
+    time against S per contestant."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    env, results = data["env"], data["results"]
     gen = [r for r in results if r["bench"] == "generate"]
     pre = [r for r in results if r["bench"] == "ops" and r["op"] == "g_attention"]
-    panels = [p for p in (("gen", gen), ("pre", pre)) if p[1]]
-    if not panels:
-        print("--plot: no generate or g_attention results to plot", file=sys.stderr)
-        return False
-    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.6), squeeze=False)
-    styles = {"none": ":", "kv": "--", "kvg": "-"}
-    for ax, (kind, rows) in zip(axes[0], panels):
-        if kind == "gen":
-            for r in rows:
-                steps = r.get("step_ms") or []
-                if not steps:
-                    continue
-                n = min(len(s) for s in steps)
-                med = [statistics.median(s[i] for s in steps) for i in range(n)]
-                xs = [r["prompt_len"] + 1 + i for i in range(n)]
-                ax.plot(xs, med, styles.get(r["mode"], "-"), marker="." if n < 40 else None,
-                        label=f"{r['impl']} {r['mode']} (prompt {r['prompt_len']})")
-            ax.set_xlabel("sequence length at the step (tokens)")
-            ax.set_ylabel("per-token latency, median over repeats (ms)")
-            ax.set_title("generate: latency per decode step")
-        else:
-            groups: dict[tuple, list] = {}
-            for r in rows:
-                groups.setdefault((r["impl"], r["dtype"], r["causal"], r["B"]), []).append(r)
-            for (impl, dtype, causal, B), rs in groups.items():
-                rs = sorted(rs, key=lambda r: r["Sq"])
-                ax.errorbar([r["Sq"] for r in rs], [r["time_ms_p50"] for r in rs],
-                            yerr=[[r["time_ms_p50"] - r["time_ms_p20"] for r in rs],
-                                  [r["time_ms_p80"] - r["time_ms_p50"] for r in rs]],
-                            marker="o", capsize=3,
-                            label=f"{impl} {dtype}{' causal' if causal else ''} B{B}")
-            ax.set_xscale("log", base=2)
-            ax.set_xlabel("sequence length S")
-            ax.set_ylabel("time p50 (ms), bars p20–p80")
-            ax.set_title("g_attention prefill")
+    if not gen and not pre:
+        raise ValueError("nothing to plot: the run has no generate or g_attention results")
+    n = 2 * bool(gen) + bool(pre)
+    fig, axes = plt.subplots(1, n, figsize=(5.2 * n + 2.2, 4.8), layout="constrained",
+                             squeeze=False)
+    axes = list(axes[0])
+    impls = list(dict.fromkeys(f"{r['impl']} {r['dtype']}" for r in gen))
+    style = {name: IMPL_STYLES[i % len(IMPL_STYLES)] for i, name in enumerate(impls)}
+    if gen:
+        steps_ax, ttft_ax = axes.pop(0), axes.pop(0)
+        for r in gen:
+            impl, colour = f"{r['impl']} {r['dtype']}", MODE_COLOURS.get(r["mode"], "black")
+            k = min(len(s) for s in r["step_ms"])
+            med = [statistics.median(s[i] for s in r["step_ms"]) for i in range(k)]
+            steps_ax.plot([r["prompt_len"] + 1 + i for i in range(k)], med, style[impl],
+                          color=colour, lw=1.6)
+        for (impl, mode) in dict.fromkeys((f"{r['impl']} {r['dtype']}", r["mode"]) for r in gen):
+            rs = sorted((r for r in gen if f"{r['impl']} {r['dtype']}" == impl
+                         and r["mode"] == mode), key=lambda r: r["prompt_len"])
+            ttft_ax.plot([r["prompt_len"] for r in rs], [r["ttft_ms"] for r in rs], style[impl],
+                         color=MODE_COLOURS.get(mode, "black"), marker="o", ms=4, lw=1.4)
+        steps_ax.set(title="Per-token latency as the context grows",
+                     xlabel="tokens in the sequence at the step",
+                     ylabel="ms per token (median over repeats)")
+        ttft_ax.set(title="Time to first token (prefill)", xlabel="prompt length (tokens)",
+                    ylabel="ms (median over repeats)")
+        handles = [Line2D([], [], color=c, lw=2, label=f"cache {m}")
+                   for m, c in MODE_COLOURS.items() if any(r["mode"] == m for r in gen)]
+        handles += [Line2D([], [], color="black", ls=style[i], lw=1.6, label=i) for i in impls]
+        fig.legend(handles=handles, loc="outside right upper", fontsize=8,
+                   title="colour: cache mode\nline: implementation", title_fontsize=8)
+    if pre:
+        ax = axes.pop(0)
+        colour = {i: f"C{n}" for n, i in enumerate(dict.fromkeys(r["impl"] for r in pre))}
+        dtypes = list(dict.fromkeys(r["dtype"] for r in pre))
+        for key in dict.fromkeys((r["impl"], r["dtype"], r["causal"], r["B"]) for r in pre):
+            rs = sorted((r for r in pre if (r["impl"], r["dtype"], r["causal"], r["B"]) == key),
+                        key=lambda r: r["Sq"])
+            ax.errorbar([r["Sq"] for r in rs], [r["time_ms_p50"] for r in rs],
+                        yerr=[[r["time_ms_p50"] - r["time_ms_p20"] for r in rs],
+                              [r["time_ms_p80"] - r["time_ms_p50"] for r in rs]],
+                        color=colour[key[0]], ls=IMPL_STYLES[dtypes.index(key[1]) % 4],
+                        marker="os^v"[dtypes.index(key[1]) % 4], ms=4, capsize=3,
+                        label=f"{key[0]} {key[1]}{' causal' if key[2] else ''} B{key[3]}")
+        ax.set_xscale("log", base=2)
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.set(title="g_attention prefill", xlabel="sequence length S",
+               ylabel="ms, p50 (bars p20–p80)")
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(0, -0.16), ncol=2, frameon=False)
+    for ax in fig.axes:
         ax.set_yscale("log")
+        ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.yaxis.set_minor_formatter(NullFormatter())
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.suptitle(env_line(env), fontsize=8)
-    fig.tight_layout()
+    fig.suptitle("\n".join(textwrap.wrap(f"pldr-bench on {env_line(env)}, {env['time_utc']}",
+                                         110)), fontsize=9)
     fig.savefig(path, dpi=120)
     plt.close(fig)
-    return True
