@@ -16,12 +16,12 @@ H200_ARCHS ?= 9.0a
 WHEEL_DIR ?= .whl
 export MAX_JOBS ?= 2
 
-.PHONY: setup build test lint emu-tsan bench bench-suite cuda-check cuda-build h200-wheel clean
+.PHONY: setup build test lint emu-tsan bench bench-full cuda-check cuda-build h200-wheel clean
 
 $(VENV)/.installed:
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip "setuptools>=70" wheel
-	$(PY) -m pip install -q torch==$(TORCH_VERSION) numpy ninja pytest pytest-benchmark safetensors matplotlib tqdm ruff
+	$(PY) -m pip install -q torch==$(TORCH_VERSION) numpy ninja pytest safetensors matplotlib tqdm ruff
 	touch $@
 
 setup: $(VENV)/.installed
@@ -47,8 +47,12 @@ emu-tsan: build
 bench: build
 	$(PY) -m pldr_kernels.bench --quick
 
-bench-suite: build
-	$(PY) -m pytest -q benchmarks --benchmark-only
+# The full sweeps; JSON is the record, Markdown and PNG are rendered from it (also later, with
+# `pldr-bench --from-json bench_out/full.json --markdown --plot X.png`).
+bench-full: build
+	mkdir -p bench_out
+	$(PY) -m pldr_kernels.bench --json bench_out/full.json --markdown bench_out/full.md \
+	  --plot bench_out/full.png
 
 # Real nvcc builds of the CUDA kernels, each in a copy of the tree so the CPU build here is untouched
 # (measured here with MAX_JOBS=1: about 7 min on a fresh machine, 5-8 once the venvs exist):

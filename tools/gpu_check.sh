@@ -42,8 +42,19 @@ ARCHS=9.0a  # the H200; the carried wheel is built for the same (make cuda-check
 QUICK_FLAG=$([ "${QUICK:-1}" = 1 ] && echo --quick)
 bench_runs() {  # calls "$1" NAME ARGS... for each benchmark run: python -m pldr_kernels.bench ARGS
   local each=$1
-  $each pldr_bench_ops ops --device cuda $QUICK_FLAG --json "$OUT/pldr_bench_ops.json"
-  $each pldr_bench_generate generate --device cuda $QUICK_FLAG --json "$OUT/pldr_bench_generate.json"
+  $each pldr_bench_ops ops --device cuda $QUICK_FLAG --no-progress --json "$OUT/pldr_bench_ops.json"
+  $each pldr_bench_generate generate --device cuda $QUICK_FLAG --no-progress \
+    --json "$OUT/pldr_bench_generate.json"
+  [ "${QUICK:-1}" = 1 ] && return 0
+  # QUICK=0: the focused sweeps (prefill vs every SDPA backend, decode vs copy bandwidth, metric).
+  $each bench_prefill_cuda ops --device cuda --ops g_attention --batch 1 2 4 8 16 \
+    --seqlens 1024 2048 4096 8192 --dtypes bfloat16 --contestants pldr_kernels 'sdpa_*' \
+    --repeats 30 --no-progress --json "$OUT/bench_prefill_cuda.json"
+  $each bench_decode_cuda ops --device cuda --ops g_attention_decode --batch 1 8 \
+    --cache-lens 1024 16384 131072 --dtypes bfloat16 --repeats 50 --no-progress \
+    --json "$OUT/bench_decode_cuda.json"
+  $each bench_metric_cuda ops --device cuda --ops metric_tensors --seqlens 1024 \
+    --dtypes bfloat16 float32 --repeats 50 --no-progress --json "$OUT/bench_metric_cuda.json"
 }
 # Internal entry points, run as their own process so that a step's time limit can stop them.
 if [ "${1:-}" = __install ]; then
