@@ -73,6 +73,20 @@ EXCLUDED: dict[tuple[str, str], str] = {
 }
 
 
+# What a backend guarantees beyond the rule of pldr_kernels.testing; the tests assert these as
+# extra, named checks (``backend.guarantees(name)``), never as a silently different bound.
+EXTRA_GUARANTEES: dict[tuple[str, str], str] = {
+    ("cpu", "g_attention lse at the fp32 rule"):
+        "the CPU kernel computes in fp32 throughout (q·G, scores and P·V on K/V tiles converted "
+        "to fp32, csrc/cpu/g_attention_cpu.cpp), so lse, which depends on the inputs through the "
+        "scores only, meets the fp32 rule for bf16/fp16 inputs too; CUDA rounds q·G to the input "
+        "dtype for the tensor cores, and its lse meets the peer rule",
+    ("cpu", "metric_tensors G from A"):
+        "the CPU kernel sums W·A in fp64, so steps 9-12 from its own A meet the fp32 rule at once "
+        "and G end to end stays within 2x PyTorch-fp32 (testing.check_metric_g_from_a)",
+}
+
+
 class EmulatorCannotExpress(NotImplementedError):
     """The emulator driver of an op cannot take these arguments (see the module doc)."""
 
@@ -104,6 +118,15 @@ def _emu_skip_reason(op: str) -> str | None:
     return None
 
 
+def _same_layout_on(t: Tensor, device: str) -> Tensor:
+    """``t`` on ``device`` as the same view of a copy of its whole storage (``Tensor.to`` would
+    make a strided view with gaps contiguous)."""
+    if t.device.type == torch.device(device).type:
+        return t
+    storage = torch.empty(0, dtype=t.dtype, device=t.device).set_(t.untyped_storage())
+    return storage.to(device).as_strided(t.shape, t.stride(), t.storage_offset())
+
+
 # --------------------------------------------------------------------------------------------
 # Backends
 # --------------------------------------------------------------------------------------------
@@ -118,6 +141,19 @@ class Backend:
     def __str__(self) -> str:
         return self.name
 
+    def runs(self, prop: str) -> bool:
+        """Whether this backend runs property ``prop`` (see ``EXCLUDED``)."""
+        return (self.name, prop) not in EXCLUDED
+
+    def guarantees(self, name: str) -> bool:
+        """Whether this backend promises the extra ``name`` (see ``EXTRA_GUARANTEES``)."""
+        return (self.name, name) in EXTRA_GUARANTEES
+
+    def sized(self, tiny, medium):
+        """``tiny`` on a backend that runs only tiny cases (the emulator), else ``medium``: for
+        a property whose shape only needs to cross tile boundaries."""
+        return tiny if self.max_size == "tiny" else medium
+
     def fits(self, size: str) -> bool:
         """Whether a case of ``size`` (one of ``SIZES``) is run on this backend."""
         return SIZES.index(size) <= SIZES.index(self.max_size)
@@ -127,8 +163,9 @@ class Backend:
                 "emu": _emu_skip_reason}[self.name](op)
 
     def to(self, *tensors):
-        """The tensors moved to this backend's device (None stays None); one tensor → itself."""
-        moved = tuple(None if t is None else t.to(self.device) for t in tensors)
+        """The tensors on this backend's device with their exact layout (strides, storage
+        offset, so also 16-byte misalignment); None stays None; one tensor → itself."""
+        moved = tuple(None if t is None else _same_layout_on(t, self.device) for t in tensors)
         return moved[0] if len(moved) == 1 else moved
 
     # The ops, with their dispatcher signatures.
@@ -195,6 +232,25 @@ def backend_cases(op: str, cases, prop: str | None = None, *, only=None):
         for c in cases:
             if b.fits(c.size):
                 out.append(pytest.param(b, c, id=f"{b.name}-{c.id}", marks=_marks(b, op)))
+    return out
+
+
+# Property tests on the emulator take one 16-bit dtype: fp16 and bf16 run the same tensor-core
+# kernel (a type tag), and the case tables cover fp16 there.
+EMU_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def backend_dtypes(op: str, dtypes, prop: str | None = None, *, only=None):
+    """``pytest.param(backend, dtype)`` for every backend (as :func:`backends`) and dtype, the
+    emulator taking only ``EMU_DTYPES``; ids ``<backend>-<dtype>``."""
+    names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+    out = []
+    for b in BACKENDS:
+        if (only is not None and b.name not in only) or (b.name, prop) in EXCLUDED:
+            continue
+        for dt in dtypes:
+            if b.name != "emu" or dt in EMU_DTYPES:
+                out.append(pytest.param(b, dt, id=f"{b.name}-{names[dt]}", marks=_marks(b, op)))
     return out
 
 
