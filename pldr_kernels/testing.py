@@ -282,8 +282,8 @@ def check_g_attention(out: Tensor, lse: Tensor | None, q: Tensor, k: Tensor, v: 
     empty = torch.isneginf(ref_lse.cpu())
     if bool(empty.any()):
         rows_zero = bool((out.detach().cpu().permute(0, 2, 1, 3)[empty] == 0).all())
-        parts.append(Verdict("rows without a visible key", rows_zero, 0.0 if rows_zero else math.inf,
-                             0.0, "exactly 0 (and lse -inf)"))
+        parts.append(Verdict("rows without a visible key", rows_zero,
+                             0.0 if rows_zero else math.inf, 0.0, "exactly 0 (and lse -inf)"))
     return Verdict.combine("g_attention", parts)
 
 

@@ -112,7 +112,7 @@ def _cpu_skip_reason(op: str) -> str | None:
     return None
 
 
-def _emu_skip_reason(op: str) -> str | None:
+def _emu_skip_reason(op: str | None = None) -> str | None:
     if not harness.have_compiler():
         return f"no C++ compiler ({harness.CXX}) to build the CUDA emulator drivers"
     return None
@@ -200,6 +200,12 @@ CUDA = Backend("cuda", "cuda", "large", checks_cache_bounds_on_host=False,
 EMU = EmulatedBackend("emu", "cpu", "tiny", checks_cache_bounds_on_host=False,
                       marks=(pytest.mark.emulation,))
 BACKENDS = (CPU, CUDA, EMU)
+
+
+# For tests of the emulator itself (tests/test_emu_mma.py, tests/test_emu_shim.py).
+EMULATOR_MARKS = [pytest.mark.emulation,
+                  pytest.mark.skipif(_emu_skip_reason() is not None,
+                                     reason=_emu_skip_reason() or "")]
 
 
 def infer_device() -> str:

@@ -38,5 +38,7 @@ def i32(values, device="cpu") -> Tensor:
 
 def same_bits(a: Tensor, b: Tensor) -> bool:
     """Bitwise equality that also holds for NaN entries (garbage cache rows are NaN)."""
-    return a.shape == b.shape and a.dtype == b.dtype and torch.equal(
-        a.detach().cpu().contiguous().view(torch.uint8), b.detach().cpu().contiguous().view(torch.uint8))
+    def raw(t):
+        return t.detach().cpu().contiguous().view(torch.uint8)
+
+    return a.shape == b.shape and a.dtype == b.dtype and torch.equal(raw(a), raw(b))

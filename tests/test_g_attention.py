@@ -98,7 +98,8 @@ CASES = _unique([
     *(Case(1, 1025, 1025, 2, 64, dtype, causal, "shared")
       for dtype, causal in itertools.product(DTYPES, (False, True))),
     *(Case(2, 33, 70, 2, 64, dtype, True, scale=0.3) for dtype in DTYPES),
-    *(Case(2, 50, 200, 2, 64, torch.float32, causal, "shared", "holes") for causal in (False, True)),
+    *(Case(2, 50, 200, 2, 64, torch.float32, causal, "shared", "holes")
+      for causal in (False, True)),
     # Tiny enough for the emulator: partial tiles, Sq > Sk (early rows see no key), one query
     # row, G in two chunks with four key tiles at d = 128, a negative scale (the softmax max is
     # taken after scaling, so any finite scale works).
@@ -310,7 +311,8 @@ def _randn(a, *shape):
 BAD_INPUTS = {
     "q_dtype_double": (lambda a: a.update(q=a["q"].double()), "q must be float32"),
     "q_int": (lambda a: a.update(q=a["q"].int()), "q must be float32"),
-    "k_dtype_mismatch": (lambda a: a.update(k=a["k"].half()), "q, k and v must have the same dtype"),
+    "k_dtype_mismatch": (lambda a: a.update(k=a["k"].half()),
+                         "q, k and v must have the same dtype"),
     "v_dtype_mismatch": (lambda a: a.update(v=a["v"].bfloat16()),
                          "q, k and v must have the same dtype"),
     "q_rank": (lambda a: a.update(q=a["q"][0]), "q must be a 4-D tensor"),

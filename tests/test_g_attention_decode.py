@@ -21,8 +21,8 @@ from pldr_kernels.testing import (
     check_g_attention_decode,
     compare,
     g_attention_peer,
-    random_g,
     randn,
+    random_g,
 )
 
 OP = "g_attention_decode"
@@ -131,7 +131,8 @@ CASES = list({c.id: c for c in [
            splits, size="large")
       for dt, d, splits, (Sn, append) in itertools.product(
           DTYPES, (64, 128), (1, 3, 0), [(1, True), (3, True), (3, False), (6, True)])),
-    *(Case(torch.bfloat16, 64, 14, 8192, 1, (8191,), G=g, size="large") for g in ("none", "shared")),
+    *(Case(torch.bfloat16, 64, 14, 8192, 1, (8191,), G=g, size="large")
+      for g in ("none", "shared")),
 ]}.values())
 
 
@@ -408,7 +409,8 @@ BAD_INPUTS = {
                     r"q.shape\[-1\] \(head dim d\) must be 64 or 128, got 96"),
     "k_cache_heads": (lambda a: a.update(k_cache=_randn(a, 2, 8, 3, 64)),
                       r"k_cache.shape\[2\] \(heads\)"),
-    "v_cache_shape": (lambda a: a.update(v_cache=_randn(a, 2, 9, 2, 64)), "v_cache must have shape"),
+    "v_cache_shape": (lambda a: a.update(v_cache=_randn(a, 2, 9, 2, 64)),
+                      "v_cache must have shape"),
     "q_last_dim_strided": (lambda a: a.update(q=_randn(a, 2, 1, 2, 128)[..., ::2]),
                            "q must be contiguous in its last dimension"),
     "k_cache_last_dim_strided": (lambda a: a.update(k_cache=_randn(a, 2, 8, 2, 128)[..., ::2]),
