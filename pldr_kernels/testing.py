@@ -2,9 +2,10 @@
 
 The tests, the benchmark harness and users checking their own integration use the same pieces:
 
-* **inputs** — ``random_attention_inputs``, ``random_g``, ``make_metric_weights``, ``metric_args``:
-  realistic data (a G near the identity, xavier-initialised metric-learner weights with power
-  exponents of both signs), not degenerate values;
+* **inputs** — ``random_attention_inputs``, ``random_g``, ``random_kv_cache``,
+  ``make_metric_weights``, ``metric_args``: realistic data (a G near the identity, caches whose
+  unused rows are NaN, xavier-initialised metric-learner weights with power exponents of both
+  signs), not degenerate values;
 * **peers** — one same-dtype PyTorch formulation per op (``g_attention_peer``,
   ``g_attention_decode_peer``, ``metric_tensors_peer``): what a user would write in plain PyTorch
   in the kernel's dtype; its error against fp64 sets the bound for low-precision kernels;
@@ -165,6 +166,22 @@ def random_g(B: int, H: int, d: int, device="cpu", generator=None) -> Tensor:
     the same G on every device."""
     noise = torch.randn(B, H, d, d, generator=generator).to(device)
     return (torch.eye(d, device=device) + 0.3 * noise / math.sqrt(d)).float()
+
+
+def random_kv_cache(B: int, Smax: int, H: int, d: int, lens: Sequence[int],
+                    dtype=torch.float32, starts: Sequence[int] | None = None,
+                    fill: float = math.nan, device="cpu",
+                    generator=None) -> tuple[Tensor, Tensor]:
+    """``k_cache, v_cache [B,Smax,H,d]`` for ``g_attention_decode``: row b holds standard normal
+    keys/values in ``[starts[b], lens[b])`` and ``fill`` elsewhere (NaN by default, so a kernel
+    that reads a row it must not shows it in its output)."""
+    k_cache = torch.full((B, Smax, H, d), fill).to(dtype)
+    v_cache = torch.full((B, Smax, H, d), fill).to(dtype)
+    for b, n in enumerate(lens):
+        s0 = 0 if starts is None else starts[b]
+        k_cache[b, s0:n] = randn((n - s0, H, d), dtype, generator=generator)
+        v_cache[b, s0:n] = randn((n - s0, H, d), dtype, generator=generator)
+    return k_cache.to(device), v_cache.to(device)
 
 
 def make_metric_weights(d: int = 64, H: int = 14, R: int = NUM_RESLAYER_A, Gd: int = NUM_DENSE_A,

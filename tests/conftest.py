@@ -27,8 +27,9 @@ def device():
 
 
 def pytest_report_header(config):
-    import pldr_kernels.__main__ as m
     from backends import BACKENDS
+
+    import pldr_kernels.__main__ as m
 
     lines = m.report().splitlines()
     for b in BACKENDS:

@@ -387,6 +387,8 @@ def sample_inputs(device):
         "bf16-Gshared": ((q.bfloat16(), k.bfloat16(), v.bfloat16()),
                          dict(G=random_g(1, 2, 64, device=device), causal=True)),
         "strided-d128": ((fused[:, :, 0], fused[:, :, 1], fused[:, :, 2]), dict(causal=False)),
+        "bf16-G-mask-causal": ((q.bfloat16(), k.bfloat16(), v.bfloat16(),
+                                random_g(2, 2, 64, device=device), mask, True, None), {}),
     }
 
 

@@ -23,6 +23,7 @@ from pldr_kernels.testing import (
     g_attention_peer,
     randn,
     random_g,
+    random_kv_cache,
 )
 
 OP = "g_attention_decode"
@@ -51,10 +52,17 @@ def check_step(out, k_after, v_after, q, k_cache, v_cache, lens, k_new=None, v_n
 def run_step(backend, q, k_cache, v_cache, lens, k_new=None, v_new=None, starts=None, G=None,
              scale=None, num_splits=0):
     """The step on ``backend`` from CPU inputs; returns ``(out, k_cache, v_cache)`` after it (the
-    arguments are not modified)."""
+    arguments are not modified). The append must happen in place: same storage after the step;
+    and on the emulator, whose driver reports it, an explicit split count must be the one used."""
     kc, vc = backend.to(k_cache.clone(), v_cache.clone())
-    out = backend.g_attention_decode(backend.to(q), kc, vc, *backend.to(lens, k_new, v_new, starts,
-                                                                        G), scale, num_splits)
+    ptrs = kc.data_ptr(), vc.data_ptr()
+    args = (backend.to(q), kc, vc, *backend.to(lens, k_new, v_new, starts, G), scale, num_splits)
+    if backend is EMU:
+        out, used = emu_g_attention_decode(*args)
+        assert num_splits == 0 or used == num_splits, f"asked {num_splits} splits, used {used}"
+    else:
+        out = backend.g_attention_decode(*args)
+    assert (kc.data_ptr(), vc.data_ptr()) == ptrs, "the caches must be appended in place"
     return out, kc.cpu(), vc.cpu()
 
 
@@ -94,11 +102,8 @@ class Case:
         gen = generator(self.id)
         B, Sn, H, d = self.B, self.Sn, self.H, self.d
         q = randn((B, Sn, H, d), self.dtype, generator=gen)
-        k_cache, v_cache = nan_cache(B, self.Smax, H, d, self.dtype)
-        for b, n in enumerate(self.lens):
-            s0 = 0 if self.starts is None else self.starts[b]
-            k_cache[b, s0:n] = randn((n - s0, H, d), self.dtype, generator=gen)
-            v_cache[b, s0:n] = randn((n - s0, H, d), self.dtype, generator=gen)
+        k_cache, v_cache = random_kv_cache(B, self.Smax, H, d, self.lens, self.dtype, self.starts,
+                                           generator=gen)
         k_new = v_new = None
         if self.append:
             k_new, v_new = (randn((B, Sn, H, d), self.dtype, generator=gen) for _ in range(2))
@@ -199,10 +204,7 @@ def test_left_padded_row_with_cache_start_equals_row_alone(backend, dtype):
     """Row 1 is left-padded by 7 garbage rows: with cache_start it equals the row run alone
     without the padding."""
     H, d, Smax, pad, L0 = 2, 64, 48, 7, 30
-    k_cache, v_cache = nan_cache(2, Smax, H, d, dtype)
-    k_cache[0, :L0], v_cache[0, :L0] = randn((L0, H, d), dtype), randn((L0, H, d), dtype)
-    k_cache[1, pad:L0], v_cache[1, pad:L0] = randn((L0 - pad, H, d), dtype), randn((L0 - pad, H, d),
-                                                                                   dtype)
+    k_cache, v_cache = random_kv_cache(2, Smax, H, d, [L0, L0], dtype, starts=[0, pad])
     lens, starts = i32([L0, L0]), i32([0, pad])
     q, k_new, v_new = (randn((2, 1, H, d), dtype) for _ in range(3))
     G = random_g(2, H, d)
@@ -237,8 +239,7 @@ def test_num_splits_agree(backend, case):
     dtype's rounding."""
     dtype, Sn = case.dtype, case.Sn
     H, d, L = 1, 64, backend.sized(100, 1000)
-    k_cache, v_cache = nan_cache(1, L + 24, H, d, dtype)
-    k_cache[:, :L], v_cache[:, :L] = randn((1, L, H, d), dtype), randn((1, L, H, d), dtype)
+    k_cache, v_cache = random_kv_cache(1, L + 24, H, d, [L], dtype)
     lens, q, G = i32([L]), randn((1, Sn, H, d), dtype), random_g(1, H, d)
     outs = []
     # 7 splits of 100 keys leave some empty on the emulator; 1000 (clamped) costs it ~30 s.
@@ -558,22 +559,20 @@ def test_cuda_graph_replays_with_new_lengths(backend):
 
 
 # --------------------------------------------------------------------------------------------
-# What only the emulator shows: its driver reports the split count and can turn off the vector
-# loads, which the op does not expose.
+# What only the emulator shows: its driver reports the split count it used and can turn off the
+# vector loads, which the op does not expose.
 # --------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("backend", backends(OP, only=("emu",)))
-def test_emu_split_counts(backend):
-    """Explicit counts are used as given; auto splits a long cache at small batch, and its
-    choice depends on the shapes only, not on cache_seqlens (CUDA-graph capture)."""
-    case = next(c for c in CASES if c.size == "tiny" and c.splits == 3)
-    q, k_cache, v_cache, lens, k_new, v_new, starts, G = case.inputs()
-    assert emu_g_attention_decode(q, k_cache.clone(), v_cache.clone(), lens, k_new, v_new, starts,
-                                  G, None, 3)[1] == 3
+def test_emu_auto_splits(backend):
+    """Auto (num_splits = 0) splits a long cache at small batch, and its choice depends on the
+    shapes only, not on cache_seqlens (CUDA-graph capture). (Explicit counts: run_step.)"""
     B, H, d, Smax = 1, 2, 64, 200
     q = randn((B, 1, H, d))
     k_cache, v_cache = randn((B, Smax, H, d)), randn((B, Smax, H, d))
     used = {emu_g_attention_decode(q, k_cache, v_cache, i32([n]))[1] for n in (1, 150)}
     assert len(used) == 1 and used.pop() > 1
+    two_rows = next(c for c in CASES if c.size == "tiny" and c.Smax == 130)
+    assert emu_g_attention_decode(*two_rows.inputs())[1] > 1
 
 
 @pytest.mark.parametrize("backend", backends(OP, only=("emu",)))
