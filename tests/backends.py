@@ -214,6 +214,12 @@ def infer_device() -> str:
     return "cuda" if CUDA.skip_reason("g_attention") is None else "cpu"
 
 
+def needs_cuda_kernels(op: str, why: str):
+    """Skip mark for a test that needs this build's CUDA kernels of ``op`` on a visible GPU."""
+    reason = CUDA.skip_reason(op)
+    return pytest.mark.skipif(reason is not None, reason=f"{why} needs CUDA kernels: {reason}")
+
+
 def _marks(backend: Backend, op: str, extra=()) -> list:
     reason = backend.skip_reason(op)
     return [*backend.marks, *extra, pytest.mark.skipif(reason is not None, reason=reason or "")]

@@ -4,6 +4,7 @@ comparison."""
 from __future__ import annotations
 
 import zlib
+from types import SimpleNamespace
 
 import torch
 
@@ -42,3 +43,13 @@ def same_bits(a: Tensor, b: Tensor) -> bool:
         return t.detach().cpu().contiguous().view(torch.uint8)
 
     return a.shape == b.shape and a.dtype == b.dtype and torch.equal(raw(a), raw(b))
+
+
+def param_case(size: str = "medium", **params) -> SimpleNamespace:
+    """A property test's case: the ``params`` as attributes, the ``size`` it needs
+    (backends.SIZES) and a readable ``id`` ("bf16-Sn5", "S37-d64")."""
+    def show(name, value):
+        return DTYPE_NAMES[value] if isinstance(value, torch.dtype) else f"{name}{value}"
+
+    return SimpleNamespace(**params, size=size,
+                           id="-".join(show(k, v) for k, v in params.items()))

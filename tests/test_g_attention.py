@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from backends import CUDA, backend_cases, backend_dtypes, backends
+from backends import CUDA, backend_cases, backend_dtypes, backends, needs_cuda_kernels
 from cases import DTYPE_NAMES, LOW_PRECISION, generator, holes_key_mask, ragged_key_mask
 
 from pldr_kernels import reference
@@ -362,8 +362,7 @@ def test_bad_input_raises_naming_the_argument(backend, case):
         call(backend, args)
 
 
-@pytest.mark.skipif(CUDA.skip_reason(OP) is not None,
-                    reason=f"a mixed-device call needs CUDA kernels: {CUDA.skip_reason(OP)}")
+@needs_cuda_kernels(OP, "a mixed-device call")
 @pytest.mark.parametrize("anchor", ["cpu", "cuda"])
 @pytest.mark.parametrize("name", ["k", "v", "G", "key_mask"])
 def test_mixed_devices_are_refused(anchor, name):

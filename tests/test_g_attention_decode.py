@@ -12,8 +12,16 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from backends import CUDA, EMU, backend_cases, backend_dtypes, backends, emu_g_attention_decode
-from cases import DTYPE_NAMES, generator, i32, same_bits
+from backends import (
+    CUDA,
+    EMU,
+    backend_cases,
+    backend_dtypes,
+    backends,
+    emu_g_attention_decode,
+    needs_cuda_kernels,
+)
+from cases import DTYPE_NAMES, generator, i32, param_case, same_bits
 
 from pldr_kernels import reference
 from pldr_kernels.testing import (
@@ -151,21 +159,10 @@ def test_step_matches_reference(backend, case):
 # --------------------------------------------------------------------------------------------
 # Properties
 # --------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class StepsCase:
-    dtype: torch.dtype
-    d: int
-    G: str
-    size: str = "medium"
-
-    @property
-    def id(self) -> str:
-        return f"{DTYPE_NAMES[self.dtype]}-d{self.d}-G{self.G}"
-
-
-STEPS_CASES = [StepsCase(dt, d, g, "tiny" if (dt, d, g) in {
-    (torch.float32, 64, "none"), (torch.bfloat16, 128, "shared")} else "medium")
-    for dt, d, g in itertools.product(DTYPES, (64, 128), ("none", "batch", "shared"))]
+STEPS_CASES = [param_case("tiny" if (dt, d, g) in {(torch.float32, 64, "none"),
+                                                     (torch.bfloat16, 128, "shared")} else "medium",
+                          dtype=dt, d=d, G=g)
+               for dt, d, g in itertools.product(DTYPES, (64, 128), ("none", "batch", "shared"))]
 
 
 @pytest.mark.parametrize("backend,case", backend_cases(OP, STEPS_CASES))
@@ -217,18 +214,7 @@ def test_left_padded_row_with_cache_start_equals_row_alone(backend, dtype):
     torch.testing.assert_close(out[1:].cpu(), alone.cpu(), rtol=1e-5, atol=1e-5)
 
 
-@dataclass(frozen=True)
-class SplitsCase:
-    dtype: torch.dtype
-    Sn: int
-    size: str = "medium"
-
-    @property
-    def id(self) -> str:
-        return f"{DTYPE_NAMES[self.dtype]}-Sn{self.Sn}"
-
-
-SPLITS_CASES = [SplitsCase(dt, Sn, "tiny" if (dt, Sn) == (torch.bfloat16, 5) else "medium")
+SPLITS_CASES = [param_case("tiny" if (dt, Sn) == (torch.bfloat16, 5) else "medium", dtype=dt, Sn=Sn)
                 for dt, Sn in itertools.product(DTYPES, (1, 5))]
 
 
@@ -450,8 +436,7 @@ def test_bad_input_raises_naming_the_argument(backend, case):
     assert torch.equal(args["k_cache"], k_before)  # nothing written on a failed call
 
 
-@pytest.mark.skipif(CUDA.skip_reason(OP) is not None,
-                    reason=f"a mixed-device call needs CUDA kernels: {CUDA.skip_reason(OP)}")
+@needs_cuda_kernels(OP, "a mixed-device call")
 @pytest.mark.parametrize("anchor", ["cpu", "cuda"])
 @pytest.mark.parametrize("name", ["k_cache", "cache_seqlens", "k_new", "cache_start", "G"])
 def test_mixed_devices_are_refused(anchor, name):

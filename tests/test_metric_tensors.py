@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from backends import CUDA, backend_cases, backend_dtypes, backends
-from cases import DTYPE_NAMES, LOW_PRECISION, generator
+from backends import CUDA, backend_cases, backend_dtypes, backends, needs_cuda_kernels
+from cases import DTYPE_NAMES, LOW_PRECISION, generator, param_case
 
 from pldr_kernels import reference
 from pldr_kernels.testing import (
@@ -149,17 +149,6 @@ def test_eps_arguments_are_used(backend):
     assert not torch.equal(out[0], default[0]) and not torch.equal(out[1], default[1])
 
 
-@dataclass(frozen=True)
-class RaggedCase:
-    S: int
-    d: int
-    size: str = "medium"
-
-    @property
-    def id(self) -> str:
-        return f"S{self.S}-d{self.d}"
-
-
 def ragged_q_mask(B, S):
     """Row 0 full, row 1 right-padded, row 2 left-padded with a hole, row 3 empty."""
     mask = torch.ones(B, S, dtype=torch.bool)
@@ -171,7 +160,7 @@ def ragged_q_mask(B, S):
 
 
 @pytest.mark.parametrize("backend,case", backend_cases(
-    OP, [RaggedCase(37, 64), RaggedCase(1025, 64), RaggedCase(20, 128)]))
+    OP, [param_case(S=37, d=64), param_case(S=1025, d=64), param_case(S=20, d=128)]))
 def test_ragged_rows_equal_each_row_alone(backend, case):
     """Each batch row of a ragged q_mask equals that row run alone without its padding, bitwise
     (an empty row included); an all-True mask is the same as no mask."""
@@ -228,18 +217,8 @@ def test_strided_weights_give_the_same_result(backend):
                                                  run(backend, q, None, weights)))
 
 
-@dataclass(frozen=True)
-class HeadsCase:
-    B: int
-    H: int
-    size: str = "medium"
-
-    @property
-    def id(self) -> str:
-        return f"B{self.B}-H{self.H}"
-
-
-@pytest.mark.parametrize("backend,case", backend_cases(OP, [HeadsCase(2, 3), HeadsCase(1, 1)]))
+@pytest.mark.parametrize("backend,case", backend_cases(OP, [param_case(B=2, H=3),
+                                                            param_case(B=1, H=1)]))
 def test_deterministic_bitwise(backend, case):
     """Run after run, and on the CPU at any thread count: (B, H) = (1, 1) is 64 rows, which the
     CPU kernel cuts into 16-row blocks on 2 threads and 32-row blocks on 1 thread."""
@@ -344,8 +323,7 @@ def test_weights_sized_for_other_shapes(backend):
                                *metric_args(w128))
 
 
-@pytest.mark.skipif(CUDA.skip_reason(OP) is not None,
-                    reason=f"a mixed-device call needs CUDA kernels: {CUDA.skip_reason(OP)}")
+@needs_cuda_kernels(OP, "a mixed-device call")
 @pytest.mark.parametrize("anchor", ["cpu", "cuda"])
 @pytest.mark.parametrize("name", ["q_mask", "ln0_w", "w1", "ba"])
 def test_mixed_devices_are_refused(anchor, name):
