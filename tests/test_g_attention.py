@@ -195,24 +195,25 @@ def test_empty_inputs(backend):
 
 @pytest.mark.parametrize("backend,dtype", backend_dtypes(OP, DTYPES))
 def test_strided_views(backend, dtype):
-    """Only the last dim must be contiguous. Each view gives the reference result and the very
-    bits of its contiguous copy: q, k, v sliced from a fused qkv tensor, a [B,H,S,d] q viewed as
-    [B,S,H,d], G and key_mask with strided rows, a q whose rows are not 16-byte aligned (storage
-    offset 1; the CUDA API copies that one once)."""
+    """Only the last dim must be contiguous. The contiguous inputs give the reference result, and
+    each layout of the same values gives their very bits: q, k, v sliced from a fused qkv tensor,
+    G and key_mask with strided rows, and q also as a [B,H,S,d] tensor viewed as [B,S,H,d] and
+    with rows that are not 16-byte aligned (storage offset 1; the CUDA API copies that one once).
+    """
     B, S, H, d = 2, backend.sized(33, 97), 3, 64
     qkv = torch.randn(B, S, 3, H, d).to(dtype)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     assert not q.is_contiguous()
     G = random_g(B, H, 2 * d)[:, :, ::2, :d]            # rows 4d apart
     key_mask = (torch.rand(B, 2 * S) > 0.2)[:, ::2]
-    heads_first = torch.randn(B, H, S, d).to(dtype).transpose(1, 2)
-    misaligned = torch.randn(B * S * H * d + 1).to(dtype)[1:].view(B, S, H, d)
+    heads_first = torch.empty(B, H, S, d, dtype=dtype).transpose(1, 2).copy_(q)
+    misaligned = torch.empty(B * S * H * d + 1, dtype=dtype)[1:].view(B, S, H, d).copy_(q)
+    dense = (t.contiguous() for t in (q, k, v, G, key_mask))
+    want = check(backend, *backend.g_attention(*backend.to(*dense), True, 0.2), q, k, v, G,
+                 key_mask, True, 0.2)
     for q_view in (q, heads_first, misaligned):
-        args = (q_view, k, v, G, key_mask, True, 0.2)
-        out, lse = backend.g_attention(*backend.to(*args[:5]), True, 0.2)
-        check(backend, out, lse, *args)
-        dense = backend.g_attention(*backend.to(*(t.contiguous() for t in args[:5])), True, 0.2)
-        assert torch.equal(out, dense[0]) and torch.equal(lse, dense[1])
+        out, lse = backend.g_attention(*backend.to(q_view, k, v, G, key_mask), True, 0.2)
+        assert torch.equal(out.cpu(), want[0]) and torch.equal(lse.cpu(), want[1])
 
 
 @pytest.mark.parametrize("backend,dtype", backend_dtypes(OP, DTYPES))
