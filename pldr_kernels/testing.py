@@ -347,7 +347,7 @@ def check_metric_tensors(out: Sequence[Tensor], q: Tensor, q_mask: Tensor | None
     ref_A, ref_A_LM, _ = (t.detach().cpu() for t in oracle)
     w64 = _power_stage_weights(weights)
     A_LM_given_A = reference.g_from_metric(A.double(), *w64, eps_adj=eps_adj)[0]
-    W, b, pw, a, ba = w64
+    _, _, pw, a, ba = w64
     G_given_A_LM = torch.matmul(a, torch.pow(A_LM.double(), pw)) + ba
     return Verdict.combine("metric_tensors", [
         compare(A, ref_A, name="A"),
