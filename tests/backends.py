@@ -252,16 +252,18 @@ def backend_cases(op: str, cases, prop: str | None = None, *, only=None):
 EMU_DTYPES = (torch.float32, torch.bfloat16)
 
 
-def backend_dtypes(op: str, dtypes, prop: str | None = None, *, only=None):
+def backend_dtypes(op: str, dtypes, prop: str | None = None, *, only=None,
+                   emu_dtypes=EMU_DTYPES):
     """``pytest.param(backend, dtype)`` for every backend (as :func:`backends`) and dtype, the
-    emulator taking only ``EMU_DTYPES``; ids ``<backend>-<dtype>``."""
+    emulator taking only ``emu_dtypes`` (a property whose device code does not depend on the
+    dtype passes bf16 alone); ids ``<backend>-<dtype>``."""
     names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
     out = []
     for b in BACKENDS:
         if (only is not None and b.name not in only) or (b.name, prop) in EXCLUDED:
             continue
         for dt in dtypes:
-            if b.name != "emu" or dt in EMU_DTYPES:
+            if b.name != "emu" or dt in emu_dtypes:
                 out.append(pytest.param(b, dt, id=f"{b.name}-{names[dt]}", marks=_marks(b, op)))
     return out
 

@@ -237,7 +237,7 @@ def test_broadcast_views(backend, dtype):
     check(backend, *backend.g_attention(*backend.to(*one)), *one)
 
 
-@pytest.mark.parametrize("backend,dtype", backend_dtypes(OP, DTYPES))
+@pytest.mark.parametrize("backend,dtype", backend_dtypes(OP, DTYPES, emu_dtypes=(torch.bfloat16,)))
 def test_deterministic_bitwise(backend, dtype):
     """Run after run, and on the CPU at any thread count (each query tile is computed the same
     way whichever thread runs it)."""

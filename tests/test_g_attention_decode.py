@@ -237,7 +237,8 @@ def test_num_splits_agree(backend, case):
         torch.testing.assert_close(o, outs[0], rtol=tol, atol=tol)
 
 
-@pytest.mark.parametrize("backend,dtype", backend_dtypes(OP, (torch.float32, torch.bfloat16)))
+@pytest.mark.parametrize("backend,dtype", backend_dtypes(OP, (torch.float32, torch.bfloat16),
+                                                         emu_dtypes=(torch.bfloat16,)))
 def test_deterministic_bitwise(backend, dtype):
     H, d = 2, 64
     L = backend.sized([33, 12], [700, 300])
@@ -322,7 +323,8 @@ def bounds_inputs(dtype, append, faults, B):
     return q, k_cache, v_cache, i32(lens), k_new, v_new, i32(starts)
 
 
-@pytest.mark.parametrize("backend,dtype", backend_dtypes(OP, (torch.float32, torch.bfloat16)))
+@pytest.mark.parametrize("backend,dtype", backend_dtypes(OP, (torch.float32, torch.bfloat16),
+                                                         emu_dtypes=(torch.bfloat16,)))
 def test_cache_bounds(backend, dtype):
     """On the CPU (lengths read on the host) a faulty row raises naming it, and neither cache is
     written. On CUDA (lengths stay on the device: no host sync, CUDA-graph safe) a faulty row is
