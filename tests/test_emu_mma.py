@@ -1,14 +1,13 @@
 """The emulated tensor-core instructions (tools/cuda_emu/mma_emu.h through csrc/cuda/ptx.cuh)
 against a plain fp64 matmul and against the PTX ISA fragment layouts (gpu-box.md)."""
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from emu_common import run, skip_without_compiler
+from backends import EMULATOR_MARKS, run_driver
 
-DRIVER = Path(__file__).parent / "emu" / "mma_layout_driver.cpp"
-pytestmark = [pytest.mark.emulation, skip_without_compiler]
+DRIVER = "mma_layout_driver.cpp"
+pytestmark = EMULATOR_MARKS
 
 DTYPES = {"bf16": torch.bfloat16, "f16": torch.float16}
 
@@ -25,9 +24,9 @@ def test_mma_and_ldmatrix_match_matmul(name, seed):
     A = representable((16, 16), DTYPES[name], gen)
     B = representable((16, 16), DTYPES[name], gen)
     C = torch.randn(16, 16, generator=gen).numpy().astype(np.float32)
-    res = run(DRIVER, {"A": A, "B": B, "C": C}, {"mode": 1, "bf16": int(name == "bf16")},
-                       {n: ((16, 16), np.float32) for n in ("d_explicit", "d_ldmatrix", "d_trans")}
-                       | {n: ((32, 4), np.uint32) for n in ("raw_a", "raw_a_trans")})
+    res = run_driver(DRIVER, {"A": A, "B": B, "C": C}, {"mode": 1, "bf16": int(name == "bf16")},
+                     {n: ((16, 16), np.float32) for n in ("d_explicit", "d_ldmatrix", "d_trans")}
+                     | {n: ((32, 4), np.uint32) for n in ("raw_a", "raw_a_trans")})
     ref = A.astype(np.float64) @ B.astype(np.float64) + C
     for key in ("d_explicit", "d_ldmatrix", "d_trans"):
         err = np.abs(res[key] - ref).max()
@@ -68,25 +67,25 @@ def test_16bit_conversions_match_torch():
         (torch.arange(1, 200, dtype=torch.float32) * 2 + 1) * 2.0 ** -9,
         (torch.arange(1, 200, dtype=torch.float32) * 2 + 1) * 2.0 ** -12,
     ]).float()
-    res = run(DRIVER, {"x": x.numpy()}, {"mode": 0, "n": x.numel()},
-                       {"bf16": ((x.numel(),), np.uint16), "f16": ((x.numel(),), np.uint16),
-                        "bf16_back": ((x.numel(),), np.float32),
-                        "f16_back": ((x.numel(),), np.float32)})
+    res = run_driver(DRIVER, {"x": x.numpy()}, {"mode": 0, "n": x.numel()},
+                     {"bf16": ((x.numel(),), np.uint16), "f16": ((x.numel(),), np.uint16),
+                      "bf16_back": ((x.numel(),), np.float32),
+                      "f16_back": ((x.numel(),), np.float32)})
     for name, dtype in DTYPES.items():
         want = x.to(dtype)
         np.testing.assert_array_equal(res[name], want.view(torch.int16).numpy().view(np.uint16),
                                       err_msg=name)
         np.testing.assert_array_equal(res[name + "_back"], want.float().numpy(), err_msg=name)
-    nan = run(DRIVER, {"x": np.array([np.nan], np.float32)}, {"mode": 0, "n": 1},
-                       {"bf16_back": ((1,), np.float32), "f16_back": ((1,), np.float32)})
+    nan = run_driver(DRIVER, {"x": np.array([np.nan], np.float32)}, {"mode": 0, "n": 1},
+                     {"bf16_back": ((1,), np.float32), "f16_back": ((1,), np.float32)})
     assert np.isnan(nan["bf16_back"]).all() and np.isnan(nan["f16_back"]).all()
 
 
 def test_cp_async_groups_and_zero_fill():
     """wait_group<1> retires all but the newest group; src-size 0 zero-fills the 16 bytes."""
     src = np.arange(1, 17, dtype=np.uint16)
-    res = run(DRIVER, {"src": src}, {"mode": 2},
-                       {"after_wait1": ((16,), np.uint16), "after_wait0": ((16,), np.uint16)})
+    res = run_driver(DRIVER, {"src": src}, {"mode": 2},
+                     {"after_wait1": ((16,), np.uint16), "after_wait0": ((16,), np.uint16)})
     np.testing.assert_array_equal(res["after_wait1"][:8], src[:8])
     np.testing.assert_array_equal(res["after_wait1"][8:], np.full(8, 0xBEEF, np.uint16))
     np.testing.assert_array_equal(res["after_wait0"][:8], src[:8])

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from emu_common import run, skip_without_compiler
+from backends import EMULATOR_MARKS, run_driver
 
-pytestmark = [pytest.mark.emulation, skip_without_compiler]
+pytestmark = EMULATOR_MARKS
 
 N = 96  # three warps
 
@@ -25,7 +25,7 @@ def results():
         "rounds": ((N,), np.int32), "early": ((N,), np.int32), "dyn": ((2 * N,), np.int32),
         "bf16_bits": ((n,), np.int16), "fp16_bits": ((n,), np.int16),
         "bf16_back": ((n,), np.float32), "fp16_back": ((n,), np.float32)}
-    res = run("shim_driver.cpp", {"floats": floats}, {"n": n}, out_spec)
+    res = run_driver("shim_driver.cpp", {"floats": floats}, {"n": n}, out_spec)
     res["floats"] = floats
     return res
 

@@ -1,259 +1,347 @@
-"""pldr::g_attention (DESIGN.md §3.2) against reference.g_attention run in fp64."""
+"""pldr::g_attention (docs/design.md §3.2) on every backend (tests/backends.py) against the fp64
+reference, by the rule of pldr_kernels.testing (docs/design.md §4).
+
+One body per property, the backend a parameter; the cases are defined once, below, each sized for
+the backends that run it."""
 from __future__ import annotations
 
-import math
+import itertools
+from dataclasses import dataclass
 
 import pytest
 import torch
-from testing import DTYPES, assert_close_to_reference, random_g
+from backends import CUDA, backend_cases, backend_dtypes, backends, needs_cuda_kernels
+from cases import DTYPE_NAMES, LOW_PRECISION, generator, holes_key_mask, ragged_key_mask
 
 from pldr_kernels import reference
+from pldr_kernels.testing import (
+    DTYPES,
+    check_g_attention,
+    compare,
+    random_attention_inputs,
+    random_g,
+)
 
-g_attention = torch.ops.pldr.g_attention
-
-
-def make_qkv(B, Sq, Sk, H, d, dtype):
-    q = torch.randn(B, Sq, H, d).to(dtype)
-    k = torch.randn(B, Sk, H, d).to(dtype)
-    v = torch.randn(B, Sk, H, d).to(dtype)
-    return q, k, v
-
-
-def make_g(mode, B, H, d):
-    return {"none": None, "per_batch": random_g(B, H, d), "shared": random_g(1, H, d)}[mode]
+OP = "g_attention"
 
 
-def reference64(q, k, v, G=None, key_mask=None, causal=False, scale=None):
-    return reference.g_attention(q.double(), k.double(), v.double(),
-                                 None if G is None else G.double(), key_mask, causal, scale)
-
-
-def eager_same_dtype(q, k, v, G=None, key_mask=None, causal=False, scale=None):
-    """The same math done by PyTorch in q's dtype (the low-precision peer of DESIGN §4)."""
-    dt = q.dtype
+def check(backend, out, lse, q, k, v, G=None, key_mask=None, causal=False, scale=None):
+    """The rule for ``(out, lse)`` of inputs ``q..`` (CPU tensors), plus what ``backend``
+    guarantees beyond it (tests/backends.py: EXTRA_GUARANTEES)."""
     B, Sq, H, d = q.shape
-    Sk = k.shape[1]
-    scale = 1.0 / math.sqrt(d) if scale is None else scale
-    qt = q if G is None else torch.einsum("bshi,bhij->bshj", q, G.to(dt))
-    scores = torch.matmul(qt.permute(0, 2, 1, 3), k.permute(0, 2, 3, 1)) * scale
-    visible = torch.ones(B, 1, Sq, Sk, dtype=torch.bool)
-    if causal:
-        visible = visible & (torch.arange(Sk)[None, :] <= torch.arange(Sq)[:, None] + Sk - Sq)
-    if key_mask is not None:
-        visible = visible & key_mask[:, None, None, :]
-    p = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1).nan_to_num(0.0)
-    return torch.matmul(p, v.permute(0, 2, 1, 3)).permute(0, 2, 1, 3)
-
-
-def check_against_reference(q, k, v, G=None, key_mask=None, causal=False, scale=None):
-    out, lse = g_attention(q, k, v, G, key_mask, causal, scale)
-    ref_out, ref_lse = reference64(q, k, v, G, key_mask, causal, scale)
     assert out.dtype == q.dtype and out.shape == q.shape and out.is_contiguous()
-    assert lse.dtype == torch.float32 and lse.shape == (q.shape[0], q.shape[2], q.shape[1])
-    peer = None if q.dtype == torch.float32 else eager_same_dtype(q, k, v, G, key_mask, causal, scale)
-    assert_close_to_reference(out, ref_out, peer, name="out")
-    # lse depends on the inputs only through fp32 arithmetic, whatever the input dtype
-    assert_close_to_reference(lse, ref_lse, name="lse")
+    assert lse.dtype == torch.float32 and lse.shape == (B, H, Sq)
+    out, lse = out.cpu(), lse.cpu()
+    oracle = reference.g_attention(q.double(), k.double(), v.double(),
+                                   None if G is None else G.double(), key_mask, causal, scale)
+    check_g_attention(out, lse, q, k, v, G, key_mask, causal, scale, oracle=oracle).assert_ok()
+    if backend.guarantees("g_attention lse at the fp32 rule"):
+        compare(lse, oracle[1], name="lse (fp32 rule, CPU extra)").assert_ok()
     return out, lse
 
 
-SHAPES = [(1, 1, 1), (2, 7, 7), (1, 97, 97), (2, 7, 97), (2, 97, 7), (1, 1, 97), (1, 130, 65)]
+# --------------------------------------------------------------------------------------------
+# Cases
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Case:
+    B: int
+    Sq: int
+    Sk: int
+    H: int
+    d: int
+    dtype: torch.dtype
+    causal: bool
+    G: str = "batch"     # "none", "batch" (one G per batch row) or "shared" (one for all rows)
+    mask: str = "none"   # "none", "ragged" (cases.ragged_key_mask) or "holes" (holes_key_mask)
+    scale: float | None = None
+    size: str = "medium"
+
+    @property
+    def id(self) -> str:
+        parts = [f"B{self.B}", f"Sq{self.Sq}", f"Sk{self.Sk}", f"H{self.H}", f"d{self.d}",
+                 DTYPE_NAMES[self.dtype], "causal" if self.causal else "full", f"G{self.G}"]
+        if self.mask != "none":
+            parts.append(f"mask{self.mask}")
+        if self.scale is not None:
+            parts.append(f"scale{self.scale:g}")
+        return "-".join(parts)
+
+    def inputs(self):
+        """``q, k, v, G, key_mask`` on the CPU, drawn from a generator seeded by the id."""
+        gen = generator(self.id)
+        q, k, v = random_attention_inputs(self.B, self.Sq, self.Sk, self.H, self.d, self.dtype,
+                                          generator=gen)
+        G = {"none": None, "batch": self.B, "shared": 1}[self.G]
+        G = None if G is None else random_g(G, self.H, self.d, generator=gen)
+        mask = {"none": lambda: None, "ragged": lambda: ragged_key_mask(self.B, self.Sk, gen),
+                "holes": lambda: holes_key_mask(self.B, self.Sk, gen)}[self.mask]()
+        return q, k, v, G, mask
 
 
-@pytest.mark.parametrize("B,Sq,Sk", SHAPES)
-@pytest.mark.parametrize("d", [64, 128])
-@pytest.mark.parametrize("g_mode", ["none", "per_batch", "shared"])
-@pytest.mark.parametrize("causal", [False, True])
-def test_fp32_matches_reference(B, Sq, Sk, d, g_mode, causal):
-    H = 2
-    q, k, v = make_qkv(B, Sq, Sk, H, d, torch.float32)
-    check_against_reference(q, k, v, make_g(g_mode, B, H, d), causal=causal)
+def _unique(cases):
+    return list({c.id: c for c in cases}.values())
 
 
-LOW_PRECISION_CASES = [(d, g_mode) for d in (64, 128) for g_mode in ("none", "per_batch", "shared")
-                       if d == 64 or g_mode == "per_batch"]
+CASES = _unique([
+    # Awkward shapes in fp32 (S = 1, 7, 97; Sq != Sk both ways; partial tiles), every G mode.
+    *(Case(B, Sq, Sk, 2, d, torch.float32, causal, G)
+      for (B, Sq, Sk), d, G, causal in itertools.product(
+          [(1, 1, 1), (2, 7, 7), (1, 97, 97), (2, 7, 97), (2, 97, 7), (1, 1, 97), (1, 130, 65)],
+          (64, 128), ("none", "batch", "shared"), (False, True))),
+    # The same in bf16/fp16 (d = 128 with a per-batch G only).
+    *(Case(B, Sq, Sk, 2, d, dtype, causal, G)
+      for dtype, (B, Sq, Sk), (d, G), causal in itertools.product(
+          LOW_PRECISION, [(2, 7, 7), (2, 97, 97), (1, 7, 97), (2, 97, 7)],
+          [(64, "none"), (64, "batch"), (64, "shared"), (128, "batch")], (False, True))),
+    # S = 1025, an explicit scale, a mask with holes that spans whole key tiles.
+    *(Case(1, 1025, 1025, 2, 64, dtype, causal, "shared")
+      for dtype, causal in itertools.product(DTYPES, (False, True))),
+    *(Case(2, 33, 70, 2, 64, dtype, True, scale=0.3) for dtype in DTYPES),
+    *(Case(2, 50, 200, 2, 64, torch.float32, causal, "shared", "holes")
+      for causal in (False, True)),
+    # Tiny enough for the emulator: partial tiles, Sq > Sk (early rows see no key), one query
+    # row, G in two chunks with four key tiles at d = 128, a negative scale (the softmax max is
+    # taken after scaling, so any finite scale works).
+    Case(2, 70, 70, 1, 64, torch.bfloat16, True, "batch", size="tiny"),
+    Case(1, 7, 33, 2, 64, torch.bfloat16, False, "none", "ragged", size="tiny"),
+    Case(2, 33, 70, 1, 64, torch.float16, True, "shared", "ragged", size="tiny"),
+    Case(1, 70, 7, 1, 64, torch.float16, True, "batch", size="tiny"),
+    Case(1, 1, 70, 4, 64, torch.bfloat16, True, "shared", size="tiny"),
+    Case(1, 70, 33, 1, 128, torch.bfloat16, False, "batch", "ragged", size="tiny"),
+    Case(2, 33, 70, 1, 128, torch.float16, True, "none", size="tiny"),
+    Case(1, 7, 7, 1, 128, torch.bfloat16, True, "shared", size="tiny"),
+    Case(2, 33, 100, 1, 128, torch.float16, True, "batch", "ragged", size="tiny"),
+    Case(2, 33, 70, 1, 64, torch.float32, True, "batch", "ragged", size="tiny"),
+    Case(1, 70, 7, 2, 64, torch.float32, True, "none", size="tiny"),
+    Case(1, 7, 33, 1, 128, torch.float32, False, "shared", "ragged", size="tiny"),
+    Case(1, 33, 7, 1, 128, torch.float32, True, "batch", size="tiny"),
+    *(Case(1, 33, 70, 2, 64, dtype, True, "shared", scale=-0.2, size="tiny")
+      for dtype in (torch.float16, torch.float32)),
+    # GPU-sized: long prompts with ragged masks, a decode-like row over 1025 keys, many heads.
+    *(Case(B, Sq, Sk, H, d, dtype, causal, G, mask, size="large")
+      for dtype, d, (B, Sq, Sk, H, causal, G, mask) in itertools.product(DTYPES, (64, 128), [
+          (2, 97, 97, 3, True, "batch", "none"),
+          (1, 1, 1025, 4, True, "shared", "none"),
+          (2, 1025, 1025, 2, True, "batch", "ragged"),
+          (3, 7, 97, 2, False, "none", "ragged"),
+          (1, 97, 7, 2, True, "batch", "none"),
+          (2, 256, 300, 1, False, "shared", "ragged"),
+      ])),
+])
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("B,Sq,Sk", [(2, 7, 7), (2, 97, 97), (1, 7, 97), (2, 97, 7)])
-@pytest.mark.parametrize("d,g_mode", LOW_PRECISION_CASES)
-@pytest.mark.parametrize("causal", [False, True])
-def test_low_precision_matches_reference(dtype, B, Sq, Sk, d, g_mode, causal):
-    H = 2
-    q, k, v = make_qkv(B, Sq, Sk, H, d, dtype)
-    check_against_reference(q, k, v, make_g(g_mode, B, H, d), causal=causal)
+@pytest.mark.parametrize("backend,case", backend_cases(OP, CASES))
+def test_matches_reference(backend, case):
+    q, k, v, G, mask = case.inputs()
+    out, lse = backend.g_attention(*backend.to(q, k, v, G, mask), case.causal, case.scale)
+    check(backend, out, lse, q, k, v, G, mask, case.causal, case.scale)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("causal", [False, True])
-def test_long_sequence_1025(dtype, causal):
-    q, k, v = make_qkv(1, 1025, 1025, 2, 64, dtype)
-    check_against_reference(q, k, v, random_g(1, 2, 64), causal=causal)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_explicit_scale(dtype):
-    q, k, v = make_qkv(2, 33, 70, 2, 64, dtype)
-    check_against_reference(q, k, v, random_g(2, 2, 64), causal=True, scale=0.3)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("causal", [False, True])
-def test_ragged_key_mask_and_batch_invariance(dtype, causal):
-    """Right-padded batch with ragged lengths: each row equals that row run alone, unpadded."""
-    B, S, H, d = 3, 97, 2, 64
-    lengths = [97, 40, 1]
-    q, k, v = make_qkv(B, S, S, H, d, dtype)
-    key_mask = torch.arange(S)[None, :] < torch.tensor(lengths)[:, None]
+# --------------------------------------------------------------------------------------------
+# Properties
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("backend,dtype", backend_dtypes(OP, DTYPES))
+def test_padded_batch_rows_equal_each_row_alone(backend, dtype, causal):
+    """A right-padded batch with ragged lengths: each row equals that row run alone, unpadded,
+    bitwise (docs/design.md §4 batch invariance)."""
+    S = backend.sized(40, 97)
+    lengths = [S, S * 2 // 5, 1]
+    B, H, d = len(lengths), 2, 64
+    q, k, v = random_attention_inputs(B, S, S, H, d, dtype)
     G = random_g(B, H, d)
-    out, lse = check_against_reference(q, k, v, G, key_mask, causal)
+    key_mask = torch.arange(S)[None, :] < torch.tensor(lengths)[:, None]
+    out, lse = backend.g_attention(*backend.to(q, k, v, G, key_mask), causal)
+    out, lse = check(backend, out, lse, q, k, v, G, key_mask, causal)
     for b, n in enumerate(lengths):
-        sl = slice(b, b + 1)
-        alone_out, alone_lse = g_attention(q[sl, :n], k[sl, :n], v[sl, :n], G[sl], None, causal)
-        torch.testing.assert_close(out[sl, :n], alone_out, rtol=0, atol=0)
-        torch.testing.assert_close(lse[sl, :, :n], alone_lse, rtol=0, atol=0)
+        one = slice(b, b + 1)
+        alone_out, alone_lse = backend.g_attention(
+            *backend.to(q[one, :n], k[one, :n], v[one, :n], G[one]), None, causal)
+        assert torch.equal(out[one, :n], alone_out.cpu()), f"row {b}: out differs"
+        assert torch.equal(lse[one, :, :n], alone_lse.cpu()), f"row {b}: lse differs"
 
 
-def test_key_mask_with_holes():
-    """An arbitrary (non-prefix) mask, including a fully padded key tile and left padding."""
-    B, Sq, Sk, H, d = 2, 50, 200, 2, 64
-    q, k, v = make_qkv(B, Sq, Sk, H, d, torch.float32)
-    key_mask = torch.rand(B, Sk) > 0.5
-    key_mask[0, :150] = False  # left padding spanning whole key tiles
-    for causal in (False, True):
-        check_against_reference(q, k, v, random_g(1, H, d), key_mask, causal)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_fully_masked_rows_give_zero(dtype):
+@pytest.mark.parametrize("backend,dtype", backend_dtypes(OP, DTYPES))
+def test_rows_without_a_visible_key_are_zero(backend, dtype):
+    """A fully masked batch row, and causal with Sq > Sk (the first Sq − Sk queries see no key):
+    out exactly 0 and lse −inf there, the other rows finite."""
     B, Sq, Sk, H, d = 2, 7, 70, 2, 64
-    q, k, v = make_qkv(B, Sq, Sk, H, d, dtype)
+    q, k, v = random_attention_inputs(B, Sq, Sk, H, d, dtype)
     key_mask = torch.ones(B, Sk, dtype=torch.bool)
     key_mask[1] = False
-    out, lse = check_against_reference(q, k, v, None, key_mask)
-    assert torch.count_nonzero(out[1]) == 0
-    assert torch.isneginf(lse[1]).all() and torch.isfinite(lse[0]).all()
-    # causal with Sq > Sk: the first Sq - Sk queries see no key at all
-    q2, k2, v2 = make_qkv(1, 20, 5, H, d, dtype)
-    out2, lse2 = check_against_reference(q2, k2, v2, None, None, True)
-    assert torch.count_nonzero(out2[:, :15]) == 0 and torch.isneginf(lse2[..., :15]).all()
-    assert torch.isfinite(lse2[..., 15:]).all()
+    out, lse = check(backend, *backend.g_attention(*backend.to(q, k, v, None, key_mask)),
+                     q, k, v, None, key_mask)
+    assert torch.count_nonzero(out[1]) == 0 and torch.isneginf(lse[1]).all()
+    assert torch.isfinite(lse[0]).all() and torch.isfinite(out[0].float()).all()
+    q, k, v = random_attention_inputs(1, 20, 5, H, d, dtype)
+    out, lse = check(backend, *backend.g_attention(*backend.to(q, k, v), None, None, True),
+                     q, k, v, None, None, True)
+    assert torch.count_nonzero(out[:, :15]) == 0 and torch.isneginf(lse[..., :15]).all()
+    assert torch.isfinite(lse[..., 15:]).all()
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_non_contiguous_inputs(dtype):
-    """q, k, v sliced out of a fused qkv tensor, and a [B,H,S,d] tensor viewed as [B,S,H,d]."""
-    B, S, H, d = 2, 97, 3, 64
+@pytest.mark.parametrize("backend", backends(OP, "empty inputs"))
+def test_empty_inputs(backend):
+    """No batch rows, no queries, or no keys at all (every row sees nothing: 0 and −inf)."""
+    q, k, v = backend.to(*random_attention_inputs(2, 7, 9, 2, 64, torch.bfloat16))
+    out, lse = backend.g_attention(q[:0], k[:0], v[:0])
+    assert out.shape == (0, 7, 2, 64) and lse.shape == (0, 2, 7)
+    out, lse = backend.g_attention(q[:, :0], k, v)
+    assert out.shape == (2, 0, 2, 64) and lse.shape == (2, 2, 0)
+    out, lse = backend.g_attention(q, k[:, :0], v[:, :0])
+    assert torch.all(out == 0) and torch.all(lse == float("-inf"))
+
+
+@pytest.mark.parametrize("backend,dtype", backend_dtypes(OP, DTYPES))
+def test_strided_views(backend, dtype):
+    """Only the last dim must be contiguous. The contiguous inputs give the reference result, and
+    each layout of the same values gives their very bits: q, k, v sliced from a fused qkv tensor,
+    G and key_mask with strided rows, and q also as a [B,H,S,d] tensor viewed as [B,S,H,d] and
+    with rows that are not 16-byte aligned (storage offset 1; the CUDA API copies that one once).
+    """
+    B, S, H, d = 2, backend.sized(33, 97), 3, 64
     qkv = torch.randn(B, S, 3, H, d).to(dtype)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     assert not q.is_contiguous()
-    G = random_g(B, H, d)
-    out, lse = check_against_reference(q, k, v, G, causal=True)
-    out_c, lse_c = g_attention(q.contiguous(), k.contiguous(), v.contiguous(), G, None, True)
-    torch.testing.assert_close(out, out_c, rtol=0, atol=0)
-    torch.testing.assert_close(lse, lse_c, rtol=0, atol=0)
-    heads_first = torch.randn(B, H, S, d).to(dtype).transpose(1, 2)  # stride(1) = d
-    check_against_reference(heads_first, k, v, G, causal=False)
-    # G itself may be a strided view too (only its last dim must be contiguous)
-    G_wide = torch.randn(B, H, d, 2 * d)[..., :d]
-    G_view = G_wide.copy_(G)
-    check_against_reference(q, k, v, G_view, causal=True)
+    G = random_g(B, H, 2 * d)[:, :, ::2, :d]            # rows 4d apart
+    key_mask = (torch.rand(B, 2 * S) > 0.2)[:, ::2]
+    heads_first = torch.empty(B, H, S, d, dtype=dtype).transpose(1, 2).copy_(q)
+    misaligned = torch.empty(B * S * H * d + 1, dtype=dtype)[1:].view(B, S, H, d).copy_(q)
+    dense = (t.contiguous() for t in (q, k, v, G, key_mask))
+    want = check(backend, *backend.g_attention(*backend.to(*dense), True, 0.2), q, k, v, G,
+                 key_mask, True, 0.2)
+    for q_view in (q, heads_first, misaligned):
+        out, lse = backend.g_attention(*backend.to(q_view, k, v, G, key_mask), True, 0.2)
+        assert torch.equal(out.cpu(), want[0]) and torch.equal(lse.cpu(), want[1])
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_broadcast_views(dtype):
-    """Stride-0 (expanded) dims: the same token repeated, heads sharing one G row pattern."""
-    B, S, H, d = 2, 70, 2, 64
+@pytest.mark.parametrize("backend,dtype", backend_dtypes(OP, DTYPES))
+def test_broadcast_views(backend, dtype):
+    """Stride-0 (expanded) dims: one token repeated, keys shared by the heads, values by the
+    batch; G with every row the same (stride(2) = 0) or shared by the heads (stride(1) = 0)."""
+    B, S, H, d = 2, 33, 2, 64
     q = torch.randn(B, 1, H, d).to(dtype).expand(B, S, H, d)
     k = torch.randn(B, S, 1, d).to(dtype).expand(B, S, H, d)
     v = torch.randn(1, S, H, d).to(dtype).expand(B, S, H, d)
-    G = (0.1 * torch.randn(1, 1, 1, d)).expand(B, H, d, d)  # every row of G the same: stride(2) = 0
-    assert q.stride(1) == 0 and G.stride(2) == 0
-    check_against_reference(q, k, v, G, causal=True)
-    check_against_reference(q[:, :1], k[:, :1], v[:, :1], G, causal=False)
+    same_rows = (0.1 * torch.randn(1, 1, 1, d)).expand(B, H, d, d)
+    same_heads = random_g(B, 1, d).expand(B, H, d, d)
+    assert q.stride(1) == 0 and same_rows.stride(2) == 0 and same_heads.stride(1) == 0
+    for G in (same_rows, same_heads):
+        out, lse = check(backend, *backend.g_attention(*backend.to(q, k, v, G), None, True),
+                         q, k, v, G, None, True)
+        dense = backend.g_attention(*backend.to(*(t.contiguous() for t in (q, k, v, G))), None,
+                                    True)
+        assert torch.equal(out, dense[0].cpu()) and torch.equal(lse, dense[1].cpu())
+    one = (q[:, :1], k[:, :1], v[:, :1], same_rows)
+    check(backend, *backend.g_attention(*backend.to(*one)), *one)
 
 
-def test_deterministic_bitwise():
-    q, k, v = make_qkv(2, 300, 300, 3, 64, torch.float32)
-    G = random_g(2, 3, 64)
-    key_mask = torch.rand(2, 300) > 0.2
-    first = g_attention(q, k, v, G, key_mask, True)
-    second = g_attention(q, k, v, G, key_mask, True)
+@pytest.mark.parametrize("backend,dtype", backend_dtypes(OP, DTYPES, emu_dtypes=(torch.bfloat16,)))
+def test_deterministic_bitwise(backend, dtype):
+    """Run after run, and on the CPU at any thread count (each query tile is computed the same
+    way whichever thread runs it)."""
+    S = backend.sized(40, 300)
+    q, k, v, G = backend.to(*random_attention_inputs(2, S, S, 3, 64, dtype), random_g(2, 3, 64))
+    key_mask = backend.to(torch.rand(2, S) > 0.2)
+    first = backend.g_attention(q, k, v, G, key_mask, True)
+    second = backend.g_attention(q, k, v, G, key_mask, True)
     assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
-    # each query tile is computed the same way whichever thread runs it
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        single = g_attention(q, k, v, G, key_mask, True)
-    finally:
-        torch.set_num_threads(threads)
-    assert torch.equal(first[0], single[0]) and torch.equal(first[1], single[1])
+    if backend.runs("thread count"):
+        threads = torch.get_num_threads()
+        try:
+            torch.set_num_threads(1)
+            single = backend.g_attention(q, k, v, G, key_mask, True)
+        finally:
+            torch.set_num_threads(threads)
+        assert torch.equal(first[0], single[0]) and torch.equal(first[1], single[1])
 
 
-def test_identity_g_equals_no_g():
-    q, k, v = make_qkv(1, 65, 65, 2, 64, torch.float32)
-    eye = torch.eye(64).expand(1, 2, 64, 64).contiguous()
-    a = g_attention(q, k, v, eye, None, True)
-    b = g_attention(q, k, v, None, None, True)
-    torch.testing.assert_close(a[0], b[0], rtol=1e-6, atol=1e-6)
+@pytest.mark.parametrize("backend", backends(OP))
+def test_identity_g_equals_no_g(backend):
+    S = backend.sized(33, 65)
+    q, k, v = backend.to(*random_attention_inputs(1, S, S, 2, 64))
+    eye = backend.to(torch.eye(64).expand(1, 2, 64, 64).contiguous())
+    with_eye = backend.g_attention(q, k, v, eye, None, True)[0]
+    without = backend.g_attention(q, k, v, None, None, True)[0]
+    torch.testing.assert_close(with_eye, without, rtol=1e-6, atol=1e-6)
 
 
-def test_matches_sdpa_without_g():
-    q, k, v = make_qkv(2, 97, 97, 2, 64, torch.float32)
-    out, _ = g_attention(q, k, v, None, None, True)
+@pytest.mark.parametrize("backend", backends(OP))
+def test_matches_sdpa_without_g(backend):
+    S = backend.sized(33, 97)
+    q, k, v = backend.to(*random_attention_inputs(2, S, S, 2, 64))
+    out, _ = backend.g_attention(q, k, v, None, None, True)
     sdpa = torch.nn.functional.scaled_dot_product_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
-    torch.testing.assert_close(out, sdpa.transpose(1, 2), rtol=1e-5, atol=1e-5)
+        *(t.transpose(1, 2).cpu() for t in (q, k, v)), is_causal=True)
+    torch.testing.assert_close(out.cpu(), sdpa.transpose(1, 2), rtol=1e-5, atol=1e-5)
 
 
-def test_empty_batch():
-    q, k, v = make_qkv(0, 7, 7, 2, 64, torch.float32)
-    out, lse = g_attention(q, k, v, None, None, False)
-    assert out.shape == q.shape and lse.shape == (0, 2, 7)
+@pytest.mark.parametrize("backend", backends(OP, only=("cuda",)))
+def test_runs_on_the_current_stream(backend):
+    q, k, v = backend.to(*random_attention_inputs(2, 300, 300, 2, 64, torch.bfloat16))
+    G, key_mask = backend.to(random_g(2, 2, 64), torch.rand(2, 300) > 0.2)
+    want, _ = backend.g_attention(q, k, v, G, key_mask, True)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        got, _ = backend.g_attention(q, k, v, G, key_mask, True)
+    torch.cuda.current_stream().wait_stream(side)
+    assert torch.equal(got, want)
 
 
-# ------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------
 # Bad inputs: every class raises an error that names the argument.
-# ------------------------------------------------------------------------------------------------
-def good_args():
-    q, k, v = make_qkv(2, 5, 6, 2, 64, torch.float32)
-    return dict(q=q, k=k, v=v, G=random_g(2, 2, 64), key_mask=torch.ones(2, 6, dtype=torch.bool),
-                causal=False, scale=None)
+# --------------------------------------------------------------------------------------------
+def good_args(device):
+    q, k, v = random_attention_inputs(2, 5, 6, 2, 64, device=device)
+    return dict(q=q, k=k, v=v, G=random_g(2, 2, 64, device=device),
+                key_mask=torch.ones(2, 6, dtype=torch.bool, device=device), causal=False,
+                scale=None)
 
 
-def call(args):
-    return g_attention(args["q"], args["k"], args["v"], args["G"], args["key_mask"], args["causal"],
-                       args["scale"])
+def call(backend, a):
+    return backend.g_attention(a["q"], a["k"], a["v"], a["G"], a["key_mask"], a["causal"],
+                               a["scale"])
+
+
+def _randn(a, *shape):
+    return torch.randn(*shape, device=a["q"].device)
 
 
 BAD_INPUTS = {
     "q_dtype_double": (lambda a: a.update(q=a["q"].double()), "q must be float32"),
     "q_int": (lambda a: a.update(q=a["q"].int()), "q must be float32"),
-    "k_dtype_mismatch": (lambda a: a.update(k=a["k"].half()), "q, k and v must have the same dtype"),
-    "v_dtype_mismatch": (lambda a: a.update(v=a["v"].bfloat16()), "q, k and v must have the same dtype"),
+    "k_dtype_mismatch": (lambda a: a.update(k=a["k"].half()),
+                         "q, k and v must have the same dtype"),
+    "v_dtype_mismatch": (lambda a: a.update(v=a["v"].bfloat16()),
+                         "q, k and v must have the same dtype"),
     "q_rank": (lambda a: a.update(q=a["q"][0]), "q must be a 4-D tensor"),
     "k_rank": (lambda a: a.update(k=a["k"].flatten(2)), "k must be a 4-D tensor"),
     "v_rank": (lambda a: a.update(v=a["v"][None]), "v must be a 4-D tensor"),
-    "head_dim_96": (lambda a: a.update(q=a["q"][..., :48].repeat(1, 1, 1, 2)[..., :96]
-                                       .contiguous(), k=torch.randn(2, 6, 2, 96),
-                                       v=torch.randn(2, 6, 2, 96), G=None),
+    "head_dim_32": (lambda a: a.update(q=a["q"][..., :32], k=a["k"][..., :32],
+                                       v=a["v"][..., :32], G=None),
+                    r"q.shape\[-1\] \(head dim d\) must be 64 or 128, got 32"),
+    "head_dim_96": (lambda a: a.update(q=_randn(a, 2, 5, 2, 96), k=_randn(a, 2, 6, 2, 96),
+                                       v=_randn(a, 2, 6, 2, 96), G=None),
                     r"q.shape\[-1\] \(head dim d\) must be 64 or 128, got 96"),
     "k_batch": (lambda a: a.update(k=a["k"][:1], v=a["v"][:1]), r"k.shape\[0\] \(batch\)"),
-    "k_heads": (lambda a: a.update(k=torch.randn(2, 6, 3, 64)), r"k.shape\[2\] \(heads\)"),
-    "k_head_dim": (lambda a: a.update(k=torch.randn(2, 6, 2, 128)), r"k.shape\[3\] \(head dim\)"),
+    "k_heads": (lambda a: a.update(k=_randn(a, 2, 6, 3, 64)), r"k.shape\[2\] \(heads\)"),
+    "k_head_dim": (lambda a: a.update(k=_randn(a, 2, 6, 2, 128)), r"k.shape\[3\] \(head dim\)"),
     "v_shape": (lambda a: a.update(v=a["v"][:, :5]), "v must have shape"),
-    "q_last_dim_strided": (lambda a: a.update(q=torch.randn(2, 5, 2, 128)[..., ::2]),
+    "q_last_dim_strided": (lambda a: a.update(q=_randn(a, 2, 5, 2, 128)[..., ::2]),
                            "q must be contiguous in its last dimension"),
-    "k_last_dim_strided": (lambda a: a.update(k=torch.randn(2, 6, 2, 128)[..., ::2]),
+    "k_last_dim_strided": (lambda a: a.update(k=_randn(a, 2, 6, 2, 128)[..., ::2]),
                            "k must be contiguous in its last dimension"),
-    "v_last_dim_strided": (lambda a: a.update(v=torch.randn(2, 6, 2, 128)[..., ::2]),
+    "v_last_dim_strided": (lambda a: a.update(v=_randn(a, 2, 6, 2, 128)[..., ::2]),
                            "v must be contiguous in its last dimension"),
     "G_dtype": (lambda a: a.update(G=a["G"].bfloat16()), "G must have dtype Float"),
     "G_rank": (lambda a: a.update(G=a["G"][0]), "G must be a 4-D tensor"),
-    "G_batch": (lambda a: a.update(G=random_g(3, 2, 64)), r"G.shape\[0\] \(batch\) must be 2 or 1"),
-    "G_heads": (lambda a: a.update(G=random_g(2, 3, 64)), r"G.shape\[1\] \(heads\)"),
-    "G_square": (lambda a: a.update(G=torch.randn(2, 2, 64, 32)), r"G.shape\[3\] \(head dim\)"),
-    "G_last_dim_strided": (lambda a: a.update(G=torch.randn(2, 2, 64, 128)[..., ::2]),
+    "G_batch": (lambda a: a.update(G=_randn(a, 3, 2, 64, 64)),
+                r"G.shape\[0\] \(batch\) must be 2 or 1"),
+    "G_heads": (lambda a: a.update(G=_randn(a, 2, 3, 64, 64)), r"G.shape\[1\] \(heads\)"),
+    "G_square": (lambda a: a.update(G=_randn(a, 2, 2, 64, 32)), r"G.shape\[3\] \(head dim\)"),
+    "G_last_dim_strided": (lambda a: a.update(G=_randn(a, 2, 2, 64, 128)[..., ::2]),
                            "G must be contiguous in its last dimension"),
     "key_mask_dtype": (lambda a: a.update(key_mask=a["key_mask"].float()),
                        "key_mask must have dtype Bool"),
@@ -265,18 +353,63 @@ BAD_INPUTS = {
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
-def test_bad_input_raises_naming_the_argument(case):
+@pytest.mark.parametrize("backend", backends(OP, "input validation"))
+def test_bad_input_raises_naming_the_argument(backend, case):
     mutate, message = BAD_INPUTS[case]
-    args = good_args()
-    call(args)  # the unmutated call is fine
+    args = good_args(backend.device)
+    call(backend, args)  # the unmutated call is fine
     mutate(args)
     with pytest.raises(RuntimeError, match=message):
-        call(args)
+        call(backend, args)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device for a mixed-device call")
-def test_wrong_device_raises():
-    args = good_args()
-    args["k"] = args["k"].cuda()
-    with pytest.raises(RuntimeError, match="k must be on the same device as q"):
-        call(args)
+@needs_cuda_kernels(OP, "a mixed-device call")
+@pytest.mark.parametrize("anchor", ["cpu", "cuda"])
+@pytest.mark.parametrize("name", ["k", "v", "G", "key_mask"])
+def test_mixed_devices_are_refused(anchor, name):
+    """Every argument must be on q's device, whichever device q is on."""
+    args = good_args(anchor)
+    args[name] = args[name].to("cuda" if anchor == "cpu" else "cpu")
+    with pytest.raises(RuntimeError, match=f"{name} must be on the same device as q"):
+        call(CUDA, args)
+
+
+# --------------------------------------------------------------------------------------------
+# Dispatcher contract (docs/design.md §3.5): opcheck and torch.compile(fullgraph=True)
+# --------------------------------------------------------------------------------------------
+def sample_inputs(device):
+    q, k, v = random_attention_inputs(2, 7, 9, 2, 64, device=device)
+    mask = (torch.rand(2, 9) > 0.3).to(device)
+    fused = torch.randn(1, 5, 3, 2, 128, device=device)
+    return {
+        "plain": ((q, k, v), {}),
+        "G-mask-causal-scale": ((q, k, v, random_g(2, 2, 64, device=device), mask, True, 0.2), {}),
+        "bf16-Gshared": ((q.bfloat16(), k.bfloat16(), v.bfloat16()),
+                         dict(G=random_g(1, 2, 64, device=device), causal=True)),
+        "strided-d128": ((fused[:, :, 0], fused[:, :, 1], fused[:, :, 2]), dict(causal=False)),
+        "bf16-G-mask-causal": ((q.bfloat16(), k.bfloat16(), v.bfloat16(),
+                                random_g(2, 2, 64, device=device), mask, True, None), {}),
+    }
+
+
+@pytest.mark.parametrize("sample", list(sample_inputs("cpu")))
+@pytest.mark.parametrize("backend", backends(OP, "dispatcher"))
+def test_opcheck(backend, sample):
+    args, kwargs = sample_inputs(backend.device)[sample]
+    torch.library.opcheck(torch.ops.pldr.g_attention.default, args, kwargs)
+
+
+@pytest.mark.parametrize("backend", backends(OP, "dispatcher"))
+def test_torch_compile_fullgraph_matches_eager(backend):
+    import pldr_kernels
+
+    def prefill(q, k, v, G):
+        out, lse = pldr_kernels.g_attention(q, k, v, G, causal=True)
+        return out * 2.0, lse
+
+    torch._dynamo.reset()
+    q, k, v, G = backend.to(*random_attention_inputs(2, 11, 11, 2, 64), random_g(2, 2, 64))
+    eager = prefill(q, k, v, G)
+    compiled = torch.compile(prefill, fullgraph=True, backend="inductor")(q, k, v, G)
+    for a, b in zip(eager, compiled):
+        assert torch.equal(a, b)

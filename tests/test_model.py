@@ -8,12 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from model_testing import left_pad, needs_cpu_kernels, prompt, tiny_model
-from testing import assert_close_to_reference
 
 from pldr_kernels import reference
 from pldr_kernels.generation import DecodeState
 from pldr_kernels.reference_model import ReferencePLDR
 from pldr_kernels.sampling import GenerationOptions
+from pldr_kernels.testing import assert_close
 
 CACHE_MODES = ("none", "g", "kv", "kvg")
 
@@ -25,7 +25,7 @@ def test_prefill_logits_match_reference(reference_rope):
     ref = ReferencePLDR.from_model(model, torch.float64).eval()
     ids = prompt(23, seed=1)
     with torch.no_grad():
-        assert_close_to_reference(model(ids).logits, ref(ids).logits, name="logits")
+        assert_close(model(ids).logits, ref(ids).logits, name="logits")
 
 
 @needs_cpu_kernels
@@ -38,7 +38,7 @@ def test_padded_prefill_logits_match_reference(include_pad_in_g):
         out = model(ids, mask, include_pad_in_g=include_pad_in_g).logits
         want = ref(ids, mask, include_pad_in_g=include_pad_in_g).logits
     real = mask.bool()  # pad positions have no visible key: their logits are not compared
-    assert_close_to_reference(out[real], want[real], name="logits")
+    assert_close(out[real], want[real], name="logits")
 
 
 @needs_cpu_kernels
@@ -61,7 +61,7 @@ def test_greedy_generation_matches_reference(cache):
     for layer, (d, r, p) in enumerate(zip(ded, ref_ded, peer_ded)):
         for i, name in enumerate(("A", "A_LM", "G")):
             if name in names:
-                assert_close_to_reference(d[i], r[i], peer=p[i], name=f"{name}[{layer}]")
+                assert_close(d[i], r[i], peer=p[i], name=f"{name}[{layer}]")
 
 
 @needs_cpu_kernels
@@ -105,7 +105,7 @@ def test_include_pad_in_g_reproduces_hf_port():
     want, ref_ded = ref.generate(ids, 8, attention_mask=mask, include_pad_in_g=True,
                                  return_deductive=True)
     assert torch.equal(got, want)
-    assert_close_to_reference(ded[0][2], ref_ded[0][2], name="G")  # layer 0: no chain in front
+    assert_close(ded[0][2], ref_ded[0][2], name="G")  # layer 0: no chain in front
     _, alone = model.generate(ids[1:, 6:], 1, return_deductive=True)
     assert (ded[0][2][1] - alone[0][2][0]).abs().max() > 1e-3
 
@@ -185,7 +185,7 @@ def test_identity_g_model_equals_sdpa():
     with torch.no_grad():
         want = _sdpa_forward(model.double(), ids)
         model.float()
-        assert_close_to_reference(model(ids).logits, want, name="logits")
+        assert_close(model(ids).logits, want, name="logits")
     assert "decoder.past_G_values" in model.state_dict()
     assert not any("plgatt_layer" in k or "reslayerAs" in k for k in model.state_dict())
 
@@ -200,7 +200,7 @@ def test_external_g_matches_reference(cache):
     ref = ReferencePLDR.from_model(model, torch.float64).eval()
     ids = prompt(10, seed=23)
     with torch.no_grad():
-        assert_close_to_reference(model(ids).logits, ref(ids).logits, name="logits")
+        assert_close(model(ids).logits, ref(ids).logits, name="logits")
     assert torch.equal(model.generate(ids, 16, cache=cache), ref.generate(ids, 16, cache=cache))
 
 
@@ -224,7 +224,7 @@ def test_bf16_weights_keep_the_g_path_fp32():
         warnings.simplefilter("ignore")
         peer = model(ids).logits.detach()
     assert out.dtype == torch.bfloat16 and peer.dtype == torch.bfloat16
-    assert_close_to_reference(out, want, peer=peer, name="bf16 logits")
+    assert_close(out, want, peer=peer, name="bf16 logits")
     assert model.generate(ids, 4, eos_token_id=None).shape == (1, 19)
 
 
@@ -238,7 +238,7 @@ def test_training_falls_back_to_reference_math_with_gradients():
         warnings.simplefilter("always")
         logits = model(ids).logits
     assert logits.requires_grad
-    assert_close_to_reference(logits.detach(), fused.double(), name="logits", rel_tol=1e-5)
+    assert_close(logits.detach(), fused.double(), name="logits", rel_tol=1e-5)
     logits.logsumexp(-1).sum().backward()
     grads = [p.grad for n, p in model.named_parameters() if "reslayerAs.0.denseAs.0.gluw1" in n]
     assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
@@ -300,8 +300,8 @@ def test_labels_give_the_shifted_next_token_loss():
     picked = torch.arange(3, 11)  # positions whose next label is not -100 (labels 4 … 11)
     nll = torch.logsumexp(logits[picked], -1) - logits[picked, targets[picked]]
     assert out.loss.dtype == torch.float32 and out.loss.dim() == 0
-    assert_close_to_reference(out.loss, nll.mean(), name="loss")
-    assert_close_to_reference(out.loss, want.loss, name="loss vs reference")
+    assert_close(out.loss, nll.mean(), name="loss")
+    assert_close(out.loss, want.loss, name="loss vs reference")
     assert model(ids).loss is None
     with pytest.raises(ValueError, match="labels must have the shape"):
         model(ids, labels=labels[:, 1:])
@@ -368,8 +368,8 @@ def test_torch_compile_fullgraph_forward_prefill_and_decode_step():
         out = torch.compile(model, **compile_kw)(ids, mask, labels=labels)
         want = ref(ids, mask, labels=labels)
         real = mask.bool()
-        assert_close_to_reference(out.logits[real], want.logits[real], name="compiled logits")
-        assert_close_to_reference(out.loss, want.loss, name="compiled loss")
+        assert_close(out.logits[real], want.logits[real], name="compiled logits")
+        assert_close(out.loss, want.loss, name="compiled loss")
 
     def prefill_and_decode(prefill, decode_step):
         """Greedy prompt + 3 decode steps ('kvg'): the logits of each step and the tokens."""
@@ -394,7 +394,7 @@ def test_torch_compile_fullgraph_forward_prefill_and_decode_step():
     # The eager steps are judged against the fp64 reference by the other tests; the compiled
     # ones against the eager ones, by the fp32 rule.
     for i, (c, e) in enumerate(zip(compiled, eager)):
-        assert_close_to_reference(c, e.double(), name=f"compiled step {i} logits")
-    assert_close_to_reference(k_cache, eager_k.double(), name="k cache written under compile")
+        assert_close(c, e.double(), name=f"compiled step {i} logits")
+    assert_close(k_cache, eager_k.double(), name="k cache written under compile")
     assert torch.equal(tokens, eager_tokens)
     assert torch.equal(tokens, ref.generate(ids, 4, attention_mask=mask, eos_token_id=None))

@@ -8,10 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from model_testing import needs_cpu_kernels
-from testing import assert_close_to_reference
 
 from pldr_kernels import reference
 from pldr_kernels.nn import GCachedAttention, MetricLearner, PowerLawGraphAttention
+from pldr_kernels.testing import assert_close
 
 D, H, d = 128, 2, 64
 
@@ -76,9 +76,9 @@ def test_metric_learner_matches_reference():
     want = reference.metric_tensors(q.double(), q_mask, *_packed64(ml))
     for name, g, w in zip(("A", "A_LM", "G"), got, want):
         assert g.dtype == torch.float32
-        assert_close_to_reference(g, w, name=name)
+        assert_close(g, w, name=name)
     A_LM, G = ml.g_from_metric(got[0])
-    assert_close_to_reference(G, reference.g_from_metric(want[0], *_packed64(ml)[10:])[1], name="G")
+    assert_close(G, reference.g_from_metric(want[0], *_packed64(ml)[10:])[1], name="G")
 
 
 @needs_cpu_kernels
@@ -102,9 +102,9 @@ def test_power_law_graph_attention_matches_reference(interleaved):
     rA, rA_LM, rG = reference.metric_tensors(q, mask.bool(), *w64)
     o, _ = reference.g_attention(q, k, v, rG, mask.bool(), causal=True)
     want = att64.dense(o.reshape(B, S, D))
-    assert_close_to_reference(G, rG, name="G")
+    assert_close(G, rG, name="G")
     real = mask.bool()
-    assert_close_to_reference(out[real], want[real], name="out")
+    assert_close(out[real], want[real], name="out")
 
 
 @needs_cpu_kernels
@@ -123,7 +123,7 @@ def test_g_cached_attention_without_g_is_sdpa():
         o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                            is_causal=True)
         want = att64.dense(o.transpose(1, 2).reshape(1, 19, D))
-    assert_close_to_reference(out, want, name="out")
+    assert_close(out, want, name="out")
 
 
 def test_rope_tables_match_reference_rope():
@@ -132,9 +132,9 @@ def test_rope_tables_match_reference_rope():
     pos = torch.tensor([[0, 1, 2, 3, 4], [1, 1, 0, 1, 2]])
     got = att.rope(x, att.rope.rotation(pos))  # grows the 4-row table on demand
     want = reference.apply_rope(x.double(), pos, True)
-    assert_close_to_reference(got, want, name="rope")
+    assert_close(got, want, name="rope")
     att2 = GCachedAttention(D, H, d, interleaved_rope=False)
-    assert_close_to_reference(att2.rope(x, att2.rope.rotation(pos)),
+    assert_close(att2.rope(x, att2.rope.rotation(pos)),
                               reference.apply_rope(x.double(), pos, False),
                               name="rope_half")
 
@@ -152,7 +152,7 @@ def test_training_uses_reference_math_with_a_warning():
         out = att(x)
     out.sum().backward()
     assert att.plgatt_layer.pwlst.grad is not None and att.wq.weight.grad is not None
-    assert_close_to_reference(out.detach(), fused.double(), name="out")
+    assert_close(out.detach(), fused.double(), name="out")
 
 
 @needs_cpu_kernels
@@ -177,7 +177,7 @@ def test_fused_weights_follow_optimizer_steps_and_loads():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         updated = att(x).detach()  # the reference math on the updated parameters
-    assert_close_to_reference(fused, updated.double(), name="out after an optimiser step")
+    assert_close(fused, updated.double(), name="out after an optimiser step")
     att.load_state_dict({k: v.clone() for k, v in att.state_dict().items()}, assign=True)
     w1 = att.reslayerAs[1].denseAs[1].gluw1.weight
     assert att.packs["w1"].packed[1, 1].data_ptr() == w1.data_ptr()

@@ -1,12 +1,13 @@
-"""The oracle itself, checked against independent formulations (so kernel tests rest on solid ground)."""
+"""The oracle itself, checked against independent formulations (so kernel tests rest on solid
+ground)."""
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
-from testing import make_metric_weights, metric_args
 
 from pldr_kernels import reference as ref
+from pldr_kernels.testing import make_metric_weights, metric_args
 
 
 def test_rope_interleaved_is_complex_rotation_of_adjacent_pairs():
@@ -96,9 +97,11 @@ def _naive_metric_tensors(q, w, eps_ln=1e-6, eps_adj=1e-9):
                         x = A[i]
                         h1 = w["w1"][r, g] @ x + w["b1"][r, g]
                         h2 = w["w2"][r, g] @ x + w["b2"][r, g]
-                        rows.append(w["w3"][r, g] @ (h1 / (1 + torch.exp(-h1)) * h2) + w["b3"][r, g])
+                        glu = h1 / (1 + torch.exp(-h1)) * h2
+                        rows.append(w["w3"][r, g] @ glu + w["b3"][r, g])
                     A = torch.stack(rows)
-                A = torch.stack([ln(A[i] + A_in[i], w["lnA_w"][r], w["lnA_b"][r]) for i in range(d)])
+                A = torch.stack([ln(A[i] + A_in[i], w["lnA_w"][r], w["lnA_b"][r])
+                                 for i in range(d)])
             Z = w["W"][h] @ A + w["b"][h]
             A_LM = Z * Z / (1 + torch.exp(-Z)) + eps_adj
             G = w["a"][h] @ A_LM ** w["pw"][h] + w["ba"][h]
