@@ -233,9 +233,7 @@ def fp64_attention(q, k, v, G, causal):
 
 
 def prepare(case: OpCase, device: torch.device, cfg: OpsConfig, seed: int = 0):
-    """``(contestants, judge, peer)``: ``judge(output)`` → the case's :class:`testing.Verdict`;
-    ``peer`` names the contestant that is the rule's same-dtype peer (its yardstick, not judged:
-    the fp32 reference metric learner is ``testing.metric_tensors_peer``)."""
+    """``(contestants, judge)``: ``judge(output)`` → the case's :class:`testing.Verdict`."""
     gen = torch.Generator().manual_seed(seed)
     dtype, B, S, H, d = DTYPES[case.dtype], case.B, case.S, case.H, case.d
     if case.op == "metric_tensors":
@@ -251,7 +249,7 @@ def prepare(case: OpCase, device: torch.device, cfg: OpsConfig, seed: int = 0):
                                                                                  torch.float64))
         judge = lambda out: testing.check_metric_tensors(out, q, None, weights,  # noqa: E731
                                                          oracle=oracle)
-        return [c for c in contestants if selected(c.name, cfg.contestants)], judge, "reference"
+        return [c for c in contestants if selected(c.name, cfg.contestants)], judge
     G = testing.random_g(B, H, d, device, gen)
     if case.op == "g_attention":
         q, k, v = testing.random_attention_inputs(B, S, S, H, d, dtype, device, gen)
@@ -261,16 +259,13 @@ def prepare(case: OpCase, device: torch.device, cfg: OpsConfig, seed: int = 0):
         judge = lambda out: testing.check_g_attention(out, None, q, k, v, G,  # noqa: E731
                                                       causal=case.causal, oracle=oracle,
                                                       peer=peer)
-        return attention_contestants(case, q, k, v, G, None, cfg, device), judge, None
+        return attention_contestants(case, q, k, v, G, None, cfg, device), judge
     q, k_cache, v_cache = testing.random_attention_inputs(B, 1, S, H, d, dtype, device, gen)
     seqlens = torch.full((B,), S, dtype=torch.int32, device=device)
     oracle = by_heads(fp64_attention, q, k_cache, v_cache, G, False)[0]
     judge = lambda out: testing.check_g_attention_decode(out, q, k_cache, v_cache,  # noqa: E731
                                                          seqlens, G=G, oracle=oracle)
-    return attention_contestants(case, q, k_cache, v_cache, G, seqlens, cfg, device), judge, None
-
-
-PEER = testing.Verdict("peer", True, 0.0, 0.0, "the rule's same-dtype PyTorch peer, not judged")
+    return attention_contestants(case, q, k_cache, v_cache, G, seqlens, cfg, device), judge
 
 
 def shout(msg: str) -> None:
@@ -284,7 +279,7 @@ def skip(case: OpCase | None, impl: str, reason: str) -> dict:
 
 def run_case(case: OpCase, device: torch.device, cfg: OpsConfig, clock: Clock,
              skipped: list[dict], copy_gbps: float | None = None) -> list[dict]:
-    contestants, judge, peer = prepare(case, device, cfg)
+    contestants, judge = prepare(case, device, cfg)
     live, verdicts, notes = {}, {}, {}
     for c in contestants:
         if c.fn is None:
@@ -301,7 +296,7 @@ def run_case(case: OpCase, device: torch.device, cfg: OpsConfig, clock: Clock,
         if c.name == "flex_compiled":
             notes[c.name] = f"first call (compile) {time.perf_counter() - t0:.1f} s"
         live[c.name] = c.fn
-        verdicts[c.name] = PEER if c.name == peer else judge(out)
+        verdicts[c.name] = judge(out)
         del out
         if not verdicts[c.name]:
             shout(f"DISAGREEMENT in {case.op} {case.label()} {case.dtype}: {c.name}: "
