@@ -1,5 +1,5 @@
-// Op schemas of pldr-kernels (DESIGN.md §3) and the stub module init that lets `import` load them.
-// Backends register their kernels with TORCH_LIBRARY_IMPL in csrc/cpu and csrc/cuda.
+// Op schemas of pldr-kernels (docs/design.md §3) and the stub module init that lets `import`
+// load them. Backends register their kernels with TORCH_LIBRARY_IMPL in csrc/cpu and csrc/cuda.
 #include <Python.h>
 #include <torch/library.h>
 

@@ -94,7 +94,7 @@ def check_G(G: Tensor | None, device: torch.device, B, H, d) -> None:
     if G is None:
         return
     check_device(G, "G", device)
-    check_dtype(G, "G", torch.float32, "The G path is fp32 (pldr-spec §5): pass G.float().")
+    check_dtype(G, "G", torch.float32, "The G path is fp32 (docs/spec.md §5.1): pass G.float().")
     check_rank(G, "G", 4, "[B or 1, H, d, d]")
     torch._check(G.size(0) == B or G.size(0) == 1, lambda: f"G.shape[0] (batch) must be {B} or 1 "
                  f"(shared by the batch), got {G.size(0)} (shape {shape_str(G)}).")
@@ -216,5 +216,5 @@ def check_metric_tensors_inputs(q: Tensor, q_mask: Tensor | None, ln0_w: Tensor,
     )
     for t, name, shape in expects:
         check_device(t, name, device)
-        check_dtype(t, name, torch.float32, "Metric-learner weights are fp32 (pldr-spec §5).")
+        check_dtype(t, name, torch.float32, "Metric-learner weights are fp32 (docs/spec.md §5.1).")
         check_shape(t, name, shape)

@@ -1,11 +1,11 @@
-"""Pure-PyTorch reference of the PLDR-LLM v510 math (pldr-spec.md §2, §3).
+"""Pure-PyTorch reference of the PLDR-LLM v510 math (docs/spec.md §2, §3).
 
 This module is the single definition of correctness: every kernel test and every benchmark sanity
 check compares against it, in fp64 for tests. It mirrors the authors' code line for line, favouring
 clarity over speed (scores are materialised, each SwiGLU is an ``F.linear`` call).
 
-Layout conventions follow the ops (DESIGN.md §3): activations are ``[B, S, H, d]``; metric tensors
-and G are ``[B, H, d, d]``; per-head PLGA parameters are ``[H, d, d]``.
+Layout conventions follow the ops (docs/design.md §3): activations are ``[B, S, H, d]``; metric
+tensors and G are ``[B, H, d, d]``; per-head PLGA parameters are ``[H, d, d]``.
 """
 from __future__ import annotations
 
@@ -17,19 +17,20 @@ import torch.nn.functional as F
 Tensor = torch.Tensor
 
 LN_EPS = 1e-6
-EPS_ADJ = 1e-9  # spec §2 step 10: added *after* iSwiGLU
+EPS_ADJ = 1e-9  # docs/spec.md §2 step 10: added *after* iSwiGLU
 ROPE_THETA = 10000.0
 
 
 def compute_dtype(*tensors: Tensor | None) -> torch.dtype:
-    """fp64 when any input is fp64 (the test oracle), fp32 otherwise (spec §5: never below fp32)."""
+    """fp64 when any input is fp64 (the test oracle), fp32 otherwise (docs/spec.md §5: never
+    below fp32)."""
     if any(t is not None and t.dtype == torch.float64 for t in tensors):
         return torch.float64
     return torch.float32
 
 
 # --------------------------------------------------------------------------------------------
-# RoPE (spec §2 step 4)
+# RoPE (docs/spec.md §2 step 4)
 # --------------------------------------------------------------------------------------------
 def rope_angles(positions: Tensor, head_dim: int, theta: float = ROPE_THETA) -> Tensor:
     """Angles ``pos * theta^(-2j/d)`` for j = 0..d/2-1, fp32, shape ``positions.shape + (d/2,)``."""
@@ -66,7 +67,7 @@ def apply_rope(x: Tensor, positions: Tensor, interleaved: bool = True,
 
 
 # --------------------------------------------------------------------------------------------
-# Metric learner: A, A_LM, G (spec §2 steps 6-12)
+# Metric learner: A, A_LM, G (docs/spec.md §2 steps 6-12)
 # --------------------------------------------------------------------------------------------
 def swiglu(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, w3: Tensor,
            b3: Tensor) -> Tensor:
@@ -75,7 +76,7 @@ def swiglu(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, w3: Tensor
 
 
 def iswiglu(z: Tensor) -> Tensor:
-    """``z·silu(z)``, evaluated as PyTorch does (silu, then multiply; spec §5.3)."""
+    """``z·silu(z)``, evaluated as PyTorch does (silu, then multiply; docs/spec.md §5.3)."""
     return z * F.silu(z)
 
 
@@ -86,7 +87,7 @@ def metric_tensors(q: Tensor, q_mask: Tensor | None, ln0_w: Tensor, ln0_b: Tenso
                    ) -> tuple[Tensor, Tensor, Tensor]:
     """The deep PLGA network: ``q [B,S,H,d]`` → ``(A, A_LM, G)``, each ``[B,H,d,d]``.
 
-    Weights are packed as in DESIGN.md §3.1: ``w1, w2 [R,Gd,F,d]``, ``b1, b2 [R,Gd,F]``,
+    Weights are packed as in docs/design.md §3.1: ``w1, w2 [R,Gd,F,d]``, ``b1, b2 [R,Gd,F]``,
     ``w3 [R,Gd,d,F]``, ``b3 [R,Gd,d]``, ``lnA_* [R,d]``, ``W, b, pw, a, ba [H,d,d]``.
     ``q_mask [B,S]`` (True = real token) leaves masked rows out of QᵀQ; None keeps every row, as the
     authors' code does. Computed in fp32, or fp64 when any input is fp64.
@@ -122,7 +123,7 @@ def g_from_metric(A: Tensor, W: Tensor, b: Tensor, pw: Tensor, a: Tensor, ba: Te
 
 
 # --------------------------------------------------------------------------------------------
-# G-attention (spec §2 steps 13-14)
+# G-attention (docs/spec.md §2 steps 13-14)
 # --------------------------------------------------------------------------------------------
 def apply_g(q: Tensor, G: Tensor | None) -> Tensor:
     """``q̃ = q·G`` for ``q [B,S,H,d]`` and ``G [B|1,H,d,d]``, in the compute dtype."""

@@ -1,5 +1,5 @@
 """The emulated tensor-core instructions (tools/cuda_emu/mma_emu.h through csrc/cuda/ptx.cuh)
-against a plain fp64 matmul and against the PTX ISA fragment layouts (gpu-box.md)."""
+against a plain fp64 matmul and against the PTX ISA fragment layouts (docs/design.md §5.2.1)."""
 
 import numpy as np
 import pytest

@@ -56,7 +56,8 @@ def test_greedy_generation_matches_reference(cache):
     assert torch.equal(got, want), \
         f"cache={cache}: {got[0, 11:].tolist()} vs {want[0, 11:].tolist()}"
     # G of layer ≥ 1 sits behind a whole layer and the power stage, which amplify fp32 rounding
-    # (spec §5.1): judged against the same model in fp32 PyTorch (DESIGN §4 peer rule).
+    # (docs/spec.md §5.1): judged against the same model in fp32 PyTorch (docs/design.md §4.1
+    # peer rule).
     names = ("A", "A_LM", "G") if cache != "g" else ("A_LM", "G")  # 'g': A is recomputed (authors)
     for layer, (d, r, p) in enumerate(zip(ded, ref_ded, peer_ded)):
         for i, name in enumerate(("A", "A_LM", "G")):
@@ -66,7 +67,7 @@ def test_greedy_generation_matches_reference(cache):
 
 @needs_cpu_kernels
 def test_kvg_equals_recompute_with_frozen_g():
-    """Spec §3.1 mode matrix: with G frozen from the prompt, caching k/v changes nothing."""
+    """docs/spec.md §3.1 mode matrix: with G frozen from the prompt, caching k/v changes nothing."""
     model = tiny_model(seed=5)
     ids = prompt(13, seed=6)
     kvg = model.generate(ids, 24, cache="kvg")
@@ -219,7 +220,8 @@ def test_bf16_weights_keep_the_g_path_fp32():
         assert att.reslayerAs[0].denseAs[0].gluw1.weight.dtype == torch.float32
         assert all(w.dtype == torch.float32 for w in att.packed_metric_weights())
         out = model(ids).logits
-    # Peer (DESIGN §4): the same dtypes through plain PyTorch — the autograd path of the model.
+    # Peer (docs/design.md §4.1): the same dtypes through plain PyTorch — the autograd path of the
+    # model.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         peer = model(ids).logits.detach()

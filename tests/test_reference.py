@@ -27,7 +27,7 @@ def test_rope_rotate_half_pairs_i_with_i_plus_half():
     x = torch.randn(B, S, H, d, dtype=torch.float64)
     pos = torch.tensor([[3, 9, 10, 200]])
     out = ref.apply_rope(x, pos, interleaved=False)
-    # the angle table is fp32, as in the authors' code (spec §2 step 4)
+    # the angle table is fp32, as in the authors' code (docs/spec.md §2 step 4)
     inv_freq = 1.0 / (10000.0 ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
     ang = (pos[0, :, None].float() * inv_freq).double()
     z = torch.complex(x[..., : d // 2], x[..., d // 2:]) * torch.polar(

@@ -77,7 +77,7 @@ inline void check_G(const c10::optional<at::Tensor>& G, const at::Device& device
   if (!G.has_value()) return;
   const auto& g = *G;
   check_device(g, "G", device);
-  check_dtype(g, "G", at::kFloat, "The G path is fp32 (pldr-spec §5): pass G.float().");
+  check_dtype(g, "G", at::kFloat, "The G path is fp32 (docs/spec.md §5.1): pass G.float().");
   check_rank(g, "G", 4, "[B or 1, H, d, d]");
   TORCH_CHECK(g.size(0) == B || g.size(0) == 1, "G.shape[0] (batch) must be ", B,
               " or 1 (shared by the batch), got ", g.size(0), " (shape ", shape_str(g), ").");
@@ -266,7 +266,7 @@ inline MetricDims check_metric_tensors_inputs(
   };
   for (const auto& e : expects) {
     check_device(e.t, e.name, device);
-    check_dtype(e.t, e.name, at::kFloat, "Metric-learner weights are fp32 (pldr-spec §5).");
+    check_dtype(e.t, e.name, at::kFloat, "Metric-learner weights are fp32 (docs/spec.md §5.1).");
     check_shape(e.t, e.name, e.shape);
   }
   return dims;

@@ -1,6 +1,8 @@
-// Emulation driver of g_attention_decode (tests/test_emu_decode.py): runs the real kernels and the
-// real launch of csrc/cuda/g_attention_decode_kernel.cuh on the CPU. Inputs are contiguous
-// raw arrays; activation dtype code: 0 fp32, 1 bf16, 2 fp16 (16-bit values travel as uint16).
+// Emulation driver of g_attention_decode (the "emu" backend of tests/backends.py, used by
+// tests/test_g_attention_decode.py): runs the real kernels and the real launch of
+// csrc/cuda/g_attention_decode_kernel.cuh on the CPU. Inputs are contiguous raw arrays (or head
+// slices of them, pad_heads below); activation dtype code: 0 fp32, 1 bf16, 2 fp16 (16-bit values
+// travel as uint16).
 #include "cuda/g_attention_decode_kernel.cuh"
 #include "driver_io.h"
 

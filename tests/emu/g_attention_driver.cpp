@@ -1,5 +1,6 @@
-// Emulation driver for tests/test_emu_g_attention.py: runs the real pldr::g_attention kernels and
-// launch of csrc/cuda/g_attention_kernel.cuh on the CPU.
+// Emulation driver of g_attention (the "emu" backend of tests/backends.py, used by
+// tests/test_g_attention.py): runs the real pldr::g_attention kernels and launch of
+// csrc/cuda/g_attention_kernel.cuh on the CPU.
 //
 // Inputs: q, k, v (raw buffers: fp32, or bf16/fp16 bits), G (fp32, optional), key_mask (uint8,
 // optional); each a whole underlying buffer plus an element offset and strides, so strided views

@@ -1,6 +1,7 @@
-// Emulation driver of metric_tensors (tests/test_emu_metric_tensors.py): runs the real kernels and
-// launch of csrc/cuda/metric_tensors_kernel.cuh on the CPU. q dtype code: 0 fp32, 1 bf16,
-// 2 fp16 (16-bit values travel as uint16); weights fp32, contiguous.
+// Emulation driver of metric_tensors (the "emu" backend of tests/backends.py, used by
+// tests/test_metric_tensors.py): runs the real kernels and launch of
+// csrc/cuda/metric_tensors_kernel.cuh on the CPU. q dtype code: 0 fp32, 1 bf16, 2 fp16 (16-bit
+// values travel as uint16); weights fp32, contiguous.
 #include "cuda/metric_tensors_kernel.cuh"
 #include "driver_io.h"
 

@@ -44,7 +44,7 @@ __global__ void mma_layout_kernel(const float* A, const float* B, const float* C
     mma_m16n8k16<T>(d, a, b, c);
   };
 
-  // 1. Fragments from the PTX ISA layouts (gpu-box.md), independent of ldmatrix.
+  // 1. Fragments from the PTX ISA layouts (docs/design.md §5.2.1), independent of ldmatrix.
   {
     uint32_t a[4];
     for (int r = 0; r < 4; ++r) a[r] = pair(s_a, group + 8 * (r & 1), tig * 2 + 8 * (r >> 1), 16, 1);

@@ -1,13 +1,15 @@
 // CPU emulation of the warp-level tensor-core instructions our CUDA kernels use
-// (docs/design.md §5): mma.sync.aligned.m16n8k16.row.col (bf16/f16 inputs, f32 accumulators),
-// ldmatrix .x4 (.trans) and cp.async (16 bytes, zero-fill, commit/wait groups). Include after cuda_cpu_shim.h (the harness
-// force-includes the shim, which also has the 16-bit conversions and dynamic shared memory);
-// device code reaches these only through csrc/cuda/ptx.cuh.
+// (docs/design.md §5.2): mma.sync.aligned.m16n8k16.row.col (bf16/f16 inputs, f32 accumulators),
+// ldmatrix .x4 (.trans) and cp.async (16 bytes, zero-fill, commit/wait groups). Include after
+// cuda_cpu_shim.h (the harness force-includes the shim, which also has the 16-bit conversions and
+// dynamic shared memory); device code reaches these only through csrc/cuda/ptx.cuh.
 //
 // Fragment layouts follow the PTX ISA ("Matrix Fragments for mma.m16n8k16 with floating point
-// type", "ldmatrix"); tests/test_emu_mma.py checks them against a plain matmul and against the
-// documented register contents. Warp-collective instructions exchange registers through a per-warp
-// slot table and the shim's per-warp barrier: each lane publishes, one __syncwarp, each lane reads.
+// type", "ldmatrix"; docs/design.md §5.2.1); tests/test_emu_mma.py (through
+// tests/emu/mma_layout_driver.cpp) checks them against a plain matmul and against the documented
+// register contents, and the "emu" backend of the op tests runs the real kernels on them.
+// Warp-collective instructions exchange registers through a per-warp slot table and the shim's
+// per-warp barrier: each lane publishes, one __syncwarp, each lane reads.
 // The tables are double-buffered (alternating per instruction), so one barrier per instruction is
 // enough: a lane can only overwrite a table after every lane has passed the next barrier, i.e.
 // finished reading it.
