@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import itertools
 import os
 import platform
 import statistics
@@ -23,13 +24,18 @@ import torch
 
 # ---- statistics and timing -------------------------------------------------------------------
 def summarize(samples: Sequence[float]) -> dict[str, float]:
-    """p10 p20 p50 p80 p90 (linear interpolation, as numpy's default), mean and count."""
-    xs = list(samples)
-    if not xs:
+    """p10 p20 p50 p80 p90 (linear interpolation, as numpy's default)."""
+    if not samples:
         raise ValueError("summarize: no samples")
+    xs = list(samples)
     deciles = statistics.quantiles(xs, n=10, method="inclusive") if len(xs) > 1 else xs * 9
-    return {"p10": deciles[0], "p20": deciles[1], "p50": deciles[4], "p80": deciles[7],
-            "p90": deciles[8], "mean": statistics.fmean(xs), "n": len(xs)}
+    return {f"p{q}": deciles[q // 10 - 1] for q in (10, 20, 50, 80, 90)}
+
+
+def rotated(items: list, shift: int) -> list:
+    """``items`` starting at ``shift`` (mod its length): each repeat puts another one first."""
+    shift %= len(items)
+    return items[shift:] + items[:shift]
 
 
 class Clock:
@@ -91,8 +97,7 @@ def measure_interleaved(contestants: dict[str, Callable[[], object]], clock: Clo
     inner_of = {n: inner or calibrate_inner(clock, contestants[n], min_sample_ms) for n in names}
     samples: dict[str, list[float]] = {n: [] for n in names}
     for rep in range(repeats):
-        shift = rep % len(names)
-        for name in names[shift:] + names[:shift]:
+        for name in rotated(names, rep):
             samples[name].append(clock.time_ms(contestants[name], inner_of[name]))
     return {n: Measurement(samples[n], inner_of[n]) for n in names}
 
@@ -140,11 +145,8 @@ def _cpu_peak(fn: Callable[[], object]) -> tuple[object, int]:
         f = node.extra_fields
         if type(f).__name__.endswith("Allocation") and str(f.device).startswith("cpu"):
             events.append((node.start_time_ns, f.alloc_size))
-    running = peak = 0
-    for _, size in sorted(events, key=lambda e: e[0]):
-        running += size
-        peak = max(peak, running)
-    return result, peak
+    sizes = (size for _, size in sorted(events, key=lambda e: e[0]))
+    return result, max(itertools.accumulate(sizes, initial=0))
 
 
 def run_with_peak(fn: Callable[[], object], device="cpu") -> tuple[object, int, str]:
