@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from pldr_kernels import reference
 from pldr_kernels.bench import __main__ as cli
 from pldr_kernels.bench import measure, ops_suite, report
 from pldr_kernels.bench.measure import Clock, measure_interleaved, summarize
@@ -72,9 +73,9 @@ def test_a_disagreeing_contestant_is_shouted_and_marked_invalid(monkeypatch, cap
 
     def with_a_wrong_contestant(case, device, cfg, seed=0):
         contestants, judge = real_prepare(case, device, cfg, seed)
-        wrong = next(c for c in contestants if c.name == "reference").fn() * 1.02
+        wrong = contestants["reference"]() * 1.02
         # The fastest contestant of all: were invalid rows not excluded, it would be best_other.
-        return contestants + [ops_suite.Contestant("wrong", lambda: wrong)], judge
+        return {**contestants, "wrong": lambda: wrong}, judge
     monkeypatch.setattr(ops_suite, "prepare", with_a_wrong_contestant)
     rows = ops_suite.run_case(case, torch.device("cpu"), tiny_ops_config(), Clock("cpu"), [])
     by_impl = {r["impl"]: r for r in rows}
@@ -102,11 +103,11 @@ def test_contestant_patterns():
 
 def test_oracle_by_head_chunks_equals_the_whole(monkeypatch):
     gen = torch.Generator().manual_seed(3)
-    q, k, v = (torch.randn(1, 8, 5, 64, generator=gen) for _ in range(3))
-    G = torch.randn(1, 5, 64, 64, generator=gen)
-    whole = ops_suite.fp64_attention(q, k, v, G, True)
+    q, k, v = (torch.randn(1, 8, 5, 64, generator=gen, dtype=torch.float64) for _ in range(3))
+    G = torch.randn(1, 5, 64, 64, generator=gen, dtype=torch.float64)
+    whole = reference.g_attention(q, k, v, G, None, True)
     monkeypatch.setattr(ops_suite, "ORACLE_CHUNK_ELEMENTS", 2 * 8 * 8)  # two heads per chunk
-    chunked = ops_suite.by_heads(ops_suite.fp64_attention, q, k, v, G, True)
+    chunked = ops_suite.by_heads(reference.g_attention, q, k, v, G, True)
     assert torch.equal(chunked[0], whole[0]) and torch.equal(chunked[1], whole[1])
 
 

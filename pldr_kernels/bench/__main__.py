@@ -41,13 +41,17 @@ def field_value(text: str) -> tuple[str, object]:
         return field, value
 
 
-def add_options(p: argparse.ArgumentParser, sub: bool) -> None:
-    """Options accepted before or after the subcommand (a subparser must not reset them). An option
-    of a suite is stored under the name of the OpsConfig / GenerateConfig field it sets."""
-    def opt(*names, default=None, **kw):
-        p.add_argument(*names, default=argparse.SUPPRESS if sub else default, **kw)
-
-    opt("--quick", action="store_true", default=False,
+def build_parser() -> argparse.ArgumentParser:
+    """The options of a suite are stored under the name of the OpsConfig / GenerateConfig field
+    they set."""
+    from . import __doc__ as invocations
+    parser = argparse.ArgumentParser(prog="pldr-bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=invocations)
+    opt = parser.add_argument
+    opt("suite", nargs="?", choices=("ops", "generate", "all"), default="all",
+        help="ops: each op vs its rivals; generate: whole-model generation; all (default): both")
+    opt("--quick", action="store_true",
         help="small sweeps (~1 min on a 2-core CPU; no FlexAttention compile)")
     opt("--device", default="cpu", help="cpu (default) or cuda[:N] (times with CUDA events)")
     opt("--threads", type=positive, help="torch intra-op threads (default: all usable cores)")
@@ -61,11 +65,10 @@ def add_options(p: argparse.ArgumentParser, sub: bool) -> None:
         help="Markdown for the README (to PATH, or printed)")
     opt("--plot", metavar="PATH", help="PNG of latency against length (needs matplotlib)")
     opt("--from-json", metavar="PATH", help="render a saved --json file instead of measuring")
-    opt("--no-memory", dest="memory", action="store_false", default=True,
+    opt("--no-memory", dest="memory", action="store_false",
         help="skip the peak-memory measurements")
-    opt("--no-progress", dest="progress", action="store_false", default=True,
-        help="no progress bar on stderr")
-    # the ops sweep
+    opt("--no-progress", dest="progress", action="store_false", help="no progress bar on stderr")
+    opt = parser.add_argument_group("the ops sweep").add_argument
     opt("--ops", nargs="+", choices=("g_attention", "g_attention_decode", "metric_tensors"),
         metavar="OP", help="g_attention g_attention_decode metric_tensors (default: all)")
     opt("--batch", nargs="+", type=positive, metavar="B", help="batch sizes (generate: the first)")
@@ -79,7 +82,7 @@ def add_options(p: argparse.ArgumentParser, sub: bool) -> None:
     opt("--memory-check-len", type=positive, metavar="S", help="prefill memory check's S (4096)")
     opt("--flex", action=argparse.BooleanOptionalAction,
         help="include torch.compile(flex_attention) with --quick (--no-flex: never)")
-    # generate
+    opt = parser.add_argument_group("generate").add_argument
     opt("--checkpoint", metavar="PATH",
         help="HF-format directory or authors' .pth (default: random weights)")
     opt("--prompt-lens", nargs="+", type=positive, metavar="N")
@@ -89,19 +92,8 @@ def add_options(p: argparse.ArgumentParser, sub: bool) -> None:
         help="pldr_kernels' dtypes (the reference runs in fp32)")
     opt("--model-config", nargs="+", type=field_value, metavar="FIELD=VALUE",
         help="PLDRConfig fields of the random model (e.g. num_hidden_layers=2)")
-    opt("--cuda-graph", action="store_true", default=False,
+    opt("--cuda-graph", action="store_true",
         help="replay pldr_kernels' decode step from a CUDA graph (kv, kvg)")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    from . import __doc__ as invocations
-    parser = argparse.ArgumentParser(prog="pldr-bench", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog=invocations)
-    add_options(parser, sub=False)
-    subs = parser.add_subparsers(dest="suite", metavar="{ops,generate,all}")
-    for name in ("ops", "generate", "all"):
-        add_options(subs.add_parser(name, help=f"the {name} suite"), sub=True)
     return parser
 
 
@@ -168,7 +160,7 @@ def measure(args, argv: list[str]) -> dict:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     torch.set_num_threads(args.threads or usable_cores())
-    started, suite = time.perf_counter(), args.suite or "all"
+    started, suite = time.perf_counter(), args.suite
     busy = busy_machine_warning(torch.get_num_threads())
     if busy:
         print(f"pldr-bench: WARNING: {busy}", file=sys.stderr)

@@ -19,14 +19,13 @@ from __future__ import annotations
 import copy
 import functools
 import os
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from .. import testing
-from .measure import progress_bar, rotated, run_with_peak, summarize
+from .measure import Clock, progress_bar, rotated, run_with_peak, summarize
 from .ops_suite import OPS, add_speedups, kernel_missing, report_disagreement, selected, skipped
 
 MODES = ("none", "kv", "kvg")
@@ -87,15 +86,10 @@ def graphed(cfg: GenerateConfig, impl: str, mode: str) -> bool:
 def timed_generate(model, ids: torch.Tensor, new_tokens: int, mode: str, use_graph: bool
                    ) -> tuple[float, list[float], float]:
     """``(ttft_ms, per-step ms, total_ms)`` of one greedy generation."""
-    cuda = ids.device.type == "cuda"
-    marks: list = []
+    clock, marks = Clock(ids.device), []
 
-    def mark(*_):
-        if cuda:
-            marks.append(torch.cuda.Event(enable_timing=True))
-            marks[-1].record()
-        else:
-            marks.append(time.perf_counter_ns())
+    def mark(*_):  # also the forward hook
+        marks.append(clock.mark())
     handle = None if use_graph else model.final_layer.register_forward_hook(mark)
     try:
         mark()
@@ -108,11 +102,7 @@ def timed_generate(model, ids: torch.Tensor, new_tokens: int, mode: str, use_gra
     finally:
         if handle is not None:
             handle.remove()
-    if cuda:
-        marks[-1].synchronize()
-        stamps = [marks[0].elapsed_time(m) for m in marks[1:]]
-    else:
-        stamps = [(m - marks[0]) / 1e6 for m in marks[1:]]
+    stamps = [clock.elapsed_ms(marks[0], m) for m in marks[1:]]
     steps = stamps[:-1]  # one per forward: the prompt's, then each decode step's
     return steps[0], [b - a for a, b in zip(steps, steps[1:])], stamps[-1]
 

@@ -39,8 +39,8 @@ def rotated(items: list, shift: int) -> list:
 
 
 class Clock:
-    """Milliseconds per call on one device: ``perf_counter_ns`` on the CPU; on CUDA a pair of events
-    on the current stream around the calls (GPU time, not launch time)."""
+    """Time on one device: ``perf_counter_ns`` on the CPU; on CUDA events recorded on the current
+    stream (GPU time, not launch time)."""
 
     def __init__(self, device="cpu"):
         self.device = torch.device(device)
@@ -50,19 +50,25 @@ class Clock:
         if self.is_cuda:
             torch.cuda.synchronize(self.device)
 
+    def mark(self):
+        if not self.is_cuda:
+            return time.perf_counter_ns()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def elapsed_ms(self, start, end) -> float:
+        if not self.is_cuda:
+            return (end - start) / 1e6
+        end.synchronize()
+        return start.elapsed_time(end)
+
     def time_ms(self, fn: Callable[[], object], inner: int = 1) -> float:
-        if self.is_cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(inner):
-                fn()
-            end.record()
-            end.synchronize()
-            return start.elapsed_time(end) / inner
-        t0 = time.perf_counter_ns()
+        """Milliseconds per call of ``inner`` calls back to back."""
+        start = self.mark()
         for _ in range(inner):
             fn()
-        return (time.perf_counter_ns() - t0) / 1e6 / inner
+        return self.elapsed_ms(start, self.mark()) / inner
 
 
 @dataclass

@@ -139,12 +139,8 @@ def add_speedups(rows: list[dict], time_key: str, speedup_key: str) -> None:
         r[speedup_key] = ref[time_key] / r[time_key] if ref and r[time_key] else None
 
 
-# ---- contestants -------------------------------------------------------------------------------
-@dataclass
-class Contestant:
-    name: str
-    fn: Callable[[], object] | None
-    skip_reason: str | None = None
+# ---- contestants: name → the call to time, or the reason it cannot run -------------------------
+Contestants = dict[str, Callable[[], object] | str]
 
 
 def kernel_missing(op: str, device: torch.device) -> str | None:
@@ -202,42 +198,32 @@ def make_flex(q, k, v, G, causal: bool) -> Callable[[], torch.Tensor]:
     return lambda: flex(premultiply(q, G), kt, vt, block_mask=mask).transpose(1, 2).contiguous()
 
 
-def rivals(q, k, v, G, causal: bool, cfg: OpsConfig) -> list[Contestant]:
+def rivals(q, k, v, G, causal: bool, cfg: OpsConfig) -> Contestants:
     """What a user would otherwise run for attention: eager, SDPA per backend (with and without
     the q·G GEMM) and compiled FlexAttention."""
-    out = [Contestant("eager", lambda: eager(q, k, v, G, causal))]
+    out: Contestants = {"eager": lambda: eager(q, k, v, G, causal)}
     for backend in SDPA_BACKENDS[q.device.type]:
         short = backend.name.lower().removesuffix("_attention")
         for name, given in ((f"sdpa_{short}", False), (f"sdpa_{short}_qg_given", True)):
             if selected(name, cfg.contestants):
-                out.append(Contestant(name, make_sdpa(backend, q, k, v, G, causal, given)))
+                out[name] = make_sdpa(backend, q, k, v, G, causal, given)
     if selected("flex_compiled", cfg.contestants):
         try:
-            out.append(Contestant("flex_compiled", None, cfg.flex_skip_reason)
-                       if cfg.flex_skip_reason else
-                       Contestant("flex_compiled", make_flex(q, k, v, G, causal)))
+            out["flex_compiled"] = cfg.flex_skip_reason or make_flex(q, k, v, G, causal)
         except Exception as exc:  # e.g. a mask FlexAttention cannot build on this device
-            out.append(Contestant("flex_compiled", None, f"FlexAttention unavailable: {exc}"))
+            out["flex_compiled"] = f"FlexAttention unavailable: {exc}"
     return out
 
 
 # ---- one case ----------------------------------------------------------------------------------
 def by_heads(fn, q, k, v, G, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """``fn(q, k, v, G, causal) → (out, lse)`` over slices of heads, so the S×S scores of an fp64
-    oracle or a peer stay small."""
+    """``fn(q, k, v, G, None, causal) → (out, lse)`` (``reference.g_attention`` or its peer) over
+    slices of heads, so that the S×S scores of an fp64 oracle or a peer stay small."""
     B, Sq, H, _ = q.shape
     step = max(1, min(H, ORACLE_CHUNK_ELEMENTS // max(1, B * Sq * k.shape[1])))
     parts = [fn(q[:, :, h:h + step], k[:, :, h:h + step], v[:, :, h:h + step], G[:, h:h + step],
-                causal) for h in range(0, H, step)]
+                None, causal) for h in range(0, H, step)]
     return torch.cat([p[0] for p in parts], dim=2), torch.cat([p[1] for p in parts], dim=1)
-
-
-def fp64_attention(q, k, v, G, causal):
-    return reference.g_attention(q.double(), k.double(), v.double(), G.double(), None, causal)
-
-
-def g_attention_peer(q, k, v, G, causal):
-    return testing.g_attention_peer(q, k, v, G, None, causal)
 
 
 def prepare(case: OpCase, device: torch.device, cfg: OpsConfig, seed: int = 0):
@@ -250,8 +236,8 @@ def prepare(case: OpCase, device: torch.device, cfg: OpsConfig, seed: int = 0):
         weights = {k: w.to(device) for k, w in testing.make_metric_weights(d, H, generator=gen)
                    .items()}
         args = testing.metric_args(weights)
-        ours = Contestant("pldr_kernels", lambda: pk_ops.metric_tensors(q, None, *args))
-        others = [Contestant("reference", lambda: reference.metric_tensors(q, None, *args))]
+        contestants = {"pldr_kernels": lambda: pk_ops.metric_tensors(q, None, *args),
+                       "reference": lambda: reference.metric_tensors(q, None, *args)}
         oracle = functools.cache(lambda: reference.metric_tensors(
             q.double(), None, *testing.metric_args(weights, torch.float64)))
 
@@ -260,32 +246,30 @@ def prepare(case: OpCase, device: torch.device, cfg: OpsConfig, seed: int = 0):
     else:
         G = testing.random_g(B, H, d, device, gen)
         q, k, v = testing.random_attention_inputs(B, Sq, S, H, d, dtype, device, gen)
-        oracle = functools.cache(lambda: by_heads(fp64_attention, q, k, v, G, case.causal))
+        oracle = functools.cache(lambda: by_heads(reference.g_attention, *(
+            t.double() for t in (q, k, v, G)), case.causal))
         if case.op == "g_attention_decode":
             seqlens = torch.full((B,), S, dtype=torch.int32, device=device)
-            ours = Contestant("pldr_kernels",
-                              lambda: pk_ops.g_attention_decode(q, k, v, seqlens, G=G))
-            ref = Contestant("reference",
-                             lambda: reference.g_attention_decode(q, k, v, seqlens, G=G))
+            contestants = {
+                "pldr_kernels": lambda: pk_ops.g_attention_decode(q, k, v, seqlens, G=G),
+                "reference": lambda: reference.g_attention_decode(q, k, v, seqlens, G=G)}
 
             def judge(out):
                 return testing.check_g_attention_decode(out, q, k, v, seqlens, G=G,
                                                         oracle=oracle()[0])
         else:
-            ours = Contestant("pldr_kernels",
-                              lambda: pk_ops.g_attention(q, k, v, G, None, case.causal)[0])
-            ref = Contestant("reference",
-                             lambda: reference.g_attention(q, k, v, G, None, case.causal)[0])
+            contestants = {
+                "pldr_kernels": lambda: pk_ops.g_attention(q, k, v, G, None, case.causal)[0],
+                "reference": lambda: reference.g_attention(q, k, v, G, None, case.causal)[0]}
             peer = functools.cache(lambda: None if dtype == torch.float32 else by_heads(
-                g_attention_peer, q, k, v, G, case.causal))
+                testing.g_attention_peer, q, k, v, G, case.causal))
 
             def judge(out):
                 return testing.check_g_attention(out, None, q, k, v, G, causal=case.causal,
                                                  oracle=oracle(), peer=peer())
-        others = [ref, *rivals(q, k, v, G, case.causal, cfg)]
-    missing = kernel_missing(case.op, device)
-    contestants = [Contestant("pldr_kernels", None, missing) if missing else ours, *others]
-    return [c for c in contestants if selected(c.name, cfg.contestants)], judge
+        contestants |= rivals(q, k, v, G, case.causal, cfg)
+    contestants["pldr_kernels"] = kernel_missing(case.op, device) or contestants["pldr_kernels"]
+    return {n: c for n, c in contestants.items() if selected(n, cfg.contestants)}, judge
 
 
 def run_case(case: OpCase, device: torch.device, cfg: OpsConfig, clock: Clock,
@@ -293,24 +277,24 @@ def run_case(case: OpCase, device: torch.device, cfg: OpsConfig, clock: Clock,
     contestants, judge = prepare(case, device, cfg)
     shape = f"{case.label()} {case.dtype}"
     live, verdicts, notes = {}, {}, {}
-    for c in contestants:
-        if c.fn is None:
-            skips.append(skipped("ops", case.op, c.name, c.skip_reason))
+    for name, fn in contestants.items():
+        if isinstance(fn, str):
+            skips.append(skipped("ops", case.op, name, fn))
             continue
         try:
             t0 = time.perf_counter()
-            out = c.fn()
+            out = fn()
             clock.synchronize()
         except Exception as exc:  # e.g. an SDPA backend that does not take these inputs
             first_line = (str(exc).splitlines() or [""])[0][:200]
-            skips.append(skipped("ops", case.op, c.name,
+            skips.append(skipped("ops", case.op, name,
                                  f"{shape}: {type(exc).__name__}: {first_line}"))
             continue
-        if c.name == "flex_compiled":
-            notes[c.name] = f"first call (compile) {time.perf_counter() - t0:.1f} s"
-        live[c.name], verdicts[c.name] = c.fn, judge(out)
+        if name == "flex_compiled":
+            notes[name] = f"first call (compile) {time.perf_counter() - t0:.1f} s"
+        live[name], verdicts[name] = fn, judge(out)
         del out
-        report_disagreement(f"{case.op} {shape}: {c.name}", verdicts[c.name])
+        report_disagreement(f"{case.op} {shape}: {name}", verdicts[name])
     memory = {n: run_with_peak(fn, device)[1:] for n, fn in live.items()} if cfg.memory else {}
     flops, nbytes = work(case)
     rows = []
@@ -332,11 +316,11 @@ def run_case(case: OpCase, device: torch.device, cfg: OpsConfig, clock: Clock,
     # What a user would run instead: not the reference, not SDPA handed a free q̃.
     others = [r for r in rows if r["valid"] and r["impl"] not in ("pldr_kernels", "reference")
               and not r["impl"].endswith("_qg_given")]
-    for r in rows:
-        if r["impl"] == "pldr_kernels" and others:
-            best = min(others, key=lambda o: o["time_ms_p50"])
-            r["best_other"], r["speedup_vs_best_other"] = \
-                best["impl"], best["time_ms_p50"] / r["time_ms_p50"]
+    ours = next((r for r in rows if r["impl"] == "pldr_kernels"), None)
+    if ours and others:
+        best = min(others, key=lambda r: r["time_ms_p50"])
+        ours["best_other"] = best["impl"]
+        ours["speedup_vs_best_other"] = best["time_ms_p50"] / ours["time_ms_p50"]
     return rows
 
 
@@ -346,8 +330,8 @@ def memory_check(device: torch.device, H: int, S: int = 4096, d: int = 64) -> li
     case = OpCase("g_attention", 1, S, S, H, d, "float32", True)
     contestants, _ = prepare(case, device,
                              OpsConfig(contestants=("pldr_kernels", "reference", "sdpa_flash")))
-    measured = {c.name: run_with_peak(c.fn, device)[1:] if c.fn else (None, c.skip_reason)
-                for c in contestants}
+    measured = {n: (None, fn) if isinstance(fn, str) else run_with_peak(fn, device)[1:]
+                for n, fn in contestants.items()}
     ref = measured.get("reference", (None,))[0]
     rows = []
     for name, (nbytes, method) in measured.items():

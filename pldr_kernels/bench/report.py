@@ -242,8 +242,8 @@ def write_plot(path: str, data: dict) -> None:
                    title="colour: cache mode\nline: implementation", title_fontsize=8)
     if pre:
         ax = axes.pop(0)
-        colour = {impl: f"C{i}" for i, impl in enumerate(grouped(pre, lambda r: r["impl"]))}
-        dtypes = list(grouped(pre, lambda r: r["dtype"]))
+        colour = {impl: f"C{i}" for i, impl in enumerate(dict.fromkeys(r["impl"] for r in pre))}
+        dtypes = list(dict.fromkeys(r["dtype"] for r in pre))
         for (impl, dtype, causal, B), rs in grouped(
                 pre, lambda r: (r["impl"], r["dtype"], r["causal"], r["B"])).items():
             rs.sort(key=lambda r: r["Sq"])
