@@ -8,11 +8,9 @@ each (implementation, mode) once, in a rotating order. A step is timed where its
 LM head (a forward hook on ``final_layer``, the same point in both models): time to first token is
 start → the prompt's logits, a token's latency the time between consecutive steps' logits. On CUDA
 the hook records events (no sync in the loop); with ``--cuda-graph`` the replayed step bypasses the
-hook, so pldr_kernels is timed at each token ``generate_stream`` yields.
-
-Checked before timing (a failure is shouted and the rows marked invalid): fp32 pldr_kernels must
-produce the fp32 reference's greedy tokens; another dtype's logits of the prompt must pass the peer
-rule of ``pldr_kernels.testing`` (oracle: the reference model in fp64; peer: it in that dtype).
+hook, so pldr_kernels is timed at each token ``generate_stream`` yields. Checked before timing
+(a failure marks the rows invalid): fp32 pldr_kernels' greedy tokens must be the fp32 reference's;
+another dtype's logits of the prompt must pass the peer rule.
 """
 from __future__ import annotations
 

@@ -81,11 +81,10 @@ class Measurement:
         return summarize(self.samples_ms)
 
 
-def calibrate_inner(clock: Clock, fn: Callable[[], object], min_sample_ms: float,
-                    max_inner: int = 1024) -> int:
-    """Smallest power of two ``inner`` whose sample lasts ``min_sample_ms``."""
+def calibrate_inner(clock: Clock, fn: Callable[[], object], min_sample_ms: float) -> int:
+    """The smallest power of two ``inner`` (at most 1024) whose sample lasts ``min_sample_ms``."""
     inner = 1
-    while inner < max_inner and clock.time_ms(fn, inner) * inner < min_sample_ms:
+    while inner < 1024 and clock.time_ms(fn, inner) * inner < min_sample_ms:
         inner *= 2
     return inner
 
@@ -231,10 +230,6 @@ def collect_env(device: torch.device, argv: Sequence[str]) -> dict:
     import pldr_kernels
     from pldr_kernels.__main__ import report
 
-    try:
-        from pldr_kernels._build_info import BUILD_INFO
-    except ImportError:
-        BUILD_INFO = {}
     env = {"device": str(device), "cpu": cpu_model(), "threads": torch.get_num_threads(),
            "cpu_count": os.cpu_count(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
@@ -242,7 +237,7 @@ def collect_env(device: torch.device, argv: Sequence[str]) -> dict:
            "torch": torch.__version__, "torch_cuda": torch.version.cuda,
            "python": sys.version.split()[0], "platform": platform.platform(),
            "pldr_kernels": pldr_kernels.__version__, "git_commit": git_commit(),
-           "build_info": dict(BUILD_INFO), "build_report": report(),
+           "build_info": pldr_kernels.ops.build_info(), "build_report": report(),
            "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
            "time_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
            "argv": list(argv)}

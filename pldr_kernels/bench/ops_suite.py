@@ -6,11 +6,8 @@ the same work: ``pldr_kernels`` (torch.ops.pldr), ``reference`` (the oracle's ma
 SDPA pinned to that backend), ``sdpa_<backend>_qg_given`` (SDPA alone on a precomputed ``q̃``; only
 when named in ``--contestants``) and ``flex_compiled`` (``q̃``, then compiled FlexAttention).
 Decode reads the first ``L`` cache rows and appends nothing, so every call does the same work. The
-metric learner has two: ``reference.metric_tensors`` *is* the eager one.
-
-Per case: one call of each contestant judged by ``pldr_kernels.testing`` against fp64 (a failure is
-shouted and its row marked invalid), its peak extra memory, then interleaved timing. Rates: TFLOP/s,
-and for decode GB/s (on CUDA also as a share of a device copy's bandwidth).
+metric learner has two: ``reference.metric_tensors`` *is* the eager one. Each contestant's first
+call is judged against fp64 (a failure marks its row invalid) before its memory and its time.
 """
 from __future__ import annotations
 

@@ -221,10 +221,9 @@ def write_plot(path: str, data: dict) -> None:
         impls = grouped(gen, lambda r: f"{r['impl']} {r['dtype']}")
         style = {impl: LINE_STYLES[i % len(LINE_STYLES)] for i, impl in enumerate(impls)}
         for impl, rows in impls.items():
-            for r in rows:
-                k = min(len(s) for s in r["step_ms"])
-                med = [statistics.median(s[i] for s in r["step_ms"]) for i in range(k)]
-                steps_ax.plot(range(r["prompt_len"] + 1, r["prompt_len"] + 1 + k), med,
+            for r in rows:  # the median over repeats of each decode step
+                med = [statistics.median(step) for step in zip(*r["step_ms"])]
+                steps_ax.plot(range(r["prompt_len"] + 1, r["prompt_len"] + 1 + len(med)), med,
                               style[impl], color=MODE_COLOURS[r["mode"]], lw=1.6)
             for mode, rs in grouped(rows, lambda r: r["mode"]).items():
                 rs.sort(key=lambda r: r["prompt_len"])
