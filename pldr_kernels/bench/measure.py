@@ -132,7 +132,17 @@ def _quiet_stderr_fd():
         os.close(saved)
 
 
-def _cpu_peak(fn: Callable[[], object]) -> tuple[object, int]:
+def run_with_peak(fn: Callable[[], object], device="cpu") -> tuple[object, int, str]:
+    """``(fn(), peak extra bytes, method)`` of one call."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        result = fn()
+        torch.cuda.synchronize(device)
+        return (result, torch.cuda.max_memory_allocated(device) - before,
+                "torch.cuda.max_memory_allocated")
     from torch.profiler import ProfilerActivity, profile
 
     threads = torch.get_num_threads()
@@ -151,22 +161,8 @@ def _cpu_peak(fn: Callable[[], object]) -> tuple[object, int]:
         if type(f).__name__.endswith("Allocation") and str(f.device).startswith("cpu"):
             events.append((node.start_time_ns, f.alloc_size))
     sizes = (size for _, size in sorted(events, key=lambda e: e[0]))
-    return result, max(itertools.accumulate(sizes, initial=0))
-
-
-def run_with_peak(fn: Callable[[], object], device="cpu") -> tuple[object, int, str]:
-    """``(fn(), peak extra bytes, method)`` of one call."""
-    device = torch.device(device)
-    if device.type != "cuda":
-        result, peak = _cpu_peak(fn)
-        return result, peak, "torch.profiler allocation events, 1 thread"
-    torch.cuda.synchronize(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    before = torch.cuda.memory_allocated(device)
-    result = fn()
-    torch.cuda.synchronize(device)
-    return result, torch.cuda.max_memory_allocated(device) - before, \
-        "torch.cuda.max_memory_allocated"
+    return (result, max(itertools.accumulate(sizes, initial=0)),
+            "torch.profiler allocation events, 1 thread")
 
 
 # ---- the machine -----------------------------------------------------------------------------
