@@ -19,8 +19,6 @@ import os
 import sys
 import time
 
-BENCH_EXTRA = "pip install 'pldr-kernels[bench]'"
-
 
 def positive(text: str) -> int:
     value = int(text)
@@ -104,8 +102,8 @@ def check_before_running(parser: argparse.ArgumentParser, args) -> None:
         needs["matplotlib"] = "--plot"
     for module, what in needs.items():
         if importlib.util.find_spec(module) is None:
-            parser.error(f"{what} needs {module}, which is not installed: {BENCH_EXTRA} "
-                         f"(or `{sys.executable} -m pip install {module}`)")
+            parser.error(f"{what} needs {module}, which is not installed: pip install "
+                         f"'pldr-kernels[bench]' (or `{sys.executable} -m pip install {module}`)")
     for flag in ("json", "markdown", "plot"):
         path = getattr(args, flag)
         if path and path != "-" and not os.path.isdir(os.path.dirname(path) or "."):
