@@ -176,6 +176,20 @@ def test_options_work_before_and_after_the_subcommand():
     assert a.quick and b.quick and a.threads == b.threads == 1 and a.suite == b.suite == "ops"
 
 
+def test_options_set_the_config_fields_over_the_quick_preset():
+    args = cli.build_parser().parse_args(
+        ["--quick", "--repeats", "4", "--seqlens", "8", "--no-flex", "--no-memory", "--batch", "3",
+         "2", "--model-config", "num_hidden_layers=1", "custom_G_type=None", "name=x"])
+    ops, gen = cli.ops_config(args), cli.generate_config(args)
+    assert (ops.repeats, ops.seqlens, ops.metric_seqlens, ops.batch) == (4, [8], [8], [3, 2])
+    assert ops.cache_lens == ops_suite.QUICK["cache_lens"] and ops.warmup == 1  # from --quick
+    assert ops.flex_skip_reason == "--no-flex" and not ops.memory and not gen.memory
+    assert (gen.repeats, gen.batch_size, gen.new_tokens) == (4, 3, 6)
+    assert gen.model_config == [("num_hidden_layers", 1), ("custom_G_type", None), ("name", "x")]
+    full = cli.ops_config(cli.build_parser().parse_args(["ops", "--flex"]))
+    assert full.flex_skip_reason is None and full.repeats == 15 and full.memory
+
+
 def test_tiny_run_writes_json_and_renders_markdown_and_plot_from_it(tmp_path, capsys):
     out = {ext: tmp_path / f"run.{ext}" for ext in ("json", "md", "png")}
     argv = ["all", "--quick", "--no-progress", "--seqlens", "32", "--cache-lens", "64",
