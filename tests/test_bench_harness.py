@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from pldr_kernels import reference
 from pldr_kernels.bench import __main__ as cli
 from pldr_kernels.bench import measure, ops_suite, report
 from pldr_kernels.bench.measure import Clock, measure_interleaved, summarize
@@ -25,9 +26,9 @@ TINY_MODEL = ["num_hidden_layers=1", "hidden_size=128", "num_attention_heads=2",
 def test_quantiles_match_numpy(n):
     xs = torch.rand(n, dtype=torch.float64).tolist()
     s = summarize(xs)
+    assert list(s) == ["p10", "p20", "p50", "p80", "p90"]
     for q in (10, 20, 50, 80, 90):
         assert s[f"p{q}"] == pytest.approx(float(np.percentile(xs, q)), abs=1e-12)
-    assert s["n"] == n and s["mean"] == pytest.approx(float(np.mean(xs)))
 
 
 def test_summary_of_nothing_is_an_error():
@@ -67,26 +68,26 @@ def tiny_ops_config(**kw):
 
 
 def test_a_disagreeing_contestant_is_shouted_and_marked_invalid(monkeypatch, capsys):
-    case = ops_suite.OpCase("g_attention", 1, 16, 2, 64, "bfloat16", True)
+    case = ops_suite.OpCase("g_attention", 1, 16, 16, 2, 64, "bfloat16", True)
     real_prepare = ops_suite.prepare
 
     def with_a_wrong_contestant(case, device, cfg, seed=0):
         contestants, judge = real_prepare(case, device, cfg, seed)
-        wrong = next(c for c in contestants if c.name == "reference").fn() * 1.02
+        wrong = contestants["reference"]() * 1.02
         # The fastest contestant of all: were invalid rows not excluded, it would be best_other.
-        return contestants + [ops_suite.Contestant("wrong", lambda: wrong)], judge
+        return {**contestants, "wrong": lambda: wrong}, judge
     monkeypatch.setattr(ops_suite, "prepare", with_a_wrong_contestant)
     rows = ops_suite.run_case(case, torch.device("cpu"), tiny_ops_config(), Clock("cpu"), [])
     by_impl = {r["impl"]: r for r in rows}
     assert not by_impl["wrong"]["valid"] and "peer rule" in by_impl["wrong"]["agreement"]
     assert all(r["valid"] for name, r in by_impl.items() if name != "wrong")
     assert "DISAGREEMENT in g_attention B1 S16 H2 d64 bfloat16: wrong" in capsys.readouterr().err
-    assert "INVALID" in report.table(report.OPS_HEADERS, report.ops_rows(rows), markdown=False)
+    assert "INVALID" in report.table(report.OPS_COLUMNS, rows, markdown=False)
     assert by_impl["pldr_kernels"]["best_other"] in ("eager", "sdpa_flash", "sdpa_math")
 
 
 def test_metric_contestants_are_judged_by_the_rule():
-    case = ops_suite.OpCase("metric_tensors", 1, 16, 2, 64, "float32", False)
+    case = ops_suite.OpCase("metric_tensors", 1, 16, 16, 2, 64, "float32", False)
     rows = {r["impl"]: r for r in ops_suite.run_case(case, torch.device("cpu"), tiny_ops_config(),
                                                      Clock("cpu"), [])}
     for impl in ("pldr_kernels", "reference"):
@@ -102,11 +103,11 @@ def test_contestant_patterns():
 
 def test_oracle_by_head_chunks_equals_the_whole(monkeypatch):
     gen = torch.Generator().manual_seed(3)
-    q, k, v = (torch.randn(1, 8, 5, 64, generator=gen) for _ in range(3))
-    G = torch.randn(1, 5, 64, 64, generator=gen)
-    whole = ops_suite.fp64_attention(q, k, v, G, True)
+    q, k, v = (torch.randn(1, 8, 5, 64, generator=gen, dtype=torch.float64) for _ in range(3))
+    G = torch.randn(1, 5, 64, 64, generator=gen, dtype=torch.float64)
+    whole = reference.g_attention(q, k, v, G, None, True)
     monkeypatch.setattr(ops_suite, "ORACLE_CHUNK_ELEMENTS", 2 * 8 * 8)  # two heads per chunk
-    chunked = ops_suite.by_heads(ops_suite.fp64_attention, q, k, v, G, True)
+    chunked = ops_suite.by_heads(reference.g_attention, q, k, v, G, True)
     assert torch.equal(chunked[0], whole[0]) and torch.equal(chunked[1], whole[1])
 
 
@@ -173,6 +174,20 @@ def test_options_work_before_and_after_the_subcommand():
     a = parser.parse_args(["--quick", "ops", "--threads", "1"])
     b = parser.parse_args(["ops", "--quick", "--threads", "1"])
     assert a.quick and b.quick and a.threads == b.threads == 1 and a.suite == b.suite == "ops"
+
+
+def test_options_set_the_config_fields_over_the_quick_preset():
+    args = cli.build_parser().parse_args(
+        ["--quick", "--repeats", "4", "--seqlens", "8", "--no-flex", "--no-memory", "--batch", "3",
+         "2", "--model-config", "num_hidden_layers=1", "custom_G_type=None", "name=x"])
+    ops, gen = cli.ops_config(args), cli.generate_config(args)
+    assert (ops.repeats, ops.seqlens, ops.metric_seqlens, ops.batch) == (4, [8], [8], [3, 2])
+    assert ops.cache_lens == ops_suite.QUICK["cache_lens"] and ops.warmup == 1  # from --quick
+    assert ops.flex_skip_reason == "--no-flex" and not ops.memory and not gen.memory
+    assert (gen.repeats, gen.batch_size, gen.new_tokens) == (4, 3, 6)
+    assert gen.model_config == [("num_hidden_layers", 1), ("custom_G_type", None), ("name", "x")]
+    full = cli.ops_config(cli.build_parser().parse_args(["ops", "--flex"]))
+    assert full.flex_skip_reason is None and full.repeats == 15 and full.memory
 
 
 def test_tiny_run_writes_json_and_renders_markdown_and_plot_from_it(tmp_path, capsys):

@@ -47,7 +47,9 @@ def test_every_documented_invocation_parses():
     assert len(found) == 6
     parser = cli.build_parser()
     for _, argv in found:
-        cli.configs(parser.parse_args(argv))
+        args = parser.parse_args(argv)
+        cli.ops_config(args)
+        cli.generate_config(args)
 
 
 def test_prefill_and_decode_vs_sdpa_and_eager(tmp_path):
@@ -82,7 +84,7 @@ def test_cuda_invocations():
     parser = cli.build_parser()
     cuda = [argv for what, argv in invocations() if "CUDA" in what]
     assert len(cuda) == 3 and all(argv[argv.index("--device") + 1] == "cuda" for argv in cuda)
-    prefill, _ = cli.configs(parser.parse_args(find("CUDA prefill")))
+    prefill = cli.ops_config(parser.parse_args(find("CUDA prefill")))
     assert prefill.ops == ["g_attention"] and list(prefill.dtypes) == ["bfloat16"]
     assert ops_selects(prefill, "sdpa_cudnn_qg_given") and not ops_selects(prefill, "reference")
     if not torch.cuda.is_available():

@@ -86,14 +86,12 @@ if [ "${1:-}" = __bench_args ]; then  # __bench_args OUTDIR: parse every command
     shift
     "$PY" -c '
 import sys
-import torch
 from pldr_kernels.bench import __main__ as cli
 args = cli.build_parser().parse_args(sys.argv[1:])
-suite = args.suite or "all"
-if suite in ("ops", "all"):
+if args.suite in ("ops", "all"):
     cli.ops_config(args)
-if suite in ("generate", "all"):
-    cli.generate_config(args, torch.device(args.device))
+if args.suite in ("generate", "all"):
+    cli.generate_config(args)
 print("parses: python -m pldr_kernels.bench", " ".join(sys.argv[1:]))' "$@" || bad=1
   }
   cd "$ROOT" && bad=0 && bench_runs parse_one

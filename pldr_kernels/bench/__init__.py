@@ -1,8 +1,5 @@
-"""The benchmark harness of pldr-kernels: `pldr-bench` (`python -m pldr_kernels.bench`).
-
-Modules: measure (clock, interleaved repeats, quantiles, peak memory, the machine), ops_suite (the
-contestants of each op and their sweep), generate_suite (whole-model generation), report (terminal
-table, Markdown and PNG, all rendered from the JSON data). Correctness is pldr_kernels.testing's.
+"""The benchmark harness of pldr-kernels: `pldr-bench` (`python -m pldr_kernels.bench`). measure,
+ops_suite and generate_suite measure into JSON; report renders it; pldr_kernels.testing judges.
 
 Measurements that once had their own scripts (add --json/--markdown/--plot to any):
   prefill vs SDPA (q·G given and q·G + SDPA) and eager; decode vs SDPA on the same cache (CPU):

@@ -12,14 +12,12 @@ from __future__ import annotations
 
 import argparse
 import ast
+import dataclasses
 import importlib.util
 import json
 import os
 import sys
 import time
-
-SUITES = ("ops", "generate", "all")
-BENCH_EXTRA = "pip install 'pldr-kernels[bench]'"
 
 
 def positive(text: str) -> int:
@@ -29,12 +27,29 @@ def positive(text: str) -> int:
     return value
 
 
-def add_options(p: argparse.ArgumentParser, sub: bool) -> None:
-    """Options accepted before or after the subcommand (a subparser must not reset them)."""
-    def opt(*names, default=None, **kw):
-        p.add_argument(*names, default=argparse.SUPPRESS if sub else default, **kw)
+def field_value(text: str) -> tuple[str, object]:
+    """``num_hidden_layers=1`` → ``("num_hidden_layers", 1)``: a literal (int, float, None…), else
+    the text."""
+    field, equals, value = text.partition("=")
+    if not equals:
+        raise argparse.ArgumentTypeError(f"expects FIELD=VALUE, got {text!r}")
+    try:
+        return field, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return field, value
 
-    opt("--quick", action="store_true", default=False,
+
+def build_parser() -> argparse.ArgumentParser:
+    """The options of a suite are stored under the name of the OpsConfig / GenerateConfig field
+    they set."""
+    from . import __doc__ as invocations
+    parser = argparse.ArgumentParser(prog="pldr-bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=invocations)
+    opt = parser.add_argument
+    opt("suite", nargs="?", choices=("ops", "generate", "all"), default="all",
+        help="ops: each op vs its rivals; generate: whole-model generation; all (default): both")
+    opt("--quick", action="store_true",
         help="small sweeps (~1 min on a 2-core CPU; no FlexAttention compile)")
     opt("--device", default="cpu", help="cpu (default) or cuda[:N] (times with CUDA events)")
     opt("--threads", type=positive, help="torch intra-op threads (default: all usable cores)")
@@ -48,9 +63,10 @@ def add_options(p: argparse.ArgumentParser, sub: bool) -> None:
         help="Markdown for the README (to PATH, or printed)")
     opt("--plot", metavar="PATH", help="PNG of latency against length (needs matplotlib)")
     opt("--from-json", metavar="PATH", help="render a saved --json file instead of measuring")
-    opt("--no-memory", action="store_true", default=False, help="skip the peak-memory measurements")
-    opt("--no-progress", action="store_true", default=False, help="no progress bar on stderr")
-    # the ops sweep
+    opt("--no-memory", dest="memory", action="store_false",
+        help="skip the peak-memory measurements")
+    opt("--no-progress", dest="progress", action="store_false", help="no progress bar on stderr")
+    opt = parser.add_argument_group("the ops sweep").add_argument
     opt("--ops", nargs="+", choices=("g_attention", "g_attention_decode", "metric_tensors"),
         metavar="OP", help="g_attention g_attention_decode metric_tensors (default: all)")
     opt("--batch", nargs="+", type=positive, metavar="B", help="batch sizes (generate: the first)")
@@ -62,10 +78,9 @@ def add_options(p: argparse.ArgumentParser, sub: bool) -> None:
         help="float32 bfloat16 float16 (default: the first two)")
     opt("--causal", choices=("yes", "no", "both"), help="prefill masks (default yes)")
     opt("--memory-check-len", type=positive, metavar="S", help="prefill memory check's S (4096)")
-    opt("--flex", dest="flex", action="store_true",
-        help="include torch.compile(flex_attention) with --quick")
-    opt("--no-flex", dest="flex", action="store_false")
-    # generate
+    opt("--flex", action=argparse.BooleanOptionalAction,
+        help="include torch.compile(flex_attention) with --quick (--no-flex: never)")
+    opt = parser.add_argument_group("generate").add_argument
     opt("--checkpoint", metavar="PATH",
         help="HF-format directory or authors' .pth (default: random weights)")
     opt("--prompt-lens", nargs="+", type=positive, metavar="N")
@@ -73,21 +88,10 @@ def add_options(p: argparse.ArgumentParser, sub: bool) -> None:
     opt("--modes", nargs="+", choices=("none", "kv", "kvg"))
     opt("--gen-dtypes", nargs="+", choices=("float32", "bfloat16"), metavar="DTYPE",
         help="pldr_kernels' dtypes (the reference runs in fp32)")
-    opt("--model-config", nargs="+", metavar="FIELD=VALUE",
+    opt("--model-config", nargs="+", type=field_value, metavar="FIELD=VALUE",
         help="PLDRConfig fields of the random model (e.g. num_hidden_layers=2)")
-    opt("--cuda-graph", action="store_true", default=False,
+    opt("--cuda-graph", action="store_true",
         help="replay pldr_kernels' decode step from a CUDA graph (kv, kvg)")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    from . import __doc__ as invocations
-    parser = argparse.ArgumentParser(prog="pldr-bench", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog=invocations)
-    add_options(parser, sub=False)
-    subs = parser.add_subparsers(dest="suite", metavar="{ops,generate,all}")
-    for name in SUITES:
-        add_options(subs.add_parser(name, help=f"the {name} suite"), sub=True)
     return parser
 
 
@@ -98,8 +102,8 @@ def check_before_running(parser: argparse.ArgumentParser, args) -> None:
         needs["matplotlib"] = "--plot"
     for module, what in needs.items():
         if importlib.util.find_spec(module) is None:
-            parser.error(f"{what} needs {module}, which is not installed: {BENCH_EXTRA} "
-                         f"(or `{sys.executable} -m pip install {module}`)")
+            parser.error(f"{what} needs {module}, which is not installed: pip install "
+                         f"'pldr-kernels[bench]' (or `{sys.executable} -m pip install {module}`)")
     for flag in ("json", "markdown", "plot"):
         path = getattr(args, flag)
         if path and path != "-" and not os.path.isdir(os.path.dirname(path) or "."):
@@ -116,82 +120,58 @@ def check_before_running(parser: argparse.ArgumentParser, args) -> None:
                      f"{torch.__version__}, CUDA {torch.version.cuda or 'none'})")
     if args.cuda_graph and not args.device.startswith("cuda"):
         parser.error("--cuda-graph needs --device cuda")
-    for item in args.model_config or []:
-        if "=" not in item:
-            parser.error(f"--model-config expects FIELD=VALUE, got {item!r}")
 
 
-def overrides(items: list[str] | None) -> dict | None:
-    """``["num_hidden_layers=1", "custom_G_type=None"]`` → typed values (ints, floats, None…)."""
-    if not items:
-        return None
-    out = {}
-    for key, value in (item.split("=", 1) for item in items):
-        try:
-            out[key] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            out[key] = value
-    return out
+def given(args, config_class, quick: dict) -> dict:
+    """``config_class``'s fields: the ``--quick`` preset, overridden by the options given."""
+    options = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(config_class)}
+    return {**(quick if args.quick else {}), **{k: v for k, v in options.items() if v is not None}}
 
 
-def configs(args):
-    from .generate_suite import QUICK as GEN_QUICK
-    from .generate_suite import GenerateConfig
-    from .ops_suite import QUICK as OPS_QUICK
-    from .ops_suite import OpsConfig
+def ops_config(args):
+    from .ops_suite import QUICK, OpsConfig
 
-    ops = OpsConfig(**(OPS_QUICK if args.quick else {}))
-    gen = GenerateConfig(**(GEN_QUICK if args.quick else {}))
-    for target, arg, field in (
-            (ops, "ops", "ops"), (ops, "batch", "batches"), (ops, "seqlens", "prefill_seqlens"),
-            (ops, "seqlens", "metric_seqlens"), (ops, "cache_lens", "decode_seqlens"),
-            (ops, "heads", "heads"), (ops, "head_dims", "head_dims"), (ops, "dtypes", "dtypes"),
-            (ops, "repeats", "repeats"), (ops, "warmup", "warmup"),
-            (ops, "memory_check_len", "memory_check_len"), (ops, "contestants", "contestants"),
-            (gen, "contestants", "contestants"), (gen, "prompt_lens", "prompt_lens"),
-            (gen, "new_tokens", "new_tokens"), (gen, "modes", "modes"),
-            (gen, "repeats", "repeats"), (gen, "checkpoint", "checkpoint"),
-            (gen, "gen_dtypes", "dtypes")):
-        if getattr(args, arg) is not None:
-            setattr(target, field, getattr(args, arg))
-    if args.causal:
-        ops.causal = {"yes": [True], "no": [False], "both": [True, False]}[args.causal]
+    cfg = OpsConfig(**given(args, OpsConfig, QUICK))
+    if args.seqlens:
+        cfg.metric_seqlens = args.seqlens
     if args.flex is not None:
-        ops.flex_skip_reason = None if args.flex else "--no-flex"
-    gen.batch = args.batch[0] if args.batch else 1
-    gen.model_overrides, gen.cuda_graph = overrides(args.model_config), args.cuda_graph
-    ops.memory = gen.memory = not args.no_memory
-    return ops, gen
+        cfg.flex_skip_reason = None if args.flex else "--no-flex"
+    return cfg
+
+
+def generate_config(args):
+    from .generate_suite import QUICK, GenerateConfig
+
+    return GenerateConfig(**given(args, GenerateConfig, QUICK),
+                          batch_size=args.batch[0] if args.batch else 1)
 
 
 def measure(args, argv: list[str]) -> dict:
+    """The suites: ``{"env", "results"}``, what ``--json`` writes."""
     import torch
 
+    from .generate_suite import run_generate
     from .measure import busy_machine_warning, collect_env, usable_cores
+    from .ops_suite import run_ops
 
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     torch.set_num_threads(args.threads or usable_cores())
-    started, suite = time.perf_counter(), args.suite or "all"
-    warnings = [w for w in [busy_machine_warning(torch.get_num_threads())] if w]
-    for w in warnings:
-        print(f"pldr-bench: WARNING: {w}", file=sys.stderr)
-    ops_cfg, gen_cfg = configs(args)
+    started, suite = time.perf_counter(), args.suite
+    busy = busy_machine_warning(torch.get_num_threads())
+    if busy:
+        print(f"pldr-bench: WARNING: {busy}", file=sys.stderr)
     results, skipped = [], []
     if suite in ("ops", "all"):
-        from .ops_suite import run_ops
-        r, s = run_ops(ops_cfg, device, not args.no_progress)
-        results, skipped = results + r, skipped + s
+        results, skipped = run_ops(ops_config(args), device, args.progress)
     if suite in ("generate", "all"):
-        from .generate_suite import run_generate
-        r, s = run_generate(gen_cfg, device, not args.no_progress)
-        results, skipped = results + r, skipped + s
-    late = busy_machine_warning(torch.get_num_threads())
+        more, more_skipped = run_generate(generate_config(args), device, args.progress)
+        results, skipped = results + more, skipped + more_skipped
+    busy = busy or busy_machine_warning(torch.get_num_threads())  # at the start, else at the end
     env = collect_env(device, ["pldr-bench", *argv])
-    env.update(suite=suite, quick=bool(args.quick), skipped=skipped,
-               wall_s=round(time.perf_counter() - started, 1),
-               warnings=warnings or ([late] if late else []))
+    env.update(suite=suite, quick=args.quick, skipped=skipped,
+               wall_s=round(time.perf_counter() - started, 1), warnings=[busy] if busy else [])
     return {"env": env, "results": results}
 
 
@@ -202,23 +182,24 @@ def main(argv: list[str] | None = None) -> int:
     check_before_running(parser, args)
     from . import report
 
-    data = report.load(args.from_json) if args.from_json else measure(args, argv)
-    data = json.loads(json.dumps(data, default=str))  # render exactly what the JSON holds
+    if args.from_json:
+        with open(args.from_json) as f:
+            data = json.load(f)
+    else:
+        data = json.loads(json.dumps(measure(args, argv), default=str))  # exactly what JSON holds
     if args.json:
         with open(args.json, "w") as f:
             json.dump(data, f, indent=1)
     print(report.render(data))
-    if args.markdown:
-        md = report.render(data, markdown=True)
-        if args.markdown == "-":
-            print(md)
-        else:
-            with open(args.markdown, "w") as f:
-                f.write(md)
+    if args.markdown == "-":
+        print(report.render(data, markdown=True))
+    elif args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(report.render(data, markdown=True))
     if args.plot:
         report.write_plot(args.plot, data)
-    for path in (args.json, args.markdown if args.markdown != "-" else None, args.plot):
-        if path:
+    for path in (args.json, args.markdown, args.plot):
+        if path and path != "-":
             print(f"wrote {path}")
     return 1 if any(not r.get("valid", True) for r in data["results"]) else 0
 

@@ -8,52 +8,50 @@ each (implementation, mode) once, in a rotating order. A step is timed where its
 LM head (a forward hook on ``final_layer``, the same point in both models): time to first token is
 start → the prompt's logits, a token's latency the time between consecutive steps' logits. On CUDA
 the hook records events (no sync in the loop); with ``--cuda-graph`` the replayed step bypasses the
-hook, so pldr_kernels is timed at each token ``generate_stream`` yields.
-
-Checked before timing (a failure is shouted and the rows marked invalid): fp32 pldr_kernels must
-produce the fp32 reference's greedy tokens; another dtype's logits of the prompt must pass the peer
-rule of ``pldr_kernels.testing`` (oracle: the reference model in fp64; peer: it in that dtype).
+hook, so pldr_kernels is timed at each token ``generate_stream`` yields. Checked before timing
+(a failure marks the rows invalid): fp32 pldr_kernels' greedy tokens must be the fp32 reference's;
+another dtype's logits of the prompt must pass the peer rule.
 """
 from __future__ import annotations
 
 import copy
+import functools
 import os
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from .. import testing
-from .measure import progress_bar, run_with_peak, summarize
-from .ops_suite import OPS, kernel_missing, selected, shout
+from .measure import Clock, progress_bar, rotated, run_with_peak, summarize
+from .ops_suite import OPS, add_speedups, kernel_missing, report_disagreement, selected, skipped
 
 MODES = ("none", "kv", "kvg")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 NO_EOS = {"eos_token_id": None}  # every run generates all its tokens
 
 
 @dataclass
 class GenerateConfig:
+    """The runs; a field is set by the ``pldr-bench`` option of the same name."""
     contestants: Sequence[str] | None = None  # patterns on "reference", "pldr_kernels"
     modes: Sequence[str] = MODES
     prompt_lens: Sequence[int] = (64, 256, 512)
     new_tokens: int = 32
-    batch: int = 1
+    batch_size: int = 1  # the first --batch
     repeats: int = 5
-    dtypes: Sequence[str] = ("float32",)
+    gen_dtypes: Sequence[str] = ("float32",)
     checkpoint: str | None = None
     cuda_graph: bool = False
     memory: bool = True
     seed: int = 0
-    model_overrides: dict | None = None  # PLDRConfig fields (e.g. a tiny model for tests)
+    model_config: Sequence[tuple[str, object]] = ()  # PLDRConfig fields of the random model
 
 
 QUICK = dict(prompt_lens=(16, 64, 128), new_tokens=6, repeats=3)
 
 
 def load_models(cfg: GenerateConfig, device: torch.device):
-    """``(models {(impl, dtype): model}, skipped, source model, fp32 reference)``."""
+    """``(models {(impl, dtype): model}, skips, source model, fp32 reference)``."""
     from ..config import PLDRConfig
     from ..model import PLDRForCausalLM
     from ..reference_model import ReferencePLDR
@@ -63,21 +61,20 @@ def load_models(cfg: GenerateConfig, device: torch.device):
         source = (PLDRForCausalLM.from_pretrained(cfg.checkpoint) if os.path.isdir(cfg.checkpoint)
                   else PLDRForCausalLM.from_pth(cfg.checkpoint))
     else:
-        source = PLDRForCausalLM(PLDRConfig(**(cfg.model_overrides or {})))
+        source = PLDRForCausalLM(PLDRConfig(**dict(cfg.model_config)))
     source = source.to(device).float().eval()
     ref32 = ReferencePLDR.from_model(source, torch.float32).eval()
-    models, skipped = {}, []
+    models, skips = {}, []
     if selected("reference", cfg.contestants):
         models[("reference", "float32")] = ref32
     missing = next(filter(None, (kernel_missing(op, device) for op in OPS)), None)
     if selected("pldr_kernels", cfg.contestants) and missing:
-        skipped.append({"bench": "generate", "op": None, "impl": "pldr_kernels",
-                        "reason": missing})
+        skips.append(skipped("generate", None, "pldr_kernels", missing))
     elif selected("pldr_kernels", cfg.contestants):
-        for dt in cfg.dtypes:
+        for dt in cfg.gen_dtypes:
             models[("pldr_kernels", dt)] = (
-                source if dt == "float32" else copy.deepcopy(source).to(DTYPES[dt])).eval()
-    return models, skipped, source, ref32
+                source if dt == "float32" else copy.deepcopy(source).to(getattr(torch, dt))).eval()
+    return models, skips, source, ref32
 
 
 def graphed(cfg: GenerateConfig, impl: str, mode: str) -> bool:
@@ -85,40 +82,27 @@ def graphed(cfg: GenerateConfig, impl: str, mode: str) -> bool:
 
 
 def timed_generate(model, ids: torch.Tensor, new_tokens: int, mode: str, use_graph: bool
-                   ) -> tuple[torch.Tensor, float, list[float], float]:
-    """``(ids, ttft_ms, per-step ms, total_ms)`` of one greedy generation."""
-    cuda = ids.device.type == "cuda"
-    marks: list = []
+                   ) -> tuple[float, list[float], float]:
+    """``(ttft_ms, per-step ms, total_ms)`` of one greedy generation."""
+    clock, marks = Clock(ids.device), []
 
-    def mark(*_):
-        if cuda:
-            marks.append(torch.cuda.Event(enable_timing=True))
-            marks[-1].record()
-        else:
-            marks.append(time.perf_counter_ns())
+    def mark(*_):  # also the forward hook
+        marks.append(clock.mark())
     handle = None if use_graph else model.final_layer.register_forward_hook(mark)
     try:
         mark()
         if use_graph:
-            toks = []
-            for tok in model.generate_stream(ids, new_tokens, cache=mode, cuda_graph=True,
-                                             **NO_EOS):
+            for _ in model.generate_stream(ids, new_tokens, cache=mode, cuda_graph=True, **NO_EOS):
                 mark()
-                toks.append(tok)
-            out = torch.cat([ids, torch.stack(toks, dim=1)], dim=1)
         else:
-            out = model.generate(ids, new_tokens, cache=mode, do_sample=False, **NO_EOS)
+            model.generate(ids, new_tokens, cache=mode, do_sample=False, **NO_EOS)
         mark()
     finally:
         if handle is not None:
             handle.remove()
-    if cuda:
-        marks[-1].synchronize()
-        stamps = [marks[0].elapsed_time(m) for m in marks[1:]]
-    else:
-        stamps = [(m - marks[0]) / 1e6 for m in marks[1:]]
+    stamps = [clock.elapsed_ms(marks[0], m) for m in marks[1:]]
     steps = stamps[:-1]  # one per forward: the prompt's, then each decode step's
-    return out, steps[0], [b - a for a, b in zip(steps, steps[1:])], stamps[-1]
+    return steps[0], [b - a for a, b in zip(steps, steps[1:])], stamps[-1]
 
 
 def tokens_verdict(tokens: torch.Tensor, want: torch.Tensor, prompt_len: int) -> testing.Verdict:
@@ -137,30 +121,29 @@ def logits_verdict(model, dtype: str, ids, source, refs: dict) -> testing.Verdic
         with torch.no_grad():
             out = m(ids)
         return getattr(out, "logits", out)
-    for dt in (torch.float64, DTYPES[dtype]):
-        refs.setdefault(dt, ReferencePLDR.from_model(source, dt).eval())
-    return testing.compare(logits(model), logits(refs[torch.float64]), logits(refs[DTYPES[dtype]]),
+    oracle_dtype, peer_dtype = torch.float64, getattr(torch, dtype)
+    for dt in (oracle_dtype, peer_dtype):
+        if dt not in refs:
+            refs[dt] = ReferencePLDR.from_model(source, dt).eval()
+    return testing.compare(logits(model), logits(refs[oracle_dtype]), logits(refs[peer_dtype]),
                            name=f"{dtype} logits of the prompt")
 
 
-def run_prompt(models, cfg: GenerateConfig, ids, device, source, refs, bar) -> list[dict]:
+def check_and_measure_memory(models, cfg: GenerateConfig, ids, device, source, refs):
+    """One untimed run per (implementation, mode) after a 2-token warm-up (one-time setup is not
+    memory): ``(verdicts, memory)`` by ``(impl, dtype, mode)``."""
     prompt_len = ids.shape[1]
-    # 1. One untimed run per (implementation, mode) after a 2-token warm-up (one-time setup is
-    #    not memory): its tokens are checked, its peak extra memory measured.
     memory, verdicts, ref_tokens = {}, {}, {}
     for mode in cfg.modes:
         for (impl, dt), model in models.items():
-            graph = {"cuda_graph": True} if graphed(cfg, impl, mode) else {}
             model.generate(ids, min(2, cfg.new_tokens), cache=mode, do_sample=False, **NO_EOS)
-
-            def once(model=model, mode=mode, graph=graph):
-                return model.generate(ids, cfg.new_tokens, cache=mode, do_sample=False, **NO_EOS,
-                                      **graph)
+            run = functools.partial(model.generate, ids, cfg.new_tokens, cache=mode,
+                                    do_sample=False, cuda_graph=graphed(cfg, impl, mode), **NO_EOS)
             if cfg.memory:
-                out, nbytes, method = run_with_peak(once, device)
+                out, nbytes, method = run_with_peak(run, device)
                 memory[(impl, dt, mode)] = (nbytes, method + ", extra over the loaded weights")
             else:
-                out = once()
+                out = run()
             if impl == "reference":  # the first entry: its tokens are the fp32 check's
                 ref_tokens[mode] = out
                 continue
@@ -171,56 +154,53 @@ def run_prompt(models, cfg: GenerateConfig, ids, device, source, refs, bar) -> l
             else:
                 v = logits_verdict(model, dt, ids, source, refs)
             verdicts[(impl, dt, mode)] = v
-            if not v:
-                shout(f"DISAGREEMENT in generate mode={mode} prompt={prompt_len}: {impl} {dt}: "
-                      f"{v} — its row is marked invalid")
+            report_disagreement(f"generate mode={mode} prompt={prompt_len}: {impl} {dt}", v)
+    return verdicts, memory
+
+
+def run_prompt(models, cfg: GenerateConfig, ids, device, source, refs, bar) -> list[dict]:
+    verdicts, memory = check_and_measure_memory(models, cfg, ids, device, source, refs)
     bar.update(1)
-    # 2. Timing, interleaved.
     keys = list(models)
-    samples = {(key, mode): {"ttft": [], "steps": [], "total": []} for key in keys
-               for mode in cfg.modes}
+    runs = {(key, mode): [] for mode in cfg.modes for key in keys}
     for rep in range(cfg.repeats):
         for m_i, mode in enumerate(cfg.modes):
-            shift = (rep + m_i) % len(keys)
-            for key in keys[shift:] + keys[:shift]:
-                _, ttft, steps, total = timed_generate(models[key], ids, cfg.new_tokens, mode,
-                                                       graphed(cfg, key[0], mode))
-                for name, value in (("ttft", ttft), ("steps", steps), ("total", total)):
-                    samples[(key, mode)][name].append(value)
+            for key in rotated(keys, rep + m_i):
+                runs[(key, mode)].append(timed_generate(models[key], ids, cfg.new_tokens, mode,
+                                                        graphed(cfg, key[0], mode)))
         bar.update(1)
     rows = []
     for mode in cfg.modes:
         for impl, dt in keys:
-            s = samples[((impl, dt), mode)]
-            flat = [x for steps in s["steps"] for x in steps]
-            tok = summarize(flat) if flat else {}
-            total = summarize(s["total"])["p50"]
+            ttft, steps, total = (list(x) for x in zip(*runs[((impl, dt), mode)]))
+            per_token = [x for run in steps for x in run]
+            tok = summarize(per_token) if per_token else {}
+            total_p50 = summarize(total)["p50"]
             v = verdicts.get((impl, dt, mode))
             nbytes, method = memory.get((impl, dt, mode), (None, None))
             rows.append({
                 "bench": "generate", "impl": impl, "dtype": dt, "mode": mode,
-                "prompt_len": prompt_len, "new_tokens": cfg.new_tokens, "batch": cfg.batch,
-                "ttft_ms": summarize(s["ttft"])["p50"],
+                "prompt_len": ids.shape[1], "new_tokens": cfg.new_tokens,
+                "batch": cfg.batch_size, "ttft_ms": summarize(ttft)["p50"],
                 **{f"per_token_ms_{p}": tok.get(p) for p in ("p10", "p50", "p90")},
-                "tokens_per_s": cfg.batch * cfg.new_tokens / (total / 1e3), "total_ms_p50": total,
-                "ttft_samples_ms": s["ttft"], "step_ms": s["steps"],
-                "total_samples_ms": s["total"], "peak_memory_bytes": nbytes,
+                "tokens_per_s": cfg.batch_size * cfg.new_tokens / (total_p50 / 1e3),
+                "total_ms_p50": total_p50, "ttft_samples_ms": ttft, "step_ms": steps,
+                "total_samples_ms": total, "peak_memory_bytes": nbytes,
                 "memory_method": method, "cuda_graph": graphed(cfg, impl, mode),
                 "valid": v is None or v.ok,
                 "agreement": "the reference" if v is None else str(v)})
-    for r in rows:
-        ref = next((o for o in rows if o["impl"] == "reference" and o["mode"] == r["mode"]), None)
-        r["speedup_vs_reference"] = (ref["per_token_ms_p50"] / r["per_token_ms_p50"]
-                                     if ref and r["per_token_ms_p50"] else None)
-        r["ttft_speedup_vs_reference"] = ref["ttft_ms"] / r["ttft_ms"] if ref else None
+    for mode in cfg.modes:
+        same_mode = [r for r in rows if r["mode"] == mode]
+        add_speedups(same_mode, "per_token_ms_p50", "speedup_vs_reference")
+        add_speedups(same_mode, "ttft_ms", "ttft_speedup_vs_reference")
     return rows
 
 
 def run_generate(cfg: GenerateConfig, device: torch.device, show_progress: bool = True
                  ) -> tuple[list[dict], list[dict]]:
-    models, skipped, source, ref32 = load_models(cfg, device)
+    models, skips, source, ref32 = load_models(cfg, device)
     if not models:
-        return [], skipped
+        return [], skips
     c = source.config
     desc = {"model": f"L{c.num_hidden_layers} D{c.hidden_size} H{c.num_attention_heads} "
                      f"V{c.vocab_size}",
@@ -231,13 +211,12 @@ def run_generate(cfg: GenerateConfig, device: torch.device, show_progress: bool 
     with progress_bar(len(cfg.prompt_lens) * (1 + cfg.repeats), "generate", show_progress) as bar:
         for prompt_len in cfg.prompt_lens:
             if prompt_len + cfg.new_tokens > c.max_position_embeddings:
-                skipped.append({"bench": "generate", "op": None, "impl": "all",
-                                "reason": f"prompt {prompt_len} + {cfg.new_tokens} new tokens "
-                                          f"exceeds max_position_embeddings "
-                                          f"{c.max_position_embeddings}"})
+                skips.append(skipped("generate", None, "all",
+                                     f"prompt {prompt_len} + {cfg.new_tokens} new tokens exceeds "
+                                     f"max_position_embeddings {c.max_position_embeddings}"))
                 continue
             bar.set_postfix_str(f"prompt {prompt_len}", refresh=False)
-            ids = torch.randint(4, c.vocab_size, (cfg.batch, prompt_len), generator=gen)
+            ids = torch.randint(4, c.vocab_size, (cfg.batch_size, prompt_len), generator=gen)
             results += [{**r, **desc} for r in run_prompt(models, cfg, ids.to(device), device,
                                                           source, refs, bar)]
-    return results, skipped
+    return results, skips

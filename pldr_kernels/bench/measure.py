@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import itertools
 import os
 import platform
 import statistics
@@ -23,18 +24,23 @@ import torch
 
 # ---- statistics and timing -------------------------------------------------------------------
 def summarize(samples: Sequence[float]) -> dict[str, float]:
-    """p10 p20 p50 p80 p90 (linear interpolation, as numpy's default), mean and count."""
-    xs = list(samples)
-    if not xs:
+    """p10 p20 p50 p80 p90 (linear interpolation, as numpy's default)."""
+    if not samples:
         raise ValueError("summarize: no samples")
+    xs = list(samples)
     deciles = statistics.quantiles(xs, n=10, method="inclusive") if len(xs) > 1 else xs * 9
-    return {"p10": deciles[0], "p20": deciles[1], "p50": deciles[4], "p80": deciles[7],
-            "p90": deciles[8], "mean": statistics.fmean(xs), "n": len(xs)}
+    return {f"p{q}": deciles[q // 10 - 1] for q in (10, 20, 50, 80, 90)}
+
+
+def rotated(items: list, shift: int) -> list:
+    """``items`` starting at ``shift`` (mod its length): each repeat puts another one first."""
+    shift %= len(items)
+    return items[shift:] + items[:shift]
 
 
 class Clock:
-    """Milliseconds per call on one device: ``perf_counter_ns`` on the CPU; on CUDA a pair of events
-    on the current stream around the calls (GPU time, not launch time)."""
+    """Time on one device: ``perf_counter_ns`` on the CPU; on CUDA events recorded on the current
+    stream (GPU time, not launch time)."""
 
     def __init__(self, device="cpu"):
         self.device = torch.device(device)
@@ -44,19 +50,25 @@ class Clock:
         if self.is_cuda:
             torch.cuda.synchronize(self.device)
 
+    def mark(self):
+        if not self.is_cuda:
+            return time.perf_counter_ns()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def elapsed_ms(self, start, end) -> float:
+        if not self.is_cuda:
+            return (end - start) / 1e6
+        end.synchronize()
+        return start.elapsed_time(end)
+
     def time_ms(self, fn: Callable[[], object], inner: int = 1) -> float:
-        if self.is_cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(inner):
-                fn()
-            end.record()
-            end.synchronize()
-            return start.elapsed_time(end) / inner
-        t0 = time.perf_counter_ns()
+        """Milliseconds per call of ``inner`` calls back to back."""
+        start = self.mark()
         for _ in range(inner):
             fn()
-        return (time.perf_counter_ns() - t0) / 1e6 / inner
+        return self.elapsed_ms(start, self.mark()) / inner
 
 
 @dataclass
@@ -69,11 +81,10 @@ class Measurement:
         return summarize(self.samples_ms)
 
 
-def calibrate_inner(clock: Clock, fn: Callable[[], object], min_sample_ms: float,
-                    max_inner: int = 1024) -> int:
-    """Smallest power of two ``inner`` whose sample lasts ``min_sample_ms``."""
+def calibrate_inner(clock: Clock, fn: Callable[[], object], min_sample_ms: float) -> int:
+    """The smallest power of two ``inner`` (at most 1024) whose sample lasts ``min_sample_ms``."""
     inner = 1
-    while inner < max_inner and clock.time_ms(fn, inner) * inner < min_sample_ms:
+    while inner < 1024 and clock.time_ms(fn, inner) * inner < min_sample_ms:
         inner *= 2
     return inner
 
@@ -91,8 +102,7 @@ def measure_interleaved(contestants: dict[str, Callable[[], object]], clock: Clo
     inner_of = {n: inner or calibrate_inner(clock, contestants[n], min_sample_ms) for n in names}
     samples: dict[str, list[float]] = {n: [] for n in names}
     for rep in range(repeats):
-        shift = rep % len(names)
-        for name in names[shift:] + names[:shift]:
+        for name in rotated(names, rep):
             samples[name].append(clock.time_ms(contestants[name], inner_of[name]))
     return {n: Measurement(samples[n], inner_of[n]) for n in names}
 
@@ -122,7 +132,17 @@ def _quiet_stderr_fd():
         os.close(saved)
 
 
-def _cpu_peak(fn: Callable[[], object]) -> tuple[object, int]:
+def run_with_peak(fn: Callable[[], object], device="cpu") -> tuple[object, int, str]:
+    """``(fn(), peak extra bytes, method)`` of one call."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        result = fn()
+        torch.cuda.synchronize(device)
+        return (result, torch.cuda.max_memory_allocated(device) - before,
+                "torch.cuda.max_memory_allocated")
     from torch.profiler import ProfilerActivity, profile
 
     threads = torch.get_num_threads()
@@ -140,26 +160,9 @@ def _cpu_peak(fn: Callable[[], object]) -> tuple[object, int]:
         f = node.extra_fields
         if type(f).__name__.endswith("Allocation") and str(f.device).startswith("cpu"):
             events.append((node.start_time_ns, f.alloc_size))
-    running = peak = 0
-    for _, size in sorted(events, key=lambda e: e[0]):
-        running += size
-        peak = max(peak, running)
-    return result, peak
-
-
-def run_with_peak(fn: Callable[[], object], device="cpu") -> tuple[object, int, str]:
-    """``(fn(), peak extra bytes, method)`` of one call."""
-    device = torch.device(device)
-    if device.type != "cuda":
-        result, peak = _cpu_peak(fn)
-        return result, peak, "torch.profiler allocation events, 1 thread"
-    torch.cuda.synchronize(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    before = torch.cuda.memory_allocated(device)
-    result = fn()
-    torch.cuda.synchronize(device)
-    return result, torch.cuda.max_memory_allocated(device) - before, \
-        "torch.cuda.max_memory_allocated"
+    sizes = (size for _, size in sorted(events, key=lambda e: e[0]))
+    return (result, max(itertools.accumulate(sizes, initial=0)),
+            "torch.profiler allocation events, 1 thread")
 
 
 # ---- the machine -----------------------------------------------------------------------------
@@ -223,10 +226,6 @@ def collect_env(device: torch.device, argv: Sequence[str]) -> dict:
     import pldr_kernels
     from pldr_kernels.__main__ import report
 
-    try:
-        from pldr_kernels._build_info import BUILD_INFO
-    except ImportError:
-        BUILD_INFO = {}
     env = {"device": str(device), "cpu": cpu_model(), "threads": torch.get_num_threads(),
            "cpu_count": os.cpu_count(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
@@ -234,7 +233,7 @@ def collect_env(device: torch.device, argv: Sequence[str]) -> dict:
            "torch": torch.__version__, "torch_cuda": torch.version.cuda,
            "python": sys.version.split()[0], "platform": platform.platform(),
            "pldr_kernels": pldr_kernels.__version__, "git_commit": git_commit(),
-           "build_info": dict(BUILD_INFO), "build_report": report(),
+           "build_info": pldr_kernels.ops.build_info(), "build_report": report(),
            "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
            "time_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
            "argv": list(argv)}

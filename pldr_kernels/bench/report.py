@@ -3,11 +3,9 @@ report, Markdown, or a PNG. Everything here reads only that dict, so a saved JSO
 same (``pldr-bench --from-json RUN.json --markdown --plot RUN.png``)."""
 from __future__ import annotations
 
-import json
-import re
 import statistics
 import textwrap
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable
 
 
 def fmt(x: float | None) -> str:
@@ -20,6 +18,18 @@ def fmt(x: float | None) -> str:
 
 def mib(nbytes: float | None) -> str:
     return "-" if nbytes is None else f"{nbytes / 2**20:.1f}"
+
+
+def times(ratio: float | None) -> str:
+    return "-" if ratio is None else f"{ratio:.2f}x"
+
+
+def grouped(rows: Iterable[dict], key: Callable[[dict], object]) -> dict[object, list[dict]]:
+    """Rows by ``key(row)``, groups and rows in the order first seen."""
+    groups: dict[object, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(key(r), []).append(r)
+    return groups
 
 
 def machine(env: dict) -> str:
@@ -35,54 +45,67 @@ def env_line(env: dict) -> str:
             f"{'yes' if build.get('with_cuda') else 'no'})")
 
 
-def _numeric(cell: str) -> bool:
-    return re.fullmatch(r"[\d.–x%-]+( \w+/s)?( \(.*\))?", cell) is not None
+# ---- the tables: (header, right-aligned, the cell of a result row) per column ------------------
+def length(r: dict) -> str:
+    return f"{'L' if r['op'] == 'g_attention_decode' else 'S'}{r['Sk']}"
 
 
-def table(headers: Sequence[str], rows: list[list[str]], markdown: bool) -> str:
+def rate(r: dict) -> str:
+    if r.get("tflops") is not None:
+        return f"{fmt(r['tflops'])} TFLOP/s"
+    share = f" ({r['copy_fraction']:.0%} of copy)" if r.get("copy_fraction") else ""
+    return f"{fmt(r['gbps'])} GB/s{share}"
+
+
+def check(r: dict) -> str:
+    return "ok" if r["valid"] else "INVALID"
+
+
+OPS_COLUMNS = (
+    ("op", False, lambda r: r["op"]),
+    ("shape", False, lambda r: f"B{r['B']} {length(r)} H{r['H']} d{r['d']}"),
+    ("dtype", False, lambda r: r["dtype"]),
+    ("causal", False, lambda r: "yes" if r["causal"] else "no"),
+    ("impl", False, lambda r: r["impl"]),
+    ("p50 ms", True, lambda r: fmt(r["time_ms_p50"])),
+    ("p20–p80 ms", True, lambda r: f"{fmt(r['time_ms_p20'])}–{fmt(r['time_ms_p80'])}"),
+    ("rate", True, rate),
+    ("x ref", True, lambda r: times(r.get("speedup_vs_reference"))),
+    ("extra MiB", True, lambda r: mib(r.get("peak_extra_bytes"))),
+    ("check", False, check))
+GEN_COLUMNS = (
+    ("impl", False, lambda r: r["impl"]),
+    ("dtype", False, lambda r: r["dtype"]),
+    ("mode", False, lambda r: r["mode"]),
+    ("prompt", True, lambda r: str(r["prompt_len"])),
+    ("new", True, lambda r: str(r["new_tokens"])),
+    ("TTFT ms", True, lambda r: fmt(r["ttft_ms"])),
+    ("token p50 ms", True, lambda r: fmt(r["per_token_ms_p50"])),
+    ("token p90 ms", True, lambda r: fmt(r["per_token_ms_p90"])),
+    ("tokens/s", True, lambda r: fmt(r["tokens_per_s"])),
+    ("x ref", True, lambda r: times(r.get("speedup_vs_reference"))),
+    ("peak MiB", True, lambda r: mib(r.get("peak_memory_bytes"))),
+    ("check", False, check))
+
+
+def table(columns, rows: list[dict], markdown: bool) -> str:
+    headers = [header for header, _, _ in columns]
+    right = [right for _, right, _ in columns]
+    cells = [[cell(r) for _, _, cell in columns] for r in rows]
     if markdown:
-        align = ["---:" if rows and _numeric(c) else "---" for c in rows[0]] if rows else []
-        return "\n".join(["| " + " | ".join(headers) + " |", "|" + "|".join(align) + "|"]
-                         + ["| " + " | ".join(r) + " |" for r in rows])
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+        return "\n".join(["| " + " | ".join(headers) + " |",
+                          "|" + "|".join("---:" if r else "---" for r in right) + "|",
+                          *("| " + " | ".join(line) + " |" for line in cells)])
+    widths = [max(len(h), *(len(line[i]) for line in cells)) for i, h in enumerate(headers)]
 
-    def line(cells):
-        return "  ".join(c.rjust(w) if i and _numeric(c) else c.ljust(w)
-                         for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
-    return "\n".join([line(headers), "  ".join("-" * w for w in widths)] + [line(r) for r in rows])
-
-
-OPS_HEADERS = ("op", "shape", "dtype", "causal", "impl", "p50 ms", "p20–p80 ms", "rate", "x ref",
-               "extra MiB", "check")
-GEN_HEADERS = ("impl", "dtype", "mode", "prompt", "new", "TTFT ms", "token p50 ms",
-               "token p90 ms", "tokens/s", "x ref", "peak MiB", "check")
+    def line(texts, right):
+        return "  ".join(t.rjust(w) if r else t.ljust(w)
+                         for t, w, r in zip(texts, widths, right)).rstrip()
+    return "\n".join([line(headers, [False] * len(headers)), "  ".join("-" * w for w in widths),
+                      *(line(texts, right) for texts in cells)])
 
 
-def ops_rows(results: list[dict]) -> list[list[str]]:
-    rows = []
-    for r in (r for r in results if r["bench"] == "ops"):
-        length = f"L{r['Sk']}" if r["op"] == "g_attention_decode" else f"S{r['Sq']}"
-        rate = (f"{fmt(r['tflops'])} TFLOP/s" if r.get("tflops") is not None else
-                f"{fmt(r['gbps'])} GB/s" + (f" ({r['copy_fraction']:.0%} of copy)"
-                                            if r.get("copy_fraction") else ""))
-        speed = r.get("speedup_vs_reference")
-        rows.append([r["op"], f"B{r['B']} {length} H{r['H']} d{r['d']}", r["dtype"],
-                     "yes" if r["causal"] else "no", r["impl"], fmt(r["time_ms_p50"]),
-                     f"{fmt(r['time_ms_p20'])}–{fmt(r['time_ms_p80'])}", rate,
-                     "-" if speed is None else f"{speed:.2f}x", mib(r.get("peak_extra_bytes")),
-                     "ok" if r["valid"] else "INVALID"])
-    return rows
-
-
-def generate_rows(results: list[dict]) -> list[list[str]]:
-    return [[r["impl"], r["dtype"], r["mode"], str(r["prompt_len"]), str(r["new_tokens"]),
-             fmt(r["ttft_ms"]), fmt(r["per_token_ms_p50"]), fmt(r["per_token_ms_p90"]),
-             fmt(r["tokens_per_s"]),
-             "-" if r.get("speedup_vs_reference") is None else f"{r['speedup_vs_reference']:.2f}x",
-             mib(r.get("peak_memory_bytes")), "ok" if r["valid"] else "INVALID"]
-            for r in results if r["bench"] == "generate"]
-
-
+# ---- the lines below the tables ----------------------------------------------------------------
 def memory_lines(results: list[dict]) -> list[str]:
     rows = [r for r in results if r["bench"] == "ops_memory"]
     if not rows:
@@ -106,13 +129,11 @@ def memory_lines(results: list[dict]) -> list[str]:
 
 def ordering_lines(results: list[dict]) -> list[str]:
     """Per implementation and prompt: is the per-token p50 kvg <= kv < none?"""
-    p50: dict[tuple, dict] = {}
-    for r in results:
-        if r["bench"] == "generate":
-            key = (r["impl"], r["dtype"], r["prompt_len"], r["new_tokens"])
-            p50.setdefault(key, {})[r["mode"]] = r["per_token_ms_p50"]
     lines = []
-    for (impl, dtype, plen, new), t in p50.items():
+    runs = grouped((r for r in results if r["bench"] == "generate"),
+                   lambda r: (r["impl"], r["dtype"], r["prompt_len"], r["new_tokens"]))
+    for (impl, dtype, plen, new), rows in runs.items():
+        t = {r["mode"]: r["per_token_ms_p50"] for r in rows}
         if {"none", "kv", "kvg"} <= t.keys():
             ok = t["kvg"] <= t["kv"] < t["none"]
             lines.append(f"  {impl:<13} {dtype:<9} prompt {plen} +{new}: per-token p50 kvg "
@@ -122,21 +143,17 @@ def ordering_lines(results: list[dict]) -> list[str]:
 
 
 def summary_lines(env: dict, results: list[dict]) -> list[str]:
-    lines = []
-    for r in results:
-        if r["bench"] == "copy":
-            lines.append(f"Device copy bandwidth: {fmt(r['gbps'])} GB/s ({r['impl']} of "
-                         f"{r['bytes'] >> 20} MiB, read + write)")
-    heads = []
+    lines = [f"Device copy bandwidth: {fmt(r['gbps'])} GB/s ({r['impl']} of {r['bytes'] >> 20} "
+             "MiB, read + write)" for r in results if r["bench"] == "copy"]
     longest = max((r["prompt_len"] for r in results if r["bench"] == "generate"), default=0)
-    for r in results:
-        if r["bench"] == "ops" and r["impl"] == "pldr_kernels" and r.get("best_other"):
+    heads = []
+    for r in (r for r in results if r.get("impl") == "pldr_kernels"):
+        if r["bench"] == "ops" and r.get("best_other"):
             vs_ref = r["speedup_vs_reference"]
-            heads.append(f"  {r['op']} B{r['B']} {'L' if 'decode' in r['op'] else 'S'}{r['Sk']} "
-                         f"{r['dtype']}: " + (f"{vs_ref:.2f}x reference, " if vs_ref else "")
+            heads.append(f"  {r['op']} B{r['B']} {length(r)} {r['dtype']}: "
+                         + (f"{vs_ref:.2f}x reference, " if vs_ref else "")
                          + f"{r['speedup_vs_best_other']:.2f}x {r['best_other']}")
-        if r["bench"] == "generate" and r["impl"] == "pldr_kernels" and \
-                r.get("speedup_vs_reference") and r["prompt_len"] == longest:
+        if r["bench"] == "generate" and r["speedup_vs_reference"] and r["prompt_len"] == longest:
             heads.append(f"  generate {r['dtype']} {r['mode']} prompt {r['prompt_len']}: "
                          f"per token {r['speedup_vs_reference']:.2f}x, TTFT "
                          f"{r['ttft_speedup_vs_reference']:.2f}x the fp32 reference")
@@ -149,23 +166,23 @@ def summary_lines(env: dict, results: list[dict]) -> list[str]:
 
 def render(data: dict, markdown: bool = False) -> str:
     env, results = data["env"], data["results"]
+    bold = (lambda text: f"**{text}**") if markdown else (lambda text: text)
     if markdown:
         parts = [f"Measured with `{' '.join(['pldr-bench', *env['argv'][1:]])}` on "
                  f"{env_line(env)}, {env['time_utc']}; {env['wall_s']:.0f} s of wall time. Times "
                  "are medians (p50) over interleaved repeats; p20–p80 shows the spread."]
     else:
         parts = [env_line(env)]
-    if any(r["bench"] == "ops" for r in results):
-        parts += ["", f"{'**Ops**' if markdown else 'Ops'} on {machine(env)}:", "",
-                  table(OPS_HEADERS, ops_rows(results), markdown)]
+    ops = [r for r in results if r["bench"] == "ops"]
+    if ops:
+        parts += ["", f"{bold('Ops')} on {machine(env)}:", "", table(OPS_COLUMNS, ops, markdown)]
     gen = [r for r in results if r["bench"] == "generate"]
     if gen:
         g = gen[0]
-        parts += ["", f"{'**Generation**' if markdown else 'Generation'} ({g['model']}, "
-                      f"{g['params'] / 1e6:.1f}M parameters, {g['weights']} weights, batch "
-                      f"{g['batch']}, greedy; x ref = per-token speedup over the fp32 "
-                      f"reference) on {machine(env)}:", "",
-                  table(GEN_HEADERS, generate_rows(results), markdown)]
+        parts += ["", f"{bold('Generation')} ({g['model']}, {g['params'] / 1e6:.1f}M parameters, "
+                      f"{g['weights']} weights, batch {g['batch']}, greedy; x ref = per-token "
+                      f"speedup over the fp32 reference) on {machine(env)}:", "",
+                  table(GEN_COLUMNS, gen, markdown)]
     extra = (memory_lines(results) + ordering_lines(results) + summary_lines(env, results)
              + [f"WARNING: {w}" for w in env.get("warnings", [])])
     if any(not r.get("valid", True) for r in results):
@@ -175,14 +192,9 @@ def render(data: dict, markdown: bool = False) -> str:
     return "\n".join(parts) + "\n"
 
 
-def load(path: str) -> dict:
-    with open(path) as f:
-        return json.load(f)
-
-
 # ---- the plot ----------------------------------------------------------------------------------
 MODE_COLOURS = {"none": "tab:red", "kv": "tab:blue", "kvg": "tab:green"}
-IMPL_STYLES = ["-", "--", ":", "-."]
+LINE_STYLES = ["-", "--", ":", "-."]
 
 
 def write_plot(path: str, data: dict) -> None:
@@ -204,21 +216,19 @@ def write_plot(path: str, data: dict) -> None:
     fig, axes = plt.subplots(1, n, figsize=(5.2 * n + 2.2, 4.8), layout="constrained",
                              squeeze=False)
     axes = list(axes[0])
-    impls = list(dict.fromkeys(f"{r['impl']} {r['dtype']}" for r in gen))
-    style = {name: IMPL_STYLES[i % len(IMPL_STYLES)] for i, name in enumerate(impls)}
     if gen:
         steps_ax, ttft_ax = axes.pop(0), axes.pop(0)
-        for r in gen:
-            impl, colour = f"{r['impl']} {r['dtype']}", MODE_COLOURS.get(r["mode"], "black")
-            k = min(len(s) for s in r["step_ms"])
-            med = [statistics.median(s[i] for s in r["step_ms"]) for i in range(k)]
-            steps_ax.plot([r["prompt_len"] + 1 + i for i in range(k)], med, style[impl],
-                          color=colour, lw=1.6)
-        for (impl, mode) in dict.fromkeys((f"{r['impl']} {r['dtype']}", r["mode"]) for r in gen):
-            rs = sorted((r for r in gen if f"{r['impl']} {r['dtype']}" == impl
-                         and r["mode"] == mode), key=lambda r: r["prompt_len"])
-            ttft_ax.plot([r["prompt_len"] for r in rs], [r["ttft_ms"] for r in rs], style[impl],
-                         color=MODE_COLOURS.get(mode, "black"), marker="o", ms=4, lw=1.4)
+        impls = grouped(gen, lambda r: f"{r['impl']} {r['dtype']}")
+        style = {impl: LINE_STYLES[i % len(LINE_STYLES)] for i, impl in enumerate(impls)}
+        for impl, rows in impls.items():
+            for r in rows:  # the median over repeats of each decode step
+                med = [statistics.median(step) for step in zip(*r["step_ms"])]
+                steps_ax.plot(range(r["prompt_len"] + 1, r["prompt_len"] + 1 + len(med)), med,
+                              style[impl], color=MODE_COLOURS[r["mode"]], lw=1.6)
+            for mode, rs in grouped(rows, lambda r: r["mode"]).items():
+                rs.sort(key=lambda r: r["prompt_len"])
+                ttft_ax.plot([r["prompt_len"] for r in rs], [r["ttft_ms"] for r in rs],
+                             style[impl], color=MODE_COLOURS[mode], marker="o", ms=4, lw=1.4)
         steps_ax.set(title="Per-token latency as the context grows",
                      xlabel="tokens in the sequence at the step",
                      ylabel="ms per token (median over repeats)")
@@ -231,17 +241,17 @@ def write_plot(path: str, data: dict) -> None:
                    title="colour: cache mode\nline: implementation", title_fontsize=8)
     if pre:
         ax = axes.pop(0)
-        colour = {i: f"C{n}" for n, i in enumerate(dict.fromkeys(r["impl"] for r in pre))}
+        colour = {impl: f"C{i}" for i, impl in enumerate(dict.fromkeys(r["impl"] for r in pre))}
         dtypes = list(dict.fromkeys(r["dtype"] for r in pre))
-        for key in dict.fromkeys((r["impl"], r["dtype"], r["causal"], r["B"]) for r in pre):
-            rs = sorted((r for r in pre if (r["impl"], r["dtype"], r["causal"], r["B"]) == key),
-                        key=lambda r: r["Sq"])
+        for (impl, dtype, causal, B), rs in grouped(
+                pre, lambda r: (r["impl"], r["dtype"], r["causal"], r["B"])).items():
+            rs.sort(key=lambda r: r["Sq"])
+            which = dtypes.index(dtype) % len(LINE_STYLES)
             ax.errorbar([r["Sq"] for r in rs], [r["time_ms_p50"] for r in rs],
                         yerr=[[r["time_ms_p50"] - r["time_ms_p20"] for r in rs],
                               [r["time_ms_p80"] - r["time_ms_p50"] for r in rs]],
-                        color=colour[key[0]], ls=IMPL_STYLES[dtypes.index(key[1]) % 4],
-                        marker="os^v"[dtypes.index(key[1]) % 4], ms=4, capsize=3,
-                        label=f"{key[0]} {key[1]}{' causal' if key[2] else ''} B{key[3]}")
+                        color=colour[impl], ls=LINE_STYLES[which], marker="os^v"[which], ms=4,
+                        capsize=3, label=f"{impl} {dtype}{' causal' if causal else ''} B{B}")
         ax.set_xscale("log", base=2)
         ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
         ax.set(title="g_attention prefill", xlabel="sequence length S",
