@@ -20,6 +20,11 @@
 #include "cpu/attention_tile.h"
 
 namespace pldr::cpu {
+// Internal linkage on purpose: each kernel file (one per op) gets its own copy, which lets GCC
+// inline the called-once core into the kernel's work loop, as it did when both kernels shared one
+// file. With external linkage it does not, and the decode row loop over long caches (which must
+// stream K and V from memory) ran 1.5x slower on an AMD EPYC.
+namespace {
 
 constexpr int64_t kQueryTile = 64;
 constexpr int64_t kKeyTile = 64;
@@ -237,4 +242,5 @@ void parallel_balanced(int64_t n, const CostFn& cost, const WorkFn& work) {
   });
 }
 
+}  // namespace
 }  // namespace pldr::cpu
