@@ -76,6 +76,15 @@ def init_weights(module: nn.Module) -> None:
             nn.init.zeros_(module.bias)
 
 
+def attach_lm_head(lm: nn.Module, config: PLDRConfig) -> None:
+    """The authors' PLDR_Model around ``lm.decoder``: a biased LM head ``final_layer`` (tied to the
+    embedding only when the config says so), then xavier init of every Linear."""
+    lm.final_layer = nn.Linear(config.hidden_size, config.vocab_size, bias=config.final_bias)
+    lm.apply(init_weights)
+    if config.tie_word_embeddings:
+        lm.final_layer.weight = lm.decoder.embedding.weight
+
+
 def predefined_g_values(config: PLDRConfig) -> Tensor:
     """Initial ``past_G_values [L, 3, 1, H, dk, dk]`` (A, A_LM, G) of a predefined-G model: identity
     for 'identity' and 'external' (until the user writes G), standard normal for 'random'."""

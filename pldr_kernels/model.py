@@ -23,8 +23,8 @@ from . import generation, ops
 from .config import PLDRConfig
 from .layers import (
     CausalLMOutput,
+    attach_lm_head,
     causal_lm_loss,
-    init_weights,
     positions_from_mask,
     predefined_g_values,
 )
@@ -124,11 +124,7 @@ class PLDRForCausalLM(nn.Module):
         config.validate()
         self.config = config
         self.decoder = PLDRDecoder(config)
-        self.final_layer = nn.Linear(config.hidden_size, config.vocab_size,
-                                     bias=config.final_bias)
-        self.apply(init_weights)
-        if config.tie_word_embeddings:
-            self.final_layer.weight = self.decoder.embedding.weight
+        attach_lm_head(self, config)
 
     # ---- loaders (loaders.py) ----------------------------------------------------------------
     @classmethod

@@ -454,15 +454,19 @@ class GCachedAttention(PackedModule):
         B, S = o.shape[:2]
         return self.dense(o.reshape(B, S, self.num_heads * self.head_dim))
 
+    def rotation_of(self, x: Tensor, positions: Tensor | None):
+        """The RoPE rotation for ``x [B,S,D]`` at ``positions [B,S]`` (default 0 … S-1, whose bound
+        is known on the host, so no device read)."""
+        B, S, _ = x.shape
+        if positions is None:
+            positions = torch.arange(S, device=x.device)[None].expand(B, S)
+            return self.rope.rotation(positions, S - 1)
+        return self.rope.rotation(positions)
+
     def forward(self, x: Tensor, G: Tensor | None, positions: Tensor | None = None,
                 key_mask: Tensor | None = None, causal: bool = True) -> Tensor:
         """Uncached attention of ``x [B,S,D]`` with a given G; positions default to 0..S-1."""
-        B, S, _ = x.shape
-        max_position = None
-        if positions is None:
-            positions = torch.arange(S, device=x.device)[None].expand(B, S)
-            max_position = S - 1
-        q, k, v = self.project(x, self.rope.rotation(positions, max_position))
+        q, k, v = self.project(x, self.rotation_of(x, positions))
         return self.output(self.attend(q, k, v, G, key_mask, causal))
 
     # ---- one step of a model, with this layer's cache -----------------------------------------
@@ -518,12 +522,7 @@ class PowerLawGraphAttention(GCachedAttention, MetricLearner):
                 return_metric: bool = False):
         """Uncached PLGA of ``x [B,S,D]``. ``attention_mask [B,S]`` (1 = token, 0 = pad) masks pad
         keys and, unless ``include_pad_in_g``, leaves pad rows out of QᵀQ."""
-        B, S, _ = x.shape
-        max_position = None
-        if positions is None:
-            positions = torch.arange(S, device=x.device)[None].expand(B, S)
-            max_position = S - 1
-        q, k, v = self.project(x, self.rope.rotation(positions, max_position))
+        q, k, v = self.project(x, self.rotation_of(x, positions))
         key_mask = None if attention_mask is None else attention_mask.bool()
         q_mask = None if include_pad_in_g else key_mask
         A, A_LM, G = self.metric_tensors(q, q_mask)

@@ -29,8 +29,8 @@ from .layers import (
     GLUVariant,
     PlgaLayer,
     ResLayerA,
+    attach_lm_head,
     causal_lm_loss,
-    init_weights,
     positions_from_mask,
     predefined_g_values,
 )
@@ -167,11 +167,7 @@ class ReferencePLDR(nn.Module):
         config.validate()
         self.config = config
         self.decoder = PLDRDecoder(config)
-        self.final_layer = nn.Linear(config.hidden_size, config.vocab_size,
-                                     bias=config.final_bias)
-        self.apply(init_weights)
-        if config.tie_word_embeddings:
-            self.final_layer.weight = self.decoder.embedding.weight
+        attach_lm_head(self, config)
 
     @classmethod
     def from_model(cls, model: nn.Module, dtype: torch.dtype | None = None) -> ReferencePLDR:
