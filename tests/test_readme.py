@@ -1,7 +1,7 @@
 """Every Python snippet of README.md runs as written.
 
 A snippet right after an ``<!-- UPDATE ... -->`` line documents an API that has not landed yet; it
-restructuring brings; it is expected to fail until then, strictly: once it runs, this test fails
+is expected to fail until then, strictly: once it runs, this test fails
 until the marker is removed, so no snippet stays exempt by accident.
 """
 from __future__ import annotations
