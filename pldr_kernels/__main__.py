@@ -7,8 +7,6 @@ import sys
 
 import torch
 
-OPS = ("metric_tensors", "g_attention", "g_attention_decode")
-
 
 def cpu_features() -> str:
     try:
@@ -17,12 +15,11 @@ def cpu_features() -> str:
         return "unknown"
 
 
-def op_backends(op: str, with_cuda: bool) -> str:
-    keys = []
-    for key in ("CPU", "CUDA") if with_cuda else ("CPU",):  # else CUDA holds the rebuild hint
-        if torch._C._dispatch_has_kernel_for_dispatch_key(f"pldr::{op}", key):
-            keys.append(key)
-    return ", ".join(keys) or "none"
+def op_backends(op: str) -> str:
+    """The backends this build has for ``pldr::<op>``, whether or not a GPU is visible."""
+    from .testing import available_backends
+
+    return ", ".join(b.upper() for b in available_backends(op, need_device=False)) or "none"
 
 
 def report() -> str:
@@ -53,8 +50,10 @@ def report() -> str:
     mismatch = ops._torch_mismatch()
     if mismatch:
         lines.append(f"WARNING       {ops._mismatch_message(*mismatch)}")
+    from .testing import OPS
+
     for op in OPS:
-        lines.append(f"pldr::{op:<19} {op_backends(op, with_cuda)}")
+        lines.append(f"pldr::{op:<19} {op_backends(op)}")
     return "\n".join(lines)
 
 

@@ -5,19 +5,12 @@ import pytest
 import torch
 
 from pldr_kernels import PLDRConfig, PLDRForCausalLM
+from pldr_kernels.testing import OPS, available_backends
 
-OPS = ("metric_tensors", "g_attention", "g_attention_decode")
-
-
-def missing_cpu_kernels():
-    return [op for op in OPS
-            if not torch._C._dispatch_has_kernel_for_dispatch_key(f"pldr::{op}", "CPU")]
-
-
-_missing = missing_cpu_kernels()
+_missing = [op for op in OPS if "cpu" not in available_backends(op)]
 needs_cpu_kernels = pytest.mark.skipif(
-    bool(_missing), reason=f"CPU kernel(s) not built: {', '.join('pldr::' + m for m in _missing)} "
-                           "(torch._C._dispatch_has_kernel_for_dispatch_key(..., 'CPU') is False)")
+    bool(_missing), reason=f"CPU kernel(s) not available in this build: "
+                           f"{', '.join('pldr::' + m for m in _missing)}")
 
 
 def tiny_config(**overrides) -> PLDRConfig:

@@ -24,7 +24,6 @@ import sys
 import zipfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-OPS = ("metric_tensors", "g_attention", "g_attention_decode")
 # What goes into pldr_kernels/_C: the C++/CUDA sources and the build script. The Python code is
 # not part of the binary: a wheel unpacked into a tree runs that tree's Python, as `pip install -e`.
 SOURCE_DIRS = ("csrc",)
@@ -184,8 +183,6 @@ def cmd_verify(args) -> int:
     # Import what `python -m pldr_kernels` would here: the tree in the current directory, if any,
     # else the installed package (not this script's folder, which Python put first on the path).
     sys.path[0] = os.getcwd()
-    import torch
-
     import pldr_kernels
     from pldr_kernels import ops
     from pldr_kernels.__main__ import report
@@ -204,8 +201,9 @@ def cmd_verify(args) -> int:
         problems.append(f"CUDA archs {BUILD_INFO.get('cuda_archs')!r}, expected {args.archs!r}")
     if args.portable and BUILD_INFO.get("cpu_flags") != "portable":
         problems.append(f"CPU flags {BUILD_INFO.get('cpu_flags')!r}, expected portable")
-    missing = [op for op in OPS
-               if not torch._C._dispatch_has_kernel_for_dispatch_key(f"pldr::{op}", "CUDA")]
+    from pldr_kernels.testing import OPS, available_backends
+
+    missing = [op for op in OPS if "cuda" not in available_backends(op, need_device=False)]
     if missing:
         problems.append(f"no CUDA kernel registered for {', '.join(missing)}")
     if problems:
