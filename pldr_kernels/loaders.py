@@ -2,47 +2,65 @@
 directories.
 
 - ``.pth``: ``torch.save({'model_state_dict': OrderedDict(fp32), 'loss', 'accuracy', …})``, read
-  with ``torch.load(weights_only=True)``; hyperparameters from a ``*_hyperparameters.py`` sidecar
-  whose ``hpdict`` literal is parsed with ``ast`` (never executed).
+  with ``torch.load(weights_only=True, mmap=True)``; hyperparameters from a
+  ``*_hyperparameters.py`` sidecar whose ``hpdict`` literal is parsed with ``ast`` (never
+  executed).
 - HF directory: ``config.json`` + ``model.safetensors``.
 
-Every load checks the keys first and raises one error listing all missing, unexpected and
-mis-shaped entries.
+A load is bounded by its checkpoint (docs/spec.md §4): the config is read and validated, the
+checkpoint's shapes are read without its data (the safetensors header; the ``.pth`` memory-mapped),
+a config that describes a model much larger than the checkpoint is refused before anything is
+built, the model is built on the meta device (no memory, no random init), every key and shape is
+checked against it (one error listing all missing, unexpected and mis-shaped keys), and only then
+is each weight allocated and copied from the checkpoint. Whatever is wrong with a file raises a
+:class:`CheckpointError` naming the file and the key. Saves are atomic (``_io.py``): a kill
+mid-save leaves the old checkpoint loadable.
 """
 from __future__ import annotations
 
 import ast
+import contextlib
 import glob
 import json
 import math
 import os
+import pickle
+import re
+import zipfile
 from collections import OrderedDict
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import nn
 
-from .config import PLDRConfig
+from . import _io
+from .config import HPDICT_READ_KEYS, PLDRConfig
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 PathLike = str | os.PathLike
+Shape = tuple[int, ...]
+# A config may describe a model up to this many times the elements its checkpoint holds and still
+# be built (on the meta device) to list the keys that differ; beyond, it is refused unbuilt.
+MAX_MODEL_TO_CHECKPOINT_RATIO = 2
+_LAYER_KEY = re.compile(r"decoder\.dec_layers\.(\d+)\.")
 
 
 class CheckpointError(ValueError):
-    """A checkpoint that does not fit the model (keys listed in the message)."""
+    """A checkpoint that cannot be loaded: unreadable, malformed, or not fitting its config. The
+    message names the file and the key."""
 
 
 # --------------------------------------------------------------------------------------------
 # State-dict checks
 # --------------------------------------------------------------------------------------------
-def check_state_dict(model: nn.Module, state_dict: dict, source: str = "checkpoint") -> None:
+def _check_shapes(model: nn.Module, shapes: Mapping[str, Shape], source: str) -> None:
     """Raise CheckpointError listing every missing, unexpected and mis-shaped key at once."""
     expected = model.state_dict()
-    missing = [k for k in expected if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in expected]
-    misshaped = [f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}"
-                 for k, v in expected.items()
-                 if k in state_dict and tuple(state_dict[k].shape) != tuple(v.shape)]
+    missing = [k for k in expected if k not in shapes]
+    unexpected = [str(k) for k in shapes if k not in expected]
+    misshaped = [f"{k}: checkpoint {tuple(shapes[k])} vs model {tuple(v.shape)}"
+                 for k, v in expected.items() if k in shapes and tuple(shapes[k]) != tuple(v.shape)]
     if not (missing or unexpected or misshaped):
         return
     parts = [f"{source} does not match the model config "
@@ -54,6 +72,28 @@ def check_state_dict(model: nn.Module, state_dict: dict, source: str = "checkpoi
         if keys:
             parts.append(f"{len(keys)} {title} key(s): " + ", ".join(keys))
     raise CheckpointError("\n".join(parts))
+
+
+def check_tensors(state_dict, source: str, name: str = "state dict") -> dict[str, torch.Tensor]:
+    """``state_dict`` as a dict of tensors with string keys, or CheckpointError naming the first
+    entry that is not."""
+    if not isinstance(state_dict, Mapping):
+        raise CheckpointError(f"{source}: {name} must be a dict of tensors, got a "
+                              f"{type(state_dict).__name__}")
+    for k, v in state_dict.items():
+        if not isinstance(k, str):
+            raise CheckpointError(f"{source}: {name} has a key {k!r} of type {type(k).__name__}; "
+                                  f"the keys of a state dict are strings")
+        if not isinstance(v, torch.Tensor):
+            raise CheckpointError(f"{source}: {name}[{k!r}] is of type {type(v).__name__}, "
+                                  f"expected a tensor")
+    return dict(state_dict)
+
+
+def check_state_dict(model: nn.Module, state_dict: dict, source: str = "checkpoint") -> None:
+    """Raise CheckpointError listing every missing, unexpected and mis-shaped key at once."""
+    state_dict = check_tensors(state_dict, source)
+    _check_shapes(model, {k: tuple(v.shape) for k, v in state_dict.items()}, source)
 
 
 def load_checked_state_dict(model: nn.Module, state_dict: dict, source: str = "checkpoint"
@@ -73,6 +113,69 @@ def _plain_state_dict(model: nn.Module, dtype: torch.dtype | None = None) -> Ord
             t = t.to(dtype)
         out[k] = t.contiguous().clone()
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# Building a model from a checkpoint: bounded first, on the meta device, then materialised
+# --------------------------------------------------------------------------------------------
+def check_config_fits(config: PLDRConfig, held: Mapping[str, int], source: str,
+                      config_source: str) -> None:
+    """Refuse, before building anything, a config whose model would hold more than
+    MAX_MODEL_TO_CHECKPOINT_RATIO times the elements the checkpoint holds (``held``: elements per
+    key). Building even on the meta device costs time per module, so a config.json asking for
+    10⁹ layers must not get that far."""
+    wanted, have = config.state_dict_numel(), sum(held.values())
+    if wanted <= MAX_MODEL_TO_CHECKPOINT_RATIO * have:
+        return
+    layers = {int(m.group(1)) for m in map(_LAYER_KEY.match, held) if m}
+    raise CheckpointError(
+        f"{config_source} describes a model with {wanted:,} state-dict elements "
+        f"(num_hidden_layers={config.num_hidden_layers}, hidden_size={config.hidden_size}, "
+        f"intermediate_size={config.intermediate_size}, vocab_size={config.vocab_size}, "
+        f"A_dff={config.A_dff}, num_reslayerA={config.num_reslayerA}, num_denseA="
+        f"{config.num_denseA}), more than {MAX_MODEL_TO_CHECKPOINT_RATIO}x the {have:,} that "
+        f"{source} holds ({len(held)} tensors, {len(layers)} decoder layer(s)); refusing to build "
+        f"it. The config does not belong to these weights.")
+
+
+def _build_on_meta(cls, config: PLDRConfig) -> nn.Module:
+    """The model's structure without memory or random init: every parameter and persistent buffer
+    on the meta device (the RoPE tables, not in a checkpoint, are built for real)."""
+    with torch.device("meta"):
+        return cls(config)
+
+
+def _materialise(model: nn.Module, read: Callable[[str], torch.Tensor]) -> None:
+    """Give every meta parameter and buffer of ``model`` its checkpoint value: a new contiguous
+    CPU tensor of the model's dtype with ``read(key)`` copied in (so the casts and layouts are
+    those of a ``load_state_dict`` copy). Tied parameters get one tensor, the value of their last
+    key (the one a copy would leave)."""
+    variables = model.state_dict(keep_vars=True)
+    by_identity: dict[int, list[str]] = {}
+    for key, v in variables.items():
+        by_identity.setdefault(id(v), []).append(key)
+    state: dict[str, torch.Tensor] = {}
+    for keys in by_identity.values():
+        meta = variables[keys[-1]]
+        value = torch.empty(meta.shape, dtype=meta.dtype, device="cpu").copy_(read(keys[-1]))
+        if isinstance(meta, nn.Parameter):
+            value = nn.Parameter(value, requires_grad=meta.requires_grad)
+        for key in keys:
+            state[key] = value
+    model.load_state_dict(state, strict=True, assign=True)
+    left = [name for name, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
+    if left:  # every persistent tensor is in the state dict; a new non-persistent one is not
+        raise RuntimeError(f"internal error: {left} stayed on the meta device after loading (a "
+                           f"non-persistent buffer must be built for real in __init__)")
+
+
+def _load_checked(cls, config: PLDRConfig, shapes: Mapping[str, Shape], held: Mapping[str, int],
+                  read: Callable[[str], torch.Tensor], source: str, config_source: str):
+    check_config_fits(config, held, source, config_source)
+    model = _build_on_meta(cls, config)
+    _check_shapes(model, shapes, source)
+    _materialise(model, read)
+    return model.eval()
 
 
 # --------------------------------------------------------------------------------------------
@@ -123,25 +226,57 @@ def _safe_value(node: ast.AST):
     raise _NotLiteral
 
 
+_UNEVALUATED = (_NotLiteral, ValueError, TypeError, ZeroDivisionError, OverflowError,
+                RecursionError)
+
+
 def read_hyperparameters(path: PathLike) -> dict:
     """The ``hpdict`` of an authors' ``*_hyperparameters.py`` file, without executing it.
 
-    Entries that are not literals (or the simple arithmetic above) are left out."""
-    with open(path, encoding="utf-8") as f:
-        tree = ast.parse(f.read(), filename=str(path))
+    Entries are read as Python would run the file (a key given twice takes its later value).
+    Entries that are not literals (or the simple arithmetic above) are left out, unless the config
+    reads them (``config.HPDICT_READ_KEYS``: the sizes and the activation): those raise a
+    CheckpointError naming the file, the line and the key, since leaving one out would silently
+    build a model with a default in its place."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            tree = ast.parse(f.read(), filename=str(path))
+    except (SyntaxError, UnicodeDecodeError, RecursionError) as e:
+        raise CheckpointError(f"{path}: cannot parse the hyperparameter file ({e})") from None
     for node in ast.walk(tree):
         if isinstance(node, ast.Assign) and isinstance(node.value, ast.Dict) and any(
                 isinstance(t, ast.Name) and t.id == "hpdict" for t in node.targets):
-            out = {}
-            for key, value in zip(node.value.keys, node.value.values):
-                if key is None:
-                    continue
-                try:
-                    out[ast.literal_eval(key)] = _safe_value(value)
-                except (_NotLiteral, ValueError, TypeError, ZeroDivisionError):
-                    continue
-            return out
-    raise ValueError(f"{path}: no `hpdict = {{...}}` assignment found")
+            return _read_hpdict(path, node.value)
+    raise CheckpointError(f"{path}: no `hpdict = {{...}}` assignment found")
+
+
+def _read_hpdict(path: PathLike, node: ast.Dict) -> dict:
+    entries: dict = {}  # key → (its value's node, the line of an earlier value or None)
+    for key_node, value_node in zip(node.keys, node.values):
+        if key_node is None:  # a ``**spread``: nothing to read without running the file
+            continue
+        try:
+            key = ast.literal_eval(key_node)
+            earlier = entries[key][0].lineno if key in entries else None
+        except _UNEVALUATED:
+            continue
+        entries[key] = (value_node, earlier)
+    out = {}
+    for key, (value_node, earlier) in entries.items():
+        try:
+            out[key] = _safe_value(value_node)
+        except _UNEVALUATED as e:
+            if key not in HPDICT_READ_KEYS:
+                continue
+            twice = (f"; it is given twice (lines {earlier} and {value_node.lineno}) and the "
+                     f"later value is the one Python would use" if earlier is not None else "")
+            why = f": {type(e).__name__}: {e}" if str(e) else ""
+            raise CheckpointError(
+                f"{path}, line {value_node.lineno}: hpdict[{key!r}] = "
+                f"{ast.unparse(value_node)} cannot be evaluated without running the file "
+                f"(literals, + - * / //, int(), floor() and F.silu are read){why}{twice}. The "
+                f"config needs it: write it as a literal, or pass config=PLDRConfig(...)") from None
+    return out
 
 
 def _resolve_config(path: PathLike, config: PLDRConfig | None, hyperparameters
@@ -163,7 +298,43 @@ def _resolve_config(path: PathLike, config: PLDRConfig | None, hyperparameters
                 f"*_hyperparameters.py file>; found {len(sidecars)} sidecar(s) next to the "
                 f"checkpoint: {sidecars}")
         hyperparameters = sidecars[0]
-    return PLDRConfig.from_hyperparameters(read_hyperparameters(hyperparameters))
+    hpdict = read_hyperparameters(hyperparameters)
+    try:
+        return PLDRConfig.from_hyperparameters(hpdict)
+    except ValueError as e:
+        raise CheckpointError(f"{hyperparameters}: {e}") from None
+
+
+def read_config(path: PathLike, config: PLDRConfig | None = None, hyperparameters=None
+                ) -> PLDRConfig:
+    """The config of a checkpoint, read and validated without its weights: an HF-format
+    directory's ``config.json``, or the config (or sidecar) of an authors' ``.pth`` as
+    :func:`load_pth` resolves it. What ``pldr-bench --checkpoint`` checks before a run."""
+    if os.path.isdir(path):
+        return _read_config_json(os.path.join(path, CONFIG_NAME))
+    return _resolve_config(path, config, hyperparameters)
+
+
+def _read_config_json(config_path: str) -> PLDRConfig:
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(f"{config_path} not found: an HF-format PLDR-LLM directory holds "
+                                f"{CONFIG_NAME} and {WEIGHTS_NAME}")
+    try:
+        with open(config_path, encoding="utf-8") as f:
+            fields = json.load(f)
+    except (ValueError, RecursionError) as e:  # bad JSON or UTF-8, an int of > 4300 digits
+        raise CheckpointError(f"{config_path}: not a readable JSON file ({e})") from None
+    if not isinstance(fields, dict):
+        raise CheckpointError(f"{config_path}: expected a JSON object of config fields, got a "
+                              f"JSON {_JSON_TYPES.get(type(fields), type(fields).__name__)}")
+    try:
+        return PLDRConfig.from_dict(fields)
+    except ValueError as e:
+        raise CheckpointError(f"{config_path}: {e}") from None
+
+
+_JSON_TYPES = {list: "array", str: "string", int: "number", float: "number", bool: "boolean",
+               type(None): "null"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -171,51 +342,77 @@ def _resolve_config(path: PathLike, config: PLDRConfig | None, hyperparameters
 # --------------------------------------------------------------------------------------------
 def load_pth(cls, path: PathLike, config: PLDRConfig | None = None, hyperparameters=None,
              map_location="cpu"):
-    """The authors' ``.pth`` (a dict with 'model_state_dict'; a bare state dict is accepted)."""
+    """The authors' ``.pth`` (a dict with 'model_state_dict'; a bare state dict is accepted),
+    memory-mapped, so its shapes are checked against the config before anything is allocated.
+    ``map_location`` is where torch.load puts the tensors; the model is built on the CPU."""
     config = _resolve_config(path, config, hyperparameters)
-    obj = torch.load(path, map_location=map_location, weights_only=True)
+    source = str(path)
+    try:
+        # mmap needs the zip format of torch.save (every torch since 1.6); older files are read.
+        obj = torch.load(path, map_location=map_location, weights_only=True,
+                         mmap=zipfile.is_zipfile(path))
+    except (pickle.UnpicklingError, RuntimeError, OSError, EOFError, ValueError,
+            zipfile.BadZipFile) as e:
+        raise CheckpointError(f"{source}: cannot read it as a torch.save file "
+                              f"(weights_only): {e}") from None
     if isinstance(obj, dict) and "model_state_dict" in obj:
-        state_dict = obj["model_state_dict"]
+        state_dict = check_tensors(obj["model_state_dict"], source, "model_state_dict")
     elif isinstance(obj, dict) and all(isinstance(v, torch.Tensor) for v in obj.values()):
-        state_dict = obj
+        state_dict = check_tensors(obj, source)
     else:
         keys = list(obj)[:10] if isinstance(obj, dict) else type(obj).__name__
-        raise CheckpointError(f"{path}: expected a dict with 'model_state_dict' (the authors' "
+        raise CheckpointError(f"{source}: expected a dict with 'model_state_dict' (the authors' "
                               f"format) or a state dict, got {keys}")
-    model = cls(config)
-    load_checked_state_dict(model, state_dict, source=str(path))
-    return model.eval()
+    shapes = {k: tuple(v.shape) for k, v in state_dict.items()}
+    # What the file backs: a stride-0 (expanded) tensor holds its storage's elements, not numel.
+    held = {k: min(v.numel(), v.untyped_storage().nbytes() // v.element_size())
+            for k, v in state_dict.items()}
+    return _load_checked(cls, config, shapes, held, state_dict.__getitem__, source, source)
 
 
 def save_pth(model: nn.Module, path: PathLike) -> None:
-    """Write the authors' format: ``{'model_state_dict': fp32 OrderedDict}``."""
-    torch.save({"model_state_dict": _plain_state_dict(model, torch.float32)}, path)
+    """Write the authors' format: ``{'model_state_dict': fp32 OrderedDict}``, atomically."""
+    state = {"model_state_dict": _plain_state_dict(model, torch.float32)}
+    _io.atomic_write(path, lambda temp: torch.save(state, temp))
 
 
 def load_pretrained(cls, directory: PathLike, map_location="cpu"):
-    """An HF-format directory: ``config.json`` + ``model.safetensors``."""
-    from safetensors.torch import load_file
+    """An HF-format directory: ``config.json`` + ``model.safetensors``. The shapes come from the
+    safetensors header, the tensors are read one at a time into the model. ``map_location`` is
+    where safetensors reads them to; the model is built on the CPU."""
+    from safetensors import SafetensorError, safe_open
     config_path = os.path.join(directory, CONFIG_NAME)
     weights_path = os.path.join(directory, WEIGHTS_NAME)
     for p in (config_path, weights_path):
         if not os.path.isfile(p):
             raise FileNotFoundError(f"{p} not found: an HF-format PLDR-LLM directory holds "
                                     f"{CONFIG_NAME} and {WEIGHTS_NAME}")
-    with open(config_path, encoding="utf-8") as f:
-        config = PLDRConfig.from_dict(json.load(f))
+    config = _read_config_json(config_path)
     device = map_location if isinstance(map_location, str) else str(map_location)
-    state_dict = load_file(weights_path, device=device)
-    model = cls(config)
-    load_checked_state_dict(model, state_dict, source=weights_path)
-    return model.eval()
+    with contextlib.ExitStack() as stack:
+        try:
+            weights = stack.enter_context(safe_open(weights_path, framework="pt", device=device))
+            shapes = {k: tuple(weights.get_slice(k).get_shape()) for k in weights.keys()}
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{weights_path}: not a readable safetensors file "
+                                  f"({e})") from None
+        # safetensors has checked the header's sizes against the file's bytes.
+        held = {k: math.prod(shape) for k, shape in shapes.items()}
+        return _load_checked(cls, config, shapes, held, weights.get_tensor, weights_path,
+                             config_path)
 
 
 def save_pretrained(model: nn.Module, directory: PathLike) -> None:
+    """Write ``model.safetensors`` and ``config.json`` atomically, the weights first: both are
+    written to temporary files before either replaces the old one (``_io.atomic_write_all``), so
+    a kill mid-save leaves the old checkpoint as it was."""
     from safetensors.torch import save_file
     os.makedirs(directory, exist_ok=True)
     config = model.config.to_dict()
     config["torch_dtype"] = str(model.final_layer.weight.dtype).replace("torch.", "")
-    with open(os.path.join(directory, CONFIG_NAME), "w", encoding="utf-8") as f:
-        json.dump(config, f, indent=2, sort_keys=True)
-    save_file(_plain_state_dict(model), os.path.join(directory, WEIGHTS_NAME),
-              metadata={"format": "pt"})
+    state = _plain_state_dict(model)
+    _io.atomic_write_all([
+        (os.path.join(directory, WEIGHTS_NAME),
+         lambda temp: save_file(state, temp, metadata={"format": "pt"})),
+        (os.path.join(directory, CONFIG_NAME),
+         _io.text_writer(json.dumps(config, indent=2, sort_keys=True)))])
