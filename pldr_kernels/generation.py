@@ -127,7 +127,8 @@ def generate_stream(model: PLDRForCausalLM, input_ids: Tensor, options: Generati
     """Yield the next token ids ``[B]`` step by step; the generator's return value (PEP 380) is
     the :class:`GenerateOutput`, which :func:`generate` collects."""
     ops.require_built()
-    options.check(input_ids, attention_mask, model.config.vocab_size)
+    options.check(input_ids, attention_mask, model.config.vocab_size,
+                  model.config.max_position_embeddings)
     if options.cuda_graph and model.device.type != "cuda":
         raise ValueError("cuda_graph=True needs the model on a CUDA device")
     return _stream(model, input_ids, options, attention_mask)

@@ -8,6 +8,7 @@ the same arguments with the same defaults.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from dataclasses import dataclass
 from typing import Literal
 
@@ -69,14 +70,18 @@ class GenerationOptions:
         """The EOS id in effect for a model with ``config``."""
         return config.eos_token_id if self.eos_token_id == FROM_CONFIG else self.eos_token_id
 
-    def check(self, input_ids: Tensor, attention_mask: Tensor | None, vocab_size: int) -> None:
-        """Raise ValueError naming the first bad argument, what was expected and what was given."""
+    def check(self, input_ids: Tensor, attention_mask: Tensor | None, vocab_size: int,
+              max_positions: int | None = None) -> None:
+        """Raise ValueError naming the first bad argument, what was expected and what was given.
+
+        With ``max_positions`` (the config's ``max_position_embeddings``), warn when a row would
+        reach a RoPE position beyond it (:func:`warn_beyond_context`)."""
         if self.cache not in CACHE_MODES:
             raise ValueError(f"cache must be one of {CACHE_MODES}: {CACHE_MODE_HELP}; "
                              f"got {self.cache!r}")
-        if input_ids.dim() != 2 or input_ids.shape[1] < 1:
-            raise ValueError(f"input_ids must be [B, S] with S >= 1, got shape "
-                             f"{tuple(input_ids.shape)}")
+        if input_ids.dim() != 2 or input_ids.shape[0] < 1 or input_ids.shape[1] < 1:
+            raise ValueError(f"input_ids must be [B, S] with B >= 1 rows and S >= 1 tokens, got "
+                             f"shape {tuple(input_ids.shape)}")
         if input_ids.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"input_ids must be int64 or int32 token ids, got {input_ids.dtype}")
         if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= vocab_size):
@@ -100,6 +105,25 @@ class GenerationOptions:
             raise ValueError(f"max_length must be None or an int >= 1, got {self.max_length!r}")
         if attention_mask is not None:
             check_left_padded(attention_mask, input_ids)
+        if max_positions is not None:
+            warn_beyond_context(input_ids, attention_mask, self.max_new_tokens, max_positions)
+
+
+def warn_beyond_context(input_ids: Tensor, attention_mask: Tensor | None, max_new_tokens: int,
+                        max_positions: int) -> None:
+    """Warn (not refuse) when the longest row, its real tokens plus ``max_new_tokens``, passes
+    ``max_positions``: the RoPE tables grow and the kernels have no length limit, so the result is
+    well defined, but the model was trained on at most ``max_positions`` positions and what it does
+    beyond them is untested; extending the context on purpose stays possible (HF's generate warns
+    alike)."""
+    longest = input_ids.shape[1] if attention_mask is None else int(
+        (attention_mask != 0).sum(dim=1).max())
+    if longest + max_new_tokens > max_positions:
+        warnings.warn(f"generation reaches {longest + max_new_tokens} positions (the longest "
+                      f"prompt row's {longest} tokens + max_new_tokens={max_new_tokens}), beyond "
+                      f"the model's max_position_embeddings={max_positions}: positions past the "
+                      f"trained context are computed but the model never saw them, so the output "
+                      f"may degrade", UserWarning, stacklevel=4)
 
 
 def check_left_padded(attention_mask: Tensor, input_ids: Tensor) -> None:
@@ -107,9 +131,10 @@ def check_left_padded(attention_mask: Tensor, input_ids: Tensor) -> None:
     if attention_mask.shape != input_ids.shape:
         raise ValueError(f"attention_mask must have the shape of input_ids "
                          f"{tuple(input_ids.shape)}, got {tuple(attention_mask.shape)}")
-    m = attention_mask.to(torch.int64)
-    if ((m != 0) & (m != 1)).any():
+    # The values as given: a cast to int first would turn 0.5 into a pad.
+    if ((attention_mask != 0) & (attention_mask != 1)).any():
         raise ValueError("attention_mask must contain only 0 (pad) and 1 (token)")
+    m = attention_mask.to(torch.int64)
     if (m.sum(dim=1) == 0).any():
         raise ValueError("every row of attention_mask needs at least one real token (a 1)")
     if (m[:, 1:] < m[:, :-1]).any():
