@@ -16,15 +16,38 @@ import dataclasses
 import importlib.util
 import json
 import os
+import re
 import sys
 import time
 
 
 def positive(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
     return value
+
+
+def non_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text}")
+    return value
+
+
+DEVICE = re.compile(r"cpu|cuda(:\d+)?")
+
+
+def device_name(text: str) -> str:
+    if not DEVICE.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}")
+    return text
 
 
 def field_value(text: str) -> tuple[str, object]:
@@ -51,10 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="ops: each op vs its rivals; generate: whole-model generation; all (default): both")
     opt("--quick", action="store_true",
         help="small sweeps (~1 min on a 2-core CPU; no FlexAttention compile)")
-    opt("--device", default="cpu", help="cpu (default) or cuda[:N] (times with CUDA events)")
+    opt("--device", type=device_name, default="cpu",
+        help="cpu (default) or cuda[:N] (times with CUDA events)")
     opt("--threads", type=positive, help="torch intra-op threads (default: all usable cores)")
     opt("--repeats", type=positive, help="timed repeats per contestant")
-    opt("--warmup", type=int, help="warm-up calls per contestant (ops)")
+    opt("--warmup", type=non_negative, help="warm-up calls per contestant (ops)")
     opt("--contestants", nargs="+", metavar="PATTERN",
         help="who is timed, shell patterns over pldr_kernels reference eager sdpa_<backend> "
              "sdpa_<backend>_qg_given flex_compiled (default: all but *_qg_given)")
@@ -96,7 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def check_before_running(parser: argparse.ArgumentParser, args) -> None:
-    """Every output's dependency and every input, before minutes of measuring."""
+    """Every output's dependency and every input, before minutes of measuring: a wrong argument
+    ends here with ``pldr-bench: error: …`` and exit status 2."""
     needs = {"tqdm": "the progress bar"} if not args.from_json else {}
     if args.plot:
         needs["matplotlib"] = "--plot"
@@ -106,20 +131,79 @@ def check_before_running(parser: argparse.ArgumentParser, args) -> None:
                          f"'pldr-kernels[bench]' (or `{sys.executable} -m pip install {module}`)")
     for flag in ("json", "markdown", "plot"):
         path = getattr(args, flag)
-        if path and path != "-" and not os.path.isdir(os.path.dirname(path) or "."):
+        if not path or path == "-":
+            continue
+        directory = os.path.dirname(path) or "."
+        if not os.path.isdir(directory):
             parser.error(f"--{flag} {path}: the directory {os.path.dirname(path)!r} does not exist")
+        if os.path.isdir(path):
+            parser.error(f"--{flag} {path}: is a directory; give a file name")
+        if not os.access(directory, os.W_OK | os.X_OK):
+            parser.error(f"--{flag} {path}: the directory {directory!r} is not writable")
+    if args.plot:
+        from matplotlib.backend_bases import FigureCanvasBase
+        formats = FigureCanvasBase.get_supported_filetypes()
+        suffix = os.path.splitext(args.plot)[1][1:]
+        if suffix and suffix.lower() not in formats:
+            parser.error(f"--plot {args.plot}: matplotlib cannot write {suffix!r} files; use one "
+                         f"of {', '.join(sorted(formats))}")
     for flag in ("from_json", "checkpoint"):
         path = getattr(args, flag)
         if path and not os.path.exists(path):
             parser.error(f"--{flag.replace('_', '-')} {path}: no such file or directory")
     if args.from_json:
+        args.saved_run = read_run(parser, args.from_json)
         return
+    check_model_options(parser, args)
     import torch
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error(f"--device {args.device} but no CUDA device is visible (torch "
                      f"{torch.__version__}, CUDA {torch.version.cuda or 'none'})")
+    if args.device.startswith("cuda:") and int(args.device[5:]) >= torch.cuda.device_count():
+        parser.error(f"--device {args.device}: only {torch.cuda.device_count()} CUDA device(s) "
+                     f"are visible")
     if args.cuda_graph and not args.device.startswith("cuda"):
         parser.error("--cuda-graph needs --device cuda")
+
+
+def read_run(parser: argparse.ArgumentParser, path: str) -> dict:
+    """A saved ``--json`` run, or a parser error saying why it is not one."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError, RecursionError) as e:
+        parser.error(f"--from-json {path}: not a readable JSON file ({e})")
+    if not (isinstance(data, dict) and isinstance(data.get("env"), dict)
+            and isinstance(data.get("results"), list)):
+        parser.error(f"--from-json {path}: expected a run that --json wrote, an object with "
+                     f"'env' and 'results'")
+    return data
+
+
+def check_model_options(parser: argparse.ArgumentParser, args) -> None:
+    """--model-config must name PLDRConfig fields and give a valid config; --checkpoint must hold
+    a readable config (its weights are read when the generate suite starts)."""
+    from ..config import PLDRConfig
+    from ..loaders import read_config
+
+    if args.model_config and args.checkpoint:
+        parser.error("--model-config sets the fields of the random model; a --checkpoint brings "
+                     "its own config (give one of the two)")
+    if args.model_config:
+        names = {f.name for f in dataclasses.fields(PLDRConfig)}
+        for field, value in args.model_config:
+            if field not in names:
+                parser.error(f"argument --model-config: PLDRConfig has no field {field!r} "
+                             f"(given {field}={value!r}); its fields: {', '.join(sorted(names))}")
+        try:
+            PLDRConfig(**dict(args.model_config))
+        except ValueError as e:
+            parser.error(f"argument --model-config: {e}")
+    if args.checkpoint:
+        try:
+            read_config(args.checkpoint)
+        except (ValueError, OSError) as e:
+            parser.error(f"--checkpoint {args.checkpoint}: {e}")
 
 
 def given(args, config_class, quick: dict) -> dict:
@@ -180,22 +264,20 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     check_before_running(parser, args)
+    from .._io import atomic_write_text
     from . import report
 
     if args.from_json:
-        with open(args.from_json) as f:
-            data = json.load(f)
+        data = args.saved_run
     else:
         data = json.loads(json.dumps(measure(args, argv), default=str))  # exactly what JSON holds
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(data, f, indent=1)
+        atomic_write_text(args.json, json.dumps(data, indent=1))
     print(report.render(data))
     if args.markdown == "-":
         print(report.render(data, markdown=True))
     elif args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(report.render(data, markdown=True))
+        atomic_write_text(args.markdown, report.render(data, markdown=True))
     if args.plot:
         report.write_plot(args.plot, data)
     for path in (args.json, args.markdown, args.plot):

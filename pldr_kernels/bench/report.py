@@ -3,9 +3,12 @@ report, Markdown, or a PNG. Everything here reads only that dict, so a saved JSO
 same (``pldr-bench --from-json RUN.json --markdown --plot RUN.png``)."""
 from __future__ import annotations
 
+import os
 import statistics
 import textwrap
 from collections.abc import Callable, Iterable
+
+from .._io import atomic_write
 
 
 def fmt(x: float | None) -> str:
@@ -265,5 +268,8 @@ def write_plot(path: str, data: dict) -> None:
         ax.grid(True, which="both", alpha=0.3)
     fig.suptitle("\n".join(textwrap.wrap(f"pldr-bench on {env_line(env)}, {env['time_utc']}",
                                          110)), fontsize=9)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:  # the format from path's suffix, which the temporary file keeps (PNG without one)
+        fmt = os.path.splitext(path)[1][1:] or "png"
+        atomic_write(path, lambda temp: fig.savefig(temp, dpi=120, format=fmt))
+    finally:
+        plt.close(fig)
