@@ -21,6 +21,7 @@ import torch
 import pldr_kernels
 from pldr_kernels import PLDRConfig, PLDRForCausalLM
 from pldr_kernels import nn as pnn
+from pldr_kernels._io import atomic_write
 from pldr_kernels.reference_model import ReferencePLDR
 
 ops = torch.ops.pldr
@@ -257,7 +258,7 @@ def save(path: str) -> None:
     model_cases(res)
     nn_cases(res)
     res = {k: v.detach().cpu().clone() for k, v in res.items()}
-    torch.save(res, path)
+    atomic_write(path, lambda temp: torch.save(res, temp))
     print(f"saved {len(res)} tensors to {path} (pldr_kernels from {pldr_kernels.__file__})")
 
 

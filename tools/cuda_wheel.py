@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import ast
 import hashlib
+import importlib.util
 import json
 import os
 import platform
@@ -29,6 +30,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SOURCE_DIRS = ("csrc",)
 SOURCE_FILES = ("setup.py",)
 SOURCE_SUFFIXES = (".cpp", ".cc", ".cu", ".h", ".hpp", ".cuh")
+
+
+def _atomic_io():
+    """pldr_kernels/_io.py (atomic writes, standard library only), loaded by path: importing the
+    package would import torch and load the _C that `unpack` is about to replace."""
+    spec = importlib.util.spec_from_file_location(
+        "pldr_kernels_atomic_io", os.path.join(ROOT, "pldr_kernels", "_io.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def source_hash(root: str = ROOT) -> str:
@@ -91,9 +102,7 @@ def record(wheel: str, root: str = ROOT) -> dict:
     rec = {"wheel": os.path.basename(wheel), "wheel_sha256": file_sha256(wheel),
            "source_sha256": source_hash(root), "build_info": info,
            "built_in_python": platform.python_version()}
-    with open(sidecar(wheel), "w") as f:
-        json.dump(rec, f, indent=1)
-        f.write("\n")
+    _atomic_io().atomic_write_text(sidecar(wheel), json.dumps(rec, indent=1) + "\n")
     return rec
 
 
@@ -165,10 +174,10 @@ def unpack(wheel: str, root: str = ROOT) -> tuple[str, str]:
     for stale in os.listdir(dest):  # another build's extension would shadow or confuse the import
         if stale.startswith("_C") and stale.endswith(".so"):
             os.remove(os.path.join(dest, stale))
+    atomic_io = _atomic_io()
     with zipfile.ZipFile(wheel) as z:
         for member in (so, info):
-            with open(os.path.join(root, member), "wb") as f:
-                f.write(z.read(member))
+            atomic_io.atomic_write_bytes(os.path.join(root, member), z.read(member))
     return so, info
 
 
