@@ -240,17 +240,18 @@ def read_hyperparameters(path: PathLike) -> dict:
     build a model with a default in its place."""
     try:
         with open(path, encoding="utf-8") as f:
-            tree = ast.parse(f.read(), filename=str(path))
+            source = f.read()
+        tree = ast.parse(source, filename=str(path))
     except (SyntaxError, UnicodeDecodeError, RecursionError) as e:
         raise CheckpointError(f"{path}: cannot parse the hyperparameter file ({e})") from None
     for node in ast.walk(tree):
         if isinstance(node, ast.Assign) and isinstance(node.value, ast.Dict) and any(
                 isinstance(t, ast.Name) and t.id == "hpdict" for t in node.targets):
-            return _read_hpdict(path, node.value)
+            return _read_hpdict(path, source, node.value)
     raise CheckpointError(f"{path}: no `hpdict = {{...}}` assignment found")
 
 
-def _read_hpdict(path: PathLike, node: ast.Dict) -> dict:
+def _read_hpdict(path: PathLike, source: str, node: ast.Dict) -> dict:
     entries: dict = {}  # key → (its value's node, the line of an earlier value or None)
     for key_node, value_node in zip(node.keys, node.values):
         if key_node is None:  # a ``**spread``: nothing to read without running the file
@@ -271,11 +272,12 @@ def _read_hpdict(path: PathLike, node: ast.Dict) -> dict:
             twice = (f"; it is given twice (lines {earlier} and {value_node.lineno}) and the "
                      f"later value is the one Python would use" if earlier is not None else "")
             why = f": {type(e).__name__}: {e}" if str(e) else ""
+            text = ast.get_source_segment(source, value_node) or ast.unparse(value_node)
             raise CheckpointError(
-                f"{path}, line {value_node.lineno}: hpdict[{key!r}] = "
-                f"{ast.unparse(value_node)} cannot be evaluated without running the file "
-                f"(literals, + - * / //, int(), floor() and F.silu are read){why}{twice}. The "
-                f"config needs it: write it as a literal, or pass config=PLDRConfig(...)") from None
+                f"{path}, line {value_node.lineno}: hpdict[{key!r}] = {text} cannot be "
+                f"evaluated without running the file (literals, + - * / //, int(), floor() and "
+                f"F.silu are read){why}{twice}. The config needs it: write it as a literal, or "
+                f"pass config=PLDRConfig(...)") from None
     return out
 
 

@@ -162,3 +162,105 @@ def test_config_defaults_and_dict_roundtrip():
                                           "num_denseA": 2, "input_vocab_size": 32000,
                                           "max_seq_len": 1024})
     assert hp == c
+
+
+@pytest.mark.parametrize("fields, match", [
+    (dict(layer_norm_eps=float("inf")), "layer_norm_eps must be a finite number > 0"),
+    (dict(rope_theta=float("inf")), "rope_theta must be a finite number > 0"),
+    (dict(rope_theta=True), "rope_theta must be a finite number > 0"),
+    (dict(attention_bias="no"), "attention_bias must be True or False, got 'no'"),
+    (dict(max_position_embeddings=2**21), "max_position_embeddings must be at most 1048576"),
+], ids=["inf-eps", "inf-theta", "bool-theta", "string-bool", "positions"])
+def test_unbounded_config_values_are_refused(fields, match):
+    """Values that passed before and built a model that generates garbage (an infinite eps or
+    theta), a wrong model (the string 'no' is truthy) or unbounded RoPE tables."""
+    with pytest.raises(ValueError, match=match):
+        tiny_config(**fields)
+
+
+# ---- malformed files: one CheckpointError each, naming the file and the key -----------------
+def _sidecar(tmp_path, **replace) -> str:
+    """The tiny model's .pth with a sidecar whose hpdict lines are replaced (key → source)."""
+    tiny_model().save_pth(tmp_path / "PLDRv51_tiny.pth")
+    lines = {"num_layers": "2", "d_model": "int(2*64)", "num_heads": "2",
+             "dff": "int(np.floor(2*64*4*2/3))", "num_reslayerA": "2", "num_denseA": "2",
+             "A_dff": "170", "input_vocab_size": "256", "max_seq_len": "128",
+             "activation": "F.silu"}
+    body = [f'        "{k}": {replace.pop(k, v)},' for k, v in lines.items()]
+    body += [f'        "{k}": {v},' for k, v in replace.items()]  # keys given a second time
+    text = "import numpy as np\nimport torch.nn.functional as F\nhpdict={\n" + "\n".join(
+        body) + "\n        }\n"
+    path = tmp_path / "PLDRv51_tiny_hyperparameters.py"
+    path.write_text(text)
+    return str(path)
+
+
+@pytest.mark.parametrize("replace, match", [
+    (dict(dff="int(1e400)"), r"hpdict\['dff'\] = int\(1e400\) cannot be evaluated.*"
+                             r"OverflowError"),
+    (dict(num_layers="1e400"), "hyperparameter 'num_layers' must be an integer, got inf"),
+    (dict(num_heads="2.5"), "hyperparameter 'num_heads' must be an integer, got 2.5"),
+    (dict(num_layers="n_layers"), r"line 4: hpdict\['num_layers'\] = n_layers cannot be "
+                                  r"evaluated"),
+    (dict(A_dff="170", max_seq_len="128", num_reslayerA="2", activation="F.gelu"),
+     r"hpdict\['activation'\] = F.gelu cannot be evaluated"),
+], ids=["overflow", "inf", "non-integral", "variable", "other-activation"])
+def test_bad_hyperparameter_entries_are_refused(tmp_path, replace, match):
+    _sidecar(tmp_path, **replace)
+    with pytest.raises(CheckpointError, match=match) as info:
+        PLDRForCausalLM.from_pth(tmp_path / "PLDRv51_tiny.pth")
+    assert "PLDRv51_tiny_hyperparameters.py" in str(info.value)
+
+
+def test_duplicate_hyperparameter_with_a_later_non_literal_is_refused(tmp_path):
+    """Python keeps the later of two equal keys; reading the earlier literal instead would build
+    the model the file does not describe."""
+    path = _sidecar(tmp_path)
+    text = open(path).read().replace("        }", '        "num_layers": NUM_LAYERS,\n        }')
+    open(path, "w").write(text)
+    with pytest.raises(CheckpointError, match=r"hpdict\['num_layers'\] = NUM_LAYERS cannot be "
+                                              r"evaluated.*given twice \(lines 4 and 14\)"):
+        PLDRForCausalLM.from_pth(tmp_path / "PLDRv51_tiny.pth")
+    # Equal keys with literal values: the later one counts, as when Python runs the file.
+    open(path, "w").write(text.replace("NUM_LAYERS", "3"))
+    assert read_hyperparameters(path)["num_layers"] == 3
+
+
+@pytest.mark.parametrize("content, match", [
+    ({"model_state_dict": [1, 2]}, "model_state_dict must be a dict of tensors, got a list"),
+    ({"model_state_dict": {"decoder.embedding.weight": 3}},
+     r"model_state_dict\['decoder.embedding.weight'\] is of type int, expected a tensor"),
+    ({"model_state_dict": {7: torch.zeros(1)}}, "has a key 7 of type int"),
+], ids=["list", "non-tensor", "int-key"])
+def test_malformed_pth_is_refused(tmp_path, content, match):
+    torch.save(content, tmp_path / "bad.pth")
+    with pytest.raises(CheckpointError, match=match) as info:
+        PLDRForCausalLM.from_pth(tmp_path / "bad.pth", config=tiny_config())
+    assert "bad.pth" in str(info.value)
+
+
+def test_unreadable_pth_is_refused(tmp_path):
+    (tmp_path / "junk.pth").write_bytes(b"not a torch.save file")
+    with pytest.raises(CheckpointError, match="junk.pth: cannot read it as a torch.save file"):
+        PLDRForCausalLM.from_pth(tmp_path / "junk.pth", config=tiny_config())
+
+
+@pytest.mark.parametrize("text, match", [
+    ("[1, 2, 3]", "expected a JSON object of config fields, got a JSON array"),
+    ('{"num_hidden_layers": 2,', "not a readable JSON file"),
+    ('{"num_hidden_layers": 1' + "0" * 5000 + "}", "not a readable JSON file"),
+    ('{"layer_norm_eps": 1e999}', "layer_norm_eps must be a finite number > 0, got inf"),
+], ids=["list", "truncated", "5000-digit-int", "overflowing-float"])
+def test_malformed_config_json_is_refused(tmp_path, text, match):
+    tiny_model().save_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(text)
+    with pytest.raises(CheckpointError, match=match) as info:
+        PLDRForCausalLM.from_pretrained(tmp_path)
+    assert str(tmp_path / "config.json") in str(info.value)
+
+
+def test_malformed_safetensors_is_refused(tmp_path):
+    tiny_model().save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}")
+    with pytest.raises(CheckpointError, match="model.safetensors: not a readable safetensors"):
+        PLDRForCausalLM.from_pretrained(tmp_path)
