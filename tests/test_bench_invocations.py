@@ -2,6 +2,7 @@
 benchmarks/ scripts: each one parses, and each CPU one, shrunk to tiny shapes, measures what its
 script used to report."""
 import json
+import os
 import shlex
 
 import pytest
@@ -96,3 +97,76 @@ def test_cuda_invocations():
 def ops_selects(cfg, name: str) -> bool:
     from pldr_kernels.bench.ops_suite import selected
     return selected(name, cfg.contestants)
+
+
+# ---- wrong arguments: a message and exit status 2 before anything is measured ---------------
+# (argv with {tmp} for a scratch directory, what stderr says): the issue's list, then what else
+# used to get through to a traceback (or to a run that ignored it).
+BAD_INVOCATIONS = [
+    ("--batch -1", "argument --batch: expected a positive integer, got -1"),
+    ("--repeats 0", "argument --repeats: expected a positive integer, got 0"),
+    ("--threads -1", "argument --threads: expected a positive integer, got -1"),
+    ("--device bogus", "argument --device: expected cpu, cuda or cuda:N, got 'bogus'"),
+    ("--causal maybe", "argument --causal: invalid choice: 'maybe'"),
+    ("--heads 0", "argument --heads: expected a positive integer, got 0"),
+    ("--model-config bogus_field=3", "argument --model-config: PLDRConfig has no field "
+                                     "'bogus_field'"),
+    ("--checkpoint {tmp}/no/such", "no such file or directory"),
+    ("--new-tokens -4", "argument --new-tokens: expected a positive integer, got -4"),
+    ("--prompt-lens 0", "argument --prompt-lens: expected a positive integer, got 0"),
+    ("--json {tmp}/no/run.json", "does not exist"),
+    ("--markdown {tmp}/no/run.md", "does not exist"),
+    ("--plot {tmp}/no/run.png", "does not exist"),
+    ("--batch two", "argument --batch: expected a positive integer, got two"),
+    ("--warmup -1", "argument --warmup: expected an integer >= 0, got -1"),
+    ("--device cuda:x", "argument --device: expected cpu, cuda or cuda:N"),
+    ("--model-config hidden_size=130", "hidden_size (130) must equal"),
+    ("--model-config rope_theta=1e999", "rope_theta must be a finite number > 0"),
+    ("--checkpoint {tmp}/ckpt", "layer_norm_eps must be a finite number"),
+    ("--checkpoint {tmp}/ckpt --model-config num_hidden_layers=1", "give one of the two"),
+    ("--json {tmp}", "is a directory"),
+    ("--plot {tmp}/run.nope", "matplotlib cannot write 'nope' files"),
+    ("--from-json {tmp}/list.json", "expected a run that --json wrote"),
+]
+
+
+@pytest.mark.parametrize("argv, message", BAD_INVOCATIONS, ids=[a for a, _ in BAD_INVOCATIONS])
+def test_wrong_arguments_end_with_a_message_before_the_run(argv, message, tmp_path, monkeypatch,
+                                                           capsys):
+    (tmp_path / "list.json").write_text("[1, 2]")
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "config.json").write_text('{"layer_norm_eps": 1e999}')
+    (tmp_path / "ckpt" / "model.safetensors").write_bytes(b"")
+    monkeypatch.setattr(cli, "measure", lambda *a: pytest.fail("measured before the check"))
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["generate", "--no-progress", *argv.format(tmp=tmp_path).split()])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "pldr-bench: error: " in err and message in err, err
+
+
+def test_outputs_are_written_atomically(tmp_path, monkeypatch):
+    """A plot (or JSON, Markdown) that fails midway leaves the old file and no temporary."""
+    from pldr_kernels.bench import report
+    pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+
+    data = {"env": {"cpu": "cpu", "threads": 1, "device": "cpu", "torch": torch.__version__,
+                    "pldr_kernels": "0", "git_commit": "0", "time_utc": "now"},
+            "results": [{"bench": "ops", "op": "g_attention", "impl": "pldr_kernels",
+                         "dtype": "float32", "causal": True, "B": 1, "Sq": S,
+                         "time_ms_p20": 1.0, "time_ms_p50": 1.5, "time_ms_p80": 2.0}
+                        for S in (32, 64)]}
+    path = tmp_path / "run.png"
+    report.write_plot(str(path), data)
+    old = path.read_bytes()
+    assert old[:8] == b"\x89PNG\r\n\x1a\n"
+
+    def half_then_fail(self, fname, **kwargs):
+        with open(fname, "wb") as f:
+            f.write(b"\x89PNG half")
+        raise KeyboardInterrupt("killed while saving")
+
+    monkeypatch.setattr(Figure, "savefig", half_then_fail)
+    with pytest.raises(KeyboardInterrupt):
+        report.write_plot(str(path), data)
+    assert os.listdir(tmp_path) == ["run.png"] and path.read_bytes() == old
