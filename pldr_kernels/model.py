@@ -127,22 +127,31 @@ class PLDRForCausalLM(nn.Module):
         attach_lm_head(self, config)
 
     # ---- loaders (loaders.py) ----------------------------------------------------------------
+    # A load checks the config and the checkpoint's shapes first, builds this class on the meta
+    # device and materialises it from the checkpoint (no random init); a bad file raises
+    # loaders.CheckpointError. Saves are atomic (_io.py). docs/spec.md §4.
     @classmethod
     def from_pth(cls, path, config: PLDRConfig | None = None, hyperparameters=None,
                  map_location="cpu") -> PLDRForCausalLM:
+        """The authors' ``.pth``; the config from ``config``, ``hyperparameters`` (a dict or the
+        ``*_hyperparameters.py`` sidecar, parsed, never run) or the one sidecar next to it."""
         from .loaders import load_pth
         return load_pth(cls, path, config, hyperparameters, map_location)
 
     @classmethod
     def from_pretrained(cls, directory, map_location="cpu") -> PLDRForCausalLM:
+        """An HF-format directory (``config.json`` + ``model.safetensors``)."""
         from .loaders import load_pretrained
         return load_pretrained(cls, directory, map_location)
 
     def save_pretrained(self, directory) -> None:
+        """Write ``model.safetensors`` then ``config.json``, each replaced only when both are
+        written, so a kill mid-save leaves the old checkpoint loadable."""
         from .loaders import save_pretrained
         save_pretrained(self, directory)
 
     def save_pth(self, path) -> None:
+        """Write the authors' format (fp32 ``{'model_state_dict': ...}``), atomically."""
         from .loaders import save_pth
         save_pth(self, path)
 

@@ -36,6 +36,9 @@ class GenerationOptions:
     - ``include_pad_in_g``: pad rows of a left-padded prompt enter QᵀQ (the HF port's behaviour).
     - ``max_length``: rows of PLDRForCausalLM's static KV-cache (default prompt + new tokens).
     - ``cuda_graph``: replay the decode step as a CUDA graph (PLDRForCausalLM on CUDA, 'kv'/'kvg').
+
+    A generation that passes the config's ``max_position_embeddings`` warns instead of refusing
+    (:func:`warn_beyond_context`, docs/spec.md §3.4).
     """
     max_new_tokens: int
     cache: str = "kvg"
