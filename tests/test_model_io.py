@@ -265,6 +265,7 @@ def test_save_pretrained_killed_by_sigkill_leaves_the_old_checkpoint(tmp_path):
     assert all(n.startswith(".model.safetensors" + _io.TEMP_MARK) for n in left), left
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="names fds through /proc (Linux)")
 def test_atomic_write_all_commits_in_order_after_every_file_is_written(tmp_path, monkeypatch):
     events = []
     real_replace, real_fsync = os.replace, os.fsync
