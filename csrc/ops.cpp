@@ -1,10 +1,11 @@
-// Op schemas of pldr-kernels (docs/design.md §3) and the stub module init that lets `import`
-// load them. Backends register their kernels with TORCH_LIBRARY_IMPL in csrc/cpu and csrc/cuda.
+// Op schemas of pldr-kernels (docs/design.md §3), the stub module init that lets `import` load
+// them, and g_attention_decode's ADInplaceOrView / Autograd kernels. Backends register their
+// kernels with TORCH_LIBRARY_IMPL in csrc/cpu and csrc/cuda.
 #include <Python.h>
 #include <ATen/core/dispatch/Dispatcher.h>
-#include <torch/csrc/autograd/variable.h>
 #include <torch/csrc/autograd/functions/basic_ops.h>
 #include <torch/csrc/autograd/functions/utils.h>
+#include <torch/csrc/autograd/variable.h>
 #include <torch/library.h>
 
 // `import pldr_kernels._C` only needs the shared object loaded: the registrations below run as
