@@ -249,13 +249,14 @@ def overlap_between(a: Tensor, b: Tensor) -> Overlap:
             digits.append((b.stride(i) * item_b, -(b.size(i) - 1), 0))
     if end_a <= begin_b or end_b <= begin_a:
         return Overlap.NO
-    merged: dict = {}  # one digit per coefficient: equal strides add their bounds
-    for coeff, lo, hi in digits:
-        old_lo, old_hi = merged.get(coeff, (0, 0))
-        merged[coeff] = (old_lo + lo, old_hi + hi)
+    merged: list[tuple] = []  # one digit per coefficient: equal strides add their bounds
+    for coeff, lo, hi in sorted(digits, key=lambda g: g[0], reverse=True):
+        if merged and merged[-1][0] == coeff:
+            merged[-1] = (coeff, merged[-1][1] + lo, merged[-1][2] + hi)
+        else:
+            merged.append((coeff, lo, hi))
     delta = begin_b - begin_a
-    return _search_overlap([(c, lo, hi) for c, (lo, hi) in merged.items()],
-                           delta - (item_a - 1), delta + (item_b - 1))
+    return _search_overlap(merged, delta - (item_a - 1), delta + (item_b - 1))
 
 
 def check_no_self_overlap(cache: Tensor, name: str) -> None:

@@ -279,3 +279,30 @@ def test_checks_hold_with_symbolic_shapes():
     bad = attention_call(key_mask=torch.ones(B, SK + 3, dtype=torch.bool))
     with pytest.raises(Exception, match=r"key_mask\.shape\[1\] \(keys\) must be"):
         compiled(bad["q"], bad["k"], bad["v"], bad["G"], bad["key_mask"])
+
+
+def test_decode_checks_hold_with_symbolic_shapes():
+    """The overlap search of _checks.py runs on symbolic strides (guards, not errors): a compiled
+    dynamic-shape step matches eager on plain and head-sliced caches and refuses aliased ones."""
+    torch._dynamo.reset()
+
+    def step(q, k_cache, v_cache, lens, k_new, v_new, G):
+        return ops.g_attention_decode(q, k_cache, v_cache, lens, k_new, v_new, G=G) + 1
+
+    compiled = torch.compile(step, fullgraph=True, backend="eager", dynamic=True)
+    with torch.no_grad():
+        for b, smax, pad in ((2, 16, 0), (3, 24, 0), (3, 20, 1)):
+            kw = decode_call(q=randn(b, 1, H, D), k_cache=randn(b, smax, H + pad, D)[:, :, :H],
+                             v_cache=randn(b, smax, H + pad, D)[:, :, :H],
+                             cache_seqlens=torch.full((b,), 5, dtype=torch.int32),
+                             k_new=randn(b, 1, H, D), v_new=randn(b, 1, H, D),
+                             G=random_g(b, H, D))
+            args = [kw[n] for n in ("q", "k_cache", "v_cache", "cache_seqlens", "k_new", "v_new",
+                                    "G")]
+            eager_caches = [args[1].clone(), args[2].clone()]
+            want = step(args[0], *eager_caches, *args[3:])
+            torch.testing.assert_close(compiled(*args), want, rtol=0, atol=0)
+            assert torch.equal(args[1], eager_caches[0]) and torch.equal(args[2], eager_caches[1])
+        args[2] = args[1]
+        with pytest.raises(Exception, match="k_cache and v_cache must not overlap in memory"):
+            compiled(*args)
