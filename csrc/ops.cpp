@@ -1,6 +1,11 @@
-// Op schemas of pldr-kernels (docs/design.md §3) and the stub module init that lets `import`
-// load them. Backends register their kernels with TORCH_LIBRARY_IMPL in csrc/cpu and csrc/cuda.
+// Op schemas of pldr-kernels (docs/design.md §3), the stub module init that lets `import` load
+// them, and g_attention_decode's ADInplaceOrView / Autograd kernels. Backends register their
+// kernels with TORCH_LIBRARY_IMPL in csrc/cpu and csrc/cuda.
 #include <Python.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/csrc/autograd/functions/basic_ops.h>
+#include <torch/csrc/autograd/functions/utils.h>
+#include <torch/csrc/autograd/variable.h>
 #include <torch/library.h>
 
 // `import pldr_kernels._C` only needs the shared object loaded: the registrations below run as
@@ -23,4 +28,80 @@ TORCH_LIBRARY(pldr, m) {
       "g_attention_decode(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor cache_seqlens, "
       "Tensor? k_new=None, Tensor? v_new=None, Tensor? cache_start=None, Tensor? G=None, "
       "float? scale=None, int num_splits=0) -> Tensor");
+}
+
+// ---- autograd of g_attention_decode (docs/design.md §3.5) ------------------------------------
+// The op appends to k_cache / v_cache in place (the schema's Tensor(a!) / Tensor(b!)). The
+// ADInplaceOrView kernel bumps their version counters after the call, as torch's own in-place
+// ops do, so a tensor saved for backward that the append overwrote fails autograd's version
+// check instead of giving a wrong gradient. (torch's autogradNotImplementedInplaceOrViewFallback
+// bumps only mutated *returns*; this op returns a new tensor.) The Autograd kernel gives the
+// step's output a backward that raises words saying why: the forward runs, so a generation loop
+// under grad mode still works. Caches that require grad are refused by checks.h on every
+// backend. metric_tensors and g_attention get their autograd elsewhere (pldr_kernels/autograd).
+namespace {
+
+using DecodeSignature = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                   const at::Tensor&, const c10::optional<at::Tensor>&,
+                                   const c10::optional<at::Tensor>&,
+                                   const c10::optional<at::Tensor>&,
+                                   const c10::optional<at::Tensor>&, c10::optional<double>,
+                                   int64_t);
+
+const c10::TypedOperatorHandle<DecodeSignature>& decode_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("pldr::g_attention_decode", "")
+                             .typed<DecodeSignature>();
+  return op;
+}
+
+constexpr const char* kDecodeHasNoBackward =
+    "pldr::g_attention_decode has no backward: it is the inference-only decode step over a "
+    "KV-cache (it appends k_new/v_new to the caches in place). For gradients, attend over the "
+    "full sequence with pldr::g_attention (pldr_kernels.g_attention); run decoding under "
+    "torch.no_grad() or torch.inference_mode() (docs/design.md §3.5).";
+
+at::Tensor g_attention_decode_inplace_or_view(
+    const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+    const at::Tensor& cache_seqlens, const c10::optional<at::Tensor>& k_new,
+    const c10::optional<at::Tensor>& v_new, const c10::optional<at::Tensor>& cache_start,
+    const c10::optional<at::Tensor>& G, c10::optional<double> scale, int64_t num_splits) {
+  at::Tensor out;
+  {
+    at::AutoDispatchBelowADInplaceOrView below;  // next: the backend (or the fake kernel)
+    out = decode_op().call(q, k_cache, v_cache, cache_seqlens, k_new, v_new, cache_start, G,
+                           scale, num_splits);
+  }
+  torch::autograd::impl::bump_version(k_cache);  // only after a call that did not raise
+  torch::autograd::impl::bump_version(v_cache);
+  return out;
+}
+
+at::Tensor g_attention_decode_autograd(
+    const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+    const at::Tensor& cache_seqlens, const c10::optional<at::Tensor>& k_new,
+    const c10::optional<at::Tensor>& v_new, const c10::optional<at::Tensor>& cache_start,
+    const c10::optional<at::Tensor>& G, c10::optional<double> scale, int64_t num_splits) {
+  at::Tensor out;
+  {
+    at::AutoDispatchBelowAutograd below;  // next: ADInplaceOrView
+    out = decode_op().call(q, k_cache, v_cache, cache_seqlens, k_new, v_new, cache_start, G,
+                           scale, num_splits);
+  }
+  if (torch::autograd::compute_requires_grad(q, k_new, v_new, G)) {
+    torch::autograd::set_history(
+        out, c10::make_intrusive<torch::autograd::Error>(
+                 kDecodeHasNoBackward, torch::autograd::collect_next_edges(q, k_new, v_new, G)));
+  }
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pldr, ADInplaceOrView, m) {
+  m.impl("g_attention_decode", &g_attention_decode_inplace_or_view);
+}
+
+TORCH_LIBRARY_IMPL(pldr, Autograd, m) {
+  m.impl("g_attention_decode", &g_attention_decode_autograd);
 }

@@ -6,11 +6,15 @@ word for word (tests/test_fake_kernels.py holds the two to that), instead of ret
 made-up shape. Same functions, same order, same messages as checks.h; ``torch._check`` so that
 symbolic sizes become guards rather than errors. The one check left to the kernels is the value
 check of the cache bounds (``check_cache_bounds_host``): a fake tensor has no values.
+
+A double is printed as C++'s ostream prints it (``%g``: ``f"{x:g}"``).
 """
 from __future__ import annotations
 
 import math
+import struct
 from collections.abc import Sequence
+from enum import Enum
 
 import torch
 
@@ -84,10 +88,34 @@ def check_head_dim(d, name: str) -> None:
                  "d = 128.")
 
 
+# The smallest magnitude a double rounds to inf at in fp32: FLT_MAX + half an ulp (the midpoint
+# rounds to even, i.e. to inf).
+_FP32_ROUNDS_TO_INF = float.fromhex("0x1.ffffffp127")
+FP32_MAX = float.fromhex("0x1.fffffep127")
+
+
+def fits_fp32(x: float) -> bool:
+    """Whether the double ``x`` rounds to a finite fp32."""
+    return abs(x) < _FP32_ROUNDS_TO_INF
+
+
+def to_fp32(x: float) -> float:
+    """``static_cast<float>(x)`` for an ``x`` that fits fp32 (round to nearest even)."""
+    return struct.unpack("f", struct.pack("f", x))[0]
+
+
+LOG2E = to_fp32(1.4426950408889634)  # csrc/common/numerics.h kLog2e
+
+
 def check_scale(scale: float | None) -> None:
-    if scale is not None:
-        torch._check(math.isfinite(scale),
-                     lambda: f"scale must be a finite float or None, got {scale}.")
+    if scale is None:
+        return
+    torch._check(math.isfinite(scale),
+                 lambda: f"scale must be a finite float or None, got {scale:g}.")
+    folds = (fits_fp32(scale) and fits_fp32(scale * LOG2E)
+             and fits_fp32(to_fp32(scale) * LOG2E))
+    torch._check(folds, lambda: f"scale = {scale:g} overflows fp32, where the kernels use it: "
+                 f"|scale| · log2(e) must be finite in fp32 (|scale| <= {FP32_MAX / LOG2E:g}).")
 
 
 def check_G(G: Tensor | None, device: torch.device, B, H, d) -> None:
@@ -133,6 +161,149 @@ def check_g_attention_inputs(q: Tensor, k: Tensor, v: Tensor, G: Tensor | None,
         check_dim(key_mask, "key_mask", 0, B, "batch")
         check_dim(key_mask, "key_mask", 1, Sk, "keys")
     check_scale(scale)
+
+
+# ---- memory overlap: the search of checks.h, step for step (docs/design.md §3.5) ---------------
+class Overlap(Enum):
+    NO = 0
+    YES = 1
+    TOO_IRREGULAR = 2
+
+
+OVERLAP_SEARCH_BUDGET = 4096
+
+
+class _Budget:
+    def __init__(self) -> None:
+        self.left = OVERLAP_SEARCH_BUDGET
+
+
+def _sum_can_reach(digits: list[tuple[int, int, int]], t: int, rest_lo: list, rest_hi: list,
+                   lo, hi, budget: _Budget) -> bool:
+    """Whether Σ_{u >= t} coeff_u · x_u, x_u in [lo_u, hi_u], can land in [lo, hi]."""
+    budget.left -= 1
+    if budget.left < 0:
+        return False
+    if t == len(digits):
+        return lo <= 0 <= hi
+    coeff, digit_lo, digit_hi = digits[t]
+    first = max(digit_lo, -((rest_hi[t + 1] - lo) // coeff))  # ceil((lo - rest_hi) / coeff)
+    last = min(digit_hi, (hi - rest_lo[t + 1]) // coeff)
+    for x in range(first, last + 1):
+        if _sum_can_reach(digits, t + 1, rest_lo, rest_hi, lo - coeff * x, hi - coeff * x,
+                          budget):
+            return True
+        if budget.left < 0:
+            return False
+    return False
+
+
+def _search_overlap(digits: list[tuple[int, int, int]], lo, hi) -> Overlap:
+    digits = sorted(digits, key=lambda g: g[0], reverse=True)
+    n = len(digits)
+    rest_lo, rest_hi = [0] * (n + 1), [0] * (n + 1)
+    for t in reversed(range(n)):
+        coeff, digit_lo, digit_hi = digits[t]
+        rest_lo[t] = rest_lo[t + 1] + coeff * digit_lo
+        rest_hi[t] = rest_hi[t + 1] + coeff * digit_hi
+    budget = _Budget()
+    if _sum_can_reach(digits, 0, rest_lo, rest_hi, lo, hi, budget):
+        return Overlap.YES
+    return Overlap.TOO_IRREGULAR if budget.left < 0 else Overlap.NO
+
+
+def self_overlap(t: Tensor) -> Overlap:
+    """Whether two different elements of ``t`` share a byte."""
+    if t.numel() <= 1 or t.is_contiguous():
+        return Overlap.NO
+    item = t.element_size()
+    dims = sorted(((t.stride(i) * item, -(t.size(i) - 1), t.size(i) - 1)
+                   for i in range(t.dim()) if t.size(i) > 1), key=lambda g: g[0])
+    for i, (coeff, _, _) in enumerate(dims):
+        if coeff == 0 or (i > 0 and coeff == dims[i - 1][0]):
+            return Overlap.YES
+    for m in range(len(dims)):
+        digits = dims[:m + 1]
+        digits[m] = (digits[m][0], 1, digits[m][2])
+        found = _search_overlap(digits, -(item - 1), item - 1)
+        if found is not Overlap.NO:
+            return found
+    return Overlap.NO
+
+
+def overlap_between(a: Tensor, b: Tensor) -> Overlap:
+    """Whether ``a`` and ``b`` share a byte."""
+    if a.numel() == 0 or b.numel() == 0 or not torch._C._is_alias_of(a, b):
+        return Overlap.NO
+    item_a, item_b = a.element_size(), b.element_size()
+    begin_a, begin_b = a.storage_offset() * item_a, b.storage_offset() * item_b
+    end_a, end_b = begin_a + item_a, begin_b + item_b
+    digits = []
+    for i in range(a.dim()):
+        end_a += (a.size(i) - 1) * a.stride(i) * item_a
+        if a.size(i) > 1 and a.stride(i) != 0:
+            digits.append((a.stride(i) * item_a, 0, a.size(i) - 1))
+    for i in range(b.dim()):
+        end_b += (b.size(i) - 1) * b.stride(i) * item_b
+        if b.size(i) > 1 and b.stride(i) != 0:
+            digits.append((b.stride(i) * item_b, -(b.size(i) - 1), 0))
+    if end_a <= begin_b or end_b <= begin_a:
+        return Overlap.NO
+    merged: list[tuple] = []  # one digit per coefficient: equal strides add their bounds
+    for coeff, lo, hi in sorted(digits, key=lambda g: g[0], reverse=True):
+        if merged and merged[-1][0] == coeff:
+            merged[-1] = (coeff, merged[-1][1] + lo, merged[-1][2] + hi)
+        else:
+            merged.append((coeff, lo, hi))
+    delta = begin_b - begin_a
+    return _search_overlap(merged, delta - (item_a - 1), delta + (item_b - 1))
+
+
+def check_no_self_overlap(cache: Tensor, name: str) -> None:
+    found = self_overlap(cache)
+    torch._check(found is Overlap.NO, lambda: f"{name} must not overlap itself in memory "
+                 "(g_attention_decode writes into it in place), got shape "
+                 f"{shape_str(cache)} with strides {seq_str(cache.stride())}"
+                 + (", where different elements share memory" if found is Overlap.YES else
+                    ", too irregular to prove that no two elements share memory")
+                 + ". Allocate the cache with its full shape (e.g. torch.zeros(B, Smax, H, d)), "
+                 "not as an expanded or overlapping view.")
+
+
+def check_no_overlap(t: Tensor, name: str, cache: Tensor, cache_name: str,
+                     both_written: bool) -> None:
+    found = overlap_between(t, cache)
+    got = ("got views that share memory" if found is Overlap.YES else
+           "got views too irregular to prove that they do not share memory")
+    if both_written:
+        torch._check(found is Overlap.NO, lambda: f"{name} and {cache_name} must not overlap in "
+                     f"memory (g_attention_decode writes into both in place), {got}. Pass two "
+                     "separate caches.")
+    else:
+        torch._check(found is Overlap.NO, lambda: f"{name} must not overlap {cache_name} in "
+                     f"memory (g_attention_decode writes into {cache_name} in place while it "
+                     f"reads {name}), {got}. Pass a separate tensor, e.g. {name}.clone().")
+
+
+def check_decode_caches_writable(q: Tensor, k_cache: Tensor, v_cache: Tensor,
+                                 cache_seqlens: Tensor, k_new: Tensor | None,
+                                 v_new: Tensor | None, cache_start: Tensor | None,
+                                 G: Tensor | None) -> None:
+    caches = ((k_cache, "k_cache"), (v_cache, "v_cache"))
+    for cache, name in caches:
+        torch._check(not cache.requires_grad, lambda name=name: f"{name} must not require grad: "
+                     "g_attention_decode writes into it in place and has no backward "
+                     "(docs/design.md §3.5). Allocate the cache with requires_grad=False.")
+    for cache, name in caches:
+        check_no_self_overlap(cache, name)
+    check_no_overlap(k_cache, "k_cache", v_cache, "v_cache", both_written=True)
+    reads = ((q, "q"), (k_new, "k_new"), (v_new, "v_new"), (cache_seqlens, "cache_seqlens"),
+             (cache_start, "cache_start"), (G, "G"))
+    for t, name in reads:
+        if t is None:
+            continue
+        for cache, cache_name in caches:
+            check_no_overlap(t, name, cache, cache_name, both_written=False)
 
 
 def check_g_attention_decode_inputs(q: Tensor, k_cache: Tensor, v_cache: Tensor,
@@ -185,12 +356,24 @@ def check_g_attention_decode_inputs(q: Tensor, k_cache: Tensor, v_cache: Tensor,
     check_scale(scale)
     torch._check(num_splits >= 0, lambda: "num_splits must be >= 0 (0 = choose automatically), got "
                  f"{num_splits}.")
+    check_decode_caches_writable(q, k_cache, v_cache, cache_seqlens, k_new, v_new, cache_start, G)
+
+
+def check_metric_eps(eps_ln: float, eps_adj: float) -> None:
+    torch._check(fits_fp32(eps_ln) and eps_ln > 0 and to_fp32(eps_ln) > 0, lambda: "eps_ln must be "
+                 "> 0 and finite in fp32, where the kernels use it (the LayerNorm epsilon), got "
+                 f"{eps_ln:g}.")
+    torch._check(fits_fp32(eps_adj) and eps_adj >= 0 and (eps_adj == 0 or to_fp32(eps_adj) > 0),
+                 lambda: "eps_adj must be >= 0 and finite in fp32, where the kernels use it, and "
+                 "not so small that it rounds to 0 there (the floor added to A_LM before the "
+                 f"power, docs/spec.md §5.2; 0 = no floor), got {eps_adj:g}.")
 
 
 def check_metric_tensors_inputs(q: Tensor, q_mask: Tensor | None, ln0_w: Tensor, ln0_b: Tensor,
                                 w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, w3: Tensor,
                                 b3: Tensor, lnA_w: Tensor, lnA_b: Tensor, W: Tensor, b: Tensor,
-                                pw: Tensor, a: Tensor, ba: Tensor) -> None:
+                                pw: Tensor, a: Tensor, ba: Tensor, eps_ln: float,
+                                eps_adj: float) -> None:
     check_rank(q, "q", 4, "[B, S, H, d]")
     check_activation_dtype(q, "q")
     check_last_dim_contiguous(q, "q")
@@ -218,3 +401,4 @@ def check_metric_tensors_inputs(q: Tensor, q_mask: Tensor | None, ln0_w: Tensor,
         check_device(t, name, device)
         check_dtype(t, name, torch.float32, "Metric-learner weights are fp32 (docs/spec.md §5.1).")
         check_shape(t, name, shape)
+    check_metric_eps(eps_ln, eps_adj)

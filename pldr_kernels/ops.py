@@ -208,7 +208,7 @@ if _LOAD_ERROR is None:
     def _metric_tensors_fake(q, q_mask, ln0_w, ln0_b, w1, b1, w2, b2, w3, b3, lnA_w, lnA_b, W, b,
                              pw, a, ba, eps_ln=1e-6, eps_adj=1e-9):
         _checks.check_metric_tensors_inputs(q, q_mask, ln0_w, ln0_b, w1, b1, w2, b2, w3, b3,
-                                            lnA_w, lnA_b, W, b, pw, a, ba)
+                                            lnA_w, lnA_b, W, b, pw, a, ba, eps_ln, eps_adj)
         B, _, H, d = q.shape
         return tuple(q.new_empty((B, H, d, d), dtype=torch.float32) for _ in range(3))
 

@@ -74,7 +74,45 @@ ATTENTION_BAD = {
     "key_mask keys": dict(key_mask=torch.ones(B, SK + 1, dtype=torch.bool)),
     "scale inf": dict(scale=float("inf")),
     "scale nan": dict(scale=float("nan")),
+    "scale overflows fp32": dict(scale=1e39),
+    "scale·log2(e) overflows fp32": dict(scale=-2.4e38),
 }
+
+
+def _aliased_decode_args():
+    """Decode arguments that overlap a cache (docs/design.md §3.5), built once: a fake tensor
+    keeps the aliasing of the real tensors it is made from (one FakeTensorMode, one memo)."""
+    shared, big = randn(B, SMAX, H, D), randn(B, 64, H, D)
+    rows = 6 * 16384 + 2
+    buffer = randn(rows * D, dtype=torch.bfloat16)
+
+    def irregular_view(row_stride, offset):
+        return buffer.as_strided((1, 16384, 1, D), (rows * D, row_stride * D, D, 1), offset)
+
+    def small(*shape):
+        return randn(*shape, dtype=torch.bfloat16)
+
+    return {
+        "k_cache is v_cache": dict(k_cache=shared, v_cache=shared),
+        "expanded cache": dict(k_cache=randn(1, SMAX, H, D).expand(B, SMAX, H, D)),
+        "cache rows overlapping": dict(v_cache=randn(B * SMAX * H * D).as_strided(
+            (B, SMAX, H, D), (SMAX * H * D, D, D, 1))),
+        "v_cache a row after k_cache": (lambda t: dict(k_cache=t[:, :SMAX], v_cache=t[:, 1:]))(
+            randn(B, SMAX + 1, H, D)),
+        "q a view of the rows written": dict(k_cache=shared, q=shared[:, 3:4]),
+        "v_new a view of v_cache": dict(v_cache=shared, v_new=shared[:, 5:6]),
+        "G a view of v_cache": dict(k_cache=randn(B, 64, H, D), v_cache=big,
+                                    G=big.view(-1)[:H * D * D].view(1, H, D, D)),
+        "cache_seqlens a view of k_cache": dict(k_cache=shared,
+                                                cache_seqlens=shared.view(-1).view(torch.int32)[:B]),
+        "caches too irregular to check": dict(
+            q=small(1, 1, 1, D), k_cache=irregular_view(2, 0), v_cache=irregular_view(6, D),
+            cache_seqlens=torch.tensor([0], dtype=torch.int32), k_new=small(1, 1, 1, D),
+            v_new=small(1, 1, 1, D), cache_start=None, G=None),
+        "k_cache requires grad": dict(k_cache=randn(B, SMAX, H, D).requires_grad_()),
+        "v_cache requires grad (non-leaf)": dict(
+            v_cache=randn(B, SMAX, H, D).requires_grad_() * 1.0),
+    }
 
 DECODE_BAD = {
     "q rank": dict(q=randn(B, H, D)),
@@ -104,8 +142,9 @@ DECODE_BAD = {
     "G batch": dict(G=random_g(B + 1, H, D)),
     "G dtype": dict(G=random_g(B, H, D).half()),
     "scale nan": dict(scale=float("nan")),
+    "scale overflows fp32": dict(scale=1e39),
     "num_splits negative": dict(num_splits=-1),
-}
+} | _aliased_decode_args()
 
 METRIC_BAD = {
     "q rank": dict(q=randn(B, SQ, H * D)),
@@ -124,6 +163,11 @@ METRIC_BAD = {
     "b dtype": dict(b=randn(H, D, D, dtype=torch.bfloat16)),
     "pw shape": dict(pw=randn(H, D, 32)),
     "ba heads": dict(ba=randn(H + 1, D, D)),
+    "eps_ln nan": dict(eps_ln=float("nan")),
+    "eps_ln zero": dict(eps_ln=0.0),
+    "eps_ln overflows fp32": dict(eps_ln=1e39),
+    "eps_adj negative": dict(eps_adj=-1e-9),
+    "eps_adj rounds to 0 in fp32": dict(eps_adj=1e-50),
 }
 
 CASES = ([("g_attention", attention_call, name, bad) for name, bad in ATTENTION_BAD.items()]
@@ -167,10 +211,13 @@ def test_fake_kernel_accepts_the_good_call_with_the_kernels_output_shapes(op, ma
                                                             for t in real]
 
 
+# Every tensor argument of every op.
 MIXED = ([("g_attention", attention_call, arg) for arg in ("k", "v", "G", "key_mask")]
          + [("g_attention_decode", decode_call, arg)
-            for arg in ("k_cache", "cache_seqlens", "k_new", "cache_start", "G")]
-         + [("metric_tensors", metric_call, arg) for arg in ("q_mask", "w1", "ba")])
+            for arg in ("k_cache", "v_cache", "cache_seqlens", "k_new", "v_new", "cache_start",
+                        "G")]
+         + [("metric_tensors", metric_call, arg)
+            for arg in ("q_mask", *make_metric_weights(d=D, H=H, R=1, Gd=1, F=8))])
 
 
 @pytest.mark.parametrize("op, make, arg", MIXED, ids=[f"{m[0]}: {m[2]} on meta" for m in MIXED])
@@ -182,19 +229,27 @@ def test_a_meta_tensor_beside_a_cpu_q_is_refused(op, make, arg):
                                     "Move it with .to(q.device).")
 
 
-def test_a_meta_q_with_cpu_tensors_is_refused():
-    kwargs = attention_call()
+OPS = [("g_attention", attention_call, "k"), ("g_attention_decode", decode_call, "k_cache"),
+       ("metric_tensors", metric_call, "q_mask")]  # the op, its call, the first device check
+
+
+@pytest.mark.parametrize("op, make, first", OPS, ids=[o[0] for o in OPS])
+def test_a_meta_q_with_cpu_tensors_is_refused(op, make, first):
+    kwargs = make()
     kwargs["q"] = kwargs["q"].to("meta")
-    assert error_of("g_attention", kwargs).startswith(
-        "k must be on the same device as q (meta), got cpu.")
+    assert error_of(op, kwargs).startswith(
+        f"{first} must be on the same device as q (meta), got cpu.")
 
 
-def test_all_meta_call_gives_meta_outputs():
-    kwargs = {k: v.to("meta") if isinstance(v, torch.Tensor) else v
-              for k, v in attention_call().items()}
-    out, lse = torch.ops.pldr.g_attention(**kwargs)
-    assert out.device.type == lse.device.type == "meta"
-    assert out.shape == (B, SQ, H, D) and lse.shape == (B, H, SQ) and lse.dtype == torch.float32
+@pytest.mark.parametrize("op, make, first", OPS, ids=[o[0] for o in OPS])
+def test_all_meta_call_gives_meta_outputs_of_the_kernels_shapes(op, make, first):
+    kwargs = make()
+    real = getattr(torch.ops.pldr, op)(**kwargs)
+    meta = getattr(torch.ops.pldr, op)(**{k: v.to("meta") if isinstance(v, torch.Tensor) else v
+                                          for k, v in kwargs.items()})
+    real, meta = (x if isinstance(x, tuple) else (x,) for x in (real, meta))
+    assert [(t.shape, t.dtype, t.device.type) for t in meta] == [(t.shape, t.dtype, "meta")
+                                                                 for t in real]
 
 
 def test_torch_compile_reports_a_bad_call_while_tracing():
@@ -224,3 +279,30 @@ def test_checks_hold_with_symbolic_shapes():
     bad = attention_call(key_mask=torch.ones(B, SK + 3, dtype=torch.bool))
     with pytest.raises(Exception, match=r"key_mask\.shape\[1\] \(keys\) must be"):
         compiled(bad["q"], bad["k"], bad["v"], bad["G"], bad["key_mask"])
+
+
+def test_decode_checks_hold_with_symbolic_shapes():
+    """The overlap search of _checks.py runs on symbolic strides (guards, not errors): a compiled
+    dynamic-shape step matches eager on plain and head-sliced caches and refuses aliased ones."""
+    torch._dynamo.reset()
+
+    def step(q, k_cache, v_cache, lens, k_new, v_new, G):
+        return ops.g_attention_decode(q, k_cache, v_cache, lens, k_new, v_new, G=G) + 1
+
+    compiled = torch.compile(step, fullgraph=True, backend="eager", dynamic=True)
+    with torch.no_grad():
+        for b, smax, pad in ((2, 16, 0), (3, 24, 0), (3, 20, 1)):
+            kw = decode_call(q=randn(b, 1, H, D), k_cache=randn(b, smax, H + pad, D)[:, :, :H],
+                             v_cache=randn(b, smax, H + pad, D)[:, :, :H],
+                             cache_seqlens=torch.full((b,), 5, dtype=torch.int32),
+                             k_new=randn(b, 1, H, D), v_new=randn(b, 1, H, D),
+                             G=random_g(b, H, D))
+            args = [kw[n] for n in ("q", "k_cache", "v_cache", "cache_seqlens", "k_new", "v_new",
+                                    "G")]
+            eager_caches = [args[1].clone(), args[2].clone()]
+            want = step(args[0], *eager_caches, *args[3:])
+            torch.testing.assert_close(compiled(*args), want, rtol=0, atol=0)
+            assert torch.equal(args[1], eager_caches[0]) and torch.equal(args[2], eager_caches[1])
+        args[2] = args[1]
+        with pytest.raises(Exception, match="k_cache and v_cache must not overlap in memory"):
+            compiled(*args)

@@ -505,9 +505,6 @@ def test_torch_compile_fullgraph_matches_eager(backend):
     assert torch.equal(kc_c[1, S - 3], k_new[1, 0])
 
 
-@pytest.mark.xfail(strict=True, reason="known gap: the C++ op registers no ADInplaceOrView "
-                   "kernel, so the in-place append does not bump the caches' version counters "
-                   "(docs/design.md §3.5 asks it to); remove this mark when it does")
 @pytest.mark.parametrize("backend", backends(OP, "dispatcher"))
 def test_append_bumps_version_counters(backend):
     a = good_args(backend.device)

@@ -6,9 +6,15 @@
 #include <ATen/ATen.h>
 #include <c10/util/Optional.h>
 
+#include <algorithm>
 #include <cmath>
+#include <limits>
 #include <sstream>
 #include <string>
+#include <utility>
+#include <vector>
+
+#include "common/numerics.h"
 
 namespace pldr {
 
@@ -65,10 +71,22 @@ inline void check_head_dim(int64_t d, const char* name) {
               ". pldr-kernels is instantiated for d = 64 (every published PLDR-LLM) and d = 128.");
 }
 
+// Whether the double x rounds to a finite fp32 (below FLT_MAX + half an ulp; the midpoint rounds
+// to even, i.e. to inf). Compared in double: converting an out-of-range double is undefined.
+inline bool fits_fp32(double x) { return std::abs(x) < 0x1.ffffffp127; }
+
+// The kernels fold scale·log2(e) into fp32: the CPU ones round the double product, the CUDA ones
+// multiply float(scale) by kLog2e in fp32. Both must be finite (a scale finite as a double can
+// overflow there and silently give out = 0, lse = −inf).
 inline void check_scale(const c10::optional<double>& scale) {
-  if (scale.has_value()) {
-    TORCH_CHECK(std::isfinite(*scale), "scale must be a finite float or None, got ", *scale, ".");
-  }
+  if (!scale.has_value()) return;
+  const double s = *scale;
+  TORCH_CHECK(std::isfinite(s), "scale must be a finite float or None, got ", s, ".");
+  const bool folds = fits_fp32(s) && fits_fp32(s * kLog2e) &&
+                     fits_fp32(static_cast<double>(static_cast<float>(s)) * kLog2e);
+  TORCH_CHECK(folds, "scale = ", s, " overflows fp32, where the kernels use it: |scale| · log2(e) "
+              "must be finite in fp32 (|scale| <= ",
+              static_cast<double>(std::numeric_limits<float>::max()) / kLog2e, ").");
 }
 
 // G: optional fp32 [B or 1, H, d, d].
@@ -126,6 +144,194 @@ inline AttentionDims check_g_attention_inputs(const at::Tensor& q, const at::Ten
   }
   check_scale(scale);
   return dims;
+}
+
+// ---- memory overlap (docs/design.md §3.5) ----------------------------------------------------
+// The bytes of a tensor, relative to its storage, are offset + Σ c_i·x_i + p with c_i = stride_i ·
+// itemsize, 0 <= x_i < size_i and 0 <= p < itemsize. Whether two tensors share a byte (or one
+// tensor holds a byte at two different indices) is whether a sum Σ c·x over integer "digits" x,
+// each within bounds, can land in a small interval. `sum_can_reach` decides that exactly, the
+// largest coefficient first, trying only the digit values that leave the smaller digits able to
+// reach the interval: for strides that nest (every view of a dense tensor) that is at most two
+// values per digit, so a check costs a few dozen steps. A search longer than
+// kOverlapSearchBudget steps (only as_strided can make such layouts) reports kTooIrregular, which
+// the checks refuse like an overlap. pldr_kernels/_checks.py runs the same search step for step.
+enum class Overlap { kNo, kYes, kTooIrregular };
+
+struct OverlapDigit {
+  int64_t coeff;   // bytes, > 0
+  int64_t lo, hi;  // bounds of the digit
+};
+
+constexpr int64_t kOverlapSearchBudget = 4096;
+
+inline int64_t floor_div(int64_t a, int64_t b) {  // b > 0
+  const int64_t q = a / b;
+  return (a % b != 0 && a < 0) ? q - 1 : q;
+}
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return -floor_div(-a, b); }
+
+// Whether Σ_{u >= t} digits[u].coeff · x_u can land in [lo, hi]. rest_lo[t] / rest_hi[t]: the
+// least / greatest value of that sum. Each call spends one step of `budget`.
+inline bool sum_can_reach(const std::vector<OverlapDigit>& digits, size_t t,
+                          const std::vector<int64_t>& rest_lo, const std::vector<int64_t>& rest_hi,
+                          int64_t lo, int64_t hi, int64_t& budget) {
+  if (--budget < 0) return false;
+  if (t == digits.size()) return lo <= 0 && 0 <= hi;
+  const OverlapDigit& g = digits[t];
+  const int64_t first = std::max(g.lo, ceil_div(lo - rest_hi[t + 1], g.coeff));
+  const int64_t last = std::min(g.hi, floor_div(hi - rest_lo[t + 1], g.coeff));
+  for (int64_t x = first; x <= last; ++x) {
+    if (sum_can_reach(digits, t + 1, rest_lo, rest_hi, lo - g.coeff * x, hi - g.coeff * x,
+                      budget)) {
+      return true;
+    }
+    if (budget < 0) return false;
+  }
+  return false;
+}
+
+// Whether Σ coeff·x over `digits` (coefficients distinct) can land in [lo, hi].
+inline Overlap search_overlap(std::vector<OverlapDigit> digits, int64_t lo, int64_t hi) {
+  std::sort(digits.begin(), digits.end(),
+            [](const OverlapDigit& a, const OverlapDigit& b) { return a.coeff > b.coeff; });
+  const size_t n = digits.size();
+  std::vector<int64_t> rest_lo(n + 1, 0), rest_hi(n + 1, 0);
+  for (size_t t = n; t-- > 0;) {
+    rest_lo[t] = rest_lo[t + 1] + digits[t].coeff * digits[t].lo;
+    rest_hi[t] = rest_hi[t + 1] + digits[t].coeff * digits[t].hi;
+  }
+  int64_t budget = kOverlapSearchBudget;
+  if (sum_can_reach(digits, 0, rest_lo, rest_hi, lo, hi, budget)) return Overlap::kYes;
+  return budget < 0 ? Overlap::kTooIrregular : Overlap::kNo;
+}
+
+// Whether two different elements of `t` share a byte (at::has_internal_overlap answers only the
+// stride-0 case; this one decides every layout that nests).
+inline Overlap self_overlap(const at::Tensor& t) {
+  if (t.numel() <= 1 || t.is_contiguous()) return Overlap::kNo;
+  const int64_t item = t.element_size();
+  std::vector<OverlapDigit> dims;  // the dimensions of size > 1, by stride ascending
+  for (int64_t i = 0; i < t.dim(); ++i) {
+    if (t.size(i) > 1) dims.push_back({t.stride(i) * item, -(t.size(i) - 1), t.size(i) - 1});
+  }
+  std::stable_sort(dims.begin(), dims.end(),
+                   [](const OverlapDigit& a, const OverlapDigit& b) { return a.coeff < b.coeff; });
+  for (size_t i = 0; i < dims.size(); ++i) {
+    if (dims[i].coeff == 0 || (i > 0 && dims[i].coeff == dims[i - 1].coeff)) return Overlap::kYes;
+  }
+  // Indices x != x' meet iff k = x − x' != 0 has Σ c·k in [−(item − 1), item − 1]. Let m be the
+  // dimension of largest stride with k_m != 0; k and −k are alike, so k_m > 0.
+  for (size_t m = 0; m < dims.size(); ++m) {
+    std::vector<OverlapDigit> digits(dims.begin(), dims.begin() + m + 1);
+    digits[m].lo = 1;
+    const Overlap found = search_overlap(std::move(digits), -(item - 1), item - 1);
+    if (found != Overlap::kNo) return found;
+  }
+  return Overlap::kNo;
+}
+
+// Whether `a` and `b` share a byte (views of one storage; at::get_overlap_status answers only for
+// dense tensors).
+inline Overlap overlap_between(const at::Tensor& a, const at::Tensor& b) {
+  if (a.numel() == 0 || b.numel() == 0 || !a.is_alias_of(b)) return Overlap::kNo;
+  const int64_t item_a = a.element_size(), item_b = b.element_size();
+  const int64_t begin_a = a.storage_offset() * item_a, begin_b = b.storage_offset() * item_b;
+  int64_t end_a = begin_a + item_a, end_b = begin_b + item_b;
+  std::vector<OverlapDigit> digits;  // a's digits count up, b's down
+  for (int64_t i = 0; i < a.dim(); ++i) {
+    end_a += (a.size(i) - 1) * a.stride(i) * item_a;
+    if (a.size(i) > 1 && a.stride(i) != 0) {
+      digits.push_back({a.stride(i) * item_a, 0, a.size(i) - 1});
+    }
+  }
+  for (int64_t i = 0; i < b.dim(); ++i) {
+    end_b += (b.size(i) - 1) * b.stride(i) * item_b;
+    if (b.size(i) > 1 && b.stride(i) != 0) {
+      digits.push_back({b.stride(i) * item_b, -(b.size(i) - 1), 0});
+    }
+  }
+  if (end_a <= begin_b || end_b <= begin_a) return Overlap::kNo;
+  std::sort(digits.begin(), digits.end(),
+            [](const OverlapDigit& x, const OverlapDigit& y) { return x.coeff > y.coeff; });
+  std::vector<OverlapDigit> merged;  // one digit per coefficient: equal strides add their bounds
+  for (const auto& g : digits) {
+    if (!merged.empty() && merged.back().coeff == g.coeff) {
+      merged.back().lo += g.lo;
+      merged.back().hi += g.hi;
+    } else {
+      merged.push_back(g);
+    }
+  }
+  // a's byte begin_a + Σ c·x + p meets b's begin_b + Σ c·y + r iff
+  // Σ c·x − Σ c·y = (begin_b − begin_a) + r − p.
+  const int64_t delta = begin_b - begin_a;
+  return search_overlap(std::move(merged), delta - (item_a - 1), delta + (item_b - 1));
+}
+
+// The decode caches are written in place, so each must hold every element in its own memory.
+inline void check_no_self_overlap(const at::Tensor& cache, const char* name) {
+  const Overlap found = self_overlap(cache);
+  TORCH_CHECK(found == Overlap::kNo, name,
+              " must not overlap itself in memory (g_attention_decode writes into it in place), "
+              "got shape ", shape_str(cache), " with strides ", cache.strides(),
+              found == Overlap::kYes
+                  ? ", where different elements share memory"
+                  : ", too irregular to prove that no two elements share memory",
+              ". Allocate the cache with its full shape (e.g. torch.zeros(B, Smax, H, d)), not as "
+              "an expanded or overlapping view.");
+}
+
+// `t` (read by the step, or the other cache) must not share memory with `cache` (written).
+inline void check_no_overlap(const at::Tensor& t, const char* name, const at::Tensor& cache,
+                             const char* cache_name, bool both_written) {
+  const Overlap found = overlap_between(t, cache);
+  const char* got = found == Overlap::kYes
+                        ? "got views that share memory"
+                        : "got views too irregular to prove that they do not share memory";
+  if (both_written) {
+    TORCH_CHECK(found == Overlap::kNo, name, " and ", cache_name,
+                " must not overlap in memory (g_attention_decode writes into both in place), ",
+                got, ". Pass two separate caches.");
+  } else {
+    TORCH_CHECK(found == Overlap::kNo, name, " must not overlap ", cache_name,
+                " in memory (g_attention_decode writes into ", cache_name,
+                " in place while it reads ", name, "), ", got, ". Pass a separate tensor, e.g. ",
+                name, ".clone().");
+  }
+}
+
+// The caches are the op's mutable arguments (the schema's Tensor(a!) / Tensor(b!)): no grad, no
+// overlap with themselves, each other or any other argument.
+inline void check_decode_caches_writable(
+    const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+    const at::Tensor& cache_seqlens, const c10::optional<at::Tensor>& k_new,
+    const c10::optional<at::Tensor>& v_new, const c10::optional<at::Tensor>& cache_start,
+    const c10::optional<at::Tensor>& G) {
+  const std::pair<const at::Tensor&, const char*> caches[] = {{k_cache, "k_cache"},
+                                                              {v_cache, "v_cache"}};
+  for (const auto& [cache, name] : caches) {
+    TORCH_CHECK(!cache.requires_grad(), name,
+                " must not require grad: g_attention_decode writes into it in place and has no "
+                "backward (docs/design.md §3.5). Allocate the cache with requires_grad=False.");
+  }
+  for (const auto& [cache, name] : caches) check_no_self_overlap(cache, name);
+  check_no_overlap(k_cache, "k_cache", v_cache, "v_cache", /*both_written=*/true);
+  const auto given = [](const c10::optional<at::Tensor>& t) { return t ? &*t : nullptr; };
+  const std::pair<const at::Tensor*, const char*> reads[] = {
+      {&q, "q"},
+      {given(k_new), "k_new"},
+      {given(v_new), "v_new"},
+      {&cache_seqlens, "cache_seqlens"},
+      {given(cache_start), "cache_start"},
+      {given(G), "G"}};
+  for (const auto& [t, name] : reads) {
+    if (t == nullptr) continue;
+    for (const auto& [cache, cache_name] : caches) {
+      check_no_overlap(*t, name, cache, cache_name, /*both_written=*/false);
+    }
+  }
 }
 
 struct DecodeDims {
@@ -190,6 +396,7 @@ inline DecodeDims check_g_attention_decode_inputs(
   check_scale(scale);
   TORCH_CHECK(num_splits >= 0, "num_splits must be >= 0 (0 = choose automatically), got ",
               num_splits, ".");
+  check_decode_caches_writable(q, k_cache, v_cache, cache_seqlens, k_new, v_new, cache_start, G);
   return dims;
 }
 
@@ -221,6 +428,21 @@ inline void check_cache_bounds_host(const at::Tensor& cache_seqlens,
   }
 }
 
+// The kernels use both epsilons in fp32. eps_ln <= 0 (or NaN) makes LayerNorm of a constant row
+// 0/0; eps_adj < 0 can make A_LM negative and its power NaN; a positive eps_adj that rounds to 0
+// in fp32 silently drops the floor that keeps A_LM^pw finite for negative pw (docs/spec.md §5.2).
+// eps_adj = 0 asks for no floor: allowed, with the reference's inf / NaN where A_LM is 0.
+inline void check_metric_eps(double eps_ln, double eps_adj) {
+  TORCH_CHECK(fits_fp32(eps_ln) && eps_ln > 0 && static_cast<float>(eps_ln) > 0,
+              "eps_ln must be > 0 and finite in fp32, where the kernels use it (the LayerNorm "
+              "epsilon), got ", eps_ln, ".");
+  TORCH_CHECK(fits_fp32(eps_adj) && eps_adj >= 0 &&
+                  (eps_adj == 0 || static_cast<float>(eps_adj) > 0),
+              "eps_adj must be >= 0 and finite in fp32, where the kernels use it, and not so small "
+              "that it rounds to 0 there (the floor added to A_LM before the power, docs/spec.md "
+              "§5.2; 0 = no floor), got ", eps_adj, ".");
+}
+
 struct MetricDims {
   int64_t B, S, H, d, R, Gd, F;
 };
@@ -230,7 +452,7 @@ inline MetricDims check_metric_tensors_inputs(
     const at::Tensor& ln0_b, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
     const at::Tensor& b2, const at::Tensor& w3, const at::Tensor& b3, const at::Tensor& lnA_w,
     const at::Tensor& lnA_b, const at::Tensor& W, const at::Tensor& b, const at::Tensor& pw,
-    const at::Tensor& a, const at::Tensor& ba) {
+    const at::Tensor& a, const at::Tensor& ba, double eps_ln, double eps_adj) {
   check_rank(q, "q", 4, "[B, S, H, d]");
   check_activation_dtype(q, "q");
   check_last_dim_contiguous(q, "q");
@@ -269,6 +491,7 @@ inline MetricDims check_metric_tensors_inputs(
     check_dtype(e.t, e.name, at::kFloat, "Metric-learner weights are fp32 (docs/spec.md §5.1).");
     check_shape(e.t, e.name, e.shape);
   }
+  check_metric_eps(eps_ln, eps_adj);
   return dims;
 }
 

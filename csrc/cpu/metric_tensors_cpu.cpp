@@ -133,7 +133,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> metric_tensors_cpu(
     const at::Tensor& lnA_b, const at::Tensor& W, const at::Tensor& b, const at::Tensor& pw,
     const at::Tensor& a, const at::Tensor& ba, double eps_ln, double eps_adj) {
   const MetricDims dims = check_metric_tensors_inputs(q, q_mask, ln0_w, ln0_b, w1, b1, w2, b2, w3,
-                                                      b3, lnA_w, lnA_b, W, b, pw, a, ba);
+                                                      b3, lnA_w, lnA_b, W, b, pw, a, ba,
+                                                      eps_ln, eps_adj);
   const int64_t B = dims.B, S = dims.S, H = dims.H, d = dims.d, F = dims.F;
   auto out_opts = q.options().dtype(at::kFloat);
   at::Tensor A = at::empty({B, H, d, d}, out_opts);

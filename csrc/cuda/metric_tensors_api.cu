@@ -46,7 +46,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> metric_tensors_cuda(
     const at::Tensor& lnA_b, const at::Tensor& W, const at::Tensor& b, const at::Tensor& pw,
     const at::Tensor& a, const at::Tensor& ba, double eps_ln, double eps_adj) {
   const auto dims = check_metric_tensors_inputs(q, q_mask, ln0_w, ln0_b, w1, b1, w2, b2, w3, b3,
-                                                lnA_w, lnA_b, W, b, pw, a, ba);
+                                                lnA_w, lnA_b, W, b, pw, a, ba, eps_ln, eps_adj);
   check_is_cuda(q, "metric_tensors");
   constexpr int64_t kMaxInt = std::numeric_limits<int>::max();
   TORCH_CHECK(dims.B <= kMaxGridDim && dims.H <= kMaxGridDim,
