@@ -431,6 +431,8 @@ def test_torch_compile_training_step(backend):
     torch._dynamo.reset()
     eager_loss, eager_grads = step(loss_fn)
     compiled_loss, compiled_grads = step(torch.compile(loss_fn, fullgraph=True))
+    # Within fp32 rounding, not bitwise: inductor fuses the loss and the projection's bias its own
+    # way (measured: one parameter's gradient 9e-10 off, G's gradient bitwise equal).
     torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-6, atol=0)
     for a, b in zip(compiled_grads, eager_grads):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
