@@ -17,7 +17,7 @@ rounded to the input dtype for P·V. The backward is FlashAttention-2's on q̃, 
 4. ``_sum_dg_partials_kernel`` — dG = the partials summed in a fixed order (over the batch too
    when G is shared).
 
-No atomics, and block sizes come from the shapes and dtype only (``_config``), so the same inputs
+No atomics, and block sizes come from the head dim and dtype only (``config``), so the same inputs
 give the same bits run after run.
 
 The interpreter computes bf16 arithmetic wrongly and rounds fp32 → bf16 toward zero, so under it
@@ -36,8 +36,7 @@ import triton.language as tl
 from .. import _checks
 
 Tensor = torch.Tensor
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+LOG2E = 1.4426950408889634  # the kernels write it, and ln 2, as literals
 
 
 # ---- device helpers ----------------------------------------------------------------------------
@@ -134,7 +133,7 @@ def _fwd_kernel(Q, K, V, G, KM, OUT, LSE,
     seen = l_i > 0.0
     out = tl.where(seen[:, None], acc / tl.where(seen, l_i, 1.0)[:, None], 0.0)
     lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453,
-                   float("-inf"))
+                   float("-inf"))  # natural log, as the contract has it
     out_rows = OUT + b * so_b + h * so_h + offs_m * so_s
     tl.store(out_rows[:, None] + offs_d[None, :],
              _round_to_input(out, DOT_DTYPE, EMULATE_BF16).to(OUT.dtype.element_ty),
@@ -184,8 +183,9 @@ def _bwd_dkdv_kernel(QT, K, V, DO, KM, DELTA, LSE2, DK, DV,
                      HAS_KEY_MASK: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_N: tl.constexpr, DOT_DTYPE: tl.constexpr, EMULATE_BF16: tl.constexpr):
     """One key block of one (b, h), over every query block that sees it: dV = PᵀdO and
-    dK = scale·dSᵀq̃, with P and dS transposed ([keys, queries]) so nothing is written twice.
-    dK and dV share the strides ``sdk_*`` (both are allocated contiguous)."""
+    dK = scale·dSᵀq̃, with P and dS held transposed ([keys, queries]) so that each product takes
+    them as its left operand. dK and dV share the strides ``sdk_*`` (both are allocated
+    contiguous)."""
     pid_n = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
@@ -241,7 +241,7 @@ def _bwd_dq_kernel(Q, QT, K, V, G, DO, KM, DELTA, LSE2, DQ, DG_PARTIAL,
                    HAS_G: tl.constexpr, HAS_KEY_MASK: tl.constexpr, D: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, G_CHUNK: tl.constexpr,
                    DOT_DTYPE: tl.constexpr, EMULATE_BF16: tl.constexpr):
-    """Program (split, b·H + h) takes the query blocks split, split + n_splits, …: for each,
+    """Program (split, h, b) takes the query blocks split, split + n_splits, …: for each,
     dq̃ = scale·dS·K over the key blocks it sees, then dq = dq̃·Gᵀ and qᵀ·dq̃ added to the program's
     own partial dG ``DG_PARTIAL[h, b, split]`` (fp32 [d, d], zero-initialised), each G_CHUNK rows of
     G / columns of q at a time. Without G, dq = dq̃."""
@@ -301,6 +301,8 @@ def _bwd_dq_kernel(Q, QT, K, V, G, DO, KM, DELTA, LSE2, DQ, DG_PARTIAL,
                 dg_c = tl.dot(tl.trans(q_c.to(tl.float32)), dqt, tl.load(dg_ptrs),
                               input_precision="ieee")
                 tl.store(dg_ptrs, dg_c)
+            # the next query block reads these partials back, maybe in other threads' layout
+            tl.debug_barrier()
         else:
             tl.store(dq_rows[:, None] + offs_d[None, :],
                      _round_to_input(dqt, DOT_DTYPE, EMULATE_BF16).to(DQ.dtype.element_ty),
@@ -364,12 +366,15 @@ def config(d: int, dtype: torch.dtype) -> Config:
         return Config(fwd_m=32, fwd_n=32, prep_m=32, dkdv_m=16, dkdv_n=32, dq_m=32, dq_n=16,
                       g_chunk=32, num_warps=4, num_stages=1, dq_programs=8)
     if dtype == torch.float32:
-        return Config(fwd_m=64, fwd_n=32, prep_m=64, dkdv_m=32, dkdv_n=64, dq_m=64, dq_n=32,
-                      g_chunk=16, num_warps=4, num_stages=2, dq_programs=512)
+        if d == 64:
+            return Config(fwd_m=64, fwd_n=32, prep_m=64, dkdv_m=32, dkdv_n=64, dq_m=64, dq_n=32,
+                          g_chunk=16, num_warps=4, num_stages=2, dq_programs=512)
+        return Config(fwd_m=64, fwd_n=32, prep_m=64, dkdv_m=32, dkdv_n=32, dq_m=32, dq_n=32,
+                      g_chunk=16, num_warps=8, num_stages=2, dq_programs=512)
     if d == 64:
         return Config(fwd_m=128, fwd_n=64, prep_m=64, dkdv_m=32, dkdv_n=128, dq_m=128, dq_n=32,
                       g_chunk=32, num_warps=4, num_stages=3, dq_programs=512)
-    return Config(fwd_m=128, fwd_n=64, prep_m=64, dkdv_m=32, dkdv_n=128, dq_m=128, dq_n=32,
+    return Config(fwd_m=128, fwd_n=64, prep_m=64, dkdv_m=32, dkdv_n=64, dq_m=64, dq_n=32,
                   g_chunk=32, num_warps=8, num_stages=2, dq_programs=512)
 
 
@@ -435,6 +440,14 @@ def _causal_offset(causal: bool, Sq: int, Sk: int) -> int:
     return Sk - Sq if causal else Sk
 
 
+def _check_grid(B: int, H: int) -> None:
+    """Heads and batch are the launch grid's dimensions 1 and 2, at most 65535 each on CUDA."""
+    for dim, name, value in ((0, "batch", B), (2, "heads", H)):
+        if value > 65535:
+            raise RuntimeError(f"q.shape[{dim}] ({name}) must be at most 65535 for the Triton "
+                               f"kernels (a CUDA grid dimension), got {value}.")
+
+
 def _last_dim_contiguous(t: Tensor) -> Tensor:
     return t if t.size(-1) <= 1 or t.stride(-1) == 1 else t.contiguous()
 
@@ -447,6 +460,7 @@ def g_attention_forward(q: Tensor, k: Tensor, v: Tensor, G: Tensor | None = None
     _checks.check_g_attention_inputs(q, k, v, G, key_mask, scale)
     _check_runs_here(q)
     B, Sq, H, d = q.shape
+    _check_grid(B, H)
     Sk = k.size(1)
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     out = torch.empty((B, Sq, H, d), dtype=q.dtype, device=q.device)
@@ -498,6 +512,7 @@ def g_attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, G: Tenso
     _check_runs_here(q)
     dout, out, lse = (_last_dim_contiguous(t) for t in (dout, out, lse))
     B, Sq, H, d = q.shape
+    _check_grid(B, H)
     Sk = k.size(1)
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     dq = torch.empty((B, Sq, H, d), dtype=q.dtype, device=q.device)
