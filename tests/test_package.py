@@ -40,9 +40,11 @@ def test_cuda_key_always_has_a_kernel_or_rebuild_hint():
 def test_cpu_only_build_says_how_to_rebuild_on_cuda_tensors():
     if ops.built_with_cuda():
         pytest.skip("this build has CUDA kernels")
+    # (g_attention runs the Triton forward there instead, docs/design.md §3.7; decode has none)
     q = torch.randn(1, 4, 1, 64, device="cuda")
+    seqlens = torch.zeros(1, dtype=torch.int32, device="cuda")
     with pytest.raises(RuntimeError, match="built without CUDA kernels.*Rebuild"):
-        pldr_kernels.g_attention(q, q, q)
+        pldr_kernels.g_attention_decode(q, q, q, seqlens)
 
 
 @needs_build
