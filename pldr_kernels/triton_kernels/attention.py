@@ -54,17 +54,35 @@ def _round_to_input(x, DOT_DTYPE: tl.constexpr, EMULATE_BF16: tl.constexpr):
 
 
 @triton.jit
+def _split_hi_lo(x, DOT_DTYPE: tl.constexpr, EMULATE_BF16: tl.constexpr):
+    """fp32 ``x`` as hi + lo, two terms of the inputs' dtype (``_round_to_input``): hi + lo holds
+    x to about the dtype's epsilon squared, so products with them run on the tensor cores."""
+    hi = _round_to_input(x, DOT_DTYPE, EMULATE_BF16)
+    return hi, _round_to_input(x - hi.to(tl.float32), DOT_DTYPE, EMULATE_BF16)
+
+
+@triton.jit
 def _q_times_g(q_rows, row_ok, g_base, stride_gr, BLOCK_M: tl.constexpr, D: tl.constexpr,
-               G_CHUNK: tl.constexpr):
+               G_CHUNK: tl.constexpr, DOT_DTYPE: tl.constexpr, EMULATE_BF16: tl.constexpr,
+               LOW_PRECISION: tl.constexpr):
     """q̃ = q·G for one query tile, fp32: ``q_rows`` points at each row's first element; G's rows
-    are taken ``G_CHUNK`` at a time, so G never has to sit in registers whole (d = 128)."""
+    are taken ``G_CHUNK`` at a time, so G never has to sit in registers whole (d = 128). For
+    bf16 / fp16 q, as in the CUDA kernel (docs/design.md §3.2): q·G_hi + q·G_lo on the tensor
+    cores (the products are exact), whose error is far below q̃'s one rounding to the dtype; for
+    fp32 q an exact fp32 product."""
     offs_d = tl.arange(0, D)
     qt = tl.zeros([BLOCK_M, D], dtype=tl.float32)
-    for c in tl.static_range(0, D, G_CHUNK):
+    for c in tl.range(0, D, G_CHUNK, num_stages=1):  # not unrolled: less register pressure
         offs_c = c + tl.arange(0, G_CHUNK)
         q_c = tl.load(q_rows[:, None] + offs_c[None, :], mask=row_ok[:, None], other=0.0)
         g_c = tl.load(g_base + offs_c[:, None] * stride_gr + offs_d[None, :])
-        qt = tl.dot(q_c.to(tl.float32), g_c, qt, input_precision="ieee")
+        if LOW_PRECISION:
+            q_c = q_c.to(DOT_DTYPE)
+            g_hi, g_lo = _split_hi_lo(g_c, DOT_DTYPE, EMULATE_BF16)
+            qt = tl.dot(q_c, g_hi, qt)
+            qt = tl.dot(q_c, g_lo, qt)
+        else:
+            qt = tl.dot(q_c, g_c, qt, input_precision="ieee")
     return qt
 
 
@@ -85,7 +103,8 @@ def _fwd_kernel(Q, K, V, G, KM, OUT, LSE,
                 H, Sq, Sk, causal_offset, qk_scale_log2,
                 HAS_G: tl.constexpr, HAS_KEY_MASK: tl.constexpr, D: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, G_CHUNK: tl.constexpr,
-                DOT_DTYPE: tl.constexpr, EMULATE_BF16: tl.constexpr):
+                DOT_DTYPE: tl.constexpr, EMULATE_BF16: tl.constexpr,
+                LOW_PRECISION: tl.constexpr):
     pid_m = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
@@ -96,7 +115,8 @@ def _fwd_kernel(Q, K, V, G, KM, OUT, LSE,
 
     q_rows = Q + b * sq_b + h * sq_h + offs_m * sq_s
     if HAS_G:
-        qt = _q_times_g(q_rows, row_ok, G + b * sg_b + h * sg_h, sg_r, BLOCK_M, D, G_CHUNK)
+        qt = _q_times_g(q_rows, row_ok, G + b * sg_b + h * sg_h, sg_r, BLOCK_M, D, G_CHUNK,
+                        DOT_DTYPE, EMULATE_BF16, LOW_PRECISION)
     else:
         qt = tl.load(q_rows[:, None] + offs_d[None, :], mask=row_ok[:, None], other=0.0)
         qt = qt.to(tl.float32)
@@ -148,7 +168,8 @@ def _bwd_prep_kernel(Q, G, O, DO, LSE, QT, DELTA, LSE2,
                      sl_b, sl_h, sqt_b, sqt_s, sqt_h,
                      H, Sq,
                      HAS_G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
-                     G_CHUNK: tl.constexpr, DOT_DTYPE: tl.constexpr, EMULATE_BF16: tl.constexpr):
+                     G_CHUNK: tl.constexpr, DOT_DTYPE: tl.constexpr, EMULATE_BF16: tl.constexpr,
+                     LOW_PRECISION: tl.constexpr):
     """D = rowsum(dO∘O), lse·log2(e) (+inf where lse = −inf) into [B, H, Sq] fp32 buffers, and
     with G, q̃ = q·G rounded to the input dtype into the workspace QT [B, Sq, H, d]."""
     pid_m = tl.program_id(0)
@@ -169,7 +190,8 @@ def _bwd_prep_kernel(Q, G, O, DO, LSE, QT, DELTA, LSE2,
              mask=row_ok)
     if HAS_G:
         q_rows = Q + b * sq_b + h * sq_h + offs_m * sq_s
-        qt = _q_times_g(q_rows, row_ok, G + b * sg_b + h * sg_h, sg_r, BLOCK_M, D, G_CHUNK)
+        qt = _q_times_g(q_rows, row_ok, G + b * sg_b + h * sg_h, sg_r, BLOCK_M, D, G_CHUNK,
+                        DOT_DTYPE, EMULATE_BF16, LOW_PRECISION)
         qt = _round_to_input(qt, DOT_DTYPE, EMULATE_BF16).to(QT.dtype.element_ty)
         tl.store((QT + b * sqt_b + h * sqt_h + offs_m * sqt_s)[:, None] + offs_d[None, :], qt,
                  mask=row_ok[:, None])
@@ -240,7 +262,8 @@ def _bwd_dq_kernel(Q, QT, K, V, G, DO, KM, DELTA, LSE2, DQ, DG_PARTIAL,
                    B, H, Sq, Sk, causal_offset, scale, qk_scale_log2, n_q_blocks, n_splits,
                    HAS_G: tl.constexpr, HAS_KEY_MASK: tl.constexpr, D: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, G_CHUNK: tl.constexpr,
-                   DOT_DTYPE: tl.constexpr, EMULATE_BF16: tl.constexpr):
+                   DOT_DTYPE: tl.constexpr, EMULATE_BF16: tl.constexpr,
+                   LOW_PRECISION: tl.constexpr):
     """Program (split, h, b) takes the query blocks split, split + n_splits, …: for each,
     dq̃ = scale·dS·K over the key blocks it sees, then dq = dq̃·Gᵀ and qᵀ·dq̃ added to the program's
     own partial dG ``DG_PARTIAL[h, b, split]`` (fp32 [d, d], zero-initialised), each G_CHUNK rows of
@@ -287,19 +310,30 @@ def _bwd_dq_kernel(Q, QT, K, V, G, DO, KM, DELTA, LSE2, DQ, DG_PARTIAL,
         dq_rows = DQ + b * sdq_b + h * sdq_h + offs_m * sdq_s
         if HAS_G:
             q_rows = Q + b * sq_b + h * sq_h + offs_m * sq_s
-            for c in tl.static_range(0, D, G_CHUNK):
+            if LOW_PRECISION:  # tensor-core products of hi + lo terms, as in _q_times_g
+                dqt_hi, dqt_lo = _split_hi_lo(dqt, DOT_DTYPE, EMULATE_BF16)
+            for c in tl.range(0, D, G_CHUNK, num_stages=1):  # not unrolled: less register pressure
                 offs_c = c + tl.arange(0, G_CHUNK)
                 # dq[:, c] = dq̃ · (G[c, :])ᵀ
                 g_c = tl.load(g_base + offs_c[:, None] * sg_r + offs_d[None, :])
-                dq_c = tl.dot(dqt, tl.trans(g_c), input_precision="ieee")
-                tl.store(dq_rows[:, None] + offs_c[None, :],
-                         _round_to_input(dq_c, DOT_DTYPE, EMULATE_BF16).to(DQ.dtype.element_ty),
-                         mask=row_ok[:, None])
                 # dG[c, :] += (q[:, c])ᵀ · dq̃
                 q_c = tl.load(q_rows[:, None] + offs_c[None, :], mask=row_ok[:, None], other=0.0)
                 dg_ptrs = dg_base + offs_c[:, None] * D + offs_d[None, :]
-                dg_c = tl.dot(tl.trans(q_c.to(tl.float32)), dqt, tl.load(dg_ptrs),
-                              input_precision="ieee")
+                dg_c = tl.load(dg_ptrs)
+                if LOW_PRECISION:
+                    g_hi, g_lo = _split_hi_lo(g_c, DOT_DTYPE, EMULATE_BF16)
+                    dq_c = tl.dot(dqt_hi, tl.trans(g_hi))
+                    dq_c = tl.dot(dqt_hi, tl.trans(g_lo), dq_c)
+                    dq_c = tl.dot(dqt_lo, tl.trans(g_hi), dq_c)
+                    q_c_t = tl.trans(q_c.to(DOT_DTYPE))
+                    dg_c = tl.dot(q_c_t, dqt_hi, dg_c)
+                    dg_c = tl.dot(q_c_t, dqt_lo, dg_c)
+                else:
+                    dq_c = tl.dot(dqt, tl.trans(g_c), input_precision="ieee")
+                    dg_c = tl.dot(tl.trans(q_c), dqt, dg_c, input_precision="ieee")
+                tl.store(dq_rows[:, None] + offs_c[None, :],
+                         _round_to_input(dq_c, DOT_DTYPE, EMULATE_BF16).to(DQ.dtype.element_ty),
+                         mask=row_ok[:, None])
                 tl.store(dg_ptrs, dg_c)
             # the next query block reads these partials back, maybe in other threads' layout
             tl.debug_barrier()
@@ -367,12 +401,12 @@ def config(d: int, dtype: torch.dtype) -> Config:
                       g_chunk=32, num_warps=4, num_stages=1, dq_programs=8)
     if dtype == torch.float32:
         if d == 64:
-            return Config(fwd_m=64, fwd_n=32, prep_m=64, dkdv_m=32, dkdv_n=64, dq_m=64, dq_n=32,
-                          g_chunk=16, num_warps=4, num_stages=2, dq_programs=512)
-        return Config(fwd_m=64, fwd_n=32, prep_m=64, dkdv_m=32, dkdv_n=32, dq_m=32, dq_n=32,
+            return Config(fwd_m=64, fwd_n=32, prep_m=64, dkdv_m=32, dkdv_n=32, dq_m=64, dq_n=32,
+                          g_chunk=16, num_warps=8, num_stages=2, dq_programs=512)
+        return Config(fwd_m=32, fwd_n=32, prep_m=64, dkdv_m=16, dkdv_n=32, dq_m=32, dq_n=32,
                       g_chunk=16, num_warps=8, num_stages=2, dq_programs=512)
     if d == 64:
-        return Config(fwd_m=128, fwd_n=64, prep_m=64, dkdv_m=32, dkdv_n=128, dq_m=128, dq_n=32,
+        return Config(fwd_m=128, fwd_n=64, prep_m=64, dkdv_m=32, dkdv_n=128, dq_m=64, dq_n=32,
                       g_chunk=32, num_warps=4, num_stages=3, dq_programs=512)
     return Config(fwd_m=128, fwd_n=64, prep_m=64, dkdv_m=32, dkdv_n=64, dq_m=64, dq_n=32,
                   g_chunk=32, num_warps=8, num_stages=2, dq_programs=512)
@@ -478,7 +512,8 @@ def g_attention_forward(q: Tensor, k: Tensor, v: Tensor, G: Tensor | None = None
             H, Sq, Sk, _causal_offset(causal, Sq, Sk), scale * LOG2E,
             HAS_G=G is not None, HAS_KEY_MASK=key_mask is not None, D=d, BLOCK_M=cfg.fwd_m,
             BLOCK_N=cfg.fwd_n, G_CHUNK=cfg.g_chunk, DOT_DTYPE=dot_dtype,
-            EMULATE_BF16=emulate_bf16, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            EMULATE_BF16=emulate_bf16, LOW_PRECISION=q.dtype != torch.float32,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out, lse
 
 
@@ -541,7 +576,8 @@ def g_attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, G: Tenso
         _bwd_prep_kernel[(triton.cdiv(Sq, cfg.prep_m), H, B)](
             q, g, out, dout, lse, qt, delta, lse_log2, *_bshd(q), *g_strides, *_bshd(out),
             *_bshd(dout), lse.stride(0), lse.stride(1), *_bshd(qt), H, Sq,
-            HAS_G=G is not None, BLOCK_M=cfg.prep_m, G_CHUNK=cfg.g_chunk, **common)
+            HAS_G=G is not None, BLOCK_M=cfg.prep_m, G_CHUNK=cfg.g_chunk,
+            LOW_PRECISION=q.dtype != torch.float32, **common)
         _bwd_dkdv_kernel[(triton.cdiv(Sk, cfg.dkdv_n), H, B)](
             qt, k, v, dout, km, delta, lse_log2, dk, dv, *_bshd(qt), *_bshd(k), *_bshd(v),
             *_bshd(dout), *km_strides, *_bshd(dk), H, Sq, Sk, causal_offset, scale,
@@ -552,7 +588,8 @@ def g_attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, G: Tenso
             *_bshd(k), *_bshd(v), *g_strides, *_bshd(dout), *km_strides, *_bshd(dq),
             B, H, Sq, Sk, causal_offset, scale, scale * LOG2E, n_q_blocks, splits,
             HAS_G=G is not None, HAS_KEY_MASK=key_mask is not None, BLOCK_M=cfg.dq_m,
-            BLOCK_N=cfg.dq_n, G_CHUNK=cfg.g_chunk, **common)
+            BLOCK_N=cfg.dq_n, G_CHUNK=cfg.g_chunk, LOW_PRECISION=q.dtype != torch.float32,
+            **common)
         if dG is not None:
             per_output = splits * (B if G.size(0) == 1 else 1)
             block = min(1024, d * d)
