@@ -403,7 +403,7 @@ def config(d: int, dtype: torch.dtype) -> Config:
         if d == 64:
             return Config(fwd_m=64, fwd_n=32, prep_m=64, dkdv_m=32, dkdv_n=32, dq_m=64, dq_n=32,
                           g_chunk=16, num_warps=8, num_stages=2, dq_programs=512)
-        return Config(fwd_m=32, fwd_n=32, prep_m=64, dkdv_m=16, dkdv_n=32, dq_m=32, dq_n=32,
+        return Config(fwd_m=32, fwd_n=16, prep_m=64, dkdv_m=16, dkdv_n=32, dq_m=32, dq_n=32,
                       g_chunk=16, num_warps=8, num_stages=2, dq_programs=512)
     if d == 64:
         return Config(fwd_m=128, fwd_n=64, prep_m=64, dkdv_m=32, dkdv_n=128, dq_m=64, dq_n=32,
