@@ -21,7 +21,8 @@ export MAX_JOBS ?= 2
 $(VENV)/.installed:
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip "setuptools>=70" wheel
-	$(PY) -m pip install -q torch==$(TORCH_VERSION) numpy ninja pytest safetensors matplotlib tqdm ruff
+	$(PY) -m pip install -q torch==$(TORCH_VERSION) numpy ninja pytest safetensors matplotlib tqdm ruff \
+	  "triton>=3.6"
 	touch $@
 
 setup: $(VENV)/.installed
@@ -31,8 +32,9 @@ build: setup
 	PLDR_KERNELS_SKIP_CUDA=$${PLDR_KERNELS_SKIP_CUDA:-1} $(PY) -m pip install -q --no-build-isolation --no-deps -e .
 	$(PY) -m pldr_kernels
 
-# The default test run: CPU kernels, reference, model, harness, and the CUDA device code run
-# on the CPU through tools/cuda_emu. CUDA-device tests skip with a reason on machines without a GPU.
+# The default test run: CPU kernels, reference, model, harness, the CUDA device code run on the
+# CPU through tools/cuda_emu, and the Triton kernels through Triton's interpreter. CUDA-device
+# tests skip with a reason on machines without a GPU.
 test: build
 	$(PY) -m pytest -q -ra tests
 

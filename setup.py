@@ -142,6 +142,7 @@ setup(
     extras_require={
         "bench": ["matplotlib", "tqdm"],  # pldr-bench --plot, progress bars
         "test": ["pytest", "numpy"],  # numpy: the CUDA emulator's harness (tools/cuda_emu)
+        "triton": ["triton>=3.6"],  # the Triton kernels for CUDA tensors (docs/design.md §3.7)
     },
     entry_points={"console_scripts": ["pldr-bench=pldr_kernels.bench.__main__:main"]},
     options={"bdist_wheel": {"py_limited_api": "cp311"}},

@@ -7,7 +7,10 @@ Entry points: :mod:`pldr_kernels.ops` (the ops), :mod:`pldr_kernels.reference` (
 oracle), :class:`PLDRConfig`, :class:`PLDRForCausalLM`, :mod:`pldr_kernels.reference_model` (the
 authors'-style model, an oracle); ``python -m pldr_kernels`` reports the build.
 """
-from . import ops  # noqa: F401  (loads _C and registers the fake kernels)
+from . import (
+    ops,  # noqa: F401  (loads _C and registers the fake kernels)
+    triton_kernels,  # noqa: F401  (the Triton kernels on the CUDA key, docs/design.md §3.7)
+)
 
 if ops._LOAD_ERROR is None:
     from . import autograd  # noqa: F401  (registers the ops' backward formulas)

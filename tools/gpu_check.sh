@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One run on the H200 (docs/design.md §5): install the extension (the wheel `make cuda-check` left in
-# .whl/ when it fits this Python, torch and tree; else a build from source), the CUDA tests,
-# compute-sanitizer (memcheck, racecheck) on one small case, and the GPU benchmarks.
+# .whl/ when it fits this Python, torch and tree; else a build from source), the CUDA tests, the
+# Triton kernels' tests, compute-sanitizer (memcheck, racecheck) on one small case, and the GPU
+# benchmarks.
 # Every step runs even when an earlier one failed; summary.txt lists each step as passed, FAILED
 # or skipped, and the exit status is 0 only when none failed. Leaves summary.txt, the benchmark
 # JSON files and logs.tar.gz in OUTDIR (the device tool returns at most 8 files).
@@ -192,7 +193,11 @@ step tests-collect 90 cpu "$PY" -m pytest --collect-only -q -m "not emulation" t
 step sanitize-case-cpu 120 cpu "$PY" tools/sanitize_case.py --device cpu
 step bench-args 60 cpu bash "$SELF" __bench_args "$OUT"
 # GPU steps
-step tests 300 gpu "$PY" -m pytest -q -ra -m "not emulation" tests
+step tests 300 gpu "$PY" -m pytest -q -ra -m "not emulation" tests \
+  --ignore=tests/test_triton_attention.py
+# The Triton kernels (docs/design.md §3.7) on their own: each kernel variant JIT-compiles at its
+# first launch, so this step's time is mostly compilation.
+step triton-tests 240 gpu "$PY" -m pytest -q -ra tests/test_triton_attention.py
 step memcheck 150 gpu compute-sanitizer --tool memcheck --error-exitcode 1 \
   "$PY" tools/sanitize_case.py --device cuda
 step racecheck 240 gpu compute-sanitizer --tool racecheck --error-exitcode 1 \
