@@ -153,6 +153,7 @@ class PrefillCase:
     mask: bool = False         # key_mask: every third key of batch row 0 masked, row 1 all masked
     long_queries: bool = False  # Sq > Sk: the first Sq − Sk rows see no key under causal
     reaches_output: bool = True  # whether some injection is visible to some row
+    d: int = 64
 
     @property
     def id(self) -> str:
@@ -162,7 +163,7 @@ class PrefillCase:
     def setting(self) -> str:
         """What the clean inputs depend on: cases that share it share the clean run."""
         return (f"causal{int(self.causal)}-G{self.G}-mask{int(self.mask)}"
-                f"-longq{int(self.long_queries)}")
+                f"-longq{int(self.long_queries)}-d{self.d}")
 
     def shape(self, backend) -> tuple[int, int]:
         """``(Sq, Sk)``: across key tiles (64 keys), tiny on the emulator; Sk − Sq = 60."""
@@ -229,6 +230,11 @@ PREFILL_CASES = [
         Injection("v", at(1, slice(None), 1, slice(None)), NAN),
         Injection("k", at(0, slice(None), 1, 3), -INF),
     ), causal=True, long_queries=True),
+    PrefillCase("d128", (  # other tiles on CUDA (32 keys), G staged in chunks
+        Injection("v", lambda Sq, Sk: (0, _shift(Sq, Sk) + Sq // 2, 1, 100), NAN),
+        Injection("G", at(1, 0, 90, 3), INF),
+        Injection("k", at(1, 40, 1, 120), NAN),
+    ), causal=True, G="batch", d=128),
 ]
 
 
@@ -236,7 +242,7 @@ _CLEAN_PREFILL: dict[tuple, tuple[Tensor, Tensor]] = {}
 
 
 def _prefill_inputs(case: PrefillCase, backend, dtype):
-    B, H, d = 2, 2, 64
+    B, H, d = 2, 2, case.d
     Sq, Sk = case.shape(backend)
     gen = generator(f"nonfinite-{case.setting}-{DTYPE_NAMES[dtype]}")
     q, k, v = random_attention_inputs(B, Sq, Sk, H, d, dtype, generator=gen)
@@ -321,6 +327,7 @@ class DecodeCase:
     splits: tuple[int, ...] = (0,)
     lens: tuple[int, int] = (150, 70)  # across key tiles of 64 (CPU) and splits
     Smax: int = 160
+    d: int = 64
 
     @property
     def id(self) -> str:
@@ -353,11 +360,16 @@ DECODE_CASES = [
         Injection("k_cache", at(0, 19, 1, slice(None)), INF),  # before cache_start: not seen
         Injection("v_cache", at(0, 19, 0, slice(None)), INF),
     ), starts=(20, 5), splits=(3,)),
+    DecodeCase("d128", (  # two keys per warp on CUDA (16 lanes a key)
+        Injection("k_cache", at(0, 100, 0, 127), NAN),
+        Injection("q", at(1, 1, 1, 64), NAN),
+        Injection("v_new", at(1, 2, 0, 5), INF),  # hidden from new queries 0, 1
+    ), Sn=3, splits=(3,), d=128),
 ]
 
 
 def _decode_inputs(case: DecodeCase, dtype):
-    B, H, d, Sn = 2, 2, 64, case.Sn
+    B, H, d, Sn = 2, 2, case.d, case.Sn
     gen = generator(f"nonfinite-{case.id}-{DTYPE_NAMES[dtype]}")
     q = randn((B, Sn, H, d), dtype, generator=gen)
     k_cache, v_cache = random_kv_cache(B, case.Smax, H, d, case.lens, dtype, case.starts,
