@@ -10,6 +10,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstring>
+#include <memory>
 #include <utility>
 #include <vector>
 
@@ -78,8 +79,9 @@ void g_attention_decode_kernel(const at::Tensor& q, const at::Tensor& k_cache,
   const GView g_view(G, D);
   T* out_ptr = out.data_ptr<T>();
   // With several splits each writes its normalised partial output and LSE (log2 units) here.
-  std::vector<float> part_out(splits > 1 ? B * H * splits * Sn * D : 0);
-  std::vector<float> part_lse(splits > 1 ? B * H * splits * Sn : 0);
+  // Every entry is written by its item before the combine reads it: no zero fill.
+  const std::unique_ptr<float[]> part_out(splits > 1 ? new float[B * H * splits * Sn * D] : nullptr);
+  const std::unique_ptr<float[]> part_lse(splits > 1 ? new float[B * H * splits * Sn] : nullptr);
 
   struct Item {
     int64_t b, h, tile, split;
@@ -134,7 +136,7 @@ void g_attention_decode_kernel(const at::Tensor& q, const at::Tensor& k_cache,
                                  D, inv_l);
           } else {
             const int64_t p = ((it.b * H + it.h) * splits + it.split) * Sn + q0 + r;
-            store_row_from_float(s.out.data() + r * D, part_out.data() + p * D, D, inv_l);
+            store_row_from_float(s.out.data() + r * D, part_out.get() + p * D, D, inv_l);
             part_lse[p] = l == 0.0f ? kNegInf : s.m[r] + std::log2(l);  // NaN stays NaN
           }
         }
@@ -160,7 +162,7 @@ void g_attention_decode_kernel(const at::Tensor& q, const at::Tensor& k_cache,
           const float w = std::exp2(part_lse[part(sp)] - lse_max);
           if (w == 0.0f) continue;
           weight_sum += w;
-          axpy<D>(w, part_out.data() + part(sp) * D, acc);
+          axpy<D>(w, part_out.get() + part(sp) * D, acc);
         }
       }
       store_row_from_float(acc, out_ptr + b * out.stride(0) + i * out.stride(1) + h * out.stride(2),
