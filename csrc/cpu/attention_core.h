@@ -155,10 +155,11 @@ bool key_hidden_from_a_row(const KeyRange<T>& kr, int64_t j0, int64_t jj) {
 // Whether a key hidden from some row of the tile has a NaN or Inf in its V row.
 template <typename T, int D>
 bool hidden_v_not_finite(const KeyRange<T>& kr, int64_t j0, int64_t n) {
+  f32x16 acc = simd::zero();
   for (int64_t jj = 0; jj < n; ++jj) {
-    if (key_hidden_from_a_row(kr, j0, jj) && !all_finite(kr.v.row(j0 + jj), D)) return true;
+    if (key_hidden_from_a_row(kr, j0, jj)) acc = accumulate_nonfinite<D>(kr.v.row(j0 + jj), acc);
   }
-  return false;
+  return std::isnan(simd::reduce_add(acc));
 }
 
 // out += P·V for a GEMM tile where the V row of a hidden key holds a NaN or Inf (rare). In the

@@ -147,15 +147,13 @@ inline bool any_nan(const float* x, int64_t n) {
   return false;
 }
 
-// Whether the n elements of a row are all finite (no NaN, no ±Inf): x·0 is NaN exactly for those.
-template <typename T>
-inline bool all_finite(const T* row, int64_t n) {
-  f32x16 acc = simd::zero();
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) acc = simd::add(acc, simd::mul(simd::load_as_f32(row + i), simd::zero()));
-  float tail = 0.0f;
-  for (; i < n; ++i) tail += static_cast<float>(row[i]) * 0.0f;
-  return !std::isnan(simd::reduce_add(acc) + tail);
+// acc + x·0 over the D elements of a row, lane by lane: NaN in a lane once the row has a NaN or
+// an Inf there, else acc unchanged. (One reduction for many rows: see hidden_v_not_finite.)
+template <int D, typename T>
+inline f32x16 accumulate_nonfinite(const T* row, f32x16 acc) {
+  PLDR_UNROLL
+  for (int c = 0; c < D / kLanes; ++c) acc = simd::fma(simd::load_as_f32(row + c * kLanes), simd::zero(), acc);
+  return acc;
 }
 
 // scores: [M, n] (row stride ld), log2 units, −inf where a key is not visible. Turns it into the
