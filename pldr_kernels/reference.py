@@ -135,11 +135,19 @@ def apply_g(q: Tensor, G: Tensor | None) -> Tensor:
 
 def g_attention(q: Tensor, k: Tensor, v: Tensor, G: Tensor | None = None,
                 key_mask: Tensor | None = None, causal: bool = False,
-                scale: float | None = None) -> tuple[Tensor, Tensor]:
+                scale: float | None = None, *, visible_only: bool = False
+                ) -> tuple[Tensor, Tensor]:
     """``softmax((q·G)·kᵀ·scale + mask)·v`` → ``(out [B,Sq,H,d] in q's dtype, lse [B,H,Sq] fp32)``.
 
     ``causal`` is bottom-right aligned (query i sees keys j ≤ i + Sk − Sq). ``key_mask [B,Sk]``:
     True = attend. A query row with no visible key gives out = 0 and lse = −inf.
+
+    Non-finite inputs (docs/design.md §3.5): a NaN score among a row's visible keys, or a +inf
+    one, makes that row's out and lse NaN. ``visible_only=True`` sums P·V over each row's visible
+    keys only, the semantics of the kernels (and the oracle of the NaN rule,
+    ``testing.check_nonfinite``): a NaN or Inf in the V row of a masked or causally hidden key
+    then never reaches the output, where the plain product gives 0·NaN = NaN. For finite inputs
+    both are the same.
     """
     d = q.shape[-1]
     ct = compute_dtype(q, k, G)
@@ -149,17 +157,17 @@ def g_attention(q: Tensor, k: Tensor, v: Tensor, G: Tensor | None = None,
     vt = v.to(ct).permute(0, 2, 1, 3)
     scores = torch.matmul(qt, kt.transpose(-1, -2)) * scale  # [B,H,Sq,Sk]
     p, lse = masked_softmax(scores, key_mask, causal)
-    out = torch.matmul(p, vt).permute(0, 2, 1, 3)
-    return out.to(q.dtype).contiguous(), lse.to(torch.float32)
+    if visible_only:
+        out = visible_weighted_sum(p, vt, visible_keys(scores, key_mask, causal))
+    else:
+        out = torch.matmul(p, vt)
+    return out.permute(0, 2, 1, 3).to(q.dtype).contiguous(), lse.to(torch.float32)
 
 
-def masked_softmax(scores: Tensor, key_mask: Tensor | None = None,
-                   causal: bool = False) -> tuple[Tensor, Tensor]:
-    """Softmax of ``scores [B,H,Sq,Sk]`` over the visible keys, and its log-sum-exp ``[B,H,Sq]``.
-
-    Visibility as in ``g_attention``: ``causal`` bottom-right aligned, ``key_mask [B,Sk]`` True =
-    attend. A row with no visible key gives p = 0 and lse = −inf.
-    """
+def visible_keys(scores: Tensor, key_mask: Tensor | None = None,
+                 causal: bool = False) -> Tensor:
+    """Which keys each query row of ``scores [B,H,Sq,Sk]`` sees: bool ``[B,1,Sq,Sk]``
+    (``causal`` bottom-right aligned, ``key_mask [B,Sk]`` True = attend)."""
     B, _, Sq, Sk = scores.shape
     device = scores.device
     visible = torch.ones(B, 1, Sq, Sk, dtype=torch.bool, device=device)
@@ -169,20 +177,58 @@ def masked_softmax(scores: Tensor, key_mask: Tensor | None = None,
         visible = visible & (j <= i + (Sk - Sq))
     if key_mask is not None:
         visible = visible & key_mask[:, None, None, :].bool()
-    scores = scores.masked_fill(~visible, float("-inf"))
+    return visible
+
+
+def masked_softmax(scores: Tensor, key_mask: Tensor | None = None,
+                   causal: bool = False) -> tuple[Tensor, Tensor]:
+    """Softmax of ``scores [B,H,Sq,Sk]`` over the visible keys, and its log-sum-exp ``[B,H,Sq]``.
+
+    Visibility as in ``g_attention`` (:func:`visible_keys`). A row with no visible key gives
+    p = 0 and lse = −inf; a row with a NaN or a +inf visible score has no softmax (inf/inf):
+    p and lse are NaN.
+    """
+    scores = scores.masked_fill(~visible_keys(scores, key_mask, causal), float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)  # -inf where nothing is visible
-    p = torch.exp(scores - torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)[..., None])
+    lse = lse.masked_fill(torch.isposinf(lse), float("nan"))
+    p = torch.exp(scores - torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)[..., None])
     return p, lse
+
+
+def visible_weighted_sum(p: Tensor, v: Tensor, visible: Tensor) -> Tensor:
+    """``p @ v`` (``p [B,H,Sq,Sk]``, ``v [B,H,Sk,d]``) with each row's sum over its ``visible``
+    keys only (``[B,1,Sq,Sk]``), so that a non-finite v row of a key a row does not see stays
+    out of it (the plain product gives 0·NaN = NaN there).
+
+    Finite v: exactly ``p @ v``. Otherwise ``p @ v`` with the non-finite entries of v zeroed,
+    plus, per output entry, what IEEE arithmetic gives its non-finite terms p·v over the visible
+    keys: NaN for a NaN term, a zero weight on an Inf or Infs of both signs; else ±Inf."""
+    finite = torch.isfinite(v)
+    if bool(finite.all()):
+        return torch.matmul(p, v)
+    out = torch.matmul(p, torch.where(finite, v, torch.zeros_like(v)))
+    seen = visible.to(p.dtype)
+
+    def count(weights: Tensor, entries: Tensor) -> Tensor:  # visible terms with such an entry
+        return torch.matmul(weights, entries.to(p.dtype)) > 0
+
+    nan = count(seen, v.isnan()) | count(seen * (p == 0), v.isinf())
+    pos, neg = count(seen * (p > 0), v.isposinf()), count(seen * (p > 0), v.isneginf())
+    terms = torch.where(nan | (pos & neg), math.nan,
+                        torch.where(pos, math.inf, torch.where(neg, -math.inf, 0.0)))
+    return out + terms.to(p.dtype)
 
 
 def g_attention_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor,
                        k_new: Tensor | None = None, v_new: Tensor | None = None,
                        cache_start: Tensor | None = None, G: Tensor | None = None,
-                       scale: float | None = None) -> Tensor:
+                       scale: float | None = None, *, visible_only: bool = False) -> Tensor:
     """One generation step over a KV-cache, with the semantics of ``pldr::g_attention_decode``.
 
     Writes ``k_new/v_new`` in place at rows ``cache_seqlens[b] … +Sn`` (refusing to pass the end),
     then attends query i of row b to keys ``cache_start[b] … cache_seqlens[b] + i``.
+    ``visible_only`` as in :func:`g_attention` (it matters for the causally hidden keys of the
+    new block).
     """
     B, Sn, H, d = q.shape
     Smax = k_cache.shape[1]
@@ -202,6 +248,6 @@ def g_attention_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlen
         s0, s1 = starts[bi], total[bi]
         Gb = None if G is None else G[bi if G.shape[0] > 1 else 0][None]
         o, _ = g_attention(q[bi:bi + 1], k_cache[bi:bi + 1, s0:s1], v_cache[bi:bi + 1, s0:s1],
-                           Gb, causal=True, scale=scale)
+                           Gb, causal=True, scale=scale, visible_only=visible_only)
         out[bi] = o[0]
     return out

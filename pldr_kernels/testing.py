@@ -16,7 +16,9 @@ The tests, the benchmark harness and users checking their own integration use th
 
 The rule: fp32 outputs within ``FP32_REL_TOL`` · max|oracle| of the fp64 oracle; low-precision
 outputs within 2 × (the peer's error against the oracle) + ``LOW_PRECISION_FLOOR``. Non-finite
-entries must be non-finite in the same places with the same value (NaN where NaN, ±inf where ±inf).
+entries must be non-finite in the same places with the same value (NaN where NaN, ±inf where ±inf);
+``check_nonfinite`` is that rule for inputs holding NaN or Inf, against the oracle with the keys a
+row does not see removed (``reference.g_attention(..., visible_only=True)``).
 """
 from __future__ import annotations
 
@@ -101,28 +103,52 @@ def _worst_entries(o: Tensor, r: Tensor, n: int = 5) -> str:
     return ", ".join(f"[{i}] got {of[i].item():.6g} want {rf[i].item():.6g}" for i in idx)
 
 
+def _position(index: int, shape: tuple[int, ...]) -> str:
+    """A flat index as ``[i, j, ...]`` of ``shape``."""
+    coords = []
+    for n in reversed(shape):
+        index, c = divmod(index, n)
+        coords.append(c)
+    return "[" + ", ".join(map(str, reversed(coords))) + "]"
+
+
+def _nonfinite_pattern(name: str, o: Tensor, r: Tensor) -> Verdict:
+    """Whether ``o`` is NaN exactly where ``r`` is and ±Inf exactly where ``r`` has that Inf
+    (both already float64 on the CPU, same shape)."""
+    bad = (o.isnan() != r.isnan()) | (o.isposinf() != r.isposinf()) | (
+        o.isneginf() != r.isneginf())
+    n_bad = int(bad.sum())
+    if n_bad == 0:
+        return Verdict(name, True, 0.0, 0.0, "non-finite entries as the oracle's")
+    shape = tuple(o.shape)
+    idx = bad.flatten().nonzero()[:5, 0].tolist()
+    of, rf = o.flatten(), r.flatten()
+    where = ", ".join(f"{_position(i, shape)} got {of[i].item():.6g} want {rf[i].item():.6g}"
+                      for i in idx)
+    counts = ", ".join(f"{what} got {int(f(o).sum())} want {int(f(r).sum())}" for what, f in
+                       (("NaN", torch.isnan), ("+inf", torch.isposinf), ("-inf", torch.isneginf)))
+    return Verdict(name, False, math.inf, 0.0,
+                   f"{n_bad} entries non-finite where the oracle's are not, or the other way round "
+                   f"({counts})", where)
+
+
 def compare(out: Tensor, oracle: Tensor, peer: Tensor | None = None, *, name: str = "out",
             rel_tol: float = FP32_REL_TOL, floor: float = LOW_PRECISION_FLOOR) -> Verdict:
     """The rule of docs/design.md §4 for one output.
 
-    ``peer`` None: the fp32 rule, max|out − oracle| ≤ rel_tol · max|oracle|. Otherwise the peer
-    rule, max|out − oracle| ≤ 2 · max|peer − oracle| + floor, where ``peer`` is the same math done
-    by PyTorch in the kernel's dtype (one of the ``*_peer`` functions)."""
+    Non-finite entries first: NaN exactly where the oracle has NaN, ±Inf exactly where it has that
+    Inf. Then the finite entries: ``peer`` None, the fp32 rule, max|out − oracle| ≤ rel_tol ·
+    max|oracle|; otherwise the peer rule, max|out − oracle| ≤ 2 · max|peer − oracle| + floor,
+    where ``peer`` is the same math done by PyTorch in the kernel's dtype (one of the ``*_peer``
+    functions), its error measured where it is finite."""
     if tuple(out.shape) != tuple(oracle.shape):
         return Verdict(name, False, math.inf, 0.0,
                        f"shape {tuple(out.shape)} differs from the oracle's {tuple(oracle.shape)}")
     o, r = out.detach().double().cpu(), oracle.detach().double().cpu()
+    pattern = _nonfinite_pattern(name, o, r)
+    if not pattern:
+        return pattern
     finite = torch.isfinite(r)
-    same_nonfinite = torch.equal(torch.isfinite(o), finite) and torch.equal(
-        o[~finite].nan_to_num(0.0), r[~finite].nan_to_num(0.0)) and torch.equal(
-        o[~finite].isnan(), r[~finite].isnan())
-    if not same_nonfinite:
-        bad = ~(torch.isfinite(o) & finite) & ~((o == r) | (o.isnan() & r.isnan()))
-        idx = bad.flatten().nonzero()[:5, 0].tolist()
-        where = ", ".join(f"[{i}] got {o.flatten()[i].item():.6g} want {r.flatten()[i].item():.6g}"
-                          for i in idx)
-        return Verdict(name, False, math.inf, 0.0,
-                       f"{int(bad.sum())} non-finite entries differ from the oracle's", where)
     o, r = o[finite], r[finite]
     err = _max_abs(o - r)
     if peer is None:
@@ -130,11 +156,48 @@ def compare(out: Tensor, oracle: Tensor, peer: Tensor | None = None, *, name: st
         bound = rel_tol * max(scale, 1e-30)
         rule = f"fp32 rule: {rel_tol:g} x max|oracle| {scale:.3e}"
     else:
-        peer_err = _max_abs(peer.detach().double().cpu()[finite] - r)
+        # A peer in plain PyTorch may give 0·NaN = NaN for a masked key (reference.g_attention's
+        # visible_only): leaving such entries out only lowers the bound.
+        peer_error = (peer.detach().double().cpu()[finite] - r).abs()
+        peer_err = _max_abs(peer_error[torch.isfinite(peer_error)])
         bound = 2 * peer_err + floor
         rule = f"peer rule: 2 x same-dtype PyTorch error {peer_err:.3e} + {floor:.3g}"
     ok = err <= bound
     return Verdict(name, ok, err, bound, rule, "" if ok else _worst_entries(o, r))
+
+
+def check_nonfinite(actual: Tensor | Sequence[Tensor], expected: Tensor | Sequence[Tensor],
+                    peer: Tensor | Sequence[Tensor] | None = None, *,
+                    names: Sequence[str] = ("out", "lse")) -> Verdict:
+    """The NaN rule of the attention ops (docs/design.md §3.5), for inputs with NaN or ±Inf in
+    any element: each output (``actual``: a tensor, or a sequence such as ``(out, lse)``, named by
+    ``names``) is NaN exactly where ``expected`` is NaN and ±Inf exactly where it has that Inf
+    (so a NaN stays in its batch row, head and query row, and no finite-but-wrong value stands
+    where the oracle has NaN); its finite entries then meet the rule of :func:`compare` (the fp32
+    rule, or the peer rule with ``peer``, the ``*_peer`` outputs on the same inputs).
+
+    ``expected`` must be the fp64 oracle with the keys a row does not see removed:
+    ``reference.g_attention(q.double(), …, visible_only=True)`` or
+    ``reference.g_attention_decode(…, visible_only=True)``. The plain reference lets a NaN in a
+    masked V row through (0·NaN = NaN); the kernels never let masked or causally hidden keys
+    contribute."""
+    single = isinstance(actual, Tensor)
+    actual = [actual] if single else list(actual)
+    expected = [expected] if isinstance(expected, Tensor) else list(expected)
+    peers = [None] * len(actual) if peer is None else (
+        [peer] if isinstance(peer, Tensor) else list(peer))
+    if not len(actual) == len(expected) == len(peers):
+        raise ValueError(f"check_nonfinite: {len(actual)} outputs, {len(expected)} expected, "
+                         f"{len(peers)} peers; give one of each per output")
+    parts = []
+    for name, a, e, pe in zip(names, actual, expected, peers, strict=False):
+        if tuple(a.shape) != tuple(e.shape):
+            parts.append(compare(a, e, name=name))  # the shape verdict
+            continue
+        pattern = _nonfinite_pattern(f"{name} (non-finite entries)", a.detach().double().cpu(),
+                                     e.detach().double().cpu())
+        parts.append(pattern if not pattern else compare(a, e, pe, name=f"{name} (finite)"))
+    return Verdict.combine("NaN rule", parts)
 
 
 def assert_close(out: Tensor, oracle: Tensor, peer: Tensor | None = None, **kw) -> None:
@@ -289,7 +352,7 @@ def check_g_attention(out: Tensor, lse: Tensor | None, q: Tensor, k: Tensor, v: 
     precomputed (the benchmark computes a large oracle in chunks)."""
     if oracle is None:
         oracle = reference.g_attention(q.double(), k.double(), v.double(), _double(G), key_mask,
-                                       causal, scale)
+                                       causal, scale, visible_only=True)
     if q.dtype != torch.float32 and peer is None:
         peer = g_attention_peer(q, k, v, G, key_mask, causal, scale)
     ref_out, ref_lse = oracle
@@ -315,7 +378,7 @@ def check_g_attention_decode(out: Tensor, q: Tensor, k_cache: Tensor, v_cache: T
     if oracle is None:
         oracle = reference.g_attention_decode(
             q.double(), k_cache.double(), v_cache.double(), cache_seqlens, _double(k_new),
-            _double(v_new), cache_start, _double(G), scale)
+            _double(v_new), cache_start, _double(G), scale, visible_only=True)
     peer = None
     if q.dtype != torch.float32:
         peer = g_attention_decode_peer(q, k_cache, v_cache, cache_seqlens, k_new, v_new,

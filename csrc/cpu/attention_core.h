@@ -14,6 +14,7 @@
 #include <ATen/native/CPUBlas.h>
 
 #include <algorithm>
+#include <cmath>
 #include <vector>
 
 #include "common/numerics.h"
@@ -135,13 +136,70 @@ void mask_scores(float* scores, int64_t M, int64_t j0, int64_t n, const KeyRange
   }
 }
 
+// Whether key jj of the tile at j0 is visible to query row r of the tile.
+template <typename T>
+bool row_sees_key(const KeyRange<T>& kr, int64_t r, int64_t j0, int64_t jj) {
+  return !(kr.causal && j0 + jj > kr.diag + r) &&
+         (kr.key_mask == nullptr || kr.key_mask[(j0 + jj) * kr.key_mask_stride]);
+}
+
+// Whether key jj of the tile is hidden from some of its rows (mask_scores put −inf there).
+template <typename T>
+bool key_hidden_from_a_row(const KeyRange<T>& kr, int64_t j0, int64_t jj) {
+  return !row_sees_key(kr, 0, j0, jj);  // row 0 sees the fewest keys
+}
+
+// Whether a key hidden from some row of the tile has a NaN or Inf in its V row.
+template <typename T, int D>
+bool hidden_v_not_finite(const KeyRange<T>& kr, int64_t j0, int64_t n) {
+  for (int64_t jj = 0; jj < n; ++jj) {
+    if (key_hidden_from_a_row(kr, j0, jj) && !all_finite(kr.v.row(j0 + jj), D)) return true;
+  }
+  return false;
+}
+
+// out += P·V for a GEMM tile where the V row of a hidden key holds a NaN or Inf (rare). In the
+// GEMM its weight 0 would still give 0·NaN = NaN in rows that must not see it (docs/design.md
+// §3.5), so: the GEMM on V with those entries zeroed — bitwise what any finite value there would
+// give, since their weight is exactly 0 — then each such entry's P·v added to the rows that do
+// see its key.
+template <typename T, int D>
+void accumulate_pv_hiding_nonfinite(const float* p, int64_t M, int64_t j0, int64_t n,
+                                    const KeyRange<T>& kr, TileScratch<D>& s) {
+  float* v_rows = s.v_rows.data();
+  for (int64_t jj = 0; jj < n; ++jj) {
+    float* row = v_rows + jj * D;
+    load_row_as_float(kr.v.row(j0 + jj), row, D);
+    if (!key_hidden_from_a_row(kr, j0, jj)) continue;
+    for (int64_t e = 0; e < D; ++e) {
+      if (!std::isfinite(row[e])) row[e] = 0.0f;
+    }
+  }
+  float* out = s.out.data();
+  at::native::cpublas::brgemm(M, D, n, kKeyTile, D, D, true, p, v_rows, out, false);
+  for (int64_t jj = 0; jj < n; ++jj) {
+    if (!key_hidden_from_a_row(kr, j0, jj)) continue;
+    const T* v = kr.v.row(j0 + jj);
+    for (int64_t e = 0; e < D; ++e) {
+      const float x = static_cast<float>(v[e]);
+      if (std::isfinite(x)) continue;
+      for (int64_t r = 0; r < M; ++r) {
+        if (row_sees_key(kr, r, j0, jj)) out[r * D + e] += p[r * kKeyTile + jj] * x;
+      }
+    }
+  }
+}
+
 // Runs the online softmax of the M rows of q̃ (in s.q_tilde) over the key range, accumulating the
 // unnormalised output in s.out and the running max / sum in s.m / s.l (initialised by the caller).
+// Keys a row does not see never contribute to it, whatever their K and V rows hold (−inf scores,
+// and P·V restricted to the visible keys).
 template <typename T, int D>
 void attend_key_range(int64_t M, const KeyRange<T>& kr, bool allow_row_path, TileScratch<D>& s) {
   int64_t end = kr.end;
   if (kr.causal) end = std::min(end, kr.diag + M);  // the last row sees keys <= diag + M − 1
-  const bool row_path = allow_row_path && M <= kRowPathMaxQueries;
+  // (key_mask is a prefill argument; decode, the row path's user, has none)
+  const bool row_path = allow_row_path && M <= kRowPathMaxQueries && kr.key_mask == nullptr;
   float* scores = s.scores.data();
   const float* qt = s.q_tilde.data();
   float* out = s.out.data();
@@ -165,17 +223,28 @@ void attend_key_range(int64_t M, const KeyRange<T>& kr, bool allow_row_path, Til
     online_softmax_update<D>(scores, kKeyTile, M, n, s.m.data(), s.l.data(), out);
     if (row_path) {
       auto v_row = [&](int64_t jj) { return kr.v.row(j0 + jj); };
+      // Row r sums over the keys it sees only, the first keys_seen(r) of the tile (skipping a
+      // zero weight leaves a finite sum bitwise as it is, and keeps a hidden NaN out).
+      auto keys_seen = [&](int64_t r) {
+        return kr.causal ? std::clamp<int64_t>(kr.diag + r + 1 - j0, 0, n) : n;
+      };
       // The first row's pass also fetches K of the next tile; later rows find V already in L1.
       const int64_t next_k_rows = std::min(n, end - (j0 + n));
       const T* next_k = next_k_rows > 0 ? kr.k.row(j0 + n) : nullptr;
-      accumulate_weighted_rows<D, T>(scores, n, v_row, out, [&](int64_t jj) {
+      accumulate_weighted_rows<D, T>(scores, keys_seen(0), v_row, out, [&](int64_t jj) {
         if (jj < next_k_rows) prefetch_row<T, D>(next_k + jj * kr.k.stride);
       });
       for (int64_t r = 1; r < M; ++r) {
-        accumulate_weighted_rows<D, T>(scores + r * kKeyTile, n, v_row, out + r * D,
+        accumulate_weighted_rows<D, T>(scores + r * kKeyTile, keys_seen(r), v_row, out + r * D,
                                        [](int64_t) {});
       }
     } else {
+      const bool some_key_hidden =
+          kr.key_mask != nullptr || (kr.causal && j0 + n - 1 > kr.diag);
+      if (some_key_hidden && hidden_v_not_finite<T, D>(kr, j0, n)) {
+        accumulate_pv_hiding_nonfinite<T, D>(scores, M, j0, n, kr, s);
+        continue;
+      }
       const float* vtile;
       int64_t ldv;
       if (std::is_same_v<T, float> && kr.v.stride >= D) {  // fp32 rows are used in place

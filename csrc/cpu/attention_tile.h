@@ -139,19 +139,46 @@ inline void pack_transposed(const RowFn& row, int64_t n, float* out, int64_t ld_
 // ------------------------------------------------------------------------------------------------
 // Online softmax over one score tile.
 // ------------------------------------------------------------------------------------------------
+// Whether any of the n scores is NaN (the rare branch of online_softmax_update only).
+inline bool any_nan(const float* x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    if (std::isnan(x[i])) return true;
+  }
+  return false;
+}
+
+// Whether the n elements of a row are all finite (no NaN, no ±Inf): x·0 is NaN exactly for those.
+template <typename T>
+inline bool all_finite(const T* row, int64_t n) {
+  f32x16 acc = simd::zero();
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) acc = simd::add(acc, simd::mul(simd::load_as_f32(row + i), simd::zero()));
+  float tail = 0.0f;
+  for (; i < n; ++i) tail += static_cast<float>(row[i]) * 0.0f;
+  return !std::isnan(simd::reduce_add(acc) + tail);
+}
+
 // scores: [M, n] (row stride ld), log2 units, −inf where a key is not visible. Turns it into the
 // weights P = 2^(s − m_new), updates the running max m and sum l of each row and rescales the
 // running output rows out[r, 0:D] by 2^(m_old − m_new). A row that has seen no visible key yet
 // keeps m = −inf, l = 0, out = 0 and gets P = 0.
+//
+// NaN (docs/design.md §3.5): the vector max keeps or drops a NaN lane by position, so m_new may
+// ignore a NaN score; its weight 2^(NaN − m_new) is NaN all the same and makes l and the row's
+// output NaN. The one place a NaN could be lost is the shortcut for rows with nothing visible in
+// the tile, which therefore checks for one; a +inf score gives m = +inf and 2^(inf − inf) = NaN.
 template <int D>
 inline void online_softmax_update(float* scores, int64_t ld, int64_t M, int64_t n, float* m,
                                   float* l, float* out) {
   for (int64_t r = 0; r < M; ++r) {
     float* s = scores + r * ld;
-    const float m_new = std::max(m[r], row_max(s, n));
+    float m_new = std::max(m[r], row_max(s, n));
     if (m_new == kNegInf) {
-      std::fill(s, s + n, 0.0f);
-      continue;
+      if (!any_nan(s, n)) {
+        std::fill(s, s + n, 0.0f);
+        continue;
+      }
+      m_new = std::numeric_limits<float>::quiet_NaN();
     }
     const float row_sum = exp2_shifted_in_place(s, n, m_new);
     if (m_new != m[r]) {
@@ -163,6 +190,10 @@ inline void online_softmax_update(float* scores, int64_t ld, int64_t M, int64_t 
     l[r] += row_sum;
   }
 }
+
+// The factor that normalises a finished row's output, 1/l, or 0 for a row that saw no key
+// (l = 0); a NaN l (a NaN among the row's scores) stays NaN.
+inline float inverse_sum(float l) { return l == 0.0f ? 0.0f : 1.0f / l; }
 
 // ------------------------------------------------------------------------------------------------
 // Row products for tiles with few query rows (decode): no transposed copy of K is needed. Key and

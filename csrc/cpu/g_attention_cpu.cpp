@@ -14,10 +14,11 @@
 namespace pldr::cpu {
 namespace {
 
-// Natural-log LSE of a finished row (m in log2 units); −inf when no key was visible.
+// Natural-log LSE of a finished row (m in log2 units); −inf when no key was visible, NaN for a
+// row with a NaN or +inf score (l is NaN then).
 inline float natural_lse(float m, float l) {
-  return l > 0.0f ? static_cast<float>((static_cast<double>(m) + std::log2(static_cast<double>(l))) * kLn2)
-                  : kNegInf;
+  return l == 0.0f ? kNegInf
+                   : static_cast<float>((static_cast<double>(m) + std::log2(static_cast<double>(l))) * kLn2);
 }
 
 template <typename T, int D>
@@ -61,7 +62,7 @@ void g_attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tens
         for (int64_t r = 0; r < M; ++r) {
           const float l = s.l[r];
           store_row_from_float(s.out.data() + r * D, out_ptr + ((b * Sq + q0 + r) * H + h) * D, D,
-                               l > 0.0f ? 1.0f / l : 0.0f);
+                               inverse_sum(l));
           lse_ptr[(b * H + h) * Sq + q0 + r] = natural_lse(s.m[r], l);
         }
       });

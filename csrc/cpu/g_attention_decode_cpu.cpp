@@ -109,7 +109,7 @@ void g_attention_decode_kernel(const at::Tensor& q, const at::Tensor& k_cache,
         attend_key_range<T, D>(M, kr, /*allow_row_path=*/true, s);
         for (int64_t r = 0; r < M; ++r) {
           const float l = s.l[r];
-          const float inv_l = l > 0.0f ? 1.0f / l : 0.0f;
+          const float inv_l = inverse_sum(l);
           if (splits == 1) {
             store_row_from_float(s.out.data() + r * D,
                                  out_ptr + it.b * out.stride(0) + (q0 + r) * out.stride(1) +
@@ -118,7 +118,7 @@ void g_attention_decode_kernel(const at::Tensor& q, const at::Tensor& k_cache,
           } else {
             const int64_t p = ((it.b * H + it.h) * splits + it.split) * Sn + q0 + r;
             store_row_from_float(s.out.data() + r * D, part_out.data() + p * D, D, inv_l);
-            part_lse[p] = l > 0.0f ? s.m[r] + std::log2(l) : kNegInf;
+            part_lse[p] = l == 0.0f ? kNegInf : s.m[r] + std::log2(l);  // NaN stays NaN
           }
         }
       });
@@ -130,8 +130,12 @@ void g_attention_decode_kernel(const at::Tensor& q, const at::Tensor& k_cache,
     for (int64_t idx = begin; idx < end; ++idx) {
       const int64_t i = idx % Sn, bh = idx / Sn, b = bh / H, h = bh % H;
       auto part = [&](int64_t split) { return (bh * splits + split) * Sn + i; };
+      // A NaN split (docs/design.md §3.5) makes lse_max NaN, and with it every weight.
       float lse_max = kNegInf;
-      for (int64_t sp = 0; sp < splits; ++sp) lse_max = std::max(lse_max, part_lse[part(sp)]);
+      for (int64_t sp = 0; sp < splits; ++sp) {
+        const float x = part_lse[part(sp)];
+        if (std::isnan(x) || x > lse_max) lse_max = x;  // once NaN, x > lse_max is false
+      }
       std::fill(acc, acc + D, 0.0f);
       float weight_sum = 0.0f;
       if (lse_max != kNegInf) {
@@ -143,7 +147,7 @@ void g_attention_decode_kernel(const at::Tensor& q, const at::Tensor& k_cache,
         }
       }
       store_row_from_float(acc, out_ptr + b * out.stride(0) + i * out.stride(1) + h * out.stride(2),
-                           D, weight_sum > 0.0f ? 1.0f / weight_sum : 0.0f);
+                           D, inverse_sum(weight_sum));
     }
   });
 }

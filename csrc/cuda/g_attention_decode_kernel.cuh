@@ -174,6 +174,8 @@ __global__ void __launch_bounds__(kDecodeThreads) g_attention_decode_kernel(cons
       if (i >= nq) break;  // block-uniform
       const int last_visible = row.end - p.Sn + q0 + i;  // causal inside the new block
       float s[kDecodeKeyUnroll];
+      bool seen[kDecodeKeyUnroll];
+      bool any_score = false;  // any score other than −inf (NaN included, docs/design.md §3.5)
       float mx = m[i];
 #pragma unroll
       for (int u = 0; u < kDecodeKeyUnroll; ++u) {
@@ -183,10 +185,12 @@ __global__ void __launch_bounds__(kDecodeThreads) g_attention_decode_kernel(cons
 #pragma unroll
         for (int offset = kLanesPerKey / 2; offset > 0; offset >>= 1)
           dot += __shfl_xor_sync(0xffffffffu, dot, offset);
-        s[u] = (key[u] < ke && key[u] <= last_visible) ? dot : -INFINITY;
-        mx = fmaxf(mx, s[u]);
+        seen[u] = key[u] < ke && key[u] <= last_visible;
+        s[u] = seen[u] ? dot : -INFINITY;
+        mx = fmaxf(mx, s[u]);  // fmaxf drops a NaN score; its weight below is NaN all the same
+        any_score |= s[u] != -INFINITY;
       }
-      if (mx == -INFINITY) continue;  // nothing visible to this lane group yet
+      if (mx == -INFINITY && !any_score) continue;  // nothing visible to this lane group yet
       const float correction = exp2f(m[i] - mx);
       float psum = 0.f, pexp[kDecodeKeyUnroll];
 #pragma unroll
@@ -199,7 +203,11 @@ __global__ void __launch_bounds__(kDecodeThreads) g_attention_decode_kernel(cons
       for (int e = 0; e < kElemsPerLane; ++e) {
         float a = acc[i][e] * correction;
 #pragma unroll
-        for (int u = 0; u < kDecodeKeyUnroll; ++u) a = fmaf(pexp[u], vf[u][e], a);
+        for (int u = 0; u < kDecodeKeyUnroll; ++u) {
+          // A key hidden from this query (later in the new block) never contributes: its weight
+          // is 0, but 0·NaN = NaN. With one query every loaded key is seen (or its vf is 0).
+          if (kQueries == 1 || seen[u]) a = fmaf(pexp[u], vf[u][e], a);
+        }
         acc[i][e] = a;
       }
       m[i] = mx;
@@ -241,21 +249,21 @@ __global__ void __launch_bounds__(kDecodeThreads) g_attention_decode_kernel(cons
 #pragma unroll
     for (int w = 0; w < kDecodeWarps; ++w) mx = fmaxf(mx, m_s[w][i]);
     float lsum = 0.f, o = 0.f;
-    if (mx != -INFINITY) {
 #pragma unroll
-      for (int w = 0; w < kDecodeWarps; ++w) {
-        const float c = exp2f(m_s[w][i] - mx);
-        lsum = fmaf(l_s[w][i], c, lsum);
-        o = fmaf(acc_s[w][i][e], c, o);
-      }
+    for (int w = 0; w < kDecodeWarps; ++w) {
+      // A warp that saw nothing has weight 0 (its l and acc are 0, or NaN after a NaN score,
+      // which then stays: NaN·0 = NaN).
+      const float c = m_s[w][i] == -INFINITY ? 0.f : exp2f(m_s[w][i] - mx);
+      lsum = fmaf(l_s[w][i], c, lsum);
+      o = fmaf(acc_s[w][i][e], c, o);
     }
-    const float o_norm = lsum > 0.f ? o / lsum : 0.f;
+    const float o_norm = lsum == 0.f ? 0.f : o / lsum;
     if (p.num_splits == 1) {
       out[(q0 + i) * p.out.row_stride + e] = from_float<T>(o_norm);
     } else {
       const int64_t slot = ((int64_t(b) * p.Sn + q0 + i) * p.H + h) * p.num_splits + split;
       p.o_partial[slot * D + e] = o_norm;
-      if (e == 0) p.lse_partial[slot] = lsum > 0.f ? mx + log2f(lsum) : -INFINITY;
+      if (e == 0) p.lse_partial[slot] = lsum == 0.f ? -INFINITY : mx + log2f(lsum);
     }
   }
 }
@@ -275,14 +283,13 @@ __global__ void __launch_bounds__(D) decode_combine_kernel(const DecodeParams p)
   float mx = -INFINITY;
   for (int k = 0; k < p.num_splits; ++k) mx = fmaxf(mx, lse[k]);
   float wsum = 0.f, o = 0.f;
-  if (mx != -INFINITY) {
-    for (int k = 0; k < p.num_splits; ++k) {
-      const float w = exp2f(lse[k] - mx);
-      wsum += w;
-      o = fmaf(w, p.o_partial[(slot0 + k) * D + e], o);
-    }
+  for (int k = 0; k < p.num_splits; ++k) {
+    // An empty split has weight 0; a NaN one (fmaxf dropped it from mx) makes the sum NaN.
+    const float w = lse[k] == -INFINITY ? 0.f : exp2f(lse[k] - mx);
+    wsum += w;
+    o = fmaf(w, p.o_partial[(slot0 + k) * D + e], o);
   }
-  out[e] = from_float<T>(wsum > 0.f ? o / wsum : 0.f);
+  out[e] = from_float<T>(wsum == 0.f ? 0.f : o / wsum);
 }
 
 // ============================================================================================

@@ -112,7 +112,8 @@ __device__ __forceinline__ void stage_g_split(uint16_t* s_hi, uint16_t* s_lo, co
       const float x0 = src[2 * j], x1 = src[2 * j + 1];
       const float h0 = round_to<T>(x0), h1 = round_to<T>(x1);
       hi[j] = pack2<T>(h0, h1);
-      lo[j] = pack2<T>(x0 - h0, x1 - h1);
+      // An Inf entry is all in G_hi (inf − inf would make G_lo NaN); NaN stays NaN.
+      lo[j] = pack2<T>(h0 == x0 ? 0.f : x0 - h0, h1 == x1 ? 0.f : x1 - h1);
     }
     *reinterpret_cast<Vec16*>(s_hi + swizzle<D>(row, col)) = Vec16{hi[0], hi[1], hi[2], hi[3]};
     *reinterpret_cast<Vec16*>(s_lo + swizzle<D>(row, col)) = Vec16{lo[0], lo[1], lo[2], lo[3]};
@@ -131,6 +132,44 @@ __device__ __forceinline__ void accumulators_to_a_fragment(uint32_t (&a)[4],
   a[3] = pack2<T>(c1[2], c1[3]);
 }
 
+// Whether a bf16 / fp16 value (as its bits) is NaN or ±Inf: all its exponent bits are set.
+template <class T>
+__device__ __forceinline__ bool not_finite_bits(uint32_t x) {
+  constexpr uint32_t kExponent = std::is_same_v<T, __half> ? 0x7c00u : 0x7f80u;
+  return (x & kExponent) == kExponent;
+}
+
+// The bf16 / fp16 value at `bits` as fp32.
+template <class T>
+__device__ __forceinline__ float bits_to_float(const uint16_t* bits) {
+  return to_float(*reinterpret_cast<const T*>(bits));
+}
+
+// Sets to 0 the NaN / ±Inf entries of the rows of a [kRows][D] swizzled tile for which
+// hidden(row) holds; returns whether this thread found one.
+template <class T, int D, int kRows, class HiddenFn>
+__device__ __forceinline__ bool zero_nonfinite_rows(uint16_t* tile, const HiddenFn& hidden,
+                                                    int tid) {
+  using Tiling = MmaTiling<D>;
+  bool found = false;
+#pragma unroll
+  for (int i = 0; i < kRows * Tiling::kChunks / Tiling::kThreads; ++i) {
+    const int c = tid + i * Tiling::kThreads;
+    const int row = c / Tiling::kChunks, col = (c % Tiling::kChunks) * 8;
+    if (!hidden(row)) continue;
+    uint16_t* chunk = tile + swizzle<D>(row, col);
+    const Vec16 x = *reinterpret_cast<const Vec16*>(chunk);
+    bool any = false;
+    for (const uint32_t w : {x.x, x.y, x.z, x.w}) any |= not_finite_bits<T>(w) || not_finite_bits<T>(w >> 16);
+    if (!any) continue;
+    found = true;
+    for (int e = 0; e < 8; ++e) {
+      if (not_finite_bits<T>(chunk[e])) chunk[e] = 0;
+    }
+  }
+  return found;
+}
+
 template <class T, int D>
 __global__ void __launch_bounds__(MmaTiling<D>::kThreads, MmaTiling<D>::kMinBlocksPerSM)
     g_attention_mma_kernel(const GAttentionParams p) {
@@ -144,6 +183,7 @@ __global__ void __launch_bounds__(MmaTiling<D>::kThreads, MmaTiling<D>::kMinBloc
   auto* s_visible = reinterpret_cast<unsigned char*>(s_v + 2 * Tiling::kKVElems);  // 2 stages
   uint16_t* s_g_hi = s_k;
   uint16_t* s_g_lo = s_k + Tiling::kGRows * D;
+  __shared__ int s_hidden_v_not_finite;  // see "Hidden keys" in the loop
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int group = lane >> 2, tig = lane & 3;
@@ -341,8 +381,28 @@ __global__ void __launch_bounds__(MmaTiling<D>::kThreads, MmaTiling<D>::kMinBloc
 
     // Stage n+1's visibility bytes: their previous readers (tile n-1) passed the barrier above.
     if (tid < kBlockN) s_visible[(stage ^ 1) * kBlockN + tid] = next_visible;
+    // Hidden keys (docs/design.md §3.5): a key hidden from some rows of the block has weight 0
+    // there, but 0·NaN = NaN, so a NaN or Inf in its V row would reach those rows through the MMA.
+    // Such entries are set to 0 in shared memory — bitwise what any finite value gives the rows
+    // that do not see the key — and added back below to the rows that do.
+    const bool some_key_hidden =
+        key_mask != nullptr || (p.causal && key0 + kBlockN - 1 > m0 + causal_shift);
+    auto hidden_from_a_row = [&](int col) {  // row m0 sees the fewest keys
+      return !visible[col] || (p.causal && key0 + col > m0 + causal_shift);
+    };
+    // Its last readers (tile n-1) passed this tile's first barrier; its writers come after the next.
+    if (some_key_hidden && tid == 0) s_hidden_v_not_finite = 0;
     cp_async_wait<2>();  // in flight: V(n), K(n+1), V(n+1) → V(n) has landed
     __syncthreads();
+    bool add_hidden_back = false;
+    if (some_key_hidden) {
+      if (zero_nonfinite_rows<T, D, kBlockN>(s_v + stage * Tiling::kKVElems, hidden_from_a_row,
+                                             tid)) {
+        s_hidden_v_not_finite = 1;
+      }
+      __syncthreads();
+      add_hidden_back = s_hidden_v_not_finite != 0;
+    }
     {
       const uint16_t* s_v_stage = s_v + stage * Tiling::kKVElems;
       const int v_row = (lane & 7) + 8 * ((lane >> 3) & 1), v_col = 8 * (lane >> 4);
@@ -357,6 +417,38 @@ __global__ void __launch_bounds__(MmaTiling<D>::kThreads, MmaTiling<D>::kMinBloc
         }
       }
     }
+    if (add_hidden_back) {  // rare: o += p·v for the zeroed entries, in the rows that see them
+      // This warp's P (as the MMA used it) into its own rows of the Q tile, unused until the end.
+      uint16_t* s_p = s_q + warp * 16 * D;
+#pragma unroll
+      for (int ks = 0; ks < kBlockN / 16; ++ks) {
+        const int col = ks * 16 + 2 * tig;
+        *reinterpret_cast<uint32_t*>(s_p + group * kBlockN + col) = p_frag[ks][0];
+        *reinterpret_cast<uint32_t*>(s_p + (group + 8) * kBlockN + col) = p_frag[ks][1];
+        *reinterpret_cast<uint32_t*>(s_p + group * kBlockN + col + 8) = p_frag[ks][2];
+        *reinterpret_cast<uint32_t*>(s_p + (group + 8) * kBlockN + col + 8) = p_frag[ks][3];
+      }
+      __syncwarp();
+      const int keys = p.Sk - key0 < kBlockN ? p.Sk - key0 : kBlockN;
+      for (int c = 0; c < keys; ++c) {
+        if (!hidden_from_a_row(c)) continue;
+        const uint16_t* v_row = v + (key0 + c) * p.v.row_stride;
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          if (!visible[c] || (p.causal && key0 + c > row0 + 8 * r + causal_shift)) continue;
+          const float w = bits_to_float<T>(s_p + (group + 8 * r) * kBlockN + c);
+#pragma unroll
+          for (int nt = 0; nt < D / 8; ++nt) {
+#pragma unroll
+            for (int i = 0; i < 2; ++i) {
+              const uint16_t* x = v_row + nt * 8 + 2 * tig + i;
+              if (not_finite_bits<T>(*x)) o_acc[nt][2 * r + i] += w * bits_to_float<T>(x);
+            }
+          }
+        }
+      }
+      __syncwarp();
+    }
   }
 
   // ---- Epilogue: normalise, write out (through shared memory, 16-byte stores) and lse ---------
@@ -366,9 +458,10 @@ __global__ void __launch_bounds__(MmaTiling<D>::kThreads, MmaTiling<D>::kMinBloc
     float total = row_sum[r];
     total += __shfl_xor_sync(0xffffffffu, total, 1);
     total += __shfl_xor_sync(0xffffffffu, total, 2);
-    // No visible key: out = 0 and lse = -inf, as in reference.py.
-    inv_sum[r] = total > 0.f ? 1.f / total : 0.f;
-    lse[r] = total > 0.f ? (row_max[r] + log2f(total)) * float(kLn2) : -INFINITY;
+    // No visible key: out = 0 and lse = -inf, as in reference.py; a NaN total (a NaN or +inf
+    // score) stays NaN in both.
+    inv_sum[r] = total == 0.f ? 0.f : 1.f / total;
+    lse[r] = total == 0.f ? -INFINITY : (row_max[r] + log2f(total)) * float(kLn2);
   }
   // Each warp reuses its own 16 rows of the Q tile (it read them itself, into q_frag).
   __syncwarp();
@@ -422,6 +515,7 @@ __global__ void __launch_bounds__(Fp32Tiling::kThreads)
   constexpr int kCols = D / 32;
   __shared__ float s_qg[Fp32Tiling::kWarps][D];
   __shared__ float s_p[Fp32Tiling::kWarps][32];
+  __shared__ bool s_seen[Fp32Tiling::kWarps][32];  // key j0 + lane is visible (with key_mask)
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int i = blockIdx.x * Fp32Tiling::kWarps + warp, h = blockIdx.y, b = blockIdx.z;
   if (i >= p.Sq) return;  // whole warp; only warp-level synchronisation below
@@ -455,7 +549,9 @@ __global__ void __launch_bounds__(Fp32Tiling::kThreads)
   for (int j0 = 0; j0 < key_end; j0 += 32) {
     const int key = j0 + lane;
     float s = -INFINITY;
-    if (key < key_end && (key_mask == nullptr || key_mask[key * p.key_mask_row_stride])) {
+    const bool seen =
+        key < key_end && (key_mask == nullptr || key_mask[key * p.key_mask_row_stride]);
+    if (seen) {
       const float* k_row = k + key * p.k.row_stride;
       float dot = 0.f;
       for (int c = 0; c < D; ++c) dot = fmaf(s_qg[warp][c], k_row[c], dot);
@@ -468,11 +564,14 @@ __global__ void __launch_bounds__(Fp32Tiling::kThreads)
     l = l * correction + warp_sum(pk);
     m = m_new;
     s_p[warp][lane] = pk;
+    s_seen[warp][lane] = seen;
     __syncwarp();
     const int chunk = key_end - j0 < 32 ? key_end - j0 : 32;
 #pragma unroll
     for (int j = 0; j < kCols; ++j) o[j] *= correction;
     for (int kk = 0; kk < chunk; ++kk) {
+      // A masked key never contributes: its weight is 0, but 0·NaN = NaN (docs/design.md §3.5).
+      if (key_mask != nullptr && !s_seen[warp][kk]) continue;
       const float w = s_p[warp][kk];
       const float* v_row = v + (j0 + kk) * p.v.row_stride;
 #pragma unroll
@@ -482,11 +581,11 @@ __global__ void __launch_bounds__(Fp32Tiling::kThreads)
   }
 
   float* out = head_rows<float>(p.out, b, h) + i * p.out.row_stride;
-  const float inv = l > 0.f ? 1.f / l : 0.f;  // no visible key: out = 0, lse = -inf
+  const float inv = l == 0.f ? 0.f : 1.f / l;  // no visible key: out = 0, lse = -inf; NaN stays
 #pragma unroll
   for (int j = 0; j < kCols; ++j) out[lane + 32 * j] = o[j] * inv;
   if (lane == 0)
-    p.lse[(static_cast<int64_t>(b) * p.H + h) * p.Sq + i] = l > 0.f ? m + logf(l) : -INFINITY;
+    p.lse[(static_cast<int64_t>(b) * p.H + h) * p.Sq + i] = l == 0.f ? -INFINITY : m + logf(l);
 }
 
 // ============================================================================================
