@@ -139,6 +139,41 @@ def key_mask_values(kind: str, B: int, S: int, gen: torch.Generator) -> Tensor |
 MASK_KINDS = ("none", "holes", "left_pad", "empty_rows")
 
 
+@dataclass(frozen=True)
+class Injection:
+    """A NaN or ±Inf written into one input before it is placed in its layout: one element, or a
+    whole row of d (``where``), chosen by ``index`` modulo how many the tensor has. A target the
+    case does not have (G when there is none) is left alone."""
+    target: str      # "q", "k", "v", "G"; decode: "q", "k_new", "v_new", "k_cache", "v_cache", "G"
+    where: str       # "element" or "row"
+    index: int
+    value: float
+
+    def __repr__(self) -> str:
+        return f"{self.value}@{self.target}.{self.where}[{self.index}]"
+
+
+def inject(tensors: dict[str, Tensor | None], injections: tuple[Injection, ...]) -> None:
+    """Apply ``injections`` in place to the named (unplaced, contiguous) tensors."""
+    for inj in injections:
+        t = tensors.get(inj.target)
+        if t is None:
+            continue
+        if inj.where == "row":
+            rows = t.view(-1, t.shape[-1])
+            rows[inj.index % rows.shape[0]] = inj.value
+        else:
+            t.view(-1)[inj.index % t.numel()] = inj.value
+
+
+def nonfinite_injections(targets: tuple[str, ...]) -> st.SearchStrategy[tuple[Injection, ...]]:
+    """One to three NaN / ±Inf injections into ``targets``."""
+    one = st.builds(Injection, target=st.sampled_from(targets),
+                    where=st.sampled_from(("element", "row")), index=st.integers(0, 2**31 - 1),
+                    value=st.sampled_from((NAN, math.inf, -math.inf)))
+    return st.lists(one, min_size=1, max_size=3).map(tuple)
+
+
 def _generator(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
@@ -167,20 +202,22 @@ class AttentionCase:
     layouts: tuple[str, str, str]  # q, k, v
     scale: float | None
     seed: int
+    injections: tuple[Injection, ...] = ()
 
     def __repr__(self) -> str:
         return (f"AttentionCase(B={self.B}, Sq={self.Sq}, Sk={self.Sk}, H={self.H}, d={self.d}, "
                 f"{DTYPE_NAMES[self.dtype]}, causal={self.causal}, G={self.G}/{self.G_layout}, "
                 f"mask={self.mask}/{self.mask_layout}, layouts={self.layouts}, "
-                f"scale={self.scale}, seed={self.seed})")
+                f"scale={self.scale}, seed={self.seed}, injections={self.injections})")
 
     def inputs(self):
-        """``q, k, v, G, key_mask`` (CPU), each in its drawn layout."""
+        """``q, k, v, G, key_mask`` (CPU), each in its drawn layout, the injections applied."""
         gen = _generator(self.seed)
         q, k, v = random_attention_inputs(self.B, self.Sq, self.Sk, self.H, self.d, self.dtype,
                                           generator=gen)
-        q, k, v = (place(t, lay) for t, lay in zip((q, k, v), self.layouts))
         G = _g_values(self.G, self.B, self.H, self.d, gen)
+        inject(dict(q=q, k=k, v=v, G=G), self.injections)
+        q, k, v = (place(t, lay) for t, lay in zip((q, k, v), self.layouts))
         G = None if G is None else place_g(G, self.G_layout)
         mask = key_mask_values(self.mask, self.B, self.Sk, gen)
         mask = None if mask is None else place_rows(mask, self.mask_layout, gen)
@@ -198,9 +235,10 @@ scales = st.one_of(st.none(), st.floats(-0.5, 0.5, allow_nan=False, width=32))
 
 
 @st.composite
-def attention_cases(draw, *, tiny: bool) -> AttentionCase:
+def attention_cases(draw, *, tiny: bool, nonfinite: bool = False) -> AttentionCase:
     """Cases of ``g_attention``; ``tiny`` for the emulator (B, H ≤ 2, lengths ≤ 70), else up to
-    B 3, H 3 and 200 queries/keys (several 64-row tiles)."""
+    B 3, H 3 and 200 queries/keys (several 64-row tiles); ``nonfinite``: with NaN / ±Inf
+    injected into q, k, v or G."""
     top = 70 if tiny else 200
     G = draw(st.sampled_from(("none", "batch", "shared")))
     mask = draw(st.sampled_from(MASK_KINDS))
@@ -213,7 +251,8 @@ def attention_cases(draw, *, tiny: bool) -> AttentionCase:
         mask=mask,
         mask_layout=draw(st.sampled_from(MASK_LAYOUTS)) if mask != "none" else "contiguous",
         layouts=tuple(draw(st.sampled_from(LAYOUTS)) for _ in range(3)),
-        scale=draw(scales), seed=draw(seeds))
+        scale=draw(scales), seed=draw(seeds),
+        injections=draw(nonfinite_injections(("q", "k", "v", "G"))) if nonfinite else ())
 
 
 # --------------------------------------------------------------------------------------------
@@ -243,6 +282,7 @@ class DecodeCase:
     scale: float | None
     invalid: tuple[int, str] | None  # (row, kind): that row's lengths are invalid
     seed: int
+    injections: tuple[Injection, ...] = ()
 
     @property
     def B(self) -> int:
@@ -253,15 +293,16 @@ class DecodeCase:
                 f"Smax={self.Smax}, Sn={self.Sn}, lens={self.lens}, append={self.append}, "
                 f"starts={self.starts}, G={self.G}/{self.G_layout}, splits={self.splits}, "
                 f"cache={self.cache_layout}, io={self.io_layout}, lens_layout={self.lens_layout}, "
-                f"scale={self.scale}, invalid={self.invalid}, seed={self.seed})")
+                f"scale={self.scale}, invalid={self.invalid}, seed={self.seed}, "
+                f"injections={self.injections})")
 
     def inputs(self):
         """``q, k_cache, v_cache, cache_seqlens, k_new, v_new, cache_start, G`` (CPU). Row b of a
         cache holds standard normal keys/values in [start, len) (clipped to the cache) and NaN
-        everywhere else, the buffer around the view included."""
+        everywhere else, the buffer around the view included; the injections applied."""
         gen = _generator(self.seed)
         B, Sn, H, d, dt = self.B, self.Sn, self.H, self.d, self.dtype
-        q = place(randn((B, Sn, H, d), dt, generator=gen), self.io_layout)
+        q = randn((B, Sn, H, d), dt, generator=gen)
         caches = []
         for _ in range(2):
             values = _nan_buffer((B, self.Smax, H, d), dt)
@@ -270,12 +311,17 @@ class DecodeCase:
                 s0, s1 = max(0, min(s0, self.Smax)), max(0, min(n, self.Smax))
                 if s1 > s0:
                     values[b, s0:s1] = randn((s1 - s0, H, d), dt, generator=gen)
-            caches.append(place(values, self.cache_layout))
+            caches.append(values)
         k_new = v_new = None
         if self.append:
-            k_new, v_new = (place(randn((B, Sn, H, d), dt, generator=gen), self.io_layout)
-                            for _ in range(2))
+            k_new, v_new = (randn((B, Sn, H, d), dt, generator=gen) for _ in range(2))
         G = _g_values(self.G, B, H, d, gen)
+        inject(dict(q=q, k_cache=caches[0], v_cache=caches[1], k_new=k_new, v_new=v_new, G=G),
+               self.injections)
+        q = place(q, self.io_layout)
+        caches = [place(c, self.cache_layout) for c in caches]
+        if self.append:
+            k_new, v_new = place(k_new, self.io_layout), place(v_new, self.io_layout)
         G = None if G is None else place_g(G, self.G_layout)
         lens = place_rows(torch.tensor(self.lens, dtype=torch.int32), self.lens_layout, gen)
         starts = None
@@ -286,13 +332,14 @@ class DecodeCase:
 
 
 @st.composite
-def decode_cases(draw, *, tiny: bool, any_view: bool) -> DecodeCase:
+def decode_cases(draw, *, tiny: bool, any_view: bool, nonfinite: bool = False) -> DecodeCase:
     """Cases of ``g_attention_decode``: ragged cache lengths (an empty cache included), left
     padding (``cache_start``), new tokens appended or already in the cache, explicit and automatic
     splits (more splits than key tiles included), and in one case in eight one row with invalid
     lengths. ``tiny``: for the emulator (B, H ≤ 2, caches ≤ 70 keys); ``any_view`` False: the
     layouts the emulator driver takes (contiguous, or all of q / caches / k_new / v_new head
-    prefixes with one padding)."""
+    prefixes with one padding). ``nonfinite``: valid lengths, and NaN / ±Inf injected into q,
+    k_new, v_new, G or the caches (anywhere: in a visible row, or in one already NaN)."""
     B = draw(st.integers(1, 2 if tiny else 3))
     Sn = draw(st.integers(1, 5 if tiny else 6))
     append = draw(st.booleans())
@@ -306,7 +353,8 @@ def decode_cases(draw, *, tiny: bool, any_view: bool) -> DecodeCase:
     if draw(st.booleans()):
         starts = [draw(st.integers(0, L + added - Sn)) for L in lens]
     invalid = None
-    if draw(st.integers(0, 7)) == 7:  # (hypothesis shrinks towards 0: towards valid rows)
+    # one case in eight; hypothesis shrinks towards 0, so towards valid rows
+    if not nonfinite and draw(st.integers(0, 7)) == 7:
         row = draw(st.integers(0, B - 1))
         kinds = ["past_end" if append else "short", "negative"]
         if starts is not None:
@@ -335,7 +383,9 @@ def decode_cases(draw, *, tiny: bool, any_view: bool) -> DecodeCase:
         append=append, starts=None if starts is None else tuple(starts), G=G, G_layout=G_layout,
         splits=draw(st.one_of(st.just(0), st.integers(1, 8))), cache_layout=cache_layout,
         io_layout=io_layout, lens_layout=draw(st.sampled_from(INT_LAYOUTS)),
-        scale=draw(scales), invalid=invalid, seed=draw(seeds))
+        scale=draw(scales), invalid=invalid, seed=draw(seeds),
+        injections=draw(nonfinite_injections(("q", "k_new", "v_new", "k_cache", "v_cache", "G")))
+        if nonfinite else ())
 
 
 # --------------------------------------------------------------------------------------------
