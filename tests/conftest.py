@@ -13,17 +13,15 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 
 try:  # the fuzz suite's profiles (tests/test_fuzz.py skips where hypothesis is not installed)
-    from hypothesis import HealthCheck, settings
+    from hypothesis import settings
 except ImportError:
     pass
 else:
-    # pldr-ci, the default: the same examples on every run and machine (derandomized, no
-    # database), no per-example deadline (a first call may compile an emulator driver), and the
-    # seed fixture below is harmless to share between examples. pldr-explore
-    # (`pytest --hypothesis-profile=pldr-explore`): new random examples on every run.
-    _fuzz = dict(deadline=None, database=None, print_blob=True,
-                 suppress_health_check=[HealthCheck.too_slow,
-                                        HealthCheck.function_scoped_fixture])
+    # pldr-ci, the default: the same examples on every run and machine (derandomized, no example
+    # database), no per-example deadline (a first call may compile an emulator driver), the blob
+    # that replays a failure in its report. pldr-explore (pytest's
+    # `--hypothesis-profile=pldr-explore`): new random examples on every run.
+    _fuzz = dict(deadline=None, database=None, print_blob=True)
     settings.register_profile("pldr-ci", derandomize=True, **_fuzz)
     settings.register_profile("pldr-explore", derandomize=False, **_fuzz)
     settings.load_profile("pldr-ci")
