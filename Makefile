@@ -46,11 +46,12 @@ emu-tsan: build
 
 # The CPU kernels built with AddressSanitizer + UndefinedBehaviorSanitizer (setup.py,
 # PLDR_KERNELS_SANITIZE=1) in a copy of the tree, build/sanitize-src, so the build here is untouched;
-# then the op tests and a short fuzz run against that build, the emulated CUDA kernels built with the
-# same sanitizers (~6 min of CPU time on 2 cores: not in CI). Python itself is not instrumented, so libasan is preloaded (with libstdc++, whose
-# __cxa_throw ASan must find at start-up to intercept C++ exceptions); leaks are not checked (the
-# interpreter keeps memory alive by design); the first undefined behaviour aborts the run, and
-# pytest leaves file descriptor 2 alone (--capture=sys) so that the report is seen.
+# then the op tests and a short fuzz run against that build, the emulated CUDA kernels built with
+# the same sanitizers (~6 min of CPU time on 2 cores, so not in CI). Python itself is not
+# instrumented, so libasan is preloaded (with libstdc++, whose __cxa_throw ASan must find at
+# start-up to intercept C++ exceptions); leaks are not checked (the interpreter keeps memory alive
+# by design); the first undefined behaviour aborts the run, and pytest leaves file descriptor 2
+# alone (--capture=sys) so that the report is seen.
 SANITIZE_TESTS ?= tests/test_g_attention.py tests/test_g_attention_decode.py \
   tests/test_metric_tensors.py tests/test_nonfinite.py tests/test_fuzz.py
 SANITIZE_FUZZ_EXAMPLES ?= 40
