@@ -348,8 +348,10 @@ def check_g_attention(out: Tensor, lse: Tensor | None, q: Tensor, k: Tensor, v: 
                       peer: tuple[Tensor, Tensor] | None = None) -> Verdict:
     """``pldr::g_attention``'s ``(out, lse)`` (``lse`` None: not judged) against the fp64
     reference: fp32 rule for fp32 inputs, peer rule (:func:`g_attention_peer`) otherwise. A query
-    row with no visible key must be exactly 0 with lse −inf. ``oracle``/``peer`` may be passed
-    precomputed (the benchmark computes a large oracle in chunks)."""
+    row with no visible key must be exactly 0 with lse −inf. The oracle sums P·V over each row's
+    visible keys (``visible_only``), so inputs with NaN or Inf are judged by the NaN rule too
+    (:func:`check_nonfinite`). ``oracle``/``peer`` may be passed precomputed (the benchmark
+    computes a large oracle in chunks)."""
     if oracle is None:
         oracle = reference.g_attention(q.double(), k.double(), v.double(), _double(G), key_mask,
                                        causal, scale, visible_only=True)
@@ -373,8 +375,9 @@ def check_g_attention_decode(out: Tensor, q: Tensor, k_cache: Tensor, v_cache: T
                              cache_start: Tensor | None = None, G: Tensor | None = None,
                              scale: float | None = None, *,
                              oracle: Tensor | None = None) -> Verdict:
-    """One decode step's ``out`` against ``reference.g_attention_decode`` in fp64. ``k_cache`` /
-    ``v_cache`` are the caches *before* the step (they are not modified here)."""
+    """One decode step's ``out`` against ``reference.g_attention_decode`` in fp64 (visible keys
+    only, as :func:`check_g_attention`). ``k_cache`` / ``v_cache`` are the caches *before* the
+    step (they are not modified here)."""
     if oracle is None:
         oracle = reference.g_attention_decode(
             q.double(), k_cache.double(), v_cache.double(), cache_seqlens, _double(k_new),

@@ -240,6 +240,8 @@ def test_num_splits_agree(backend, case):
 @pytest.mark.parametrize("backend,dtype", backend_dtypes(OP, (torch.float32, torch.bfloat16),
                                                          emu_dtypes=(torch.bfloat16,)))
 def test_deterministic_bitwise(backend, dtype):
+    """Run after run, and on the CPU at any thread count: the automatic split count depends on
+    the shapes and lengths only (docs/design.md §3.5)."""
     H, d = 2, 64
     L = backend.sized([33, 12], [700, 300])
     Smax = L[0] + 8
@@ -249,6 +251,16 @@ def test_deterministic_bitwise(backend, dtype):
         a = backend.g_attention_decode(q, k_cache, v_cache, lens, None, None, None, G, None, splits)
         b = backend.g_attention_decode(q, k_cache, v_cache, lens, None, None, None, G, None, splits)
         assert torch.equal(a, b)
+        if backend.runs("thread count"):
+            threads = torch.get_num_threads()
+            try:
+                for n in (1, 2, 5):
+                    torch.set_num_threads(n)
+                    at_n = backend.g_attention_decode(q, k_cache, v_cache, lens, None, None, None,
+                                                      G, None, splits)
+                    assert torch.equal(a, at_n), f"num_splits={splits}: {n} threads differ"
+            finally:
+                torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("backend,dtype", backend_dtypes(OP, (torch.float32, torch.bfloat16)))

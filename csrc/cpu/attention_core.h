@@ -69,6 +69,9 @@ struct KeyRange {
   int64_t begin, end;
   bool causal;
   int64_t diag;
+  // Row path: K rows up to here may be fetched ahead past `end` (decode: the next split's first
+  // rows, which the same thread usually takes next).
+  int64_t prefetch_end = 0;
 };
 
 // q̃ = (q rows [q0, q0+M) of one (b, h)) · G · (scale·log2 e), fp32 [M, D].
@@ -229,7 +232,7 @@ void attend_key_range(int64_t M, const KeyRange<T>& kr, bool allow_row_path, Til
         return kr.causal ? std::clamp<int64_t>(kr.diag + r + 1 - j0, 0, n) : n;
       };
       // The first row's pass also fetches K of the next tile; later rows find V already in L1.
-      const int64_t next_k_rows = std::min(n, end - (j0 + n));
+      const int64_t next_k_rows = std::min(n, std::max(end, kr.prefetch_end) - (j0 + n));
       const T* next_k = next_k_rows > 0 ? kr.k.row(j0 + n) : nullptr;
       accumulate_weighted_rows<D, T>(scores, keys_seen(0), v_row, out, [&](int64_t jj) {
         if (jj < next_k_rows) prefetch_row<T, D>(next_k + jj * kr.k.stride);

@@ -7,8 +7,10 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
+#include <memory>
 #include <utility>
 #include <vector>
 
@@ -21,13 +23,18 @@ namespace {
 
 // Decode never splits a row's keys into pieces shorter than this many tiles.
 constexpr int64_t kMinTilesPerSplit = 4;
+// The work items the automatic split count aims at: ~4 per thread up to 16 threads. A constant,
+// not the thread count, so that a step gives the same bits at any thread count (docs/design.md
+// §3.5); a split costs little (its first keys are fetched by the previous split's last tile).
+constexpr int64_t kAutoSplitItems = 64;
 
-// Number of key splits per (row, head, query tile). Auto: enough work items for ~4 per thread, but
-// no split shorter than kMinTilesPerSplit key tiles.
+// Number of key splits per (row, head, query tile). Auto: enough work items for kAutoSplitItems,
+// but no split shorter than kMinTilesPerSplit key tiles. Depends on the shapes and the lengths
+// only.
 int64_t choose_num_splits(int64_t requested, int64_t base_items, int64_t max_key_tiles) {
   const int64_t most = std::max<int64_t>(1, max_key_tiles);
   if (requested > 0) return std::min(requested, most);
-  const int64_t wanted = ceil_div(4 * static_cast<int64_t>(at::get_num_threads()), base_items);
+  const int64_t wanted = ceil_div(kAutoSplitItems, base_items);
   return std::clamp<int64_t>(std::min(wanted, ceil_div(max_key_tiles, kMinTilesPerSplit)), 1, most);
 }
 
@@ -67,11 +74,14 @@ void g_attention_decode_kernel(const at::Tensor& q, const at::Tensor& k_cache,
   }
   const int64_t splits = choose_num_splits(num_splits, B * H * q_tiles, max_key_tiles);
   const int64_t n_items = B * H * q_tiles * splits;
+  static std::atomic<int64_t> calls{0};  // tells this call's q̃ from an earlier call's
+  const int64_t call = calls.fetch_add(1, std::memory_order_relaxed);
   const GView g_view(G, D);
   T* out_ptr = out.data_ptr<T>();
   // With several splits each writes its normalised partial output and LSE (log2 units) here.
-  std::vector<float> part_out(splits > 1 ? B * H * splits * Sn * D : 0);
-  std::vector<float> part_lse(splits > 1 ? B * H * splits * Sn : 0);
+  // Every entry is written by its item before the combine reads it: no zero fill.
+  const std::unique_ptr<float[]> part_out(splits > 1 ? new float[B * H * splits * Sn * D] : nullptr);
+  const std::unique_ptr<float[]> part_lse(splits > 1 ? new float[B * H * splits * Sn] : nullptr);
 
   struct Item {
     int64_t b, h, tile, split;
@@ -97,15 +107,24 @@ void g_attention_decode_kernel(const at::Tensor& q, const at::Tensor& k_cache,
       },
       [&](int64_t i) {
         static thread_local TileScratch<D> s;
+        // Which query tile's q̃ s.q_tilde holds: a thread takes a run of consecutive items, the
+        // splits of one query tile among them, and forms its q̃ once for them all (the same
+        // bits as forming it again).
+        static thread_local std::pair<int64_t, int64_t> formed{-1, -1};  // (call, query tile)
         const Item it = item_of(i);
         const int64_t q0 = it.tile * kQueryTile, M = std::min(kQueryTile, Sn - q0);
-        form_q_tilde<T, D>(rows_of<T>(q, it.b, it.h), q0, M, g_view.at(it.b, it.h), g_view.ld,
-                           factor, s);
+        const std::pair<int64_t, int64_t> query_tile{call, i / splits};
+        if (formed != query_tile) {
+          form_q_tilde<T, D>(rows_of<T>(q, it.b, it.h), q0, M, g_view.at(it.b, it.h), g_view.ld,
+                             factor, s);
+          formed = query_tile;
+        }
         reset_accumulators<D>(M, s);
         const auto [first, last] = split_range(it.b, it.split);
         // Query i of the new block sees cache rows up to key_end − Sn + i (bottom-right causal).
         const KeyRange<T> kr{rows_of<T>(k_cache, it.b, it.h), rows_of<T>(v_cache, it.b, it.h),
-                             nullptr, 0, first, last, true, key_end[it.b] - Sn + q0};
+                             nullptr, 0, first, last, true, key_end[it.b] - Sn + q0,
+                             key_end[it.b]};
         attend_key_range<T, D>(M, kr, /*allow_row_path=*/true, s);
         for (int64_t r = 0; r < M; ++r) {
           const float l = s.l[r];
@@ -117,7 +136,7 @@ void g_attention_decode_kernel(const at::Tensor& q, const at::Tensor& k_cache,
                                  D, inv_l);
           } else {
             const int64_t p = ((it.b * H + it.h) * splits + it.split) * Sn + q0 + r;
-            store_row_from_float(s.out.data() + r * D, part_out.data() + p * D, D, inv_l);
+            store_row_from_float(s.out.data() + r * D, part_out.get() + p * D, D, inv_l);
             part_lse[p] = l == 0.0f ? kNegInf : s.m[r] + std::log2(l);  // NaN stays NaN
           }
         }
@@ -143,7 +162,7 @@ void g_attention_decode_kernel(const at::Tensor& q, const at::Tensor& k_cache,
           const float w = std::exp2(part_lse[part(sp)] - lse_max);
           if (w == 0.0f) continue;
           weight_sum += w;
-          axpy<D>(w, part_out.data() + part(sp) * D, acc);
+          axpy<D>(w, part_out.get() + part(sp) * D, acc);
         }
       }
       store_row_from_float(acc, out_ptr + b * out.stride(0) + i * out.stride(1) + h * out.stride(2),

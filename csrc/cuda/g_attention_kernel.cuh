@@ -398,7 +398,7 @@ __global__ void __launch_bounds__(MmaTiling<D>::kThreads, MmaTiling<D>::kMinBloc
     if (some_key_hidden) {
       if (zero_nonfinite_rows<T, D, kBlockN>(s_v + stage * Tiling::kKVElems, hidden_from_a_row,
                                              tid)) {
-        s_hidden_v_not_finite = 1;
+        atomicAdd(&s_hidden_v_not_finite, 1);  // rare; several threads may find one
       }
       __syncthreads();
       add_hidden_back = s_hidden_v_not_finite != 0;
