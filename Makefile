@@ -16,13 +16,13 @@ H200_ARCHS ?= 9.0a
 WHEEL_DIR ?= .whl
 export MAX_JOBS ?= 2
 
-.PHONY: setup build test lint emu-tsan bench bench-full cuda-check cuda-build h200-wheel clean
+.PHONY: setup build test lint emu-tsan sanitize bench bench-full cuda-check cuda-build h200-wheel clean
 
 $(VENV)/.installed:
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip "setuptools>=70" wheel
 	$(PY) -m pip install -q torch==$(TORCH_VERSION) numpy ninja pytest safetensors matplotlib tqdm ruff \
-	  "triton>=3.6"
+	  hypothesis "triton>=3.6"
 	touch $@
 
 setup: $(VENV)/.installed
@@ -45,6 +45,35 @@ lint: setup
 # The emulated CUDA kernels under ThreadSanitizer (slow; tiny shapes).
 emu-tsan: build
 	PLDR_EMU_SANITIZE=thread $(PY) -m pytest -q -m emulation tests
+
+# The CPU kernels built with AddressSanitizer + UndefinedBehaviorSanitizer (setup.py,
+# PLDR_KERNELS_SANITIZE=1) in a copy of the tree, build/sanitize-src, so the build here is untouched;
+# then the op tests and a short fuzz run against that build, the emulated CUDA kernels built with
+# the same sanitizers (~6 min of CPU time on 2 cores, so not in CI). Python itself is not
+# instrumented, so libasan is preloaded (with libstdc++, whose __cxa_throw ASan must find at
+# start-up to intercept C++ exceptions); leaks are not checked (the interpreter keeps memory alive
+# by design); the first undefined behaviour aborts the run, and pytest leaves file descriptor 2
+# alone (--capture=sys) so that the report is seen.
+SANITIZE_TESTS ?= tests/test_g_attention.py tests/test_g_attention_decode.py \
+  tests/test_metric_tensors.py tests/test_nonfinite.py tests/test_fuzz.py
+SANITIZE_FUZZ_EXAMPLES ?= 40
+SANITIZE_PRELOAD = $$($(CXX) -print-file-name=libasan.so) $$($(CXX) -print-file-name=libstdc++.so)
+SANITIZE_ENV = LD_PRELOAD="$(SANITIZE_PRELOAD)" ASAN_OPTIONS=detect_leaks=0 \
+  UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 PLDR_EMU_SANITIZE=address,undefined
+
+sanitize: setup
+	rm -rf build/sanitize-src && mkdir -p build/sanitize-src
+	$(COPY_TREE) build/sanitize-src
+	cd build/sanitize-src && PLDR_KERNELS_SKIP_CUDA=1 PLDR_KERNELS_SANITIZE=1 \
+	  $(abspath $(PY)) setup.py -q build_ext --inplace > ../sanitize-build.log 2>&1 \
+	  || (tail -60 ../sanitize-build.log; exit 1)
+	@# the tests must load the sanitized copy, not the editable install of this tree
+	cd build/sanitize-src && $(SANITIZE_ENV) PYTHONPATH=$$PWD $(abspath $(PY)) -c \
+	  "import pldr_kernels, pldr_kernels._build_info as b; \
+	  assert '-fsanitize=address,undefined' in b.BUILD_INFO['cpu_flags'], pldr_kernels.__file__"
+	cd build/sanitize-src && $(SANITIZE_ENV) PYTHONPATH=$$PWD \
+	  PLDR_FUZZ_EXAMPLES=$(SANITIZE_FUZZ_EXAMPLES) $(abspath $(PY)) -m pytest -q -ra \
+	  --capture=sys -p no:cacheprovider $(SANITIZE_TESTS)
 
 bench: build
 	$(PY) -m pldr_kernels.bench --quick

@@ -1,5 +1,6 @@
-"""Shared pytest setup: the tests directory on sys.path (backends.py, cases.py), a fixed seed,
-the build report and the backends this machine runs in the header, and a ``device`` fixture.
+"""Shared pytest setup: the tests directory on sys.path (backends.py, cases.py), the hypothesis
+profiles of the fuzz suite, a fixed seed, the build report and the backends this machine runs in
+the header, and a ``device`` fixture.
 
 Nothing here touches a GPU at import: whether CUDA is usable is asked when the header is printed
 and when a test needs it, so collection works on any machine."""
@@ -10,6 +11,20 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
+
+try:  # the fuzz suite's profiles (tests/test_fuzz.py skips where hypothesis is not installed)
+    from hypothesis import settings
+except ImportError:
+    pass
+else:
+    # pldr-ci, the default: the same examples on every run and machine (derandomized, no example
+    # database), no per-example deadline (a first call may compile an emulator driver), the blob
+    # that replays a failure in its report. pldr-explore (pytest's
+    # `--hypothesis-profile=pldr-explore`): new random examples on every run.
+    _fuzz = dict(deadline=None, database=None, print_blob=True)
+    settings.register_profile("pldr-ci", derandomize=True, **_fuzz)
+    settings.register_profile("pldr-explore", derandomize=False, **_fuzz)
+    settings.load_profile("pldr-ci")
 
 
 @pytest.fixture(autouse=True)
