@@ -120,21 +120,18 @@ class ParameterPack:
     def get(self) -> Tensor:
         """The packed tensor the ops read: the pack (no copy), or with autograd on the stacked
         parameters."""
-        if torch.is_grad_enabled():
-            params = self.get_params()
-            if any(p.requires_grad for p in params):
-                return self.stacked(params)
+        params = self.get_params()
+        differentiable = torch.is_grad_enabled() and any(p.requires_grad for p in params)
         # torch.compile cannot trace data_ptr(): a compiled forward trusts the pack, which
         # PackedModule keeps valid across .to() and load_state_dict(assign=True).
-        if torch.compiler.is_compiling():
-            return self.packed
-        params = self.get_params()
-        if self._valid(params):
-            return self.packed
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            self.packed = None  # the parameters live elsewhere now: free the stale copy
+        if not torch.compiler.is_compiling() and not self._valid(params):
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                self.packed = None  # the parameters live elsewhere now: free the stale copy
+            else:
+                self.repack()
+        if differentiable or self.packed is None:
             return self.stacked(params)
-        return self.repack()
+        return self.packed
 
 
 class PackedModule(nn.Module):
