@@ -20,6 +20,10 @@ TORCH_LIBRARY(pldr, m) {
       "g_attention(Tensor q, Tensor k, Tensor v, Tensor? G=None, Tensor? key_mask=None, "
       "bool causal=False, float? scale=None) -> (Tensor out, Tensor lse)");
   m.def(
+      "g_attention_backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor? G, Tensor out, "
+      "Tensor lse, Tensor? key_mask, bool causal, float? scale) -> (Tensor dq, Tensor dk, Tensor dv, "
+      "Tensor? dG)");
+  m.def(
       "g_attention_decode(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor cache_seqlens, "
       "Tensor? k_new=None, Tensor? v_new=None, Tensor? cache_start=None, Tensor? G=None, "
       "float? scale=None, int num_splits=0) -> Tensor");

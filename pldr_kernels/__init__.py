@@ -8,6 +8,9 @@ oracle), :class:`PLDRConfig`, :class:`PLDRForCausalLM`, :mod:`pldr_kernels.refer
 authors'-style model, an oracle); ``python -m pldr_kernels`` reports the build.
 """
 from . import ops  # noqa: F401  (loads _C and registers the fake kernels)
+
+if ops._LOAD_ERROR is None:
+    from . import autograd  # noqa: F401  (registers the ops' backward formulas)
 from ._version import __version__  # noqa: F401
 from .config import PLDRConfig  # noqa: F401
 from .layers import CausalLMOutput  # noqa: F401

@@ -218,3 +218,22 @@ def check_metric_tensors_inputs(q: Tensor, q_mask: Tensor | None, ln0_w: Tensor,
         check_device(t, name, device)
         check_dtype(t, name, torch.float32, "Metric-learner weights are fp32 (docs/spec.md §5.1).")
         check_shape(t, name, shape)
+
+
+# ---- g_attention_backward (docs/design.md §3.4) ------------------------------------------------
+def check_g_attention_backward_inputs(dout: Tensor, q: Tensor, k: Tensor, v: Tensor,
+                                      G: Tensor | None, out: Tensor, lse: Tensor,
+                                      key_mask: Tensor | None, scale: float | None) -> None:
+    check_g_attention_inputs(q, k, v, G, key_mask, scale)
+    device = q.device
+    for t, name in ((out, "out"), (dout, "dout")):
+        check_device(t, name, device)
+        check_dtype(t, name, q.dtype, "out is g_attention's first output and dout its gradient, "
+                    "both in q's dtype.")
+        check_rank(t, name, 4, "[B, Sq, H, d]")
+        check_shape(t, name, q.shape)
+        check_last_dim_contiguous(t, name)
+    check_device(lse, "lse", device)
+    check_dtype(lse, "lse", torch.float32, "lse is g_attention's second output (fp32).")
+    check_rank(lse, "lse", 3, "[B, H, Sq]")
+    check_shape(lse, "lse", (q.size(0), q.size(2), q.size(1)))

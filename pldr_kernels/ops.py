@@ -189,6 +189,16 @@ def g_attention(q: Tensor, k: Tensor, v: Tensor, G: Tensor | None = None,
 
 
 @_needs_extension
+def g_attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, G: Tensor | None,
+                         out: Tensor, lse: Tensor, key_mask: Tensor | None, causal: bool,
+                         scale: float | None) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """Gradients of ``g_attention`` from its inputs, its ``(out, lse)`` and ``dout`` = ∂L/∂out →
+    ``(dq, dk, dv, dG)``; dq/dk/dv in q's dtype, dG fp32 in G's shape, None without G
+    (docs/design.md §3.4). Autograd calls it (``pldr_kernels.autograd``); lse gets no gradient."""
+    return torch.ops.pldr.g_attention_backward(dout, q, k, v, G, out, lse, key_mask, causal, scale)
+
+
+@_needs_extension
 def g_attention_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor,
                        k_new: Tensor | None = None, v_new: Tensor | None = None,
                        cache_start: Tensor | None = None, G: Tensor | None = None,
@@ -219,6 +229,12 @@ if _LOAD_ERROR is None:
         out = q.new_empty((B, Sq, H, d))
         lse = q.new_empty((B, H, Sq), dtype=torch.float32)
         return out, lse
+
+    @torch.library.register_fake("pldr::g_attention_backward")
+    def _g_attention_backward_fake(dout, q, k, v, G, out, lse, key_mask, causal, scale):
+        _checks.check_g_attention_backward_inputs(dout, q, k, v, G, out, lse, key_mask, scale)
+        return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape),
+                None if G is None else G.new_empty(G.shape))
 
     @torch.library.register_fake("pldr::g_attention_decode")
     def _g_attention_decode_fake(q, k_cache, v_cache, cache_seqlens, k_new=None, v_new=None,

@@ -272,4 +272,30 @@ inline MetricDims check_metric_tensors_inputs(
   return dims;
 }
 
+// ------------------------------------------------------------------------------------------------
+// g_attention_backward (docs/design.md §3.4): the forward's inputs as g_attention checks them, then
+// the forward's outputs (out, lse) and the incoming gradient dout.
+// ------------------------------------------------------------------------------------------------
+inline AttentionDims check_g_attention_backward_inputs(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const c10::optional<at::Tensor>& G, const at::Tensor& out, const at::Tensor& lse,
+    const c10::optional<at::Tensor>& key_mask, const c10::optional<double>& scale) {
+  const auto dims = check_g_attention_inputs(q, k, v, G, key_mask, scale);
+  const auto device = q.device();
+  for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{out, "out"},
+                                std::pair<const at::Tensor&, const char*>{dout, "dout"}}) {
+    check_device(t, name, device);
+    check_dtype(t, name, q.scalar_type(), "out is g_attention's first output and dout its "
+                "gradient, both in q's dtype.");
+    check_rank(t, name, 4, "[B, Sq, H, d]");
+    check_shape(t, name, q.sizes());
+    check_last_dim_contiguous(t, name);
+  }
+  check_device(lse, "lse", device);
+  check_dtype(lse, "lse", at::kFloat, "lse is g_attention's second output (fp32).");
+  check_rank(lse, "lse", 3, "[B, H, Sq]");
+  check_shape(lse, "lse", {dims.B, dims.H, dims.Sq});
+  return dims;
+}
+
 }  // namespace pldr
