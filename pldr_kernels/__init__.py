@@ -7,7 +7,8 @@ Entry points: :mod:`pldr_kernels.ops` (the ops), :mod:`pldr_kernels.reference` (
 oracle), :class:`PLDRConfig`, :class:`PLDRForCausalLM`, :mod:`pldr_kernels.reference_model` (the
 authors'-style model, an oracle); ``python -m pldr_kernels`` reports the build.
 """
-from . import ops  # noqa: F401  (loads _C and registers the fake kernels)
+# ops loads _C and registers the fake kernels; autograd (which imports ops) the backward of the ops.
+from . import autograd, ops  # noqa: F401
 from ._version import __version__  # noqa: F401
 from .config import PLDRConfig  # noqa: F401
 from .layers import CausalLMOutput  # noqa: F401
