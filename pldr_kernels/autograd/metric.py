@@ -149,6 +149,4 @@ def _backward(ctx, grad_A, grad_A_LM, grad_G):
 if ops._LOAD_ERROR is None:
     torch.library.register_autograd("pldr::metric_tensors", _backward,
                                     setup_context=_setup_context)
-    for _device in ("CPU", "CUDA"):
-        torch.library.impl("pldr::metric_tensors_backward", _device)(
-            metric_tensors_backward_reference)
+    torch.library.impl("pldr::metric_tensors_backward", "CUDA")(metric_tensors_backward_reference)
