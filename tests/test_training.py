@@ -4,6 +4,7 @@ features around the ops — autocast, activation checkpointing, gradient accumul
 torch.compile, DDP and FSDP2 (docs/design.md §3.4.1)."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import statistics
@@ -18,6 +19,7 @@ from model_testing import (
     prompt,
     tiny_model,
 )
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from pldr_kernels import PLDRForCausalLM, reference
 from pldr_kernels import nn as pnn
@@ -74,6 +76,31 @@ def well_conditioned(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+class PldrOpsSeen(TorchDispatchMode):
+    """Records the pldr ops that run (forward and backward) while it is active."""
+
+    def __init__(self):
+        super().__init__()
+        self.names: set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "pldr":
+            self.names.add(func.name().removeprefix("pldr::"))
+        return func(*args, **(kwargs or {}))
+
+
+BOTH_BACKWARDS = ("g_attention_backward", "metric_tensors_backward")
+
+
+@contextlib.contextmanager
+def on_the_kernels(*backward_ops: str):
+    """Asserts that the gradients inside came from the pldr backward ops (no reference math)."""
+    with PldrOpsSeen() as seen:
+        yield
+    missing = set(backward_ops) - seen.names
+    assert not missing, f"pldr::{', '.join(sorted(missing))} did not run (ran: {seen.names})"
+
+
 def reference_models(model: PLDRForCausalLM) -> tuple[ReferencePLDR, ReferencePLDR]:
     """The authors'-style model with ``model``'s weights: (fp64 oracle, fp32 peer)."""
     return (ReferencePLDR.from_model(model, torch.float64).train(),
@@ -104,7 +131,8 @@ def test_model_loss_and_every_gradient_match_the_reference_model(batch):
     else:  # left padding: pad rows masked out of the keys and of QᵀQ, their labels -100
         ids, mask = left_pad([prompt(21, seed=52), prompt(13, seed=53)])
         labels = ids.masked_fill(mask == 0, -100)
-    loss, grads = loss_and_grads(model, ids, mask, labels=labels)
+    with on_the_kernels(*BOTH_BACKWARDS):
+        loss, grads = loss_and_grads(model, ids, mask, labels=labels)
     want, oracle = loss_and_grads(oracle_model, ids, mask, labels=labels)
     assert all(g is not None and bool(g.abs().sum() > 0) for g in grads.values()), \
         [n for n, g in grads.items() if g is None or not bool(g.abs().sum() > 0)]
@@ -127,7 +155,8 @@ def test_model_gradients_at_the_authors_init_by_the_statistical_rule():
         model = tiny_model(seed=90 + seed, num_reslayerA=1).train()
         oracle_model, peer_model = reference_models(model)
         ids = prompt(23, seed=95 + seed)
-        loss, grads = loss_and_grads(model, ids, labels=ids)
+        with on_the_kernels(*BOTH_BACKWARDS):
+            loss, grads = loss_and_grads(model, ids, labels=ids)
         want, oracle = loss_and_grads(oracle_model, ids, labels=ids)
         compare(loss, want, name=f"loss (seed {seed})").assert_ok()
         ours.append(max_relative_error(grads, oracle))
@@ -155,7 +184,8 @@ def test_external_g_model_gradients_match_the_reference_model():
         model.decoder.past_G_values[:, 2] += 0.05 * torch.randn(2, 1, 2, 64, 64)
     oracle_model, peer_model = reference_models(model)
     ids = prompt(19, seed=58)
-    loss, grads = loss_and_grads(model, ids, labels=ids)
+    with on_the_kernels("g_attention_backward"):
+        loss, grads = loss_and_grads(model, ids, labels=ids)
     want, oracle = loss_and_grads(oracle_model, ids, labels=ids)
     compare(loss, want, name="loss").assert_ok()
     gradients_verdict("external-G model", grads, oracle,
@@ -204,7 +234,8 @@ def test_power_law_graph_attention_gradients_match_reference():
         (fn(module, xg) * real).square().sum().backward()
         return {"x": xg.grad, **grads_of(module)}
 
-    got = run(att, x, lambda m, xg: m(xg, pos, mask))
+    with on_the_kernels(*BOTH_BACKWARDS):
+        got = run(att, x, lambda m, xg: m(xg, pos, mask))
     oracle = run(copy.deepcopy(att).double(), x.double(), lambda m, xg: plga_math(m, xg, pos, mask))
     peer = run(copy.deepcopy(att), x, lambda m, xg: plga_math(m, xg, pos, mask))
     gradients_verdict("PowerLawGraphAttention", got, oracle, peer).assert_ok()
@@ -232,7 +263,8 @@ def test_g_cached_attention_gradients_reach_x_the_weights_and_g(g_rows):
         fn(module, xg, Gg).square().sum().backward()
         return {"x": xg.grad, "G": Gg.grad, **grads_of(module)}
 
-    got = run(att, torch.float32, lambda m, xg, Gg: m(xg, Gg))
+    with on_the_kernels("g_attention_backward"):
+        got = run(att, torch.float32, lambda m, xg, Gg: m(xg, Gg))
     oracle = run(copy.deepcopy(att).double(), torch.float64, math)
     peer = run(copy.deepcopy(att), torch.float32, math)
     assert got["G"].shape == G.shape
@@ -264,7 +296,8 @@ def test_bf16_autocast_keeps_the_g_path_fp32_and_matches_its_peer():
     bf16, fp32 = torch.bfloat16, torch.float32
     pnn.ops.g_attention, pnn.ops.metric_tensors = attention, metric
     try:
-        loss, grads = loss_and_grads(model, ids, labels=ids, autocast=bf16)
+        with on_the_kernels(*BOTH_BACKWARDS):
+            loss, grads = loss_and_grads(model, ids, labels=ids, autocast=bf16)
     finally:
         pnn.ops.g_attention, pnn.ops.metric_tensors = real_attention, real_metric
     assert seen == [("metric_tensors", fp32, fp32, fp32, fp32),
@@ -304,7 +337,8 @@ def test_activation_checkpointing_gives_the_same_gradients_with_less_saved():
     model.zero_grad(set_to_none=True)
     model.gradient_checkpointing_enable()
     ck_loss, ck_bytes = forward_saved_bytes(model, ids, mask, labels=labels)
-    ck_loss.backward()
+    with on_the_kernels(*BOTH_BACKWARDS):  # the layers' forwards run again in here
+        ck_loss.backward()
     assert torch.equal(loss, ck_loss)
     # The recomputed forward is the same computation, so the gradients are the same bits.
     assert all(torch.equal(g, model.get_parameter(n).grad) for n, g in grads.items())
@@ -324,18 +358,23 @@ def test_gradient_accumulation_over_micro_batches_equals_one_batch():
     whole = {n: g.clone() for n, g in whole.items()}
     counted = (labels[:, 1:] != -100).sum(dim=1)  # tokens each row contributes to the loss
     model.zero_grad(set_to_none=True)
-    for row in range(2):
-        out = model(ids[row:row + 1], mask[row:row + 1], labels=labels[row:row + 1])
-        (out.loss * counted[row] / counted.sum()).backward()
+    with on_the_kernels(*BOTH_BACKWARDS):
+        for row in range(2):
+            out = model(ids[row:row + 1], mask[row:row + 1], labels=labels[row:row + 1])
+            (out.loss * counted[row] / counted.sum()).backward()
     parts = [compare(model.get_parameter(n).grad, g.double(), name=f"accumulated grad {n}")
              for n, g in whole.items()]
     Verdict.combine("gradient accumulation", parts).assert_ok()
 
 
 def test_torch_compile_fullgraph_training_step_gives_the_eager_gradients():
-    """A training step compiled whole (forward and, through AOTAutograd, backward; the pldr ops
-    and their autograd formulas inside the graph): loss and gradients equal eager's by the fp32
-    rule (inductor fuses the pointwise ops differently)."""
+    """A training step compiled whole (forward and, through AOTAutograd, backward) holds the pldr
+    ops and their backward ops in its graphs, and gives eager's loss and gradients by the fp32
+    rule. The graphs run on the eager kernels (as the aot_eager backend does), so what is tested is
+    the tracing and the autograd formulas, not inductor's codegen (which the model's inference
+    compile test covers)."""
+    from torch._dynamo.backends.common import aot_autograd
+
     torch._dynamo.reset()
     model = tiny_model(seed=70, num_hidden_layers=1, num_reslayerA=1, num_denseA=1,
                        vocab_size=64).train()
@@ -343,8 +382,19 @@ def test_torch_compile_fullgraph_training_step_gives_the_eager_gradients():
     labels = ids.masked_fill(mask == 0, -100)
     loss, eager = loss_and_grads(model, ids, mask, labels=labels)
     eager = {n: g.clone() for n, g in eager.items()}
-    compiled = torch.compile(model, fullgraph=True, dynamic=False, backend="aot_eager")
+    graphs: dict[str, set[str]] = {}
+
+    def keep(which):
+        def compiler(gm, example_inputs):
+            graphs[which] = {str(n.target) for n in gm.graph.nodes if n.op == "call_function"}
+            return gm
+        return compiler
+    backend = aot_autograd(fw_compiler=keep("forward"), bw_compiler=keep("backward"))
+    compiled = torch.compile(model, fullgraph=True, dynamic=False, backend=backend)
     c_loss, c_grads = loss_and_grads(compiled, ids, mask, labels=labels)
+    assert {"pldr.g_attention.default", "pldr.metric_tensors.default"} <= graphs["forward"]
+    assert {"pldr.g_attention_backward.default",
+            "pldr.metric_tensors_backward.default"} <= graphs["backward"], graphs["backward"]
     compare(c_loss, loss.double(), name="compiled loss").assert_ok()
     parts = [compare(c_grads[f"_orig_mod.{n}"], g.double(), name=f"compiled grad {n}")
              for n, g in eager.items()]
@@ -393,8 +443,9 @@ def _dist_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
                 wrapped = fully_shard(model)
             for _ in range(2):  # a second step: the packed weights survive the first
                 wrapped.zero_grad(set_to_none=True)
-                loss = wrapped(ids[rows], labels=labels[rows]).loss
-                loss.backward()
+                with on_the_kernels(*BOTH_BACKWARDS):
+                    loss = wrapped(ids[rows], labels=labels[rows]).loss
+                    loss.backward()
             loss = loss.detach()
             dist.all_reduce(loss, op=dist.ReduceOp.AVG)
             grads = {name: (p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad)
