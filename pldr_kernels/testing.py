@@ -12,6 +12,9 @@ The tests, the benchmark harness and users checking their own integration use th
 * **the rule** (docs/design.md §4) — ``compare`` returns a :class:`Verdict`; ``check_g_attention``,
   ``check_g_attention_decode`` and ``check_metric_tensors`` apply it to every output of an op
   against ``pldr_kernels.reference`` run in fp64;
+* **gradients** — ``g_attention_grad_oracle`` (fp64 autograd of the reference),
+  ``g_attention_grad_peer`` (autograd of the peer) and ``check_g_attention_grads``: the same rule
+  for every gradient of ``g_attention`` (docs/design.md §4.5);
 * **backends** — ``available_backends(op)``: which devices this build can run an op on.
 
 The rule: fp32 outputs within ``FP32_REL_TOL`` · max|oracle| of the fp64 oracle; low-precision
@@ -34,6 +37,8 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 FP32_REL_TOL = 1e-5
 LOW_PRECISION_FLOOR = 1e-5
 OPS = ("metric_tensors", "g_attention", "g_attention_decode")
+# Ops that only the registered autograd formulas call (docs/design.md §3.4).
+BACKWARD_OPS = ("g_attention_backward",)
 METRIC_WEIGHT_ORDER = ("ln0_w", "ln0_b", "w1", "b1", "w2", "b2", "w3", "b3", "lnA_w", "lnA_b", "W",
                        "b", "pw", "a", "ba")
 # The paper's 110M model (docs/spec.md §1): the metric learner's shape.
@@ -391,6 +396,77 @@ def check_metric_g_from_a(out: Sequence[Tensor], q: Tensor, q_mask: Tensor | Non
 
 
 # --------------------------------------------------------------------------------------------
+# Gradients (docs/design.md §4.5)
+# --------------------------------------------------------------------------------------------
+def _attention_grads(forward, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, G: Tensor | None,
+                     key_mask: Tensor | None, causal: bool, scale: float | None,
+                     dtype: torch.dtype | None) -> tuple[Tensor | None, ...]:
+    """``(dq, dk, dv, dG)`` of ``forward``'s out under autograd for the loss ⟨out, dout⟩, the
+    activations cast to ``dtype`` (G to fp64 when dtype is fp64, else kept fp32)."""
+    g_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+    G_leaf = None if G is None else G.detach().to(g_dtype).requires_grad_()
+    out, _ = forward(*leaves, G_leaf, key_mask, causal, scale)
+    out.backward(dout.to(out.dtype))
+    return tuple(None if t is None else t.grad for t in (*leaves, G_leaf))
+
+
+def g_attention_grad_oracle(dout: Tensor, q: Tensor, k: Tensor, v: Tensor,
+                            G: Tensor | None = None, key_mask: Tensor | None = None,
+                            causal: bool = False, scale: float | None = None
+                            ) -> tuple[Tensor | None, ...]:
+    """``(dq, dk, dv, dG)``: fp64 autograd of ``reference.g_attention`` for the incoming gradient
+    ``dout`` of out (dG None without G)."""
+    return _attention_grads(reference.g_attention, dout.double(), q, k, v, G, key_mask, causal,
+                            scale, torch.float64)
+
+
+def g_attention_grad_peer(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, G: Tensor | None = None,
+                          key_mask: Tensor | None = None, causal: bool = False,
+                          scale: float | None = None) -> tuple[Tensor | None, ...]:
+    """The peer of the gradients: PyTorch autograd of :func:`g_attention_peer` (the same math in
+    q's dtype, G in fp32) for ``dout``; ``(dq, dk, dv, dG)``."""
+    return _attention_grads(g_attention_peer, dout, q, k, v, G, key_mask, causal, scale, q.dtype)
+
+
+def check_g_attention_grads(grads: Sequence[Tensor | None], dout: Tensor, q: Tensor, k: Tensor,
+                            v: Tensor, G: Tensor | None = None, key_mask: Tensor | None = None,
+                            causal: bool = False, scale: float | None = None, *,
+                            oracle: Sequence[Tensor | None] | None = None,
+                            peer: Sequence[Tensor | None] | None = None) -> Verdict:
+    """``(dq, dk, dv, dG)`` of ``g_attention`` for ``dout`` against fp64 autograd of the reference
+    (:func:`g_attention_grad_oracle`), each by the peer rule with :func:`g_attention_grad_peer` as
+    the peer, in every dtype (an fp32 gradient can be exactly 0 in fp64, e.g. dk with one visible
+    key, where a relative bound is 0). Exact, beyond the rule: a query row that sees no key gets
+    dq = 0, a key that no query sees gets dk = dv = 0. dG must be None exactly when G is."""
+    if oracle is None:
+        oracle = g_attention_grad_oracle(dout, q, k, v, G, key_mask, causal, scale)
+    if peer is None:
+        peer = g_attention_grad_peer(dout, q, k, v, G, key_mask, causal, scale)
+    parts = []
+    for name, got, want, same_dtype in zip(("dq", "dk", "dv", "dG"), grads, oracle, peer):
+        if want is None:
+            parts.append(Verdict(name, got is None, 0.0 if got is None else math.inf, 0.0,
+                                 "None without G"))
+        elif got is None:
+            parts.append(Verdict(name, False, math.inf, 0.0, "missing"))
+        else:
+            parts.append(compare(got, want, same_dtype, name=name))
+    B, Sq, H, _ = q.shape
+    Sk = k.shape[1]
+    mask = None if key_mask is None else key_mask.cpu()
+    visible = reference.masked_softmax(torch.zeros(B, 1, Sq, Sk), mask, causal)[0][:, 0] > 0
+    for name, got, hidden in (("dq", grads[0], ~visible.any(2)), ("dk", grads[1], ~visible.any(1)),
+                              ("dv", grads[2], ~visible.any(1))):
+        if got is not None and bool(hidden.any()):
+            zero = bool((got.detach().cpu()[hidden] == 0).all())
+            what = "query rows without a visible key" if name == "dq" else "keys no query sees"
+            parts.append(Verdict(f"{name} of {what}", zero, 0.0 if zero else math.inf, 0.0,
+                                 "exactly 0"))
+    return Verdict.combine("g_attention gradients", parts)
+
+
+# --------------------------------------------------------------------------------------------
 # Backends
 # --------------------------------------------------------------------------------------------
 def available_backends(op: str, *, need_device: bool = True) -> tuple[str, ...]:
@@ -398,8 +474,8 @@ def available_backends(op: str, *, need_device: bool = True) -> tuple[str, ...]:
 
     "cuda" needs a build with CUDA kernels (a CPU-only build registers a stub on the CUDA key that
     explains how to rebuild) and, unless ``need_device=False``, a visible CUDA device."""
-    if op not in OPS:
-        raise ValueError(f"op must be one of {OPS}, got {op!r}")
+    if op not in OPS + BACKWARD_OPS:
+        raise ValueError(f"op must be one of {OPS + BACKWARD_OPS}, got {op!r}")
     from . import ops
 
     if ops._LOAD_ERROR is not None:
@@ -407,7 +483,9 @@ def available_backends(op: str, *, need_device: bool = True) -> tuple[str, ...]:
     backends = []
     if torch._C._dispatch_has_kernel_for_dispatch_key(f"pldr::{op}", "CPU"):
         backends.append("cpu")
-    if (ops.built_with_cuda() and (not need_device or torch.cuda.is_available())
+    # A backward op's CUDA kernel may come from Python (Triton) in a build without CUDA kernels.
+    if ((ops.built_with_cuda() or op in BACKWARD_OPS)
+            and (not need_device or torch.cuda.is_available())
             and torch._C._dispatch_has_kernel_for_dispatch_key(f"pldr::{op}", "CUDA")):
         backends.append("cuda")
     return tuple(backends)

@@ -66,6 +66,9 @@ EXCLUDED: dict[tuple[str, str], str] = {
     ("emu", "strided weights"):
         "the metric_tensors driver reads contiguous weights; the CUDA API makes them contiguous "
         "before the launch, which only cpu and cuda run",
+    ("emu", "backward"):
+        "the emulator runs the CUDA C++ kernels, and g_attention_backward has none (its CUDA "
+        "kernel is Triton, tested by tests/test_triton_attention.py)",
     ("emu", "thread count"):
         "the emulator runs a fixed number of host threads per CUDA block; thread count is a CPU "
         "backend setting",
@@ -176,6 +179,11 @@ class Backend:
                            cache_start=None, G=None, scale=None, num_splits=0):
         return torch.ops.pldr.g_attention_decode(q, k_cache, v_cache, cache_seqlens, k_new,
                                                  v_new, cache_start, G, scale, num_splits)
+
+    def g_attention_backward(self, dout, q, k, v, G, out, lse, key_mask=None, causal=False,
+                             scale=None):
+        return torch.ops.pldr.g_attention_backward(dout, q, k, v, G, out, lse, key_mask, causal,
+                                                   scale)
 
     def metric_tensors(self, q, q_mask, *weights, eps_ln=1e-6, eps_adj=1e-9):
         return torch.ops.pldr.metric_tensors(q, q_mask, *weights, eps_ln, eps_adj)

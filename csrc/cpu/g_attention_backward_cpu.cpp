@@ -5,7 +5,10 @@
 // per (b, h) follows from the shapes only (kMinWorkItems), so the partition, and with it every bit
 // of the result, is the same at any thread count. An item first recomputes, for the query tiles its
 // keys are visible to, what the backward needs of the forward: q̃ scaled into log2 units (as the
-// forward forms it), dO in fp32, D = rowsum(dO∘O) and lse in log2 units. Then, per key tile, it walks
+// forward forms it), dO in fp32, D and lse in log2 units. D = Σ_j P_ij·dP_ij; for fp32 inputs it is
+// FlashAttention's rowsum(dO∘O); for bf16 / fp16 it is summed from P and dP in fp32 by a first pass
+// over the query tiles, because out rounded to 8 or 11 bits makes rowsum(dO∘O) err by as much as
+// the whole same-dtype PyTorch gradient does (docs/design.md §3.4). Then, per key tile, it walks
 // the visible query tiles with every product in the transposed frame (keys down, queries across),
 // so no tile is transposed inside the loop and a masked key is a whole row:
 //   Sᵀ = K·q̃ᵀ,  Pᵀ = 2^(Sᵀ − lse),  dPᵀ = V·dOᵀ,  dSᵀ = Pᵀ∘(dPᵀ − D),
@@ -128,6 +131,55 @@ struct KeyTileScratch {
         q_rows(kBwdQueryTile * D), dgt(D * D) {}
 };
 
+// The first query column of a tile (rows i0 .. i0 + M − 1) that sees key j; M when none does.
+template <typename T>
+inline int64_t first_visible_column(const Problem<T>& p, int64_t b, int64_t j, int64_t i0,
+                                    int64_t M) {
+  if (!p.key_visible(b, j)) return M;
+  return p.causal ? std::clamp<int64_t>(j - p.diag - i0, 0, M) : 0;  // sees j iff i >= j − diag
+}
+
+// lse in log2 units, as the scores; a row without a visible key (lse −inf) gets +inf, so that its
+// P = 2^(s − inf) is 0.
+inline float lse_log2(float lse) {
+  return lse == kNegInf ? std::numeric_limits<float>::infinity()
+                        : static_cast<float>(static_cast<double>(lse) * kLog2e);
+}
+
+// fp32 rows [j0, j0 + n) of K and V of one (b, h); a masked key's rows are zeros, so its values
+// never reach a product.
+template <typename T, int D>
+void load_key_tile(const Problem<T>& p, int64_t b, const Rows<T>& k, const Rows<T>& v, int64_t j0,
+                   int64_t n, float* k_rows, float* v_rows) {
+  for (int64_t r = 0; r < n; ++r) {
+    if (p.key_visible(b, j0 + r)) {
+      load_row_as_float(k.row(j0 + r), k_rows + r * D, D);
+      load_row_as_float(v.row(j0 + r), v_rows + r * D, D);
+    } else {
+      std::fill_n(k_rows + r * D, D, 0.0f);
+      std::fill_n(v_rows + r * D, D, 0.0f);
+    }
+  }
+}
+
+// st = Sᵀ [n, M] (row stride TQ) becomes Pᵀ = 2^(Sᵀ − lse) in place; hidden pairs (causal diagonal,
+// masked key) are exactly 0. Returns nothing; first_visible[r] is left for the caller.
+template <typename T>
+void probabilities_tile(const Problem<T>& p, int64_t b, int64_t j0, int64_t n, int64_t i0,
+                        int64_t M, const float* lse2, float* st) {
+  for (int64_t r = 0; r < n; ++r) {
+    float* s = st + r * kBwdQueryTile;
+    const int64_t first_visible = first_visible_column(p, b, j0 + r, i0, M);
+    for (int64_t c = first_visible - first_visible % kLanes; c < M; c += kLanes) {
+      const int64_t count = M - c;
+      simd::store_partial(s + c, simd::exp2(simd::sub(simd::load_partial(s + c, count),
+                                                      simd::load_partial(lse2 + c, count))),
+                          count);
+    }
+    std::fill(s, s + first_visible, 0.0f);
+  }
+}
+
 template <typename T, int D>
 inline float dot_row(const float* a, const T* b) {
   f32x16 acc = simd::mul(simd::load(a), simd::load_as_f32(b));
@@ -143,10 +195,11 @@ inline void zero_row(T* dst, int64_t n) {
   std::fill(dst, dst + n, static_cast<T>(0.0f));
 }
 
-// Fills the query side for query tiles [it_begin, q_tiles) of (b, h).
+// Fills the query side for query tiles [it_begin, q_tiles) of (b, h). exact_delta: D of this
+// (b, h) from exact_delta_tile, or nullptr for rowsum(dO∘O).
 template <typename T, int D>
 void prepare_query_tiles(const Problem<T>& p, int64_t b, int64_t h, int64_t it_begin,
-                         QuerySide<D>& qs, TileScratch<D>& fwd) {
+                         const float* exact_delta, QuerySide<D>& qs, TileScratch<D>& fwd) {
   const Rows<T> q = rows_of<T>(p.q, b, h), dout = rows_of<T>(p.dout, b, h),
                 out = rows_of<T>(p.out, b, h);
   const float* lse = p.lse.template data_ptr<float>() + b * p.lse.stride(0) + h * p.lse.stride(1);
@@ -161,11 +214,9 @@ void prepare_query_tiles(const Problem<T>& p, int64_t b, int64_t h, int64_t it_b
     float* do_rows = qs.do_rows + i0 * D;
     for (int64_t r = 0; r < M; ++r) {
       load_row_as_float(dout.row(i0 + r), do_rows + r * D, D);
-      qs.delta[i0 + r] = dot_row<T, D>(do_rows + r * D, out.row(i0 + r));
-      const float l = lse[(i0 + r) * lse_stride];
-      // log2 units as the scores; a row without a visible key (lse −inf) gets P = 2^(s − inf) = 0.
-      qs.lse2[i0 + r] = static_cast<float>(static_cast<double>(l) * kLog2e);
-      if (l == kNegInf) qs.lse2[i0 + r] = std::numeric_limits<float>::infinity();
+      qs.delta[i0 + r] = exact_delta != nullptr ? exact_delta[i0 + r]
+                                                : dot_row<T, D>(do_rows + r * D, out.row(i0 + r));
+      qs.lse2[i0 + r] = lse_log2(lse[(i0 + r) * lse_stride]);
     }
     pack_transposed<float, D>([&](int64_t r) { return do_rows + r * D; }, M,
                               qs.do_cols + it * D * kBwdQueryTile, kBwdQueryTile);
@@ -173,41 +224,90 @@ void prepare_query_tiles(const Problem<T>& p, int64_t b, int64_t h, int64_t it_b
 }
 
 // One (key tile, query tile) pair in the transposed frame, in place: st = Sᵀ becomes Pᵀ and
-// dpt = dPᵀ becomes dSᵀ. Hidden pairs (causal diagonal, masked key) are exactly 0 in both.
+// dpt = dPᵀ becomes dSᵀ = Pᵀ∘(dPᵀ − D). Hidden pairs (causal diagonal, masked key) are exactly 0 in
+// both.
 template <typename T>
 void softmax_backward_tile(const Problem<T>& p, int64_t b, int64_t j0, int64_t n, int64_t i0,
                            int64_t M, const float* lse2, const float* delta, float* st,
                            float* dpt) {
+  probabilities_tile(p, b, j0, n, i0, M, lse2, st);
   for (int64_t r = 0; r < n; ++r) {
-    float* s = st + r * kBwdQueryTile;
+    const float* prob = st + r * kBwdQueryTile;
     float* dp = dpt + r * kBwdQueryTile;
-    const int64_t j = j0 + r;
-    // Query column c sees key j iff i0 + c >= j − diag (causal).
-    const int64_t first_visible =
-        !p.key_visible(b, j) ? M : (p.causal ? std::clamp<int64_t>(j - p.diag - i0, 0, M) : 0);
+    const int64_t first_visible = first_visible_column(p, b, j0 + r, i0, M);
     for (int64_t c = first_visible - first_visible % kLanes; c < M; c += kLanes) {
       const int64_t count = M - c;
-      const f32x16 prob = simd::exp2(
-          simd::sub(simd::load_partial(s + c, count), simd::load_partial(lse2 + c, count)));
-      const f32x16 ds = simd::mul(
-          prob, simd::sub(simd::load_partial(dp + c, count), simd::load_partial(delta + c, count)));
-      simd::store_partial(s + c, prob, count);
-      simd::store_partial(dp + c, ds, count);
+      simd::store_partial(dp + c,
+                          simd::mul(simd::load_partial(prob + c, count),
+                                    simd::sub(simd::load_partial(dp + c, count),
+                                              simd::load_partial(delta + c, count))),
+                          count);
     }
-    std::fill(s, s + first_visible, 0.0f);
     std::fill(dp, dp + first_visible, 0.0f);
   }
 }
 
+// D = Σ_j P_ij·dP_ij of the query tile [i0, i0 + M) of one (b, h), summed in fp32 over its visible
+// key tiles in key order (the bf16 / fp16 path; see the top of the file).
+template <typename T, int D>
+void exact_delta_tile(const Problem<T>& p, int64_t b, int64_t h, int64_t it, float* delta,
+                      KeyTileScratch<D>& w, TileScratch<D>& fwd) {
+  constexpr int64_t TQ = kBwdQueryTile, TK = kBwdKeyTile;
+  const int64_t i0 = it * TQ, M = std::min(TQ, p.Sq - i0);
+  form_q_tilde<T, D>(rows_of<T>(p.q, b, h), i0, M, p.g.at(b, h), p.g.ld, p.factor, fwd);
+  const float* qs_rows = fwd.q_tilde.data();
+  pack_transposed<float, D>([&](int64_t r) { return qs_rows + r * D; }, M, w.dq_cols.data(), TQ);
+  const Rows<T> dout = rows_of<T>(p.dout, b, h), k = rows_of<T>(p.k, b, h),
+                v = rows_of<T>(p.v, b, h);
+  for (int64_t r = 0; r < M; ++r) load_row_as_float(dout.row(i0 + r), w.q_rows.data() + r * D, D);
+  pack_transposed<float, D>([&](int64_t r) { return w.q_rows.data() + r * D; }, M,
+                            w.dqt_sum.data(), TQ);
+  const float* lse = p.lse.template data_ptr<float>() + b * p.lse.stride(0) + h * p.lse.stride(1);
+  float lse2[TQ];
+  float acc[TQ] = {};
+  for (int64_t c = 0; c < M; ++c) lse2[c] = lse_log2(lse[(i0 + c) * p.lse.stride(2)]);
+  // The last row sees keys <= i0 + M − 1 + diag.
+  const int64_t key_end = p.causal ? std::clamp<int64_t>(i0 + M + p.diag, 0, p.Sk) : p.Sk;
+  for (int64_t j0 = 0; j0 < key_end; j0 += TK) {
+    const int64_t n = std::min(TK, key_end - j0);
+    bool any_visible = p.mask == nullptr;
+    for (int64_t r = 0; r < n && !any_visible; ++r) any_visible = p.key_visible(b, j0 + r);
+    if (!any_visible) continue;
+    load_key_tile<T, D>(p, b, k, v, j0, n, w.k_rows.data(), w.v_rows.data());
+    at::native::cpublas::brgemm(n, M, D, D, TQ, TQ, false, w.k_rows.data(), w.dq_cols.data(),
+                                w.st.data(), false);
+    at::native::cpublas::brgemm(n, M, D, D, TQ, TQ, false, w.v_rows.data(), w.dqt_sum.data(),
+                                w.dpt.data(), false);
+    probabilities_tile(p, b, j0, n, i0, M, lse2, w.st.data());
+    for (int64_t r = 0; r < n; ++r) {
+      const float* prob = w.st.data() + r * TQ;
+      float* dp = w.dpt.data() + r * TQ;
+      // A hidden pair adds nothing, even where dP is not finite (a NaN in a V row i cannot see).
+      std::fill(dp, dp + first_visible_column(p, b, j0 + r, i0, M), 0.0f);
+      for (int64_t c = 0; c < M; c += kLanes) {
+        const int64_t count = M - c;
+        simd::store_partial(acc + c,
+                            simd::fma(simd::load_partial(prob + c, count),
+                                      simd::load_partial(dp + c, count),
+                                      simd::load_partial(acc + c, count)),
+                            count);
+      }
+    }
+  }
+  std::copy(acc, acc + M, delta + i0);
+}
+
 // dK, dV of the chunk's key tiles, and its dq̃ᵀ (unscaled, [q_tiles, D, TQ]) into dqt.
 template <typename T, int D>
-void backward_chunk(const Problem<T>& p, int64_t bh, int64_t chunk, QuerySide<D>& qs, float* dqt,
-                    KeyTileScratch<D>& w, TileScratch<D>& fwd) {
+void backward_chunk(const Problem<T>& p, int64_t bh, int64_t chunk, const float* exact_delta,
+                    QuerySide<D>& qs, float* dqt, KeyTileScratch<D>& w, TileScratch<D>& fwd) {
   const int64_t b = bh / p.H, h = bh % p.H;
   const int64_t kt_begin = p.chunk_begin(chunk), kt_end = p.chunk_end(chunk);
   w.touched.assign(p.q_tiles, 0);
   const int64_t it_begin = p.first_query_tile(kt_begin * kBwdKeyTile);
-  if (it_begin < p.q_tiles && kt_begin < kt_end) prepare_query_tiles<T, D>(p, b, h, it_begin, qs, fwd);
+  if (it_begin < p.q_tiles && kt_begin < kt_end) {
+    prepare_query_tiles<T, D>(p, b, h, it_begin, exact_delta, qs, fwd);
+  }
   const Rows<T> k = rows_of<T>(p.k, b, h), v = rows_of<T>(p.v, b, h);
   auto dk_row = [&](int64_t j) { return p.dk + ((b * p.Sk + j) * p.H + h) * D; };
   auto dv_row = [&](int64_t j) { return p.dv + ((b * p.Sk + j) * p.H + h) * D; };
@@ -227,16 +327,7 @@ void backward_chunk(const Problem<T>& p, int64_t bh, int64_t chunk, QuerySide<D>
       }
       continue;
     }
-    // fp32 K and V rows; a masked key's rows are zeros, so its values never reach a product.
-    for (int64_t r = 0; r < n; ++r) {
-      if (p.key_visible(b, j0 + r)) {
-        load_row_as_float(k.row(j0 + r), w.k_rows.data() + r * D, D);
-        load_row_as_float(v.row(j0 + r), w.v_rows.data() + r * D, D);
-      } else {
-        std::fill_n(w.k_rows.data() + r * D, D, 0.0f);
-        std::fill_n(w.v_rows.data() + r * D, D, 0.0f);
-      }
-    }
+    load_key_tile<T, D>(p, b, k, v, j0, n, w.k_rows.data(), w.v_rows.data());
     pack_transposed<float, D>([&](int64_t r) { return w.k_rows.data() + r * D; }, n,
                               w.k_cols.data(), TK);
     for (int64_t it = it_first; it < p.q_tiles; ++it) {
@@ -361,6 +452,27 @@ void g_attention_backward_kernel(const Problem<T>& p, at::Tensor* dG) {
                           " outside [0, ", slots, ")");
     return slot;
   };
+  // bf16 / fp16: D from P and dP (exact_delta_tile), one item per query tile.
+  at::Tensor exact_delta;
+  const int64_t rows_per_bh = p.q_tiles * TQ;
+  if constexpr (!std::is_same_v<T, float>) {
+    exact_delta = at::empty({BH, rows_per_bh}, workspace.options());
+    float* delta_ptr = exact_delta.data_ptr<float>();
+    parallel_balanced(
+        BH * p.q_tiles,
+        [&](int64_t item) {
+          const int64_t i_last = std::min((item % p.q_tiles + 1) * TQ, p.Sq) - 1;
+          const int64_t key_end = p.causal ? std::clamp<int64_t>(i_last + 1 + p.diag, 0, p.Sk) : p.Sk;
+          return ceil_div(key_end, kBwdKeyTile) + 1;
+        },
+        [&](int64_t item) {
+          static thread_local KeyTileScratch<D> w;
+          static thread_local TileScratch<D> fwd;
+          const int64_t bh = item / p.q_tiles;
+          exact_delta_tile<T, D>(p, bh / p.H, bh % p.H, item % p.q_tiles,
+                                 delta_ptr + bh * rows_per_bh, w, fwd);
+        });
+  }
   auto chunk_cost = [&](int64_t chunk) {
     int64_t cost = 1;
     for (int64_t jt = p.chunk_begin(chunk); jt < p.chunk_end(chunk); ++jt) {
@@ -377,7 +489,9 @@ void g_attention_backward_kernel(const Problem<T>& p, at::Tensor* dG) {
         QuerySide<D> qs(workspace_ptr + slot_of() * slot_floats, p.q_tiles);
         float* dqt = p.n_chunks == 1 ? qs.dqt
                                      : partials.data_ptr<float>() + (chunk * BH + bh) * block_floats;
-        backward_chunk<T, D>(p, bh, chunk, qs, dqt, w, fwd);
+        const float* delta =
+            exact_delta.defined() ? exact_delta.data_ptr<float>() + bh * rows_per_bh : nullptr;
+        backward_chunk<T, D>(p, bh, chunk, delta, qs, dqt, w, fwd);
         if (p.n_chunks == 1) {
           finish_queries<T, D>(p, bh, dqt, 0, dG_ptr ? dG_ptr + bh * D * D : nullptr, w);
         }

@@ -45,9 +45,11 @@ def _backward(ctx, grad_out, _grad_lse):
         grad_out = grad_out.contiguous()
     dq, dk, dv, dG = torch.ops.pldr.g_attention_backward(grad_out, q, k, v, G, out, lse, key_mask,
                                                          ctx.causal, ctx.scale)
+    # One gradient per input the autograd function received: the dispatcher drops trailing
+    # arguments equal to their defaults (G=None, key_mask=None, ...), so there may be fewer than 7.
     wants = ctx.needs_input_grad
-    return (dq if wants[0] else None, dk if wants[1] else None, dv if wants[2] else None,
-            dG if wants[3] else None, None, None, None)
+    grads = (dq, dk, dv, dG, None, None, None)[:len(wants)]
+    return tuple(g if want else None for g, want in zip(grads, wants))
 
 
 torch.library.register_autograd("pldr::g_attention", _backward, setup_context=_setup_context)
