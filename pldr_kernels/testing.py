@@ -39,7 +39,7 @@ FP32_REL_TOL = 1e-5
 LOW_PRECISION_FLOOR = 1e-5
 OPS = ("metric_tensors", "g_attention", "g_attention_decode")
 # Ops that only the registered autograd formulas call (docs/design.md §3.4).
-BACKWARD_OPS = ("g_attention_backward",)
+BACKWARD_OPS = ("g_attention_backward", "metric_tensors_backward")
 METRIC_WEIGHT_ORDER = ("ln0_w", "ln0_b", "w1", "b1", "w2", "b2", "w3", "b3", "lnA_w", "lnA_b", "W",
                        "b", "pw", "a", "ba")
 # The paper's 110M model (docs/spec.md §1): the metric learner's shape.
