@@ -36,7 +36,6 @@ METRIC_CHILDREN = ("plgatt_layer", "reslayerAs", "layernorm1")
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
-
 def autocast_dtype(device: torch.device) -> torch.dtype | None:
     """The dtype ``torch.autocast`` gives matmuls on ``device`` here, or None outside autocast."""
     if torch.is_autocast_enabled(device.type):
