@@ -219,7 +219,7 @@ class PLDRForCausalLM(nn.Module):
         ops.require_built()
         inputs = self._sequence_inputs(input_ids, attention_mask, include_pad_in_g, "off")
         logits = self._run(input_ids, inputs)
-        loss = None if labels is None else causal_lm_loss(logits, labels)
+        loss = None if labels is None else causal_lm_loss(logits, labels, lean=True)
         return CausalLMOutput(logits=logits, loss=loss)
 
     # ---- caches ------------------------------------------------------------------------------

@@ -56,6 +56,21 @@ def _keep_fp32(fn):
 # --------------------------------------------------------------------------------------------
 # Packed parameters, and the one place that keeps them packed and the G path fp32
 # --------------------------------------------------------------------------------------------
+class _PackOfParameters(torch.autograd.Function):
+    """The pack as a function of the parameters that are views into it: the forward returns the
+    pack itself (no copy), the backward gives each parameter its slice of the pack's gradient."""
+
+    @staticmethod
+    def forward(ctx, packed: Tensor, *params: Tensor) -> Tensor:
+        ctx.shapes = [p.shape for p in params]
+        return packed
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        slices = grad.reshape(len(ctx.shapes), -1).unbind(0)
+        return None, *(g.view(shape) for g, shape in zip(slices, ctx.shapes))
+
+
 class ParameterPack:
     """Parameters of equal shape stored as views into one packed tensor of ``shape``.
 
@@ -64,12 +79,13 @@ class ParameterPack:
     assign=True)``, a re-assigned parameter — is repaired by :meth:`ensure` (called by
     :class:`PackedModule` after each of the first two, and by :meth:`get` in eager mode).
 
-    With autograd on, :meth:`get` stacks the parameters instead (a copy per forward, which autograd
-    differentiates back to each parameter): the pack itself is not a leaf of the graph. In a
-    ``torch.distributed`` run :meth:`get` never repacks either, because a wrapper may own the
-    parameter storage (FSDP2's unsharded parameters are views of its all-gather buffers, which a
-    repack would detach from the gathered values); a stale pack is dropped and the parameters
-    are stacked per call."""
+    With autograd on, the pack itself is not a leaf of the graph: :meth:`get` returns it through
+    :class:`_PackOfParameters`, so its gradient reaches each parameter without a copy of the
+    weights. Parameters that are not views of the pack are stacked per call instead (a copy,
+    which autograd differentiates too). In a ``torch.distributed`` run :meth:`get` never repacks,
+    because a wrapper may own the parameter storage (FSDP2's unsharded parameters are views of its
+    all-gather buffers, which a repack would detach from the gathered values): a stale pack is
+    dropped and the parameters are stacked per call."""
 
     def __init__(self, owner: nn.Module, paths: Sequence[str], shape: Sequence[int]):
         # Paths from the owner, not Parameter objects: load_state_dict(assign=True) may replace
@@ -117,10 +133,9 @@ class ParameterPack:
             self.repack()
 
     def get(self) -> Tensor:
-        """The packed tensor the ops read: the pack (no copy), or with autograd on the stacked
-        parameters."""
+        """The packed tensor the ops read: the pack (no copy; with autograd on, differentiable
+        with respect to the parameters), or the parameters stacked when they are not its views."""
         params = self.get_params()
-        differentiable = torch.is_grad_enabled() and any(p.requires_grad for p in params)
         # torch.compile cannot trace data_ptr(): a compiled forward trusts the pack, which
         # PackedModule keeps valid across .to() and load_state_dict(assign=True).
         if not torch.compiler.is_compiling() and not self._valid(params):
@@ -128,8 +143,10 @@ class ParameterPack:
                 self.packed = None  # the parameters live elsewhere now: free the stale copy
             else:
                 self.repack()
-        if differentiable or self.packed is None:
+        if self.packed is None:
             return self.stacked(params)
+        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+            return _PackOfParameters.apply(self.packed, *params)
         return self.packed
 
 
@@ -440,6 +457,8 @@ class GCachedAttention(PackedModule):
         bias = self.packs["qkv_bias"].get() if "qkv_bias" in self.packs else None
         qkv = F.linear(x, self.packs["qkv_weight"].get(), bias).view(B, S, 3, H, d)
         qk, v = qkv[:, :, :2].reshape(B, S, 2 * H, d), qkv[:, :, 2]
+        if v.requires_grad:  # the attention op saves v: a view would keep all of qkv alive
+            v = v.contiguous()
         qk = self.rope(qk, rotation)
         return qk[:, :, :H], qk[:, :, H:], v
 

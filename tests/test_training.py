@@ -172,9 +172,46 @@ def test_forward_with_autograd_is_the_inference_forward():
     ids, mask = left_pad([prompt(17, seed=55), prompt(8, seed=56)])
     with torch.no_grad():
         inference = model(ids, mask).logits
-    training = model(ids, mask).logits
+    training = model(ids, mask, labels=ids).logits
     assert training.requires_grad
     assert torch.equal(training.detach(), inference)
+
+
+def test_lean_cross_entropy_is_the_loss_and_saves_only_the_logits():
+    """PLDRForCausalLM's loss (layers.LeanCrossEntropy) against fp64 F.cross_entropy, value and
+    gradient, with rows left out; its backward keeps the logits themselves, no [N, V] copy."""
+    from pldr_kernels.layers import causal_lm_loss
+
+    gen = torch.Generator().manual_seed(73)
+    logits = torch.randn(2, 9, 50, generator=gen) * 3
+    labels = torch.randint(0, 50, (2, 9), generator=gen)
+    labels[0, :4] = -100
+    parts = []
+    for lean in (True, False):
+        leaf = logits.clone().requires_grad_()
+        params = {leaf.untyped_storage().data_ptr()}
+        saved = []
+
+        def pack(t, params=params, saved=saved):
+            if t.untyped_storage().data_ptr() not in params:
+                saved.append(t.numel())
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = causal_lm_loss(leaf, labels, lean=lean)
+        loss.backward()
+        if lean:
+            got, got_grad, lean_saved = loss, leaf.grad, max(saved)
+        else:
+            assert max(saved) == logits.numel()  # F.cross_entropy keeps its log-softmax
+    want_leaf = logits.double().requires_grad_()
+    want = torch.nn.functional.cross_entropy(want_leaf[:, :-1].flatten(0, 1),
+                                             labels[:, 1:].flatten(), ignore_index=-100)
+    want.backward()
+    parts += [compare(got, want, name="lean loss"), compare(got_grad, want_leaf.grad,
+                                                             name="lean grad")]
+    Verdict.combine("LeanCrossEntropy", parts).assert_ok()
+    assert lean_saved <= logits.shape[0] * logits.shape[1]  # [N] vectors only, beyond the logits
+    assert torch.isnan(causal_lm_loss(logits, torch.full((2, 9), -100), lean=True))
 
 
 def test_external_g_model_gradients_match_the_reference_model():
