@@ -21,6 +21,16 @@ TORCH_LIBRARY(pldr, m) {
       "Tensor w2, Tensor b2, Tensor w3, Tensor b3, Tensor lnA_w, Tensor lnA_b, Tensor W, Tensor b, "
       "Tensor pw, Tensor a, Tensor ba, float eps_ln=1e-6, float eps_adj=1e-9) "
       "-> (Tensor A, Tensor A_LM, Tensor G)");
+  // The backward of metric_tensors (docs/design.md §3.4): the inputs again (nothing else is saved,
+  // everything is recomputed) and the gradients of the three outputs, None meaning zero.
+  m.def(
+      "metric_tensors_backward(Tensor? grad_A, Tensor? grad_A_LM, Tensor? grad_G, Tensor q, "
+      "Tensor? q_mask, Tensor ln0_w, Tensor ln0_b, Tensor w1, Tensor b1, Tensor w2, Tensor b2, "
+      "Tensor w3, Tensor b3, Tensor lnA_w, Tensor lnA_b, Tensor W, Tensor b, Tensor pw, Tensor a, "
+      "Tensor ba, float eps_ln=1e-6, float eps_adj=1e-9) -> (Tensor grad_q, Tensor grad_ln0_w, "
+      "Tensor grad_ln0_b, Tensor grad_w1, Tensor grad_b1, Tensor grad_w2, Tensor grad_b2, "
+      "Tensor grad_w3, Tensor grad_b3, Tensor grad_lnA_w, Tensor grad_lnA_b, Tensor grad_W, "
+      "Tensor grad_b, Tensor grad_pw, Tensor grad_a, Tensor grad_ba)");
   m.def(
       "g_attention(Tensor q, Tensor k, Tensor v, Tensor? G=None, Tensor? key_mask=None, "
       "bool causal=False, float? scale=None) -> (Tensor out, Tensor lse)");

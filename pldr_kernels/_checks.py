@@ -421,3 +421,22 @@ def check_g_attention_backward_inputs(dout: Tensor, q: Tensor, k: Tensor, v: Ten
     check_dtype(lse, "lse", torch.float32, "lse is g_attention's second output (fp32).")
     check_rank(lse, "lse", 3, "[B, H, Sq]")
     check_shape(lse, "lse", (q.size(0), q.size(2), q.size(1)))
+
+
+# ---- metric_tensors_backward (docs/design.md §3.4) ---------------------------------------------
+def check_metric_tensors_backward_inputs(grad_A: Tensor | None, grad_A_LM: Tensor | None,
+                                         grad_G: Tensor | None, q: Tensor, q_mask: Tensor | None,
+                                         ln0_w: Tensor, ln0_b: Tensor, w1: Tensor, b1: Tensor,
+                                         w2: Tensor, b2: Tensor, w3: Tensor, b3: Tensor,
+                                         lnA_w: Tensor, lnA_b: Tensor, W: Tensor, b: Tensor,
+                                         pw: Tensor, a: Tensor, ba: Tensor) -> None:
+    check_metric_tensors_inputs(q, q_mask, ln0_w, ln0_b, w1, b1, w2, b2, w3, b3, lnA_w, lnA_b, W,
+                                b, pw, a, ba)
+    B, _, H, d = q.shape
+    for grad, name in ((grad_A, "grad_A"), (grad_A_LM, "grad_A_LM"), (grad_G, "grad_G")):
+        if grad is None:
+            continue
+        check_device(grad, name, q.device)
+        check_dtype(grad, name, torch.float32,
+                    "The gradients of metric_tensors' outputs are fp32, like the outputs.")
+        check_shape(grad, name, (B, H, d, d))

@@ -116,12 +116,52 @@ class CausalLMOutput:
     loss: Tensor | None = None
 
 
-def causal_lm_loss(logits: Tensor, labels: Tensor) -> Tensor:
-    """HF's causal-LM loss: position t predicts ``labels[:, t + 1]``; labels equal to -100 (and the
-    last position, which has no next token) are left out; fp32 mean over the rest."""
-    if labels.shape != logits.shape[:2]:
-        raise ValueError(f"labels must have the shape of input_ids {tuple(logits.shape[:2])}, "
+def next_token_targets(labels: Tensor, batch_and_length) -> Tensor:
+    """``labels [B, S]`` shifted by one position (position t predicts ``labels[:, t + 1]``; the
+    last position predicts nothing), flattened to int64 ``[B·S]``; -100 = left out."""
+    if labels.shape != batch_and_length:
+        raise ValueError(f"labels must have the shape of input_ids {tuple(batch_and_length)}, "
                          f"got {tuple(labels.shape)}")
-    shifted = F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:]
-    return F.cross_entropy(logits.float().flatten(0, 1), shifted.flatten().to(torch.int64),
-                           ignore_index=IGNORE_INDEX)
+    return F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:].flatten().to(torch.int64)
+
+
+def causal_lm_loss(logits: Tensor, labels: Tensor, lean: bool = False) -> Tensor:
+    """HF's causal-LM loss: position t predicts ``labels[:, t + 1]``; labels equal to -100 (and the
+    last position, which has no next token) are left out; fp32 mean over the rest.
+
+    ``lean=False``: ``F.cross_entropy`` (the reference model). ``lean=True`` (PLDRForCausalLM):
+    the same loss by :class:`LeanCrossEntropy`, whose backward holds one ``[B·S, V]`` buffer where
+    ``F.cross_entropy``'s holds three."""
+    flat_logits = logits.float().flatten(0, 1)
+    targets = next_token_targets(labels, logits.shape[:2])
+    if lean:
+        return LeanCrossEntropy.apply(flat_logits, targets)
+    return F.cross_entropy(flat_logits, targets, ignore_index=IGNORE_INDEX)
+
+
+class LeanCrossEntropy(torch.autograd.Function):
+    """Mean cross entropy of fp32 ``logits [N, V]`` against ``targets [N]`` (-100 rows left out;
+    none left gives NaN, as ``F.cross_entropy``). Saved for the backward: the logits themselves
+    (no copy) and their log-sum-exp ``[N]``; the backward forms ``(softmax − one_hot)·grad/n`` in
+    place in one ``[N, V]`` buffer. ``F.cross_entropy`` saves its ``[N, V]`` log-softmax and its
+    backward allocates two more ``[N, V]`` tensors: 250 MB more at the peak of the 110M model's
+    training step at S = 1024 (V = 32000; docs/design.md §3.4.1)."""
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, targets: Tensor) -> Tensor:
+        kept = targets != IGNORE_INDEX
+        safe = targets.masked_fill(~kept, 0)[:, None]
+        lse = torch.logsumexp(logits, dim=-1)
+        nll = (lse - logits.gather(1, safe)[:, 0]).masked_fill(~kept, 0.0)
+        count = kept.sum()
+        ctx.save_for_backward(logits, safe, kept, lse, count)
+        return nll.sum() / count
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        logits, safe, kept, lse, count = ctx.saved_tensors
+        g = logits - lse[:, None]
+        g.exp_()
+        g.scatter_add_(1, safe, torch.full_like(lse, -1.0)[:, None])
+        g.mul_(kept[:, None] * (grad / count))
+        return g, None

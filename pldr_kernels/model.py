@@ -18,6 +18,7 @@ from collections.abc import Iterator
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from . import generation, ops
 from .config import PLDRConfig
@@ -172,13 +173,32 @@ class PLDRForCausalLM(nn.Module):
     def _attention_layers(self) -> list[GCachedAttention]:
         return [layer.mha1 for layer in self.decoder.dec_layers]
 
+    # ---- training ----------------------------------------------------------------------------
+    gradient_checkpointing: bool = False  # set by gradient_checkpointing_enable / _disable
+
+    def gradient_checkpointing_enable(self) -> None:
+        """Activation checkpointing of every decoder layer in the uncached forward with autograd
+        on: a layer keeps only its input, and its forward is run again in the backward
+        (``torch.utils.checkpoint``, ``use_reentrant=False``). Same gradients, less memory."""
+        self.gradient_checkpointing = True
+
+    def gradient_checkpointing_disable(self) -> None:
+        self.gradient_checkpointing = False
+
     # ---- the one forward path ----------------------------------------------------------------
     def _run(self, ids: Tensor, inputs: StepInputs, logits_to_keep: int = 0) -> Tensor:
         """Embedding, the decoder layers, the LM head (called once) on the last
         ``logits_to_keep`` positions (0 = all)."""
         x = self.decoder.embed(ids)
+        # Only the uncached forward: a cache-writing step must not write twice.
+        checkpointed = (self.gradient_checkpointing and inputs.cache_use == "off"
+                        and torch.is_grad_enabled())
         for i, layer in enumerate(self.decoder.dec_layers):
-            x = layer(x, inputs, self.decoder.predefined_metric(i))
+            metric = self.decoder.predefined_metric(i)
+            if checkpointed:
+                x = checkpoint(layer, x, inputs, metric, use_reentrant=False)
+            else:
+                x = layer(x, inputs, metric)
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
         return self.final_layer(x)
@@ -200,14 +220,15 @@ class PLDRForCausalLM(nn.Module):
         """Full uncached forward: ``.logits [B, S, V]`` (G recomputed from this input) and, with
         ``labels [B, S]``, ``.loss``: the mean next-token cross entropy, -100 labels left out.
 
-        Under ``torch.no_grad()``/``inference_mode()`` it runs the fused ops; with autograd on
-        (parameters require grad by default) it runs the reference math, which has a backward
-        and needs no compiled extension."""
-        if not torch.is_grad_enabled():
-            ops.require_built()
+        The fused ops run with autograd on or off; their registered autograd formulas give the
+        gradients (docs/design.md §3.4.1), so ``loss.backward()`` trains the model on the kernels.
+        Under ``torch.autocast`` the projections, FFN, head and attention run in the autocast
+        dtype, the G path in fp32; :meth:`gradient_checkpointing_enable` recomputes each decoder
+        layer in the backward instead of keeping its activations."""
+        ops.require_built()
         inputs = self._sequence_inputs(input_ids, attention_mask, include_pad_in_g, "off")
         logits = self._run(input_ids, inputs)
-        loss = None if labels is None else causal_lm_loss(logits, labels)
+        loss = None if labels is None else causal_lm_loss(logits, labels, lean=True)
         return CausalLMOutput(logits=logits, loss=loss)
 
     # ---- caches ------------------------------------------------------------------------------

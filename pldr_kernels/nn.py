@@ -13,12 +13,14 @@ Inside a model, each attention layer owns its generation cache (:class:`KVCache`
 ``PLDRForCausalLM.setup_caches``) and runs one step of the model through :meth:`forward_step`, with
 the per-step inputs every layer shares (:class:`StepInputs`).
 
-Training: the kernels have no backward yet, so when autograd needs gradients these modules compute
-with the reference math (``reference.py`` / ``layers.py`` building blocks), with a one-time warning.
+Training (docs/design.md §3.4.1): with autograd on, the modules run the same ops, whose registered
+autograd formulas give the gradients; the packed weights are then stacked from the parameters in
+the forward (:meth:`ParameterPack.get`), so gradients reach the parameters. Under
+``torch.autocast`` the attention op gets q/k/v in the autocast dtype while the G path (the metric
+learner's weights, A, A_LM and G) stays fp32.
 """
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -33,24 +35,12 @@ Tensor = torch.Tensor
 METRIC_CHILDREN = ("plgatt_layer", "reslayerAs", "layernorm1")
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 
-_warned_training_fallback = False
 
-
-def _warn_training_fallback() -> None:
-    global _warned_training_fallback
-    if not _warned_training_fallback:
-        warnings.warn("pldr_kernels.nn: gradients requested; the pldr ops have no backward yet, so "
-                      "this forward runs the reference PyTorch math (slower). Use torch.no_grad() "
-                      "or torch.inference_mode() for the fused kernels.", stacklevel=3)
-        _warned_training_fallback = True
-
-
-def _needs_autograd(module: nn.Module, *inputs: Tensor | None) -> bool:
-    if not torch.is_grad_enabled():
-        return False
-    if any(t is not None and t.requires_grad for t in inputs):
-        return True
-    return any(p.requires_grad for p in module.parameters())
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The dtype ``torch.autocast`` gives matmuls on ``device`` here, or None outside autocast."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return None
 
 
 def _keep_fp32(fn):
@@ -66,13 +56,36 @@ def _keep_fp32(fn):
 # --------------------------------------------------------------------------------------------
 # Packed parameters, and the one place that keeps them packed and the G path fp32
 # --------------------------------------------------------------------------------------------
+class _PackOfParameters(torch.autograd.Function):
+    """The pack as a function of the parameters that are views into it: the forward returns the
+    pack itself (no copy), the backward gives each parameter its slice of the pack's gradient."""
+
+    @staticmethod
+    def forward(ctx, packed: Tensor, *params: Tensor) -> Tensor:
+        ctx.shapes = [p.shape for p in params]
+        return packed
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        slices = grad.reshape(len(ctx.shapes), -1).unbind(0)
+        return None, *(g.view(shape) for g, shape in zip(slices, ctx.shapes))
+
+
 class ParameterPack:
     """Parameters of equal shape stored as views into one packed tensor of ``shape``.
 
     In-place updates of the parameters (optimiser steps, ``load_state_dict``) are seen by the pack
     for free. What replaces a parameter's storage — ``.to()``/``.cuda()``, ``load_state_dict(
     assign=True)``, a re-assigned parameter — is repaired by :meth:`ensure` (called by
-    :class:`PackedModule` after each of the first two, and by :meth:`get` in eager mode)."""
+    :class:`PackedModule` after each of the first two, and by :meth:`get` in eager mode).
+
+    With autograd on, the pack itself is not a leaf of the graph: :meth:`get` returns it through
+    :class:`_PackOfParameters`, so its gradient reaches each parameter without a copy of the
+    weights. Parameters that are not views of the pack are stacked per call instead (a copy,
+    which autograd differentiates too). In a ``torch.distributed`` run :meth:`get` never repacks,
+    because a wrapper may own the parameter storage (FSDP2's unsharded parameters are views of its
+    all-gather buffers, which a repack would detach from the gathered values): a stale pack is
+    dropped and the parameters are stacked per call."""
 
     def __init__(self, owner: nn.Module, paths: Sequence[str], shape: Sequence[int]):
         # Paths from the owner, not Parameter objects: load_state_dict(assign=True) may replace
@@ -92,10 +105,14 @@ class ParameterPack:
             params.append(obj)
         return params
 
-    def _valid(self) -> bool:
+    def _valid(self, params: list[Tensor] | None = None) -> bool:
         return self.packed is not None and all(
             p.data_ptr() == ptr and p.dtype == self.packed.dtype
-            for p, ptr in zip(self.get_params(), self._ptrs))
+            for p, ptr in zip(params or self.get_params(), self._ptrs))
+
+    def stacked(self, params: list[Tensor] | None = None) -> Tensor:
+        """The parameters stacked into ``shape`` (a copy, differentiable)."""
+        return torch.stack(params or self.get_params()).view(self.shape)
 
     def repack(self) -> Tensor:
         params = self.get_params()
@@ -109,14 +126,27 @@ class ParameterPack:
         return self.packed
 
     def ensure(self) -> None:
-        if not self._valid():
+        params = self.get_params()
+        if any(type(p) not in (Tensor, nn.Parameter) for p in params):
+            self.packed = None  # e.g. FSDP2's DTensor shards: no pack of them, get() stacks
+        elif not self._valid(params):
             self.repack()
 
     def get(self) -> Tensor:
+        """The packed tensor the ops read: the pack (no copy; with autograd on, differentiable
+        with respect to the parameters), or the parameters stacked when they are not its views."""
+        params = self.get_params()
         # torch.compile cannot trace data_ptr(): a compiled forward trusts the pack, which
         # PackedModule keeps valid across .to() and load_state_dict(assign=True).
-        if not torch.compiler.is_compiling():
-            self.ensure()
+        if not torch.compiler.is_compiling() and not self._valid(params):
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                self.packed = None  # the parameters live elsewhere now: free the stale copy
+            else:
+                self.repack()
+        if self.packed is None:
+            return self.stacked(params)
+        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+            return _PackOfParameters.apply(self.packed, *params)
         return self.packed
 
 
@@ -361,26 +391,19 @@ class MetricLearner(PackedModule):
     def metric_tensors(self, q: Tensor, q_mask: Tensor | None = None
                        ) -> tuple[Tensor, Tensor, Tensor]:
         """``q [B,S,H,d]`` (post-RoPE), ``q_mask [B,S]`` bool (False rows left out of QᵀQ) →
-        fp32 ``(A, A_LM, G)`` ``[B,H,d,d]``."""
-        if _needs_autograd(self, q):
-            _warn_training_fallback()
-            return self._metric_tensors_autograd(q, q_mask)
+        fp32 ``(A, A_LM, G)`` ``[B,H,d,d]``.
+
+        The op reads q in its own dtype and computes in fp32 (docs/spec.md §5.1); its weights
+        are fp32 parameters. It has no autocast kernel, so ``torch.autocast`` passes it every
+        argument unchanged: the G path stays fp32 under autocast, forward and backward."""
         return ops.metric_tensors(q, q_mask, *self.packed_metric_weights(),
                                   eps_ln=self.metric_eps)
 
-    def _metric_tensors_autograd(self, q: Tensor, q_mask: Tensor | None):
-        qf = q.float()
-        if q_mask is not None:
-            qf = qf * q_mask.to(qf.dtype)[:, :, None, None]
-        A = self.layernorm1(torch.einsum("bshi,bshj->bhij", qf, qf))
-        for res in self.reslayerAs:
-            A = res(A)
-        A_LM, G = self.plgatt_layer.g_from_metric(A)
-        return A, A_LM, G
-
     def g_from_metric(self, A: Tensor) -> tuple[Tensor, Tensor]:
-        """Steps 9–12 on a cached metric tensor ``A`` → fp32 ``(A_LM, G)`` (the 'kv' cache mode)."""
-        return self.plgatt_layer.g_from_metric(A.float())
+        """Steps 9–12 on a cached metric tensor ``A`` → fp32 ``(A_LM, G)`` (the 'kv' cache mode);
+        fp32 under autocast too, like the op."""
+        with torch.autocast(A.device.type, enabled=False):
+            return self.plgatt_layer.g_from_metric(A.float())
 
     forward = metric_tensors
 
@@ -431,23 +454,24 @@ class GCachedAttention(PackedModule):
         """``x [B,S,D]`` → post-RoPE q, k and v ``[B,S,H,d]`` (views; the last dim contiguous)."""
         B, S, _ = x.shape
         H, d = self.num_heads, self.head_dim
-        if _needs_autograd(self, x):
-            q, k, v = self.wq(x), self.wk(x), self.wv(x)
-            qk = torch.stack((q, k), dim=2).view(B, S, 2 * H, d)
-            v = v.view(B, S, H, d)
-        else:
-            bias = self.packs["qkv_bias"].get() if "qkv_bias" in self.packs else None
-            qkv = F.linear(x, self.packs["qkv_weight"].get(), bias).view(B, S, 3, H, d)
-            qk, v = qkv[:, :, :2].reshape(B, S, 2 * H, d), qkv[:, :, 2]
+        bias = self.packs["qkv_bias"].get() if "qkv_bias" in self.packs else None
+        qkv = F.linear(x, self.packs["qkv_weight"].get(), bias).view(B, S, 3, H, d)
+        qk, v = qkv[:, :, :2].reshape(B, S, 2 * H, d), qkv[:, :, 2]
+        if v.requires_grad:  # the attention op saves v: a view would keep all of qkv alive
+            v = v.contiguous()
         qk = self.rope(qk, rotation)
         return qk[:, :, :H], qk[:, :, H:], v
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, G: Tensor | None,
                key_mask: Tensor | None = None, causal: bool = True) -> Tensor:
-        """Full-sequence G-attention ``[B,S,H,d]`` (prefill / uncached forward)."""
-        if _needs_autograd(self, q, k, v, G):
-            _warn_training_fallback()
-            return reference.g_attention(q, k, v, G, key_mask, causal)[0]
+        """Full-sequence G-attention ``[B,S,H,d]`` (prefill / uncached forward).
+
+        The op has no autocast kernel (autocast passes its arguments unchanged), so under
+        ``torch.autocast`` q/k/v are cast here to the autocast dtype, as a matmul's inputs would
+        be, and G stays fp32 (q·G is formed in fp32 inside the op)."""
+        low = autocast_dtype(q.device)
+        if low is not None:
+            q, k, v = q.to(low), k.to(low), v.to(low)
         return ops.g_attention(q, k, v, G, key_mask, causal)[0]
 
     def output(self, o: Tensor) -> Tensor:
@@ -552,8 +576,6 @@ class SwiGLU(GLUVariant, PackedModule):
             pack.repack()
 
     def forward(self, x: Tensor) -> Tensor:
-        if _needs_autograd(self, x):
-            return super().forward(x)
         bias = self.packs["b12"].get() if "b12" in self.packs else None
         h = F.linear(x, self.packs["w12"].get(), bias)
         gate, up = h.chunk(2, dim=-1)

@@ -180,6 +180,21 @@ def metric_tensors(q: Tensor, q_mask: Tensor | None, ln0_w: Tensor, ln0_b: Tenso
 
 
 @_needs_extension
+def metric_tensors_backward(grad_A: Tensor | None, grad_A_LM: Tensor | None,
+                            grad_G: Tensor | None, q: Tensor, q_mask: Tensor | None,
+                            ln0_w: Tensor, ln0_b: Tensor, w1: Tensor, b1: Tensor, w2: Tensor,
+                            b2: Tensor, w3: Tensor, b3: Tensor, lnA_w: Tensor, lnA_b: Tensor,
+                            W: Tensor, b: Tensor, pw: Tensor, a: Tensor, ba: Tensor,
+                            eps_ln: float = 1e-6, eps_adj: float = 1e-9) -> tuple[Tensor, ...]:
+    """Gradients of :func:`metric_tensors` from those of its outputs (None = zero), recomputing
+    the forward from the inputs: ``(grad_q, grad_ln0_w, …, grad_ba)``, grad_q in q's dtype, each
+    weight's in its shape, fp32 (docs/design.md §3.4)."""
+    return torch.ops.pldr.metric_tensors_backward(grad_A, grad_A_LM, grad_G, q, q_mask, ln0_w,
+                                                  ln0_b, w1, b1, w2, b2, w3, b3, lnA_w, lnA_b,
+                                                  W, b, pw, a, ba, eps_ln, eps_adj)
+
+
+@_needs_extension
 def g_attention(q: Tensor, k: Tensor, v: Tensor, G: Tensor | None = None,
                 key_mask: Tensor | None = None, causal: bool = False,
                 scale: float | None = None) -> tuple[Tensor, Tensor]:
@@ -221,6 +236,15 @@ if _LOAD_ERROR is None:
                                             lnA_w, lnA_b, W, b, pw, a, ba, eps_ln, eps_adj)
         B, _, H, d = q.shape
         return tuple(q.new_empty((B, H, d, d), dtype=torch.float32) for _ in range(3))
+
+    @torch.library.register_fake("pldr::metric_tensors_backward")
+    def _metric_tensors_backward_fake(grad_A, grad_A_LM, grad_G, q, q_mask, ln0_w, ln0_b, w1, b1,
+                                      w2, b2, w3, b3, lnA_w, lnA_b, W, b, pw, a, ba,
+                                      eps_ln=1e-6, eps_adj=1e-9):
+        weights = (ln0_w, ln0_b, w1, b1, w2, b2, w3, b3, lnA_w, lnA_b, W, b, pw, a, ba)
+        _checks.check_metric_tensors_backward_inputs(grad_A, grad_A_LM, grad_G, q, q_mask,
+                                                     *weights)
+        return (q.new_empty(q.shape), *(w.new_empty(w.shape) for w in weights))
 
     @torch.library.register_fake("pldr::g_attention")
     def _g_attention_fake(q, k, v, G=None, key_mask=None, causal=False, scale=None):

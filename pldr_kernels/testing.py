@@ -26,6 +26,7 @@ row does not see removed (``reference.g_attention(..., visible_only=True)``).
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -40,7 +41,7 @@ FP32_REL_TOL = 1e-5
 LOW_PRECISION_FLOOR = 1e-5
 OPS = ("metric_tensors", "g_attention", "g_attention_decode")
 # Ops that only the registered autograd formulas call (docs/design.md §3.4).
-BACKWARD_OPS = ("g_attention_backward",)
+BACKWARD_OPS = ("g_attention_backward", "metric_tensors_backward")
 METRIC_WEIGHT_ORDER = ("ln0_w", "ln0_b", "w1", "b1", "w2", "b2", "w3", "b3", "lnA_w", "lnA_b", "W",
                        "b", "pw", "a", "ba")
 # The paper's 110M model (docs/spec.md §1): the metric learner's shape.
@@ -339,6 +340,37 @@ def metric_tensors_peer(q: Tensor, q_mask: Tensor | None, *weights: Tensor,
                                     eps_adj=eps_adj)
 
 
+def metric_tensors_grads(grad_outputs: Sequence[Tensor | None], q: Tensor, q_mask: Tensor | None,
+                         weights: dict[str, Tensor], eps_ln: float = reference.LN_EPS,
+                         eps_adj: float = reference.EPS_ADJ, *,
+                         dtype: torch.dtype = torch.float64) -> tuple[Tensor, ...]:
+    """PyTorch autograd of ``reference.metric_tensors`` with q and the weights cast to ``dtype``:
+    the gradients of q and of each weight (``METRIC_GRAD_NAMES`` order) from ``grad_outputs`` =
+    (grad_A, grad_A_LM, grad_G), None counting as zero. fp64 is the oracle of the op's backward
+    (docs/design.md §4.5)."""
+    leaves = [q.detach().to(dtype).requires_grad_(),
+              *(w.detach().to(dtype).requires_grad_() for w in metric_args(weights))]
+    with torch.enable_grad():
+        outputs = reference.metric_tensors(leaves[0], q_mask, *leaves[1:], eps_ln=eps_ln,
+                                           eps_adj=eps_adj)
+        given = [(o, g.to(dtype)) for o, g in zip(outputs, grad_outputs) if g is not None]
+        grads = torch.autograd.grad([o for o, _ in given], leaves, [g for _, g in given],
+                                    allow_unused=True) if given else [None] * len(leaves)
+    return tuple(torch.zeros_like(leaf) if g is None else g.detach()
+                 for leaf, g in zip(leaves, grads))
+
+
+def metric_tensors_grad_peer(grad_outputs: Sequence[Tensor | None], q: Tensor,
+                             q_mask: Tensor | None, weights: dict[str, Tensor],
+                             eps_ln: float = reference.LN_EPS,
+                             eps_adj: float = reference.EPS_ADJ) -> tuple[Tensor, ...]:
+    """The metric learner's gradients as a user gets them in plain PyTorch: autograd of the
+    reference in fp32 (the op's only compute dtype), grad_q rounded to q's dtype."""
+    grads = metric_tensors_grads(grad_outputs, q, q_mask, weights, eps_ln, eps_adj,
+                                 dtype=torch.float32)
+    return (grads[0].to(q.dtype), *grads[1:])
+
+
 # --------------------------------------------------------------------------------------------
 # The rule applied to each op
 # --------------------------------------------------------------------------------------------
@@ -530,6 +562,137 @@ def check_g_attention_grads(grads: Sequence[Tensor | None], dout: Tensor, q: Ten
             parts.append(Verdict(f"{name} of {what}", zero, 0.0 if zero else math.inf, 0.0,
                                  "exactly 0"))
     return Verdict.combine("g_attention gradients", parts)
+
+
+# --------------------------------------------------------------------------------------------
+# Gradients of the metric learner (docs/design.md §4.5)
+# --------------------------------------------------------------------------------------------
+METRIC_GRAD_NAMES = ("q", *METRIC_WEIGHT_ORDER)
+
+
+def _grad_outputs64(grad_outputs: Sequence[Tensor | None]) -> tuple[Tensor | None, ...]:
+    return tuple(None if g is None else g.detach().double().cpu() for g in grad_outputs)
+
+
+def check_metric_tensors_grads(grads: Sequence[Tensor], grad_outputs: Sequence[Tensor | None],
+                               q: Tensor, q_mask: Tensor | None, weights: dict[str, Tensor],
+                               eps_ln: float = reference.LN_EPS,
+                               eps_adj: float = reference.EPS_ADJ, *,
+                               oracle: Sequence[Tensor] | None = None,
+                               peer: Sequence[Tensor] | None = None) -> Verdict:
+    """``pldr::metric_tensors_backward``'s gradients (``METRIC_GRAD_NAMES`` order) against fp64
+    autograd of the reference, each by the peer rule: max error ≤ 2 × that of PyTorch's fp32
+    autograd (:func:`metric_tensors_grad_peer`) + ``FP32_REL_TOL`` · max|oracle|; the rows of
+    grad_q that q_mask leaves out exactly 0.
+
+    A case-by-case rule for losses through A and A_LM. Through G it is not: there the gradients
+    inherit the power stage's amplification of every rounding of A (docs/spec.md §5.1), in the
+    kernel as in PyTorch, and which of the two is closer varies with the seed; judge those by
+    :func:`check_metric_tensors_grads_over_seeds` (and the CPU kernel also by
+    :func:`check_metric_grads_given_a`)."""
+    if oracle is None:
+        oracle = metric_tensors_grads(_grad_outputs64(grad_outputs), q.cpu(), _cpu(q_mask),
+                                      _cpu_weights(weights), eps_ln, eps_adj)
+    if peer is None:
+        peer = metric_tensors_grad_peer(grad_outputs, q, q_mask, weights, eps_ln, eps_adj)
+    parts = []
+    for name, got, want, same_math in zip(METRIC_GRAD_NAMES, grads, oracle, peer):
+        if tuple(got.shape) != tuple(want.shape):
+            parts.append(Verdict(f"grad_{name}", False, math.inf, 0.0,
+                                 f"shape {tuple(got.shape)}, want {tuple(want.shape)}"))
+            continue
+        floor = FP32_REL_TOL * _max_abs(want.detach().double().cpu())
+        parts.append(compare(got, want, same_math, floor=floor, name=f"grad_{name}"))
+    if q_mask is not None:
+        pad = ~q_mask.cpu()
+        zero = bool((grads[0].detach().cpu()[pad] == 0).all())
+        parts.append(Verdict("grad_q of rows left out by q_mask", zero, 0.0 if zero else math.inf,
+                             0.0, "exactly 0"))
+    return Verdict.combine("metric_tensors_backward", parts)
+
+
+def metric_grad_errors(grads: Sequence[Tensor], oracle: Sequence[Tensor]) -> dict[str, float]:
+    """Each gradient's max abs error against the oracle relative to max|oracle| (0 when both are
+    zero): the per-seed samples of :func:`check_metric_tensors_grads_over_seeds`."""
+    errors = {}
+    for name, got, want in zip(METRIC_GRAD_NAMES, grads, oracle):
+        want64 = want.detach().double().cpu()
+        err = _max_abs(got.detach().double().cpu() - want64)
+        errors[name] = err / _max_abs(want64) if err else 0.0
+    return errors
+
+
+def check_metric_tensors_grads_over_seeds(errors: Sequence[dict[str, float]],
+                                          peer_errors: Sequence[dict[str, float]]) -> Verdict:
+    """The statistical form of the peer rule for losses through G (docs/design.md §4.5), over
+    cases drawn with different seeds: for each gradient, the median over the cases of the kernel's
+    relative error (:func:`metric_grad_errors`) ≤ 2 × the median of PyTorch fp32 autograd's +
+    ``FP32_REL_TOL``. Per case either one may be the closer (the power stage amplifies the few-ulp
+    differences of A by up to ~1e3 either way), so one case decides nothing."""
+    if len(errors) != len(peer_errors) or len(errors) < 5:
+        raise ValueError(f"need the same number (>= 5) of kernel and peer samples, got "
+                         f"{len(errors)} and {len(peer_errors)}")
+    parts = []
+    for name in METRIC_GRAD_NAMES:
+        err = statistics.median(e[name] for e in errors)
+        peer_err = statistics.median(e[name] for e in peer_errors)
+        bound = 2 * peer_err + FP32_REL_TOL
+        worst = max(e[name] for e in errors)
+        parts.append(Verdict(f"grad_{name}", err <= bound, err, bound,
+                             f"median over {len(errors)} seeds of the error relative to "
+                             f"max|oracle| <= 2 x PyTorch fp32's median {peer_err:.3e} + "
+                             f"{FP32_REL_TOL:g}", f"largest {worst:.3e}"))
+    return Verdict.combine("metric_tensors_backward over seeds", parts)
+
+
+def check_metric_grads_given_a(grads: Sequence[Tensor], grad_outputs: Sequence[Tensor | None],
+                               q: Tensor, q_mask: Tensor | None, weights: dict[str, Tensor],
+                               A: Tensor, eps_ln: float = reference.LN_EPS,
+                               eps_adj: float = reference.EPS_ADJ) -> Verdict:
+    """The backward stage by stage from the kernel's own A (the A its forward returns, which its
+    backward recomputes bit for bit), per case, for losses through G too — met by a kernel that
+    reverses the power stage in fp64 (the CPU one), as its forward sums W·A in fp64
+    (:func:`check_metric_g_from_a`):
+      * W, b, pw, a, ba: fp64 autograd of steps 9–12 from that A, the fp32 rule;
+      * q and the residual network's weights: fp64 autograd of steps 6–8 whose A receives the
+        gradient that steps 9–12 send back from that A (plus grad_A), by the peer rule of
+        :func:`check_metric_tensors_grads` with that same upstream gradient.
+    """
+    grad_A, grad_A_LM, grad_G = _grad_outputs64(grad_outputs)
+    A64 = A.detach().double().cpu().requires_grad_()
+    head = [w.requires_grad_() for w in _power_stage_weights(weights)]
+    with torch.enable_grad():
+        A_LM, G = reference.g_from_metric(A64, *head, eps_adj=eps_adj)
+        given = [(o, g) for o, g in ((A_LM, grad_A_LM), (G, grad_G)) if g is not None]
+        if given:
+            back = torch.autograd.grad([o for o, _ in given], [A64, *head],
+                                       [g for _, g in given], allow_unused=True)
+        else:
+            back = [None] * (1 + len(head))
+    back = [torch.zeros_like(t) if g is None else g for t, g in zip([A64, *head], back)]
+    upstream = back[0] if grad_A is None else back[0] + grad_A
+    parts = [compare(got, want, name=f"grad_{name} (steps 9-12 given its own A)")
+             for name, got, want in zip(METRIC_GRAD_NAMES[11:], grads[11:], back[1:])]
+    q_cpu, mask_cpu, w_cpu = q.cpu(), _cpu(q_mask), _cpu_weights(weights)
+    network = check_metric_tensors_grads(
+        [g.cpu() for g in grads[:11]], (upstream.float(), None, None), q_cpu, mask_cpu, w_cpu,
+        eps_ln, eps_adj,
+        oracle=metric_tensors_grads((upstream, None, None), q_cpu, mask_cpu, w_cpu, eps_ln,
+                                    eps_adj)[:11],
+        peer=metric_tensors_grad_peer((upstream.float(), None, None), q_cpu, mask_cpu, w_cpu,
+                                      eps_ln, eps_adj)[:11])
+    for part in network.parts:
+        parts.append(Verdict(f"{part.name} (steps 6-8 given the gradient reaching its own A)",
+                             part.ok, part.max_abs_err, part.bound, part.rule, part.worst))
+    return Verdict.combine("metric_tensors_backward given its own A", parts)
+
+
+def _cpu(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.cpu()
+
+
+def _cpu_weights(weights: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {k: v.detach().cpu() for k, v in weights.items()}
 
 
 # --------------------------------------------------------------------------------------------

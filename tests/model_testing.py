@@ -1,11 +1,15 @@
-"""Shared helpers of the model tests: a tiny config, kernel availability, seeded models."""
+"""Shared helpers of the model tests: a tiny config, kernel availability, seeded models, the
+same-dtype peer of a whole model."""
 from __future__ import annotations
+
+import contextlib
 
 import pytest
 import torch
 
 from pldr_kernels import PLDRConfig, PLDRForCausalLM
-from pldr_kernels.testing import OPS, available_backends
+from pldr_kernels import nn as pnn
+from pldr_kernels.testing import OPS, available_backends, g_attention_peer, metric_tensors_peer
 
 _missing = [op for op in OPS if "cpu" not in available_backends(op)]
 needs_cpu_kernels = pytest.mark.skipif(
@@ -46,3 +50,25 @@ def left_pad(prompts, pad_id: int = 0):
         ids[i, S - p.shape[1]:] = p[0]
         mask[i, S - p.shape[1]:] = 1
     return ids, mask
+
+
+def _without_autocast(fn):
+    def run(*args, **kwargs):
+        with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
+            return fn(*args, **kwargs)
+    return run
+
+
+@contextlib.contextmanager
+def ops_replaced_by_peers():
+    """Inside, the nn modules (and so PLDRForCausalLM) call the same-dtype PyTorch peers of
+    ``pldr_kernels.testing`` instead of the pldr ops: the model's own math in plain PyTorch, with
+    PyTorch's autograd — the peer of the model's outputs and gradients (docs/design.md §4.1).
+    The peers see what the ops see (autocast does not reach into them either)."""
+    saved = pnn.ops.g_attention, pnn.ops.metric_tensors
+    pnn.ops.g_attention = _without_autocast(g_attention_peer)
+    pnn.ops.metric_tensors = _without_autocast(metric_tensors_peer)
+    try:
+        yield
+    finally:
+        pnn.ops.g_attention, pnn.ops.metric_tensors = saved

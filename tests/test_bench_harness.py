@@ -13,7 +13,7 @@ import torch
 
 from pldr_kernels import reference
 from pldr_kernels.bench import __main__ as cli
-from pldr_kernels.bench import measure, ops_suite, report
+from pldr_kernels.bench import measure, ops_suite, report, train_suite
 from pldr_kernels.bench.measure import Clock, measure_interleaved, summarize
 
 TINY_MODEL = ["num_hidden_layers=1", "hidden_size=128", "num_attention_heads=2",
@@ -109,6 +109,71 @@ def test_oracle_by_head_chunks_equals_the_whole(monkeypatch):
     monkeypatch.setattr(ops_suite, "ORACLE_CHUNK_ELEMENTS", 2 * 8 * 8)  # two heads per chunk
     chunked = ops_suite.by_heads(reference.g_attention, q, k, v, G, True)
     assert torch.equal(chunked[0], whole[0]) and torch.equal(chunked[1], whole[1])
+
+
+# ---- the train suite: judged before timing, like the others ----------------------------------
+def tiny_train_config(**kw):
+    fields = dict(repeats=2, warmup=0, memory=False, heads=2, seqlens=(24,),
+                  model_config=[cli.field_value(f) for f in TINY_MODEL])
+    return train_suite.TrainConfig(**{**fields, **kw})
+
+
+@pytest.mark.parametrize("part", train_suite.PARTS)
+def test_train_contestants_are_judged_before_timing(part):
+    cfg = tiny_train_config(train_parts=(part,))
+    models = train_suite.load_models(cfg, torch.device("cpu")) if part == "model" else None
+    (case,) = train_suite.cases(cfg)
+    rows = {r["impl"]: r for r in train_suite.run_case(case, torch.device("cpu"), cfg,
+                                                       Clock("cpu"), [], models)}
+    want = {"g_attention": {"pldr_kernels", "reference", "eager", "sdpa_flash", "sdpa_math"},
+            "metric_tensors": {"pldr_kernels", "reference"},
+            "model": {"pldr_kernels", "reference"}}[part]
+    assert set(rows) == want
+    for r in rows.values():
+        assert r["valid"], r["agreement"]
+        assert len(r["samples_ms"]) == 2 and r["time_ms_p50"] > 0
+    agreement = rows["pldr_kernels"]["agreement"]
+    assert {"g_attention": "g_attention gradients: ok",
+            "metric_tensors": "given its own A: ok",
+            "model": "gradients on the first 24 tokens"}[part] in agreement, agreement
+    if part == "model":
+        assert rows["pldr_kernels"]["tokens_per_s"] == pytest.approx(
+            24 / (rows["pldr_kernels"]["time_ms_p50"] * 1e-3))
+
+
+def test_a_wrong_gradient_is_shouted_and_marked_invalid(monkeypatch, capsys):
+    real = train_suite.attention_grads
+
+    def one_wrong(forward, q, k, v, G, dout):
+        run = real(forward, q, k, v, G, dout)
+        if forward.__name__ != "forward":  # not SDPA: the lambdas of pldr_kernels, eager, ...
+            return run
+        return lambda: tuple(g * 1.01 if i == 3 else g for i, g in enumerate(run()))
+    monkeypatch.setattr(train_suite, "attention_grads", one_wrong)
+    cfg = tiny_train_config(train_parts=("g_attention",))
+    rows = {r["impl"]: r for r in train_suite.run_case(train_suite.cases(cfg)[0],
+                                                       torch.device("cpu"), cfg, Clock("cpu"),
+                                                       [])}
+    assert not rows["sdpa_flash"]["valid"] and "dG" in rows["sdpa_flash"]["agreement"]
+    assert rows["pldr_kernels"]["valid"] and rows["eager"]["valid"]
+    assert "DISAGREEMENT in train g_attention B1 S24 H2 d64 float32: sdpa_flash" in \
+        capsys.readouterr().err
+    assert rows["pldr_kernels"]["best_other"] == "eager"  # invalid rows are no rival
+
+
+def test_train_attention_memory_is_below_eager():
+    """Peak extra memory of one forward + backward (gradients included) is measured for each
+    contestant: eager keeps S×S scores and probabilities for its backward, the kernel none."""
+    cfg = tiny_train_config(train_parts=("g_attention",), seqlens=(512,), memory=True,
+                            contestants=("pldr_kernels", "eager"), repeats=1)
+    rows = {r["impl"]: r for r in train_suite.run_case(train_suite.cases(cfg)[0],
+                                                       torch.device("cpu"), cfg, Clock("cpu"),
+                                                       [])}
+    ours, theirs = rows["pldr_kernels"]["peak_extra_bytes"], rows["eager"]["peak_extra_bytes"]
+    assert theirs >= 2 * 2 * 512 * 512 * 4  # at least fp32 scores and probabilities of 2 heads
+    assert ours < theirs, (ours, theirs)
+    assert "profiler" in rows["pldr_kernels"]["memory_method"]
+    assert rows["eager"]["pldr_kernels_memory_ratio"] == pytest.approx(ours / theirs)
 
 
 # ---- memory and work counts -------------------------------------------------------------------
@@ -216,9 +281,15 @@ def test_tiny_run_writes_json_and_renders_markdown_and_plot_from_it(tmp_path, ca
     assert {r["op"] for r in ops} == {"g_attention", "g_attention_decode", "metric_tensors"}
     assert all(len(r["samples_ms"]) == 2 and r["valid"] for r in ops)
     assert any(r["bench"] == "ops_memory" for r in results)
+    train = [r for r in results if r["bench"] == "train"]
+    assert {(r["part"], r["impl"]) for r in train} >= {
+        ("g_attention", "pldr_kernels"), ("g_attention", "sdpa_flash"),
+        ("metric_tensors", "pldr_kernels"), ("model", "pldr_kernels"), ("model", "reference")}
+    assert all(r["valid"] and r["S"] == 32 and r["peak_extra_bytes"] for r in train)
     # Every table names the CPU and the thread count.
-    assert printed.count(f"on {env['cpu']}, {env['threads']} threads:") == 2
+    assert printed.count(f"on {env['cpu']}, {env['threads']} threads:") == 3
     assert "Cache-mode ordering" in printed and "| impl | dtype | mode |" in out["md"].read_text()
+    assert "| part | shape |" in out["md"].read_text() and "train model B1 S32" in printed
     assert out["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # The saved JSON renders the same Markdown again.
     again = tmp_path / "again.md"

@@ -45,12 +45,13 @@ def run(argv, tmp_path) -> list[dict]:
 
 def test_every_documented_invocation_parses():
     found = invocations()
-    assert len(found) == 6
+    assert len(found) == 8
     parser = cli.build_parser()
     for _, argv in found:
         args = parser.parse_args(argv)
         cli.ops_config(args)
         cli.generate_config(args)
+        cli.train_config(args)
 
 
 def test_prefill_and_decode_vs_sdpa_and_eager(tmp_path):
@@ -81,10 +82,26 @@ def test_model_prefill_and_kvg_decode_fp32_and_bf16(tmp_path):
         assert r["valid"] and r["ttft_ms"] > 0 and r["speedup_vs_reference"] > 0
 
 
+def test_training_fwd_bwd_and_the_model_step(tmp_path):
+    rows = run(find("training:") + TINY + TINY_MODEL[:-7], tmp_path)
+    assert {(r["part"], r["impl"]) for r in rows} == {
+        ("g_attention", "pldr_kernels"), ("g_attention", "reference"), ("g_attention", "eager"),
+        ("g_attention", "sdpa_flash"), ("g_attention", "sdpa_math"),
+        ("metric_tensors", "pldr_kernels"), ("metric_tensors", "reference"),
+        ("model", "pldr_kernels"), ("model", "reference")}
+    for r in rows:
+        assert r["valid"] and r["dtype"] == "float32" and r["speedup_vs_reference"] > 0
+    model = [r for r in rows if r["part"] == "model"]
+    assert all(r["tokens_per_s"] > 0 and r["peak_extra_bytes"] > 0 for r in model)
+
+
 def test_cuda_invocations():
     parser = cli.build_parser()
     cuda = [argv for what, argv in invocations() if "CUDA" in what]
-    assert len(cuda) == 3 and all(argv[argv.index("--device") + 1] == "cuda" for argv in cuda)
+    assert len(cuda) == 4 and all(argv[argv.index("--device") + 1] == "cuda" for argv in cuda)
+    train = cli.train_config(parser.parse_args(find("CUDA training")))
+    assert train.train_parts == ["g_attention"] and min(train.seqlens) >= 2048
+    assert list(train.dtypes) == ["bfloat16"] and train.head_dims == (64,)
     prefill = cli.ops_config(parser.parse_args(find("CUDA prefill")))
     assert prefill.ops == ["g_attention"] and list(prefill.dtypes) == ["bfloat16"]
     assert ops_selects(prefill, "sdpa_cudnn_qg_given") and not ops_selects(prefill, "reference")

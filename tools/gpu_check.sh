@@ -2,7 +2,7 @@
 # One run on the H200 (docs/design.md §5): install the extension (the wheel `make cuda-check` left in
 # .whl/ when it fits this Python, torch and tree; else a build from source), the CUDA tests, the
 # Triton kernels' tests, compute-sanitizer (memcheck, racecheck) on one small case, and the GPU
-# benchmarks.
+# benchmarks (ops, generate, the training forward + backward of g_attention).
 # Every step runs even when an earlier one failed; summary.txt lists each step as passed, FAILED
 # or skipped, and the exit status is 0 only when none failed. Leaves summary.txt, the benchmark
 # JSON files and logs.tar.gz in OUTDIR (the device tool returns at most 8 files).
@@ -46,6 +46,10 @@ bench_runs() {  # calls "$1" NAME ARGS... for each benchmark run: python -m pldr
   $each pldr_bench_ops ops --device cuda $QUICK_FLAG --no-progress --json "$OUT/pldr_bench_ops.json"
   $each pldr_bench_generate generate --device cuda $QUICK_FLAG --no-progress \
     --json "$OUT/pldr_bench_generate.json"
+  # Training on the H200 (goal: pldr_kernels' forward + backward within 1.5x of the best SDPA
+  # backend on a pre-multiplied query, bf16, d = 64, S >= 2k); the sweep's own shapes.
+  $each bench_train_cuda train --device cuda --train-parts g_attention --seqlens 2048 4096 \
+    --dtypes bfloat16 --repeats 10 --no-progress --json "$OUT/bench_train_cuda.json"
   [ "${QUICK:-1}" = 1 ] && return 0
   # QUICK=0: the focused sweeps (prefill vs every SDPA backend, decode vs copy bandwidth, metric).
   $each bench_prefill_cuda ops --device cuda --ops g_attention --batch 1 2 4 8 16 \
@@ -93,6 +97,8 @@ if args.suite in ("ops", "all"):
     cli.ops_config(args)
 if args.suite in ("generate", "all"):
     cli.generate_config(args)
+if args.suite in ("train", "all"):
+    cli.train_config(args)
 print("parses: python -m pldr_kernels.bench", " ".join(sys.argv[1:]))' "$@" || bad=1
   }
   cd "$ROOT" && bad=0 && bench_runs parse_one

@@ -521,4 +521,29 @@ inline AttentionDims check_g_attention_backward_inputs(
   return dims;
 }
 
+// ---- metric_tensors_backward (docs/design.md §3.4) ------------------------------------------
+// The forward's checks, then each given output gradient: fp32 [B, H, d, d] on q's device (None
+// means zero; any strides).
+inline MetricDims check_metric_tensors_backward_inputs(
+    const c10::optional<at::Tensor>& grad_A, const c10::optional<at::Tensor>& grad_A_LM,
+    const c10::optional<at::Tensor>& grad_G, const at::Tensor& q,
+    const c10::optional<at::Tensor>& q_mask, const at::Tensor& ln0_w, const at::Tensor& ln0_b,
+    const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2,
+    const at::Tensor& w3, const at::Tensor& b3, const at::Tensor& lnA_w, const at::Tensor& lnA_b,
+    const at::Tensor& W, const at::Tensor& b, const at::Tensor& pw, const at::Tensor& a,
+    const at::Tensor& ba) {
+  const MetricDims dims = check_metric_tensors_inputs(q, q_mask, ln0_w, ln0_b, w1, b1, w2, b2, w3,
+                                                      b3, lnA_w, lnA_b, W, b, pw, a, ba);
+  const std::pair<const c10::optional<at::Tensor>&, const char*> grads[] = {
+      {grad_A, "grad_A"}, {grad_A_LM, "grad_A_LM"}, {grad_G, "grad_G"}};
+  for (const auto& [grad, name] : grads) {
+    if (!grad.has_value()) continue;
+    check_device(*grad, name, q.device());
+    check_dtype(*grad, name, at::kFloat,
+                "The gradients of metric_tensors' outputs are fp32, like the outputs.");
+    check_shape(*grad, name, {dims.B, dims.H, dims.d, dims.d});
+  }
+  return dims;
+}
+
 }  // namespace pldr

@@ -1,5 +1,6 @@
 """The benchmark harness of pldr-kernels: `pldr-bench` (`python -m pldr_kernels.bench`). measure,
-ops_suite and generate_suite measure into JSON; report renders it; pldr_kernels.testing judges.
+ops_suite, generate_suite and train_suite measure into JSON; report renders it;
+pldr_kernels.testing judges.
 
 Measurements that once had their own scripts (add --json/--markdown/--plot to any):
   prefill vs SDPA (q·G given and q·G + SDPA) and eager; decode vs SDPA on the same cache (CPU):
@@ -14,6 +15,11 @@ Measurements that once had their own scripts (add --json/--markdown/--plot to an
     pldr-bench ops --device cuda --ops g_attention --batch 1 2 4 8 16
       --seqlens 1024 2048 4096 8192 --dtypes bfloat16 --contestants pldr_kernels 'sdpa_*'
       --repeats 30
+  training: g_attention and metric learner fwd+bwd, the 110M model's training step (CPU):
+    pldr-bench train --seqlens 1024 --dtypes float32 --repeats 5
+  CUDA training, bf16: g_attention fwd+bwd vs each SDPA backend on q·G and eager:
+    pldr-bench train --device cuda --train-parts g_attention --seqlens 2048 4096 8192
+      --dtypes bfloat16 --repeats 20
   CUDA decode GB/s against the device copy bandwidth, and the metric learner vs eager:
     pldr-bench ops --device cuda --ops g_attention_decode --batch 1 8
       --cache-lens 1024 16384 131072 --dtypes bfloat16 --repeats 50

@@ -1,8 +1,11 @@
 """`pldr-bench` (`python -m pldr_kernels.bench`): time the pldr ops and whole-model generation.
 
-  pldr-bench --quick                   both suites, small (what `make bench` runs)
+  pldr-bench --quick                   every suite, small (what `make bench` runs)
   pldr-bench ops [sweep options]       each op vs the reference, eager, SDPA backends, FlexAttention
   pldr-bench generate [options]        generation, reference vs pldr_kernels, cache none/kv/kvg
+  pldr-bench train [options]           forward + backward: g_attention vs eager and SDPA, the metric
+                                       learner vs eager autograd, a model training step vs the
+                                       reference model
   pldr-bench --from-json RUN.json --markdown --plot RUN.png     render a saved run again
 
 Options go before or after the subcommand. `--json` keeps every sample; the terminal report,
@@ -70,8 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=invocations)
     opt = parser.add_argument
-    opt("suite", nargs="?", choices=("ops", "generate", "all"), default="all",
-        help="ops: each op vs its rivals; generate: whole-model generation; all (default): both")
+    opt("suite", nargs="?", choices=("ops", "generate", "train", "all"), default="all",
+        help="ops: each op vs its rivals; generate: whole-model generation; train: forward + "
+             "backward of the ops and a model training step; all (default): every suite")
     opt("--quick", action="store_true",
         help="small sweeps (~1 min on a 2-core CPU; no FlexAttention compile)")
     opt("--device", type=device_name, default="cpu",
@@ -113,9 +117,14 @@ def build_parser() -> argparse.ArgumentParser:
     opt("--gen-dtypes", nargs="+", choices=("float32", "bfloat16"), metavar="DTYPE",
         help="pldr_kernels' dtypes (the reference runs in fp32)")
     opt("--model-config", nargs="+", type=field_value, metavar="FIELD=VALUE",
-        help="PLDRConfig fields of the random model (e.g. num_hidden_layers=2)")
+        help="PLDRConfig fields of the random model (e.g. num_hidden_layers=2; also train's)")
     opt("--cuda-graph", action="store_true",
         help="replay pldr_kernels' decode step from a CUDA graph (kv, kvg)")
+    opt = parser.add_argument_group(
+        "train (also --batch, --seqlens, --heads, --head-dims, --dtypes, --causal, "
+        "--contestants, --model-config)").add_argument
+    opt("--train-parts", nargs="+", choices=("g_attention", "metric_tensors", "model"),
+        metavar="PART", help="g_attention metric_tensors model (default: all)")
     return parser
 
 
@@ -230,6 +239,12 @@ def generate_config(args):
                           batch_size=args.batch[0] if args.batch else 1)
 
 
+def train_config(args):
+    from .train_suite import QUICK, TrainConfig
+
+    return TrainConfig(**given(args, TrainConfig, QUICK))
+
+
 def measure(args, argv: list[str]) -> dict:
     """The suites: ``{"env", "results"}``, what ``--json`` writes."""
     import torch
@@ -237,6 +252,7 @@ def measure(args, argv: list[str]) -> dict:
     from .generate_suite import run_generate
     from .measure import busy_machine_warning, collect_env, usable_cores
     from .ops_suite import run_ops
+    from .train_suite import run_train
 
     device = torch.device(args.device)
     if device.type == "cuda":
@@ -251,6 +267,9 @@ def measure(args, argv: list[str]) -> dict:
         results, skipped = run_ops(ops_config(args), device, args.progress)
     if suite in ("generate", "all"):
         more, more_skipped = run_generate(generate_config(args), device, args.progress)
+        results, skipped = results + more, skipped + more_skipped
+    if suite in ("train", "all"):
+        more, more_skipped = run_train(train_config(args), device, args.progress)
         results, skipped = results + more, skipped + more_skipped
     busy = busy or busy_machine_warning(torch.get_num_threads())  # at the start, else at the end
     env = collect_env(device, ["pldr-bench", *argv])

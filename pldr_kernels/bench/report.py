@@ -91,6 +91,32 @@ GEN_COLUMNS = (
     ("check", False, check))
 
 
+def train_shape(r: dict) -> str:
+    heads = "" if r["part"] == "model" else f" H{r['H']} d{r['d']}"
+    return f"B{r['B']} S{r['S']}{heads}"
+
+
+def train_rate(r: dict) -> str:
+    if r.get("tokens_per_s") is not None:
+        return f"{fmt(r['tokens_per_s'])} tok/s"
+    return f"{fmt(r['tflops'])} TFLOP/s" if r.get("tflops") is not None else "-"
+
+
+TRAIN_COLUMNS = (
+    ("part", False, lambda r: r["part"]),
+    ("shape", False, train_shape),
+    ("dtype", False, lambda r: r["dtype"]),
+    ("causal", False, lambda r: ("yes" if r["causal"] else "no") if r["part"] == "g_attention"
+     else "-"),
+    ("impl", False, lambda r: r["impl"]),
+    ("p50 ms", True, lambda r: fmt(r["time_ms_p50"])),
+    ("p20–p80 ms", True, lambda r: f"{fmt(r['time_ms_p20'])}–{fmt(r['time_ms_p80'])}"),
+    ("rate", True, train_rate),
+    ("x ref", True, lambda r: times(r.get("speedup_vs_reference"))),
+    ("extra MiB", True, lambda r: mib(r.get("peak_extra_bytes"))),
+    ("check", False, check))
+
+
 def table(columns, rows: list[dict], markdown: bool) -> str:
     headers = [header for header, _, _ in columns]
     right = [right for _, right, _ in columns]
@@ -145,6 +171,22 @@ def ordering_lines(results: list[dict]) -> list[str]:
     return ["Cache-mode ordering:"] + lines if lines else []
 
 
+def train_ratio_lines(results: list[dict]) -> list[str]:
+    """pldr_kernels' training rows against every other contestant of the same case: time ratio
+    (their p50 / ours) and peak extra memory ratio (ours / theirs)."""
+    keys = ("part", "B", "S", "H", "d", "dtype", "causal")
+    rows = [r for r in results if r["bench"] == "train"]
+    lines = []
+    for r in (r for r in rows if r["impl"] == "pldr_kernels"):
+        same = [o for o in rows if o is not r and all(o[k] == r[k] for k in keys)]
+        speed = ", ".join(f"{o['time_ms_p50'] / r['time_ms_p50']:.2f}x {o['impl']}" for o in same)
+        memory = ", ".join(f"{r['peak_extra_bytes'] / o['peak_extra_bytes']:.3f}x {o['impl']}'s"
+                           for o in same if o.get("peak_extra_bytes") and r["peak_extra_bytes"])
+        lines.append(f"  train {r['part']} {train_shape(r)} {r['dtype']}: {speed}"
+                     + (f"; peak extra memory {memory}" if memory else ""))
+    return lines
+
+
 def summary_lines(env: dict, results: list[dict]) -> list[str]:
     lines = [f"Device copy bandwidth: {fmt(r['gbps'])} GB/s ({r['impl']} of {r['bytes'] >> 20} "
              "MiB, read + write)" for r in results if r["bench"] == "copy"]
@@ -160,8 +202,10 @@ def summary_lines(env: dict, results: list[dict]) -> list[str]:
             heads.append(f"  generate {r['dtype']} {r['mode']} prompt {r['prompt_len']}: "
                          f"per token {r['speedup_vs_reference']:.2f}x, TTFT "
                          f"{r['ttft_speedup_vs_reference']:.2f}x the fp32 reference")
+    heads += train_ratio_lines(results)
     lines += ["Speedups of pldr_kernels (p50):"] + heads if heads else []
-    notes = [f"  {r['op']} {r['impl']}: {r['note']}" for r in results if r.get("note")]
+    notes = [f"  {r.get('op', r.get('part'))} {r['impl']}: {r['note']}" for r in results
+             if r.get("note")]
     notes += [f"  {s['bench']} {s.get('op') or ''} / {s['impl']}: {s['reason']}"
               for s in env.get("skipped", [])]
     return lines + (["Notes and skipped contestants:"] + notes if notes else [])
@@ -186,6 +230,14 @@ def render(data: dict, markdown: bool = False) -> str:
                       f"{g['weights']} weights, batch {g['batch']}, greedy; x ref = per-token "
                       f"speedup over the fp32 reference) on {machine(env)}:", "",
                   table(GEN_COLUMNS, gen, markdown)]
+    train = [r for r in results if r["bench"] == "train"]
+    if train:
+        models = {r["model"]: r["params"] for r in train if r.get("model")}
+        about = "".join(f"; model {m}, {n / 1e6:.1f}M parameters" for m, n in models.items())
+        method = next((r["memory_method"] for r in train if r.get("memory_method")), None)
+        parts += ["", f"{bold('Training')} (forward + backward, each call returns the gradients"
+                      f"{about}{'; extra MiB: ' + method if method else ''}) on {machine(env)}:",
+                  "", table(TRAIN_COLUMNS, train, markdown)]
     extra = (memory_lines(results) + ordering_lines(results) + summary_lines(env, results)
              + [f"WARNING: {w}" for w in env.get("warnings", [])])
     if any(not r.get("valid", True) for r in results):
@@ -203,7 +255,8 @@ LINE_STYLES = ["-", "--", ":", "-."]
 def write_plot(path: str, data: dict) -> None:
     """Generation: per-token latency against the sequence length, and time to first token against
     the prompt length (colour = cache mode, line style = implementation); the ops sweep: prefill
-    time against S per contestant."""
+    time against S per contestant; training: forward + backward time against S per contestant
+    (line style = part)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -213,9 +266,10 @@ def write_plot(path: str, data: dict) -> None:
     env, results = data["env"], data["results"]
     gen = [r for r in results if r["bench"] == "generate"]
     pre = [r for r in results if r["bench"] == "ops" and r["op"] == "g_attention"]
-    if not gen and not pre:
-        raise ValueError("nothing to plot: the run has no generate or g_attention results")
-    n = 2 * bool(gen) + bool(pre)
+    train = [r for r in results if r["bench"] == "train"]
+    if not gen and not pre and not train:
+        raise ValueError("nothing to plot: the run has no generate, g_attention or train results")
+    n = 2 * bool(gen) + bool(pre) + bool(train)
     fig, axes = plt.subplots(1, n, figsize=(5.2 * n + 2.2, 4.8), layout="constrained",
                              squeeze=False)
     axes = list(axes[0])
@@ -259,6 +313,21 @@ def write_plot(path: str, data: dict) -> None:
         ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
         ax.set(title="g_attention prefill", xlabel="sequence length S",
                ylabel="ms, p50 (bars p20–p80)")
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(0, -0.16), ncol=2, frameon=False)
+    if train:
+        ax = axes.pop(0)
+        colour = {impl: f"C{i}" for i, impl in enumerate(dict.fromkeys(r["impl"] for r in train))}
+        parts = list(dict.fromkeys(r["part"] for r in train))
+        for (part, impl, dtype, B), rs in grouped(
+                train, lambda r: (r["part"], r["impl"], r["dtype"], r["B"])).items():
+            rs.sort(key=lambda r: r["S"])
+            which = parts.index(part) % len(LINE_STYLES)
+            ax.plot([r["S"] for r in rs], [r["time_ms_p50"] for r in rs], color=colour[impl],
+                    ls=LINE_STYLES[which], marker="os^v"[which], ms=4,
+                    label=f"{part}: {impl} {dtype} B{B}")
+        ax.set_xscale("log", base=2)
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.set(title="Training: forward + backward", xlabel="sequence length S", ylabel="ms, p50")
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(0, -0.16), ncol=2, frameon=False)
     for ax in fig.axes:
         ax.set_yscale("log")

@@ -1,0 +1,343 @@
+// Torch-free building blocks of the metric-learner backward on the CPU
+// (metric_tensors_backward_cpu.cpp; docs/design.md §3.4). They work on the transposed row blocks
+// of the forward (metric_row_blocks.h): Xt[j][m] = X[row0 + m][j], features j down, the rows m of
+// a block across the lanes, here always kBwdBlockRows = 64 rows (4 vectors) per block.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#include "cpu/metric_row_blocks.h"
+
+namespace pldr::cpu {
+
+// Rows per block of the backward. Fixed, not chosen from the thread count: the per-block partial
+// sums of the LayerNorm weight gradients must be the same whatever the number of threads. B·H·d
+// is a multiple of it (d is 64 or 128), so a block holds rows of one head only.
+constexpr int64_t kBwdBlockRows = 64;
+constexpr int kBwdVecs = static_cast<int>(kBwdBlockRows / kLanes);
+
+// acc[r][v] += Σ_k A[r·a_rs + k·a_ks] · B[k·ldb + 16v], k < K (tile_product without the zeroing).
+template <int R, int NV>
+PLDR_SIMD_INLINE void tile_accumulate(int64_t K, const float* A, int64_t a_rs, int64_t a_ks,
+                                      const float* B, int64_t ldb, f32x16 (&acc)[R][NV]) {
+  for (int64_t k = 0; k < K; ++k) {
+    f32x16 bv[NV];
+    PLDR_UNROLL
+    for (int v = 0; v < NV; ++v) bv[v] = simd::load(B + k * ldb + v * kLanes);
+    PLDR_UNROLL
+    for (int r = 0; r < R; ++r) {
+      const f32x16 ar = simd::splat(A[r * a_rs + k * a_ks]);
+      PLDR_UNROLL
+      for (int v = 0; v < NV; ++v) acc[r][v] = simd::fma(ar, bv[v], acc[r][v]);
+    }
+  }
+}
+
+// LayerNorm backward on a block, the forward's layer_norm_columns reversed: T [d][64] is the
+// LayerNorm's input, gY [d][64] the gradient of its output; writes the input's gradient gT and the
+// block's sums Σ_m gY·x̂ and Σ_m gY (the weight and bias gradients of these rows) into gw, gb [d].
+// mean and rstd are computed by the forward's sequence of operations, so x̂ is the forward's.
+inline void layer_norm_backward_columns(const float* T, const float* gY, float* gT, int64_t d,
+                                        const float* w, float eps, float* gw, float* gb) {
+  constexpr int64_t ld = kBwdBlockRows;
+  const f32x16 inv_d = simd::splat(1.0f / static_cast<float>(d));
+  f32x16 mean[kBwdVecs], rstd[kBwdVecs], sum_g[kBwdVecs], sum_gx[kBwdVecs];
+  PLDR_UNROLL
+  for (int v = 0; v < kBwdVecs; ++v) {
+    const float* x = T + v * kLanes;
+    f32x16 sum = simd::zero();
+    for (int64_t j = 0; j < d; ++j) sum = simd::add(sum, simd::load(x + j * ld));
+    mean[v] = simd::mul(sum, inv_d);
+    f32x16 sq = simd::zero();
+    for (int64_t j = 0; j < d; ++j) {
+      const f32x16 c = simd::sub(simd::load(x + j * ld), mean[v]);
+      sq = simd::fma(c, c, sq);
+    }
+    rstd[v] = simd::div(simd::splat(1.0f),
+                        simd::sqrt(simd::add(simd::mul(sq, inv_d), simd::splat(eps))));
+    sum_g[v] = sum_gx[v] = simd::zero();
+  }
+  for (int64_t j = 0; j < d; ++j) {
+    const f32x16 wj = simd::splat(w[j]);
+    f32x16 w_part = simd::zero(), b_part = simd::zero();
+    PLDR_UNROLL
+    for (int v = 0; v < kBwdVecs; ++v) {
+      const f32x16 x_hat = simd::mul(simd::sub(simd::load(T + j * ld + v * kLanes), mean[v]),
+                                     rstd[v]);
+      const f32x16 g = simd::load(gY + j * ld + v * kLanes);
+      const f32x16 g_hat = simd::mul(g, wj);
+      sum_g[v] = simd::add(sum_g[v], g_hat);
+      sum_gx[v] = simd::fma(g_hat, x_hat, sum_gx[v]);
+      w_part = simd::fma(g, x_hat, w_part);
+      b_part = simd::add(b_part, g);
+    }
+    gw[j] = simd::reduce_add(w_part);
+    gb[j] = simd::reduce_add(b_part);
+  }
+  PLDR_UNROLL
+  for (int v = 0; v < kBwdVecs; ++v) {
+    sum_g[v] = simd::mul(sum_g[v], inv_d);
+    sum_gx[v] = simd::mul(sum_gx[v], inv_d);
+  }
+  for (int64_t j = 0; j < d; ++j) {
+    const f32x16 wj = simd::splat(w[j]);
+    PLDR_UNROLL
+    for (int v = 0; v < kBwdVecs; ++v) {
+      const f32x16 x_hat = simd::mul(simd::sub(simd::load(T + j * ld + v * kLanes), mean[v]),
+                                     rstd[v]);
+      const f32x16 g_hat = simd::mul(simd::load(gY + j * ld + v * kLanes), wj);
+      // gT = rstd·(ĝ − mean(ĝ) − x̂·mean(ĝ·x̂))
+      const f32x16 inner = simd::sub(simd::sub(g_hat, sum_g[v]), simd::mul(x_hat, sum_gx[v]));
+      simd::store(gT + j * ld + v * kLanes, simd::mul(rstd[v], inner));
+    }
+  }
+}
+
+// One SwiGLU's backward on a block. X [d][64] is its input, gY [d][64] the gradient of its
+// output Y = W3·(silu(W1·X + b1) ⊙ (W2·X + b2)) + b3. Recomputes the hidden layer (H1, H2 [F][64]
+// scratch), writes U = silu(H1) ⊙ H2 and the gradients of the two hidden pre-activations,
+// gH1, gH2 [F][64] (the weight gradients are products of these with X and gY over all rows), and
+// the input's gradient gX = W1ᵀ·gH1 + W2ᵀ·gH2 [d][64].
+inline void swiglu_backward_block(const float* X, const float* gY, int64_t d, int64_t F,
+                                  const float* w1, const float* b1, const float* w2,
+                                  const float* b2, const float* w3, float* H1, float* H2,
+                                  float* U, float* gH1, float* gH2, float* gX) {
+  constexpr int64_t ld = kBwdBlockRows;
+  constexpr int NV = kBwdVecs;
+  // H1 = W1·X + b1, H2 = W2·X + b2 (the forward's hidden layer, before the gate).
+  for_row_tiles<kGluTileRows>(static_cast<int>(F), [&](int f0, auto rows) {
+    constexpr int R = decltype(rows)::value;
+    f32x16 h1[R][NV], h2[R][NV];
+    PLDR_UNROLL
+    for (int r = 0; r < R; ++r)
+      PLDR_UNROLL
+      for (int v = 0; v < NV; ++v) h1[r][v] = h2[r][v] = simd::zero();
+    for (int64_t k = 0; k < d; ++k) {
+      f32x16 xv[NV];
+      PLDR_UNROLL
+      for (int v = 0; v < NV; ++v) xv[v] = simd::load(X + k * ld + v * kLanes);
+      PLDR_UNROLL
+      for (int r = 0; r < R; ++r) {
+        const f32x16 c1 = simd::splat(w1[(f0 + r) * d + k]);
+        const f32x16 c2 = simd::splat(w2[(f0 + r) * d + k]);
+        PLDR_UNROLL
+        for (int v = 0; v < NV; ++v) {
+          h1[r][v] = simd::fma(c1, xv[v], h1[r][v]);
+          h2[r][v] = simd::fma(c2, xv[v], h2[r][v]);
+        }
+      }
+    }
+    PLDR_UNROLL
+    for (int r = 0; r < R; ++r) {
+      const f32x16 bias1 = simd::splat(b1[f0 + r]), bias2 = simd::splat(b2[f0 + r]);
+      PLDR_UNROLL
+      for (int v = 0; v < NV; ++v) {
+        simd::store(H1 + (f0 + r) * ld + v * kLanes, simd::add(h1[r][v], bias1));
+        simd::store(H2 + (f0 + r) * ld + v * kLanes, simd::add(h2[r][v], bias2));
+      }
+    }
+  });
+  // gU = W3ᵀ·gY, and from it the gate's gradients: with s = silu(h1) = h1·σ(h1),
+  // gH2 = gU·s, gH1 = gU·h2·σ·(1 + h1·(1 − σ)).
+  const f32x16 one = simd::splat(1.0f);
+  for_row_tiles<kTileRows>(static_cast<int>(F), [&](int f0, auto rows) {
+    constexpr int R = decltype(rows)::value;
+    f32x16 acc[R][NV];
+    tile_product<R, NV>(d, w3 + f0, 1, F, gY, ld, acc);
+    PLDR_UNROLL
+    for (int r = 0; r < R; ++r)
+      PLDR_UNROLL
+      for (int v = 0; v < NV; ++v) {
+        const int64_t off = (f0 + r) * ld + v * kLanes;
+        const f32x16 h1 = simd::load(H1 + off), h2 = simd::load(H2 + off);
+        const f32x16 den = simd::add(one, simd::exp(simd::sub(simd::zero(), h1)));
+        const f32x16 sig = simd::div(one, den);
+        const f32x16 s = simd::div(h1, den);  // the forward's silu, bit for bit
+        simd::store(U + off, simd::mul(s, h2));
+        simd::store(gH2 + off, simd::mul(acc[r][v], s));
+        const f32x16 dsilu = simd::mul(sig, simd::fma(h1, simd::sub(one, sig), one));
+        simd::store(gH1 + off, simd::mul(simd::mul(acc[r][v], h2), dsilu));
+      }
+  });
+  // gX = W1ᵀ·gH1 + W2ᵀ·gH2 (w1, w2 [F][d]: column k of W1 is w1[f·d + k]).
+  for_row_tiles<kTileRows>(static_cast<int>(d), [&](int k0, auto rows) {
+    constexpr int R = decltype(rows)::value;
+    f32x16 acc[R][NV];
+    tile_product<R, NV>(F, w1 + k0, 1, d, gH1, ld, acc);
+    tile_accumulate<R, NV>(F, w2 + k0, 1, d, gH2, ld, acc);
+    PLDR_UNROLL
+    for (int r = 0; r < R; ++r)
+      PLDR_UNROLL
+      for (int v = 0; v < NV; ++v) simd::store(gX + (k0 + r) * ld + v * kLanes, acc[r][v]);
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Weight gradients: sums over every row of the problem, so over all blocks. P and Q are arrays
+// of blocks (block b at P + b·p_block_stride, each [rows][64]); C[i][j] = Σ_b Σ_m P_b[i][m]·Q_b[j][m].
+// Each output element is summed by one tile in a fixed order (blocks in order, the 16 lanes
+// reduced by one fixed tree), so the result does not depend on how tiles are spread over threads.
+// ---------------------------------------------------------------------------------------------
+template <int RI, int RJ>
+PLDR_SIMD_INLINE void block_sum_tile(int64_t nblocks, const float* P, int64_t p_bs,
+                                     const float* Q, int64_t q_bs, float* C, int64_t ldc) {
+  constexpr int64_t ld = kBwdBlockRows;
+  f32x16 acc[RI][RJ];
+  PLDR_UNROLL
+  for (int i = 0; i < RI; ++i)
+    PLDR_UNROLL
+    for (int j = 0; j < RJ; ++j) acc[i][j] = simd::zero();
+  for (int64_t blk = 0; blk < nblocks; ++blk) {
+    const float* Pb = P + blk * p_bs;
+    const float* Qb = Q + blk * q_bs;
+    PLDR_UNROLL
+    for (int v = 0; v < kBwdVecs; ++v) {
+      f32x16 p[RI];
+      PLDR_UNROLL
+      for (int i = 0; i < RI; ++i) p[i] = simd::load(Pb + i * ld + v * kLanes);
+      PLDR_UNROLL
+      for (int j = 0; j < RJ; ++j) {
+        const f32x16 qv = simd::load(Qb + j * ld + v * kLanes);
+        PLDR_UNROLL
+        for (int i = 0; i < RI; ++i) acc[i][j] = simd::fma(p[i], qv, acc[i][j]);
+      }
+    }
+  }
+  PLDR_UNROLL
+  for (int i = 0; i < RI; ++i)
+    PLDR_UNROLL
+    for (int j = 0; j < RJ; ++j) C[i * ldc + j] = simd::reduce_add(acc[i][j]);
+}
+
+// Rows [i_begin, i_end) of C [M][N] (row stride ldc) = Σ over blocks of P [M][64] · Q [N][64]ᵀ.
+inline void block_sum_products(int64_t i_begin, int64_t i_end, int64_t N, int64_t nblocks,
+                               const float* P, int64_t p_bs, const float* Q, int64_t q_bs,
+                               float* C, int64_t ldc) {
+  constexpr int64_t ld = kBwdBlockRows;
+  for_row_tiles<4>(static_cast<int>(i_end - i_begin), [&](int i0, auto ri) {
+    constexpr int RI = decltype(ri)::value;
+    const int64_t i = i_begin + i0;
+    for_row_tiles<6>(static_cast<int>(N), [&](int j0, auto rj) {
+      constexpr int RJ = decltype(rj)::value;
+      block_sum_tile<RI, RJ>(nblocks, P + i * ld, p_bs, Q + j0 * ld, q_bs, C + i * ldc + j0, ldc);
+    });
+  });
+}
+
+// out[i] = Σ over blocks and rows of P [M][64], for i in [i_begin, i_end) (the bias gradients).
+inline void block_sum_rows(int64_t i_begin, int64_t i_end, int64_t nblocks, const float* P,
+                           int64_t p_bs, float* out) {
+  constexpr int64_t ld = kBwdBlockRows;
+  for (int64_t i = i_begin; i < i_end; ++i) {
+    f32x16 acc = simd::zero();
+    for (int64_t blk = 0; blk < nblocks; ++blk)
+      PLDR_UNROLL
+      for (int v = 0; v < kBwdVecs; ++v)
+        acc = simd::add(acc, simd::load(P + blk * p_bs + i * ld + v * kLanes));
+    out[i] = simd::reduce_add(acc);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Steps 9-12 reversed, per (b, h), in fp64 (as the forward sums W·A and a·A_P in fp64, so here:
+// the gradients pass the power stage, where the exponents amplify every rounding; 4·d³ fp64
+// multiply-adds per head, little next to the residual network).
+// ---------------------------------------------------------------------------------------------
+
+// out[i][n] += Σ_k L[i·l_rs + k·l_ks] · Rd[k·d + n], everything fp64 [d][d]; d a multiple of 32.
+inline void product_f64_accumulate(const double* L, int64_t l_rs, int64_t l_ks, const double* Rd,
+                                   int64_t d, double* out) {
+  constexpr int kRows = 4, kVecs = 4;
+  for (int64_t i0 = 0; i0 < d; i0 += kRows) {
+    for (int64_t n0 = 0; n0 < d; n0 += kVecs * kF64Lanes) {
+      f64x8 acc[kRows][kVecs];
+      PLDR_UNROLL
+      for (int r = 0; r < kRows; ++r)
+        PLDR_UNROLL
+        for (int v = 0; v < kVecs; ++v)
+          __builtin_memcpy(&acc[r][v], out + (i0 + r) * d + n0 + v * kF64Lanes, sizeof(f64x8));
+      for (int64_t k = 0; k < d; ++k) {
+        f64x8 rv[kVecs];
+        PLDR_UNROLL
+        for (int v = 0; v < kVecs; ++v)
+          __builtin_memcpy(&rv[v], Rd + k * d + n0 + v * kF64Lanes, sizeof(f64x8));
+        PLDR_UNROLL
+        for (int r = 0; r < kRows; ++r) {
+          const double l = L[(i0 + r) * l_rs + k * l_ks];
+          PLDR_UNROLL
+          for (int v = 0; v < kVecs; ++v) acc[r][v] += l * rv[v];
+        }
+      }
+      PLDR_UNROLL
+      for (int r = 0; r < kRows; ++r)
+        PLDR_UNROLL
+        for (int v = 0; v < kVecs; ++v)
+          __builtin_memcpy(out + (i0 + r) * d + n0 + v * kF64Lanes, &acc[r][v], sizeof(f64x8));
+    }
+  }
+}
+
+// Scratch of power_stage_backward: three fp32 and four fp64 [d][d] arrays.
+struct PowerStageScratch {
+  float *Z, *A_LM, *A_P;
+  double *Ad, *At, *Pd, *Gd;
+};
+
+// Gradients of one (b, h) through steps 9-12. A [d][d] is the forward's metric tensor, W, bW,
+// pw, a of head h; gA, gA_LM, gG the given output gradients (nullptr = zero). Adds the weight
+// gradients to acc_W, acc_b, acc_pw, acc_a, acc_ba (fp64 [d][d], summed over the batch by the
+// caller in batch order) and writes the gradient that reaches A, gA + Wᵀ·gZ, to gA_total.
+inline void power_stage_backward(const float* A, int64_t d, const float* W, const float* bW,
+                                 const float* pw, const float* a, float eps_adj, const float* gA,
+                                 const float* gA_LM, const float* gG, PowerStageScratch& sc,
+                                 double* acc_W, double* acc_b, double* acc_pw, double* acc_a,
+                                 double* acc_ba, float* gA_total) {
+  const int64_t n = d * d;
+  // The forward's A_LM and A_P, bit for bit (metric_head_outputs).
+  for (int64_t i = 0; i < n; ++i) sc.Ad[i] = A[i];
+  product_f64(W, sc.Ad, bW, d, sc.Z);
+  const f32x16 eps = simd::splat(eps_adj);
+  for (int64_t i = 0; i < n; i += kLanes) {
+    const f32x16 z = simd::load(sc.Z + i);
+    simd::store(sc.A_LM + i, simd::add(simd::mul(z, simd::silu(z)), eps));
+  }
+  for (int64_t i = 0; i < n; ++i) sc.A_P[i] = std::pow(sc.A_LM[i], pw[i]);
+  // sc.Gd: the gradient of A_P, aᵀ·gG; then that of A_LM; then that of Z.
+  for (int64_t i = 0; i < n; ++i) sc.Gd[i] = 0.0;
+  if (gG != nullptr) {
+    for (int64_t i = 0; i < n; ++i) {
+      acc_ba[i] += gG[i];
+      sc.Pd[i] = gG[i];
+    }
+    for (int64_t i = 0; i < d; ++i)  // At = A_Pᵀ
+      for (int64_t k = 0; k < d; ++k) sc.At[k * d + i] = sc.A_P[i * d + k];
+    product_f64_accumulate(sc.Pd, d, 1, sc.At, d, acc_a);  // += gG·A_Pᵀ
+    for (int64_t i = 0; i < n; ++i) sc.At[i] = a[i];
+    product_f64_accumulate(sc.At, 1, d, sc.Pd, d, sc.Gd);  // aᵀ·gG
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    const double a_lm = sc.A_LM[i], p = pw[i], g_ap = sc.Gd[i];
+    double g = gA_LM != nullptr ? static_cast<double>(gA_LM[i]) : 0.0;
+    if (gG != nullptr) {
+      g += g_ap * p * std::pow(a_lm, p - 1.0);
+      acc_pw[i] += g_ap * static_cast<double>(sc.A_P[i]) * std::log(a_lm);
+    }
+    // d/dz z·silu(z) = silu(z) + z·σ(z)·(1 + z·(1 − σ(z)))
+    const double z = sc.Z[i], sig = 1.0 / (1.0 + std::exp(-z));
+    const double g_z = g * (z * sig + z * sig * (1.0 + z * (1.0 - sig)));
+    sc.Gd[i] = g_z;
+    acc_b[i] += g_z;
+  }
+  for (int64_t i = 0; i < d; ++i)  // At = Aᵀ
+    for (int64_t k = 0; k < d; ++k) sc.At[k * d + i] = sc.Ad[i * d + k];
+  product_f64_accumulate(sc.Gd, d, 1, sc.At, d, acc_W);  // += gZ·Aᵀ
+  for (int64_t i = 0; i < n; ++i) {
+    sc.At[i] = W[i];
+    sc.Pd[i] = gA != nullptr ? static_cast<double>(gA[i]) : 0.0;
+  }
+  product_f64_accumulate(sc.At, 1, d, sc.Gd, d, sc.Pd);  // gA + Wᵀ·gZ
+  for (int64_t i = 0; i < n; ++i) gA_total[i] = static_cast<float>(sc.Pd[i]);
+}
+
+}  // namespace pldr::cpu

@@ -1,0 +1,466 @@
+// Fused CPU backward of pldr::metric_tensors (docs/design.md §3.4; docs/spec.md §2 steps 6–12):
+// the gradients of q and of every weight from those of A, A_LM and G, recomputing the forward
+// from the inputs (autograd saves nothing else).
+//
+// The forward's row-block structure carries over: after QᵀQ every row of A runs through the
+// residual network on its own, so the recompute and the backward of the network work on
+// transposed blocks of 64 rows (metric_backward_blocks.h) that stay in L1/L2; only the power
+// stage (per (b, h)) and the weight gradients (sums over all rows) mix rows. Phases, each a
+// parallel loop over work items taken from a shared counter:
+//   1. per block: gather q, QᵀQ, the residual network, keeping the input of every SwiGLU and
+//      LayerNorm (the checkpoints, ~(1 + 3R)·d floats per row) and A;
+//   2. per head h (the batch in order inside): steps 9–12 reversed in fp64 → the gradient
+//      reaching A, and those of W, b, pw, a, ba;
+//   3. per residual unit r, last first: (a) per block: the LayerNorm's and the Gd SwiGLUs'
+//      backward, the hidden layer recomputed from the checkpoint; (b) per tile of a weight
+//      gradient: the sums over all rows of the products kept by (a);
+//   4. per block: the first LayerNorm's backward → the gradient of QᵀQ;
+//   5. per (b, h): grad_q = q·(gA0 + gA0ᵀ) for the kept rows (pad rows get exactly 0).
+// Determinism: blocks have a fixed size (64 rows), every weight gradient element is summed by one
+// work item in a fixed order, and the per-block LayerNorm partial sums are added in block order,
+// so the gradients are bitwise the same run after run and at any thread count.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdlib>
+#include <memory>
+#include <tuple>
+#include <vector>
+
+#include "common/checks.h"
+#include "common/dispatch.h"
+#include "cpu/metric_backward_blocks.h"
+
+namespace pldr::cpu {
+namespace {
+
+struct AlignedFree {
+  void operator()(void* p) const { std::free(p); }
+};
+template <typename T>
+using Buffer = std::unique_ptr<T[], AlignedFree>;
+
+template <typename T>
+Buffer<T> make_buffer(int64_t count) {
+  const size_t elems = static_cast<size_t>(std::max<int64_t>(count, 1));
+  const size_t bytes = (elems * sizeof(T) + 63) / 64 * 64;  // aligned_alloc wants a multiple
+  auto* p = static_cast<T*>(std::aligned_alloc(64, bytes));
+  TORCH_CHECK(p != nullptr, "pldr::metric_tensors_backward: out of memory allocating ", bytes,
+              " bytes");
+  return Buffer<T>(p);
+}
+
+// Runs fn(item, scratch) for every item in [0, n) on the intra-op threads, which take the next
+// item from a shared counter (a descheduled thread delays the call by one item, not by its share);
+// make() builds each thread's scratch. Which thread runs an item never changes a result bit.
+template <class Make, class Fn>
+void for_each_item(int64_t n, Make&& make, Fn&& fn) {
+  if (n <= 0) return;
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min(threads, n), 1, [&](int64_t, int64_t) {
+    auto scratch = make();
+    for (int64_t item = next++; item < n; item = next++) fn(item, scratch);
+  });
+}
+
+struct NoScratch {};
+
+// q_mask [B, S] read through its strides; ptr = nullptr: every row is real.
+struct QueryMask {
+  const bool* ptr = nullptr;
+  int64_t batch_stride = 0, row_stride = 0;
+};
+
+// q[b, :, h, :] → Qs [S_kept][d] fp32 (masked rows left out, order kept, as the forward gathers
+// them) and, when positions is given, the position s of each kept row. Returns S_kept.
+template <typename T>
+int64_t gather_queries(const at::Tensor& q, const QueryMask& mask, int64_t b, int64_t h, float* Qs,
+                       int64_t* positions) {
+  const int64_t S = q.size(1), d = q.size(3);
+  const T* base = q.data_ptr<T>() + b * q.stride(0) + h * q.stride(2);
+  int64_t kept = 0;
+  for (int64_t s = 0; s < S; ++s) {
+    if (mask.ptr != nullptr && !mask.ptr[b * mask.batch_stride + s * mask.row_stride]) continue;
+    const T* src = base + s * q.stride(1);
+    float* dst = Qs + kept * d;
+    for (int64_t j = 0; j < d; ++j) dst[j] = static_cast<float>(src[j]);
+    if (positions != nullptr) positions[kept] = s;
+    ++kept;
+  }
+  return kept;
+}
+
+struct Weights {
+  const float *ln0_w, *ln0_b, *w1, *b1, *w2, *b2, *w3, *b3, *lnA_w, *lnA_b;
+  const float *W, *b, *pw, *a, *ba;
+};
+
+// Where each block's data lives. Every array is [block][features][64] (the transposed block
+// layout), so a block's data is contiguous and the weight gradients walk the blocks in order.
+struct Workspace {
+  int64_t d, F, R, Gd, nblocks;
+  int64_t ckpt_stride, unit_stride, tile;  // floats per block; tile = d·64
+  float *ckpt, *unit, *grad_state;
+
+  // Checkpoints of the forward: QᵀQ (the first LayerNorm's input), and per unit r the input of
+  // each SwiGLU g (g = 0: the unit's input) and the input of its LayerNorm.
+  float* qtq(int64_t blk) const { return ckpt + blk * ckpt_stride; }
+  float* glu_input(int64_t blk, int64_t r, int64_t g) const {
+    return ckpt + blk * ckpt_stride + (1 + r * (Gd + 1) + g) * tile;
+  }
+  float* ln_input(int64_t blk, int64_t r) const { return glu_input(blk, r, Gd); }
+  // What unit r's weight gradients need, per SwiGLU g: the gradient of its output, U, and the
+  // gradients of the two hidden pre-activations.
+  float* glu_grad_out(int64_t blk, int64_t g) const {
+    return unit + blk * unit_stride + g * (d + 3 * F) * kBwdBlockRows;
+  }
+  float* glu_U(int64_t blk, int64_t g) const { return glu_grad_out(blk, g) + tile; }
+  float* glu_gH1(int64_t blk, int64_t g) const { return glu_U(blk, g) + F * kBwdBlockRows; }
+  float* glu_gH2(int64_t blk, int64_t g) const { return glu_gH1(blk, g) + F * kBwdBlockRows; }
+  // The gradient flowing back through the network, one [d][64] tile per block.
+  float* grad(int64_t blk) const { return grad_state + blk * tile; }
+};
+
+// One tile of a weight gradient of unit r, SwiGLU g: rows [row0, row1) of dW1, dW2 or dW3 (and
+// of the matching bias gradient).
+struct WeightGradItem {
+  enum Kind { kW1, kW2, kW3 } kind;
+  int64_t g, row0, row1;
+};
+
+constexpr int64_t kWeightGradRows = 24;  // rows of a weight gradient per work item
+
+std::vector<WeightGradItem> weight_grad_items(int64_t d, int64_t F, int64_t Gd) {
+  std::vector<WeightGradItem> items;
+  for (int64_t g = 0; g < Gd; ++g) {  // the widest tiles (dW3: F columns) first
+    for (int64_t r = 0; r < d; r += kWeightGradRows)
+      items.push_back({WeightGradItem::kW3, g, r, std::min(d, r + kWeightGradRows)});
+  }
+  for (int64_t g = 0; g < Gd; ++g) {
+    for (auto kind : {WeightGradItem::kW1, WeightGradItem::kW2})
+      for (int64_t r = 0; r < F; r += kWeightGradRows)
+        items.push_back({kind, g, r, std::min(F, r + kWeightGradRows)});
+  }
+  return items;
+}
+
+using GradTuple =
+    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+               at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+               at::Tensor, at::Tensor>;
+
+GradTuple metric_tensors_backward_cpu(
+    const c10::optional<at::Tensor>& grad_A, const c10::optional<at::Tensor>& grad_A_LM,
+    const c10::optional<at::Tensor>& grad_G, const at::Tensor& q,
+    const c10::optional<at::Tensor>& q_mask, const at::Tensor& ln0_w, const at::Tensor& ln0_b,
+    const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2,
+    const at::Tensor& w3, const at::Tensor& b3, const at::Tensor& lnA_w, const at::Tensor& lnA_b,
+    const at::Tensor& W, const at::Tensor& b, const at::Tensor& pw, const at::Tensor& a,
+    const at::Tensor& ba, double eps_ln, double eps_adj) {
+  const MetricDims dims = check_metric_tensors_backward_inputs(
+      grad_A, grad_A_LM, grad_G, q, q_mask, ln0_w, ln0_b, w1, b1, w2, b2, w3, b3, lnA_w, lnA_b, W,
+      b, pw, a, ba);
+  const int64_t B = dims.B, S = dims.S, H = dims.H, d = dims.d, F = dims.F, R = dims.R,
+                Gd = dims.Gd;
+  const at::Tensor weights[] = {ln0_w.contiguous(), ln0_b.contiguous(), w1.contiguous(),
+                                b1.contiguous(),    w2.contiguous(),    b2.contiguous(),
+                                w3.contiguous(),    b3.contiguous(),    lnA_w.contiguous(),
+                                lnA_b.contiguous(), W.contiguous(),     b.contiguous(),
+                                pw.contiguous(),    a.contiguous(),     ba.contiguous()};
+  at::Tensor grad_q = at::zeros(q.sizes(), q.options());
+  at::Tensor grads[15];
+  for (int i = 0; i < 15; ++i) grads[i] = at::zeros(weights[i].sizes(), weights[i].options());
+  auto result = [&] {
+    return GradTuple{grad_q,    grads[0],  grads[1],  grads[2],  grads[3], grads[4],
+                     grads[5],  grads[6],  grads[7],  grads[8],  grads[9], grads[10],
+                     grads[11], grads[12], grads[13], grads[14]};
+  };
+  if (B == 0 || H == 0) return result();
+
+  const Weights w{weights[0].data_ptr<float>(),  weights[1].data_ptr<float>(),
+                  weights[2].data_ptr<float>(),  weights[3].data_ptr<float>(),
+                  weights[4].data_ptr<float>(),  weights[5].data_ptr<float>(),
+                  weights[6].data_ptr<float>(),  weights[7].data_ptr<float>(),
+                  weights[8].data_ptr<float>(),  weights[9].data_ptr<float>(),
+                  weights[10].data_ptr<float>(), weights[11].data_ptr<float>(),
+                  weights[12].data_ptr<float>(), weights[13].data_ptr<float>(),
+                  weights[14].data_ptr<float>()};
+  float* g_ln0_w = grads[0].data_ptr<float>();
+  float* g_ln0_b = grads[1].data_ptr<float>();
+  float* g_w1 = grads[2].data_ptr<float>();
+  float* g_b1 = grads[3].data_ptr<float>();
+  float* g_w2 = grads[4].data_ptr<float>();
+  float* g_b2 = grads[5].data_ptr<float>();
+  float* g_w3 = grads[6].data_ptr<float>();
+  float* g_b3 = grads[7].data_ptr<float>();
+  float* g_lnA_w = grads[8].data_ptr<float>();
+  float* g_lnA_b = grads[9].data_ptr<float>();
+  float* const g_head[5] = {grads[10].data_ptr<float>(), grads[11].data_ptr<float>(),
+                            grads[12].data_ptr<float>(), grads[13].data_ptr<float>(),
+                            grads[14].data_ptr<float>()};  // W, b, pw, a, ba
+  // Output gradients read as dense [B, H, d, d] (nullptr = zero).
+  at::Tensor given[3];
+  const float* given_ptr[3] = {nullptr, nullptr, nullptr};
+  const c10::optional<at::Tensor>* given_in[3] = {&grad_A, &grad_A_LM, &grad_G};
+  for (int i = 0; i < 3; ++i) {
+    if (given_in[i]->has_value()) {
+      given[i] = (*given_in[i])->contiguous();
+      given_ptr[i] = given[i].data_ptr<float>();
+    }
+  }
+  QueryMask mask;
+  if (q_mask.has_value()) {
+    mask = QueryMask{q_mask->data_ptr<bool>(), q_mask->stride(0), q_mask->stride(1)};
+  }
+  const float eps_ln_f = static_cast<float>(eps_ln);
+  const float eps_adj_f = static_cast<float>(eps_adj);
+
+  // Workspaces: the checkpoints, one unit's weight-gradient operands, the running gradient, A and
+  // the gradient reaching it (row layout [B·H·d][d]), the LayerNorm partial sums per block.
+  const int64_t N = B * H * d, tile = d * kBwdBlockRows;
+  Workspace ws{d, F, R, Gd, N / kBwdBlockRows, (1 + R * (Gd + 1)) * tile,
+               Gd * (d + 3 * F) * kBwdBlockRows, tile, nullptr, nullptr, nullptr};
+  const int64_t nblocks = ws.nblocks;
+  const auto f32 = q.options().dtype(at::kFloat);
+  at::Tensor ckpt = at::empty({nblocks * ws.ckpt_stride}, f32);
+  at::Tensor unit = at::empty({nblocks * ws.unit_stride}, f32);
+  at::Tensor grad_state = at::empty({nblocks * tile}, f32);
+  at::Tensor A_rows = at::empty({N * d}, f32);
+  at::Tensor gA_rows = at::empty({N * d}, f32);
+  // partial[blk][slot][0: weight, 1: bias][d]; slot 0 = ln0, slot r + 1 = lnA[r].
+  at::Tensor partial = at::empty({nblocks * (R + 1) * 2 * d}, f32);
+  ws.ckpt = ckpt.data_ptr<float>();
+  ws.unit = unit.data_ptr<float>();
+  ws.grad_state = grad_state.data_ptr<float>();
+  float* A_ptr = A_rows.data_ptr<float>();
+  float* gA_ptr = gA_rows.data_ptr<float>();
+  float* partial_ptr = partial.data_ptr<float>();
+  auto ln_partial = [&](int64_t blk, int64_t slot) {
+    return partial_ptr + (blk * (R + 1) + slot) * 2 * d;
+  };
+  const int64_t blocks_per_head = d / kBwdBlockRows;  // blocks per head
+
+  // 1. The forward, per block, keeping the checkpoints (bitwise the forward kernel's values).
+  struct ForwardScratch {
+    Buffer<float> Qs, Ut, A_block;
+    int64_t gathered_bh = -1, S_kept = 0;
+  };
+  for_each_item(
+      nblocks,
+      [&] {
+        return ForwardScratch{make_buffer<float>(S * d),
+                              make_buffer<float>(std::max(d, F) * kBwdBlockRows),
+                              make_buffer<float>(tile)};
+      },
+      [&](int64_t blk, ForwardScratch& sc) {
+        const int64_t row0 = blk * kBwdBlockRows, bh = row0 / d, i0 = row0 % d;
+        if (bh != sc.gathered_bh) {
+          sc.S_kept = PLDR_DTYPE_SWITCH(q.scalar_type(), Elements, T, [&] {
+            return gather_queries<T>(q, mask, bh / H, bh % H, sc.Qs.get(), nullptr);
+          });
+          sc.gathered_bh = bh;
+        }
+        qtq_columns(sc.Qs.get(), sc.S_kept, d, i0, kBwdVecs, ws.qtq(blk), kBwdBlockRows);
+        layer_norm_columns(ws.qtq(blk), ws.glu_input(blk, 0, 0), d, kBwdVecs, kBwdBlockRows,
+                           w.ln0_w, w.ln0_b, eps_ln_f);
+        for (int64_t r = 0; r < R; ++r) {
+          for (int64_t g = 0; g < Gd; ++g) {
+            const int64_t rg = r * Gd + g;
+            swiglu_block(ws.glu_input(blk, r, g), sc.Ut.get(), ws.glu_input(blk, r, g + 1), d, F,
+                         kBwdVecs, w.w1 + rg * F * d, w.b1 + rg * F, w.w2 + rg * F * d,
+                         w.b2 + rg * F, w.w3 + rg * d * F, w.b3 + rg * d);
+          }
+          float* T = ws.ln_input(blk, r);
+          const float* unit_in = ws.glu_input(blk, r, 0);
+          for (int64_t i = 0; i < tile; ++i) T[i] += unit_in[i];  // residual
+          float* out = r + 1 < R ? ws.glu_input(blk, r + 1, 0) : sc.A_block.get();
+          layer_norm_columns(T, out, d, kBwdVecs, kBwdBlockRows, w.lnA_w + r * d,
+                             w.lnA_b + r * d, eps_ln_f);
+        }
+        for (int64_t m = 0; m < kBwdBlockRows; ++m)  // A[row0 + m][j] = A_block[j][m]
+          for (int64_t j = 0; j < d; ++j)
+            A_ptr[(row0 + m) * d + j] = sc.A_block[j * kBwdBlockRows + m];
+      });
+
+  // 2. Steps 9-12 reversed, per head, the batch in order (the sums over b in a fixed order).
+  struct PowerScratch {
+    Buffer<float> f32s;
+    Buffer<double> f64s;
+    PowerStageScratch views;
+  };
+  const int64_t dd = d * d;
+  for_each_item(
+      H,
+      [&] {
+        PowerScratch sc{make_buffer<float>(3 * dd), make_buffer<double>(9 * dd), {}};
+        float* f = sc.f32s.get();
+        double* x = sc.f64s.get();
+        sc.views = PowerStageScratch{f, f + dd, f + 2 * dd, x, x + dd, x + 2 * dd, x + 3 * dd};
+        return sc;
+      },
+      [&](int64_t h, PowerScratch& sc) {
+        double* acc = sc.f64s.get() + 4 * dd;  // W, b, pw, a, ba
+        std::fill(acc, acc + 5 * dd, 0.0);
+        const int64_t head = h * dd;
+        for (int64_t bi = 0; bi < B; ++bi) {
+          const int64_t off = (bi * H + h) * dd;
+          auto given_at = [&](int i) { return given_ptr[i] ? given_ptr[i] + off : nullptr; };
+          power_stage_backward(A_ptr + off, d, w.W + head, w.b + head, w.pw + head, w.a + head,
+                               eps_adj_f, given_at(0), given_at(1), given_at(2), sc.views, acc,
+                               acc + dd, acc + 2 * dd, acc + 3 * dd, acc + 4 * dd, gA_ptr + off);
+        }
+        for (int k = 0; k < 5; ++k)
+          for (int64_t i = 0; i < dd; ++i)
+            g_head[k][head + i] = static_cast<float>(acc[k * dd + i]);
+      });
+
+  // 3. The residual units, last first.
+  struct UnitScratch {
+    Buffer<float> H1, H2, gX;
+  };
+  const std::vector<WeightGradItem> wg_items = weight_grad_items(d, F, Gd);
+  for (int64_t r = R - 1; r >= 0; --r) {
+    for_each_item(
+        nblocks,
+        [&] {
+          return UnitScratch{make_buffer<float>(F * kBwdBlockRows),
+                             make_buffer<float>(F * kBwdBlockRows), make_buffer<float>(tile)};
+        },
+        [&](int64_t blk, UnitScratch& sc) {
+          float* g_out = ws.grad(blk);  // the gradient of this unit's output
+          if (r == R - 1) {
+            const int64_t row0 = blk * kBwdBlockRows;
+            for (int64_t j = 0; j < d; ++j)
+              for (int64_t m = 0; m < kBwdBlockRows; ++m)
+                g_out[j * kBwdBlockRows + m] = gA_ptr[(row0 + m) * d + j];
+          }
+          // LayerNorm(T), T = SwiGLUs(X) + X: gT reaches both the last SwiGLU and the residual.
+          float* gT = ws.glu_grad_out(blk, Gd - 1);
+          float* part = ln_partial(blk, r + 1);
+          layer_norm_backward_columns(ws.ln_input(blk, r), g_out, gT, d, w.lnA_w + r * d,
+                                      eps_ln_f, part, part + d);
+          for (int64_t g = Gd - 1; g >= 0; --g) {
+            const int64_t rg = r * Gd + g;
+            float* g_in = g > 0 ? ws.glu_grad_out(blk, g - 1) : sc.gX.get();
+            swiglu_backward_block(ws.glu_input(blk, r, g), ws.glu_grad_out(blk, g), d, F,
+                                  w.w1 + rg * F * d, w.b1 + rg * F, w.w2 + rg * F * d,
+                                  w.b2 + rg * F, w.w3 + rg * d * F, sc.H1.get(), sc.H2.get(),
+                                  ws.glu_U(blk, g), ws.glu_gH1(blk, g), ws.glu_gH2(blk, g), g_in);
+          }
+          const float* gX = sc.gX.get();
+          for (int64_t i = 0; i < tile; ++i) g_out[i] = gX[i] + gT[i];
+        });
+    for_each_item(
+        static_cast<int64_t>(wg_items.size()), [] { return NoScratch{}; },
+        [&](int64_t i, NoScratch&) {
+          const WeightGradItem& it = wg_items[i];
+          const int64_t rg = r * Gd + it.g;
+          switch (it.kind) {
+            case WeightGradItem::kW3:  // dW3[j][f] = Σ gY[j]·U[f], db3[j] = Σ gY[j]
+              block_sum_products(it.row0, it.row1, F, nblocks, ws.glu_grad_out(0, it.g),
+                                 ws.unit_stride, ws.glu_U(0, it.g), ws.unit_stride,
+                                 g_w3 + rg * d * F, F);
+              block_sum_rows(it.row0, it.row1, nblocks, ws.glu_grad_out(0, it.g), ws.unit_stride,
+                             g_b3 + rg * d);
+              break;
+            case WeightGradItem::kW1:  // dW1[f][k] = Σ gH1[f]·X[k], db1[f] = Σ gH1[f]
+            case WeightGradItem::kW2: {
+              const bool first = it.kind == WeightGradItem::kW1;
+              const float* gH = first ? ws.glu_gH1(0, it.g) : ws.glu_gH2(0, it.g);
+              block_sum_products(it.row0, it.row1, d, nblocks, gH, ws.unit_stride,
+                                 ws.glu_input(0, r, it.g), ws.ckpt_stride,
+                                 (first ? g_w1 : g_w2) + rg * F * d, d);
+              block_sum_rows(it.row0, it.row1, nblocks, gH, ws.unit_stride,
+                             (first ? g_b1 : g_b2) + rg * F);
+              break;
+            }
+          }
+        });
+  }
+
+  // 4. The first LayerNorm: the gradient of QᵀQ, per block (written over the checkpoint of the
+  // first SwiGLU's input, which is no longer needed).
+  for_each_item(
+      nblocks, [] { return NoScratch{}; },
+      [&](int64_t blk, NoScratch&) {
+        float* part = ln_partial(blk, 0);
+        layer_norm_backward_columns(ws.qtq(blk), ws.grad(blk), ws.glu_input(blk, 0, 0), d,
+                                    w.ln0_w, eps_ln_f, part, part + d);
+      });
+
+  // 5. grad_q = q·(gA0 + gA0ᵀ) per (b, h) for the kept rows.
+  struct QueryScratch {
+    Buffer<float> Qs, M;
+    Buffer<int64_t> positions;
+  };
+  for_each_item(
+      B * H,
+      [&] {
+        return QueryScratch{make_buffer<float>(S * d), make_buffer<float>(dd),
+                            make_buffer<int64_t>(S)};
+      },
+      [&](int64_t bh, QueryScratch& sc) {
+        const int64_t bi = bh / H, hi = bh % H;
+        // gA0[i][j] is column i % 64 of row j of the gradient tile of block (bh·d + i) / 64.
+        auto gA0 = [&](int64_t i, int64_t j) {
+          const int64_t blk = bh * blocks_per_head + i / kBwdBlockRows;
+          return ws.glu_input(blk, 0, 0)[j * kBwdBlockRows + i % kBwdBlockRows];
+        };
+        float* M = sc.M.get();
+        for (int64_t i = 0; i < d; ++i)
+          for (int64_t j = 0; j < d; ++j) M[i * d + j] = gA0(i, j) + gA0(j, i);
+        PLDR_DTYPE_SWITCH(q.scalar_type(), Elements, T, [&] {
+          const int64_t kept = gather_queries<T>(q, mask, bi, hi, sc.Qs.get(), sc.positions.get());
+          T* out = grad_q.data_ptr<T>() + bi * S * H * d + hi * d;
+          const float* Qs = sc.Qs.get();
+          for_row_tiles<kTileRows>(static_cast<int>(kept), [&](int s0, auto rows) {
+            constexpr int Rt = decltype(rows)::value;
+            for (int64_t n0 = 0; n0 < d; n0 += kBwdBlockRows) {
+              f32x16 acc[Rt][kBwdVecs];
+              tile_product<Rt, kBwdVecs>(d, Qs + s0 * d, d, 1, M + n0, d, acc);
+              PLDR_UNROLL
+              for (int r = 0; r < Rt; ++r) {
+                T* row = out + sc.positions[s0 + r] * H * d + n0;
+                PLDR_UNROLL
+                for (int v = 0; v < kBwdVecs; ++v) {
+                  if constexpr (std::is_same_v<T, float>) {
+                    simd::store(row + v * kLanes, acc[r][v]);
+                  } else {
+                    alignas(64) float lanes[kLanes];
+                    simd::store(lanes, acc[r][v]);
+                    for (int e = 0; e < kLanes; ++e) row[v * kLanes + e] = static_cast<T>(lanes[e]);
+                  }
+                }
+              }
+            }
+          });
+        });
+      });
+
+  // The LayerNorm weight gradients: the per-block partial sums, in block order.
+  for (int64_t slot = 0; slot <= R; ++slot) {
+    float* gw = slot == 0 ? g_ln0_w : g_lnA_w + (slot - 1) * d;
+    float* gb = slot == 0 ? g_ln0_b : g_lnA_b + (slot - 1) * d;
+    for (int64_t blk = 0; blk < nblocks; ++blk) {
+      const float* part = ln_partial(blk, slot);
+      for (int64_t j = 0; j < d; ++j) {
+        gw[j] += part[j];
+        gb[j] += part[d + j];
+      }
+    }
+  }
+  return result();
+}
+
+}  // namespace
+}  // namespace pldr::cpu
+
+TORCH_LIBRARY_IMPL(pldr, CPU, m) {
+  m.impl("metric_tensors_backward", &pldr::cpu::metric_tensors_backward_cpu);
+}
