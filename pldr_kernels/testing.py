@@ -12,6 +12,10 @@ The tests, the benchmark harness and users checking their own integration use th
 * **the rule** (docs/design.md §4) — ``compare`` returns a :class:`Verdict`; ``check_g_attention``,
   ``check_g_attention_decode`` and ``check_metric_tensors`` apply it to every output of an op
   against ``pldr_kernels.reference`` run in fp64;
+* **gradients** (docs/design.md §4.5) — ``metric_tensors_grads`` (autograd of the reference, fp64 =
+  the oracle), ``metric_tensors_grad_peer`` (the same in fp32), ``check_metric_tensors_grads``,
+  ``check_metric_tensors_grads_over_seeds`` (the statistical form for losses through G) and
+  ``check_metric_grads_given_a`` (stage by stage from the kernel's own A);
 * **backends** — ``available_backends(op)``: which devices this build can run an op on.
 
 The rule: fp32 outputs within ``FP32_REL_TOL`` · max|oracle| of the fp64 oracle; low-precision

@@ -8,14 +8,17 @@
 // stage (per (b, h)) and the weight gradients (sums over all rows) mix rows. Phases, each a
 // parallel loop over work items taken from a shared counter:
 //   1. per block: gather q, QᵀQ, the residual network, keeping the input of every SwiGLU and
-//      LayerNorm (the checkpoints, ~(1 + 3R)·d floats per row) and A;
+//      LayerNorm (the checkpoints, (1 + R·(Gd + 1))·d floats per row) and A;
 //   2. per head h (the batch in order inside): steps 9–12 reversed in fp64 → the gradient
 //      reaching A, and those of W, b, pw, a, ba;
-//   3. per residual unit r, last first: (a) per block: the LayerNorm's and the Gd SwiGLUs'
-//      backward, the hidden layer recomputed from the checkpoint; (b) per tile of a weight
-//      gradient: the sums over all rows of the products kept by (a);
-//   4. per block: the first LayerNorm's backward → the gradient of QᵀQ;
+//   3. per residual unit r, last first, one loop over (a) the blocks: the LayerNorm's and the Gd
+//      SwiGLUs' backward, each hidden layer recomputed from its checkpointed input, keeping what
+//      the weight gradients need; and (b) the tiles of unit r + 1's weight gradients: sums over
+//      all blocks of the products kept by its (a) (two copies of those buffers, by parity);
+//   4. the same loop once more: per block the first LayerNorm's backward → the gradient of QᵀQ,
+//      and unit 0's weight-gradient tiles;
 //   5. per (b, h): grad_q = q·(gA0 + gA0ᵀ) for the kept rows (pad rows get exactly 0).
+// Workspace: ~16 MB per sample of the 110M learner (B·H·d rows, whatever S), freed at the end.
 // Determinism: blocks have a fixed size (64 rows), every weight gradient element is summed by one
 // work item in a fixed order, and the per-block LayerNorm partial sums are added in block order,
 // so the gradients are bitwise the same run after run and at any thread count.
@@ -101,52 +104,68 @@ struct Weights {
   const float *W, *b, *pw, *a, *ba;
 };
 
-// Where each block's data lives. Every array is [block][features][64] (the transposed block
-// layout), so a block's data is contiguous and the weight gradients walk the blocks in order.
+// Where each block's data lives. Each array is a sequence of blocks, so a block's data is
+// contiguous and the weight gradients walk the blocks in order; [features][64] is the transposed
+// block layout, [64][features] the row layout.
 struct Workspace {
   int64_t d, F, R, Gd, nblocks;
   int64_t ckpt_stride, unit_stride, tile;  // floats per block; tile = d·64
   float *ckpt, *unit, *grad_state;
 
   // Checkpoints of the forward: QᵀQ (the first LayerNorm's input), and per unit r the input of
-  // each SwiGLU g (g = 0: the unit's input) and the input of its LayerNorm.
+  // each SwiGLU g (g = 0: the unit's input) and the input of its LayerNorm, [d][64] each. (Not
+  // the SwiGLUs' hidden layers: ~7x more memory, and recomputing them cost no more time here.)
   float* qtq(int64_t blk) const { return ckpt + blk * ckpt_stride; }
   float* glu_input(int64_t blk, int64_t r, int64_t g) const {
     return ckpt + blk * ckpt_stride + (1 + r * (Gd + 1) + g) * tile;
   }
   float* ln_input(int64_t blk, int64_t r) const { return glu_input(blk, r, Gd); }
-  // What unit r's weight gradients need, per SwiGLU g: the gradient of its output, U, and the
-  // gradients of the two hidden pre-activations.
-  float* glu_grad_out(int64_t blk, int64_t g) const {
-    return unit + blk * unit_stride + g * (d + 3 * F) * kBwdBlockRows;
+  // What the weight gradients of unit r need, per SwiGLU g, in two copies by the parity of r
+  // (unit r's sums run while unit r − 1's blocks are reversed): the gradient of its output gY
+  // [d][64], U, gH1, gH2 [F][64] (the hidden layer and the gradients of its pre-activations), and
+  // its input and gY in row layout, [64][d] each.
+  float* glu(int64_t blk, int64_t r, int64_t g) const {
+    return unit + ((r & 1) * nblocks + blk) * unit_stride + g * (3 * d + 3 * F) * kBwdBlockRows;
   }
-  float* glu_U(int64_t blk, int64_t g) const { return glu_grad_out(blk, g) + tile; }
-  float* glu_gH1(int64_t blk, int64_t g) const { return glu_U(blk, g) + F * kBwdBlockRows; }
-  float* glu_gH2(int64_t blk, int64_t g) const { return glu_gH1(blk, g) + F * kBwdBlockRows; }
+  float* glu_grad_out(int64_t blk, int64_t r, int64_t g) const { return glu(blk, r, g); }
+  float* glu_U(int64_t blk, int64_t r, int64_t g) const { return glu(blk, r, g) + tile; }
+  float* glu_gH1(int64_t blk, int64_t r, int64_t g) const {
+    return glu_U(blk, r, g) + F * kBwdBlockRows;
+  }
+  float* glu_gH2(int64_t blk, int64_t r, int64_t g) const {
+    return glu_gH1(blk, r, g) + F * kBwdBlockRows;
+  }
+  float* glu_input_rows(int64_t blk, int64_t r, int64_t g) const {
+    return glu_gH2(blk, r, g) + F * kBwdBlockRows;
+  }
+  float* glu_grad_out_rows(int64_t blk, int64_t r, int64_t g) const {
+    return glu_input_rows(blk, r, g) + tile;
+  }
   // The gradient flowing back through the network, one [d][64] tile per block.
   float* grad(int64_t blk) const { return grad_state + blk * tile; }
 };
 
-// One tile of a weight gradient of unit r, SwiGLU g: rows [row0, row1) of dW1, dW2 or dW3 (and
-// of the matching bias gradient).
-struct WeightGradItem {
-  enum Kind { kW1, kW2, kW3 } kind;
-  int64_t g, row0, row1;
+// A work item of phase 3: the backward of unit r on one block, or one tile of a weight gradient
+// of unit r, SwiGLU g: rows [row0, row1) of dW1 or dW2 [F][d], or of dW3ᵀ [F][d], and the matching
+// bias gradient.
+struct UnitItem {
+  enum Kind { kBlock, kW1, kW2, kW3 } kind;
+  int64_t r, g_or_block, row0, row1;
 };
 
 constexpr int64_t kWeightGradRows = 24;  // rows of a weight gradient per work item
 
-std::vector<WeightGradItem> weight_grad_items(int64_t d, int64_t F, int64_t Gd) {
-  std::vector<WeightGradItem> items;
-  for (int64_t g = 0; g < Gd; ++g) {  // the widest tiles (dW3: F columns) first
-    for (int64_t r = 0; r < d; r += kWeightGradRows)
-      items.push_back({WeightGradItem::kW3, g, r, std::min(d, r + kWeightGradRows)});
-  }
-  for (int64_t g = 0; g < Gd; ++g) {
-    for (auto kind : {WeightGradItem::kW1, WeightGradItem::kW2})
-      for (int64_t r = 0; r < F; r += kWeightGradRows)
-        items.push_back({kind, g, r, std::min(F, r + kWeightGradRows)});
-  }
+// The blocks of unit r (r = -1: of the first LayerNorm), then the weight-gradient tiles of unit
+// r_sums (r_sums < R): one work list, since the two touch different buffers.
+std::vector<UnitItem> unit_items(int64_t r, int64_t nblocks, int64_t r_sums, int64_t R, int64_t F,
+                                 int64_t Gd) {
+  std::vector<UnitItem> items;
+  for (int64_t blk = 0; blk < nblocks; ++blk) items.push_back({UnitItem::kBlock, r, blk, 0, 0});
+  if (r_sums < R)
+    for (int64_t g = 0; g < Gd; ++g)
+      for (auto kind : {UnitItem::kW3, UnitItem::kW1, UnitItem::kW2})
+        for (int64_t row = 0; row < F; row += kWeightGradRows)
+          items.push_back({kind, r_sums, g, row, std::min(F, row + kWeightGradRows)});
   return items;
 }
 
@@ -225,11 +244,11 @@ GradTuple metric_tensors_backward_cpu(
   // the gradient reaching it (row layout [B·H·d][d]), the LayerNorm partial sums per block.
   const int64_t N = B * H * d, tile = d * kBwdBlockRows;
   Workspace ws{d, F, R, Gd, N / kBwdBlockRows, (1 + R * (Gd + 1)) * tile,
-               Gd * (d + 3 * F) * kBwdBlockRows, tile, nullptr, nullptr, nullptr};
+               Gd * (3 * d + 3 * F) * kBwdBlockRows, tile, nullptr, nullptr, nullptr};
   const int64_t nblocks = ws.nblocks;
   const auto f32 = q.options().dtype(at::kFloat);
   at::Tensor ckpt = at::empty({nblocks * ws.ckpt_stride}, f32);
-  at::Tensor unit = at::empty({nblocks * ws.unit_stride}, f32);
+  at::Tensor unit = at::empty({2 * nblocks * ws.unit_stride}, f32);
   at::Tensor grad_state = at::empty({nblocks * tile}, f32);
   at::Tensor A_rows = at::empty({N * d}, f32);
   at::Tensor gA_rows = at::empty({N * d}, f32);
@@ -283,9 +302,7 @@ GradTuple metric_tensors_backward_cpu(
           layer_norm_columns(T, out, d, kBwdVecs, kBwdBlockRows, w.lnA_w + r * d,
                              w.lnA_b + r * d, eps_ln_f);
         }
-        for (int64_t m = 0; m < kBwdBlockRows; ++m)  // A[row0 + m][j] = A_block[j][m]
-          for (int64_t j = 0; j < d; ++j)
-            A_ptr[(row0 + m) * d + j] = sc.A_block[j * kBwdBlockRows + m];
+        block_to_rows(sc.A_block.get(), d, A_ptr + row0 * d);
       });
 
   // 2. Steps 9-12 reversed, per head, the batch in order (the sums over b in a fixed order).
@@ -320,79 +337,82 @@ GradTuple metric_tensors_backward_cpu(
             g_head[k][head + i] = static_cast<float>(acc[k * dd + i]);
       });
 
-  // 3. The residual units, last first.
+  // 3. The residual units, last first: the blocks of unit r together with the weight-gradient
+  // sums of unit r + 1; 4. the first LayerNorm per block (the gradient of QᵀQ, written over the
+  // checkpoint of the first SwiGLU's input, no longer needed), with the sums of unit 0.
   struct UnitScratch {
-    Buffer<float> H1, H2, gX;
+    Buffer<float> H1, H2, gX, C;  // a block's hidden layer and gX; a tile of dW3ᵀ
   };
-  const std::vector<WeightGradItem> wg_items = weight_grad_items(d, F, Gd);
-  for (int64_t r = R - 1; r >= 0; --r) {
+  auto reverse_unit_block = [&](int64_t r, int64_t blk, UnitScratch& sc) {
+    float* g_out = ws.grad(blk);  // the gradient of this unit's output
+    if (r == R - 1)  // the gradient reaching A, from row layout
+      transpose_tile(gA_ptr + blk * kBwdBlockRows * d, kBwdBlockRows, d, d, g_out,
+                     kBwdBlockRows);
+    // LayerNorm(T), T = SwiGLUs(X) + X: gT reaches both the last SwiGLU and the residual.
+    float* gT = ws.glu_grad_out(blk, r, Gd - 1);
+    float* part = ln_partial(blk, r + 1);
+    layer_norm_backward_columns(ws.ln_input(blk, r), g_out, gT, d, w.lnA_w + r * d, eps_ln_f,
+                                part, part + d);
+    for (int64_t g = Gd - 1; g >= 0; --g) {
+      const int64_t rg = r * Gd + g;
+      float* g_in = g > 0 ? ws.glu_grad_out(blk, r, g - 1) : sc.gX.get();
+      swiglu_hidden(ws.glu_input(blk, r, g), d, F, w.w1 + rg * F * d, w.b1 + rg * F,
+                    w.w2 + rg * F * d, w.b2 + rg * F, sc.H1.get(), sc.H2.get());
+      swiglu_backward_block(ws.glu_grad_out(blk, r, g), d, F, w.w1 + rg * F * d,
+                            w.w2 + rg * F * d, w.w3 + rg * d * F, sc.H1.get(), sc.H2.get(),
+                            ws.glu_U(blk, r, g), ws.glu_gH1(blk, r, g), ws.glu_gH2(blk, r, g),
+                            g_in);
+      block_to_rows(ws.glu_input(blk, r, g), d, ws.glu_input_rows(blk, r, g));
+      block_to_rows(ws.glu_grad_out(blk, r, g), d, ws.glu_grad_out_rows(blk, r, g));
+    }
+    const float* gX = sc.gX.get();
+    for (int64_t i = 0; i < tile; ++i) g_out[i] = gX[i] + gT[i];
+  };
+  auto weight_grad_tile = [&](const UnitItem& it, float* C_tile) {
+    const int64_t r = it.r, g = it.g_or_block, rg = r * Gd + g, bs = ws.unit_stride;
+    if (it.kind == UnitItem::kW3) {  // dW3ᵀ[f][j] = Σ U[f]·gY[j], db3[j] = Σ gY[j]
+      block_sum_products(it.row0, it.row1, d, nblocks, ws.glu_U(0, r, g), bs,
+                         ws.glu_grad_out_rows(0, r, g), bs, C_tile);
+      float* C = g_w3 + rg * d * F;
+      for (int64_t f = it.row0; f < it.row1; ++f)
+        for (int64_t j = 0; j < d; ++j) C[j * F + f] = C_tile[(f - it.row0) * d + j];
+      // db3 has d entries, not F: the items of dW3ᵀ's rows sum the same rows of it, the last
+      // item also any rows past F.
+      const int64_t j1 = it.row1 == F ? d : std::min(d, it.row1);
+      if (it.row0 < j1)
+        block_sum_rows(it.row0, j1, nblocks, ws.glu_grad_out(0, r, g), bs, g_b3 + rg * d);
+      return;
+    }
+    // dW1[f][k] = Σ gH1[f]·X[k], db1[f] = Σ gH1[f]; the same for W2.
+    const bool first = it.kind == UnitItem::kW1;
+    const float* gH = first ? ws.glu_gH1(0, r, g) : ws.glu_gH2(0, r, g);
+    block_sum_products(it.row0, it.row1, d, nblocks, gH, bs, ws.glu_input_rows(0, r, g), bs,
+                       (first ? g_w1 : g_w2) + rg * F * d + it.row0 * d);
+    block_sum_rows(it.row0, it.row1, nblocks, gH, bs, (first ? g_b1 : g_b2) + rg * F);
+  };
+  for (int64_t r = R - 1; r >= -1; --r) {
+    const std::vector<UnitItem> items = unit_items(r, nblocks, r + 1, R, F, Gd);
     for_each_item(
-        nblocks,
+        static_cast<int64_t>(items.size()),
         [&] {
           return UnitScratch{make_buffer<float>(F * kBwdBlockRows),
-                             make_buffer<float>(F * kBwdBlockRows), make_buffer<float>(tile)};
+                             make_buffer<float>(F * kBwdBlockRows), make_buffer<float>(tile),
+                             make_buffer<float>(kWeightGradRows * d)};
         },
-        [&](int64_t blk, UnitScratch& sc) {
-          float* g_out = ws.grad(blk);  // the gradient of this unit's output
-          if (r == R - 1) {
-            const int64_t row0 = blk * kBwdBlockRows;
-            for (int64_t j = 0; j < d; ++j)
-              for (int64_t m = 0; m < kBwdBlockRows; ++m)
-                g_out[j * kBwdBlockRows + m] = gA_ptr[(row0 + m) * d + j];
-          }
-          // LayerNorm(T), T = SwiGLUs(X) + X: gT reaches both the last SwiGLU and the residual.
-          float* gT = ws.glu_grad_out(blk, Gd - 1);
-          float* part = ln_partial(blk, r + 1);
-          layer_norm_backward_columns(ws.ln_input(blk, r), g_out, gT, d, w.lnA_w + r * d,
-                                      eps_ln_f, part, part + d);
-          for (int64_t g = Gd - 1; g >= 0; --g) {
-            const int64_t rg = r * Gd + g;
-            float* g_in = g > 0 ? ws.glu_grad_out(blk, g - 1) : sc.gX.get();
-            swiglu_backward_block(ws.glu_input(blk, r, g), ws.glu_grad_out(blk, g), d, F,
-                                  w.w1 + rg * F * d, w.b1 + rg * F, w.w2 + rg * F * d,
-                                  w.b2 + rg * F, w.w3 + rg * d * F, sc.H1.get(), sc.H2.get(),
-                                  ws.glu_U(blk, g), ws.glu_gH1(blk, g), ws.glu_gH2(blk, g), g_in);
-          }
-          const float* gX = sc.gX.get();
-          for (int64_t i = 0; i < tile; ++i) g_out[i] = gX[i] + gT[i];
-        });
-    for_each_item(
-        static_cast<int64_t>(wg_items.size()), [] { return NoScratch{}; },
-        [&](int64_t i, NoScratch&) {
-          const WeightGradItem& it = wg_items[i];
-          const int64_t rg = r * Gd + it.g;
-          switch (it.kind) {
-            case WeightGradItem::kW3:  // dW3[j][f] = Σ gY[j]·U[f], db3[j] = Σ gY[j]
-              block_sum_products(it.row0, it.row1, F, nblocks, ws.glu_grad_out(0, it.g),
-                                 ws.unit_stride, ws.glu_U(0, it.g), ws.unit_stride,
-                                 g_w3 + rg * d * F, F);
-              block_sum_rows(it.row0, it.row1, nblocks, ws.glu_grad_out(0, it.g), ws.unit_stride,
-                             g_b3 + rg * d);
-              break;
-            case WeightGradItem::kW1:  // dW1[f][k] = Σ gH1[f]·X[k], db1[f] = Σ gH1[f]
-            case WeightGradItem::kW2: {
-              const bool first = it.kind == WeightGradItem::kW1;
-              const float* gH = first ? ws.glu_gH1(0, it.g) : ws.glu_gH2(0, it.g);
-              block_sum_products(it.row0, it.row1, d, nblocks, gH, ws.unit_stride,
-                                 ws.glu_input(0, r, it.g), ws.ckpt_stride,
-                                 (first ? g_w1 : g_w2) + rg * F * d, d);
-              block_sum_rows(it.row0, it.row1, nblocks, gH, ws.unit_stride,
-                             (first ? g_b1 : g_b2) + rg * F);
-              break;
-            }
+        [&](int64_t i, UnitScratch& sc) {
+          const UnitItem& it = items[i];
+          if (it.kind != UnitItem::kBlock) {
+            weight_grad_tile(it, sc.C.get());
+          } else if (r >= 0) {
+            reverse_unit_block(r, it.g_or_block, sc);
+          } else {
+            const int64_t blk = it.g_or_block;
+            float* part = ln_partial(blk, 0);
+            layer_norm_backward_columns(ws.qtq(blk), ws.grad(blk), ws.glu_input(blk, 0, 0), d,
+                                        w.ln0_w, eps_ln_f, part, part + d);
           }
         });
   }
-
-  // 4. The first LayerNorm: the gradient of QᵀQ, per block (written over the checkpoint of the
-  // first SwiGLU's input, which is no longer needed).
-  for_each_item(
-      nblocks, [] { return NoScratch{}; },
-      [&](int64_t blk, NoScratch&) {
-        float* part = ln_partial(blk, 0);
-        layer_norm_backward_columns(ws.qtq(blk), ws.grad(blk), ws.glu_input(blk, 0, 0), d,
-                                    w.ln0_w, eps_ln_f, part, part + d);
-      });
 
   // 5. grad_q = q·(gA0 + gA0ᵀ) per (b, h) for the kept rows.
   struct QueryScratch {
