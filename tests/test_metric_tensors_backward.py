@@ -272,6 +272,22 @@ def test_cpu_ragged_rows_equal_each_row_alone(d):
         assert torch.equal(grad_q[b, mask[b]], alone[0]), f"batch row {b} differs"
 
 
+@pytest.mark.parametrize("impl", impls())
+def test_non_finite_pad_rows_do_not_leak(impl):
+    """Pad rows are left out, not multiplied by 0: inf and NaN there change no gradient."""
+    weights = make_metric_weights(H=2, **SMALL)
+    q = randn((2, 8, 2, 64))
+    mask = torch.ones(2, 8, dtype=torch.bool)
+    mask[0, :3] = False
+    grad_outputs = tuple(randn((2, 2, 64, 64)) for _ in range(3))
+    clean = impl.backward(grad_outputs, q, mask, weights)
+    q_bad = q.clone()
+    q_bad[0, 0], q_bad[0, 1] = float("nan"), float("inf")
+    for name, x, y in zip(METRIC_GRAD_NAMES, impl.backward(grad_outputs, q_bad, mask, weights),
+                          clean):
+        assert torch.equal(x, y), f"grad_{name}"
+
+
 @pytest.mark.parametrize("B, H", [(2, 3), (1, 1)])
 def test_cpu_deterministic_bitwise(B, H):
     """Run after run and at any thread count (blocks have a fixed size; every weight gradient is
