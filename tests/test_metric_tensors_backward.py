@@ -147,6 +147,9 @@ CASES = [
         (1, 1, 1, 128, False), (2, 97, 2, 128, True), (1, 1025, 1, 128, False)]),
     *(Case(2, 33, 2, 64, dt, masked=True) for dt in LOW_PRECISION),
     Case(1, 20, 2, 64, mlp=(2, 3, 40)),  # other learner sizes: Gd = 3, F not a tile multiple
+    # More than one group of rows (1024 rows: 16 heads at d = 64, 8 at d = 128) at 2 threads.
+    Case(3, 5, 6, 64, masked=True, mlp=(2, NUM_DENSE_A, A_DFF)),
+    Case(2, 5, 5, 128, mlp=(2, NUM_DENSE_A, A_DFF)),
 ]
 
 
@@ -288,18 +291,19 @@ def test_non_finite_pad_rows_do_not_leak(impl):
         assert torch.equal(x, y), f"grad_{name}"
 
 
-@pytest.mark.parametrize("B, H", [(2, 3), (1, 1)])
-def test_cpu_deterministic_bitwise(B, H):
+@pytest.mark.parametrize("B, H, S", [(2, 3, 300), (1, 1, 300), (2, 14, 40)])
+def test_cpu_deterministic_bitwise(B, H, S):
     """Run after run and at any thread count (blocks have a fixed size; every weight gradient is
-    summed by one work item in a fixed order)."""
-    weights = make_metric_weights(H=H)
-    q = randn((B, 300, H, 64))
-    mask = torch.rand(B, 300) > 0.2
+    summed by one work item in a fixed order). 28 heads are two groups of rows at up to 8
+    threads and one at 16 (the groups grow with the thread count): the same bits."""
+    weights = make_metric_weights(H=H, R=2 if H > 3 else NUM_RESLAYER_A)
+    q = randn((B, S, H, 64))
+    mask = torch.rand(B, S) > 0.2
     grad_outputs = tuple(randn((B, H, 64, 64)) for _ in range(3))
     first = CPU.backward(grad_outputs, q, mask, weights)
     threads = torch.get_num_threads()
     try:
-        for n in (1, 2, 3, threads):
+        for n in (1, 2, 3, 16, threads):
             torch.set_num_threads(n)
             again = CPU.backward(grad_outputs, q, mask, weights)
             for name, x, y in zip(METRIC_GRAD_NAMES, first, again):

@@ -187,16 +187,18 @@ inline void swiglu_backward_block(const float* gY, int64_t d, int64_t F, const f
 // order, so the result does not depend on how tiles are spread over threads.
 // ---------------------------------------------------------------------------------------------
 
-// Rows [i_begin, i_end) of C = Σ_b P_b·Q_b into C [i_end − i_begin][N] (row-major): the blocks
-// outside, so each Q_b is read from memory once and then from L1 by every row tile; each element
-// accumulates over the blocks in order.
+// Rows [i_begin, i_end) of C = Σ_b P_b·Q_b into C [i_end − i_begin][N] (row-major), added to
+// what C holds when accumulate (the blocks of an earlier group; the same operations as one pass
+// over all blocks): the blocks outside, so each Q_b is read from memory once and then from L1 by
+// every row tile; each element accumulates over the blocks in order.
 inline void block_sum_products(int64_t i_begin, int64_t i_end, int64_t N, int64_t nblocks,
                                const float* P, int64_t p_bs, const float* Q, int64_t q_bs,
-                               float* C) {
+                               float* C, bool accumulate) {
   constexpr int64_t ld = kBwdBlockRows;
   for (int64_t blk = 0; blk < nblocks; ++blk) {
     const float* Pb = P + blk * p_bs;
     const float* Qb = Q + blk * q_bs;
+    const bool from_zero = blk == 0 && !accumulate;
     for_row_tiles<kTileRows>(static_cast<int>(i_end - i_begin), [&](int i0, auto rows) {
       constexpr int R = decltype(rows)::value;
       for (int64_t n0 = 0; n0 < N; n0 += kTileVecs * kLanes) {
@@ -206,7 +208,7 @@ inline void block_sum_products(int64_t i_begin, int64_t i_end, int64_t N, int64_
         for (int r = 0; r < R; ++r)
           PLDR_UNROLL
           for (int v = 0; v < kTileVecs; ++v)
-            acc[r][v] = blk == 0 ? simd::zero() : simd::load(Ct + r * N + v * kLanes);
+            acc[r][v] = from_zero ? simd::zero() : simd::load(Ct + r * N + v * kLanes);
         tile_accumulate<R, kTileVecs>(ld, Pb + (i_begin + i0) * ld, ld, 1, Qb + n0, N, acc);
         PLDR_UNROLL
         for (int r = 0; r < R; ++r)
@@ -242,18 +244,25 @@ inline void block_to_rows(const float* Xt, int64_t d, float* Xrow) {
   transpose_tile(Xt, d, kBwdBlockRows, kBwdBlockRows, Xrow, d);
 }
 
-// out[i] = Σ over blocks and rows of P [M][64], for i in [i_begin, i_end) (the bias gradients).
+// The bias gradients: lanes[i][0..15] += the sum over blocks of P_b[i][m] for m ≡ lane (mod 16),
+// for i in [i_begin, i_end); reduce_lanes turns them into the sums once every block is in, so
+// the result does not depend on how the blocks were grouped.
 inline void block_sum_rows(int64_t i_begin, int64_t i_end, int64_t nblocks, const float* P,
-                           int64_t p_bs, float* out) {
+                           int64_t p_bs, float* lanes) {
   constexpr int64_t ld = kBwdBlockRows;
   for (int64_t i = i_begin; i < i_end; ++i) {
-    f32x16 acc = simd::zero();
+    f32x16 acc = simd::load(lanes + i * kLanes);
     for (int64_t blk = 0; blk < nblocks; ++blk)
       PLDR_UNROLL
       for (int v = 0; v < kBwdVecs; ++v)
         acc = simd::add(acc, simd::load(P + blk * p_bs + i * ld + v * kLanes));
-    out[i] = simd::reduce_add(acc);
+    simd::store(lanes + i * kLanes, acc);
   }
+}
+
+// out[i] = the sum of lanes[i][0..15], i < n.
+inline void reduce_lanes(const float* lanes, int64_t n, float* out) {
+  for (int64_t i = 0; i < n; ++i) out[i] = simd::reduce_add(simd::load(lanes + i * kLanes));
 }
 
 // ---------------------------------------------------------------------------------------------
