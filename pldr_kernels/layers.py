@@ -145,7 +145,7 @@ class LeanCrossEntropy(torch.autograd.Function):
     (no copy) and their log-sum-exp ``[N]``; the backward forms ``(softmax − one_hot)·grad/n`` in
     place in one ``[N, V]`` buffer. ``F.cross_entropy`` saves its ``[N, V]`` log-softmax and its
     backward allocates two more ``[N, V]`` tensors: 250 MB more at the peak of the 110M model's
-    training step at S = 1024 (V = 32000; docs/design.md §3.4.1)."""
+    training step at S = 1024 (V = 32000; docs/design.md §3.4.2)."""
 
     @staticmethod
     def forward(ctx, logits: Tensor, targets: Tensor) -> Tensor:

@@ -221,7 +221,7 @@ class PLDRForCausalLM(nn.Module):
         ``labels [B, S]``, ``.loss``: the mean next-token cross entropy, -100 labels left out.
 
         The fused ops run with autograd on or off; their registered autograd formulas give the
-        gradients (docs/design.md §3.4.1), so ``loss.backward()`` trains the model on the kernels.
+        gradients (docs/design.md §3.4.2), so ``loss.backward()`` trains the model on the kernels.
         Under ``torch.autocast`` the projections, FFN, head and attention run in the autocast
         dtype, the G path in fp32; :meth:`gradient_checkpointing_enable` recomputes each decoder
         layer in the backward instead of keeping its activations."""

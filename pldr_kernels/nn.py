@@ -13,7 +13,7 @@ Inside a model, each attention layer owns its generation cache (:class:`KVCache`
 ``PLDRForCausalLM.setup_caches``) and runs one step of the model through :meth:`forward_step`, with
 the per-step inputs every layer shares (:class:`StepInputs`).
 
-Training (docs/design.md §3.4.1): with autograd on, the modules run the same ops, whose registered
+Training (docs/design.md §3.4.2): with autograd on, the modules run the same ops, whose registered
 autograd formulas give the gradients; the packed weights are then stacked from the parameters in
 the forward (:meth:`ParameterPack.get`), so gradients reach the parameters. Under
 ``torch.autocast`` the attention op gets q/k/v in the autocast dtype while the G path (the metric

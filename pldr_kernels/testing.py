@@ -15,6 +15,10 @@ The tests, the benchmark harness and users checking their own integration use th
 * **gradients** — ``g_attention_grad_oracle`` (fp64 autograd of the reference),
   ``g_attention_grad_peer`` (autograd of the peer) and ``check_g_attention_grads``: the same rule
   for every gradient of ``g_attention`` (docs/design.md §4.5);
+* **gradients** (docs/design.md §4.5) — ``metric_tensors_grads`` (autograd of the reference, fp64 =
+  the oracle), ``metric_tensors_grad_peer`` (the same in fp32), ``check_metric_tensors_grads``,
+  ``check_metric_tensors_grads_over_seeds`` (the statistical form for losses through G) and
+  ``check_metric_grads_given_a`` (stage by stage from the kernel's own A);
 * **backends** — ``available_backends(op)``: which devices this build can run an op on.
 
 The rule: fp32 outputs within ``FP32_REL_TOL`` · max|oracle| of the fp64 oracle; low-precision

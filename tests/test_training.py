@@ -1,7 +1,7 @@
 """Training on the kernels: PLDRForCausalLM and the nn modules under autograd, against fp64
 autograd of the reference math by the peer rule (docs/design.md §4.1, §4.5), and the training
 features around the ops — autocast, activation checkpointing, gradient accumulation,
-torch.compile, DDP and FSDP2 (docs/design.md §3.4.1)."""
+torch.compile, DDP and FSDP2 (docs/design.md §3.4.2)."""
 from __future__ import annotations
 
 import contextlib

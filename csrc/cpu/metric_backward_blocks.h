@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstdint>
 
+#include "cpu/attention_tile.h"
 #include "cpu/metric_row_blocks.h"
 
 namespace pldr::cpu {
@@ -94,18 +95,12 @@ inline void layer_norm_backward_columns(const float* T, const float* gY, float* 
   }
 }
 
-// One SwiGLU's backward on a block. X [d][64] is its input, gY [d][64] the gradient of its
-// output Y = W3·(silu(W1·X + b1) ⊙ (W2·X + b2)) + b3. Recomputes the hidden layer (H1, H2 [F][64]
-// scratch), writes U = silu(H1) ⊙ H2 and the gradients of the two hidden pre-activations,
-// gH1, gH2 [F][64] (the weight gradients are products of these with X and gY over all rows), and
-// the input's gradient gX = W1ᵀ·gH1 + W2ᵀ·gH2 [d][64].
-inline void swiglu_backward_block(const float* X, const float* gY, int64_t d, int64_t F,
-                                  const float* w1, const float* b1, const float* w2,
-                                  const float* b2, const float* w3, float* H1, float* H2,
-                                  float* U, float* gH1, float* gH2, float* gX) {
+// H1 = W1·X + b1, H2 = W2·X + b2 [F][64]: a SwiGLU's hidden pre-activations from its input X
+// [d][64], by the forward's operations (swiglu_block), so bit for bit its values.
+inline void swiglu_hidden(const float* X, int64_t d, int64_t F, const float* w1, const float* b1,
+                          const float* w2, const float* b2, float* H1, float* H2) {
   constexpr int64_t ld = kBwdBlockRows;
   constexpr int NV = kBwdVecs;
-  // H1 = W1·X + b1, H2 = W2·X + b2 (the forward's hidden layer, before the gate).
   for_row_tiles<kGluTileRows>(static_cast<int>(F), [&](int f0, auto rows) {
     constexpr int R = decltype(rows)::value;
     f32x16 h1[R][NV], h2[R][NV];
@@ -138,8 +133,20 @@ inline void swiglu_backward_block(const float* X, const float* gY, int64_t d, in
       }
     }
   });
-  // gU = W3ᵀ·gY, and from it the gate's gradients: with s = silu(h1) = h1·σ(h1),
-  // gH2 = gU·s, gH1 = gU·h2·σ·(1 + h1·(1 − σ)).
+}
+
+// One SwiGLU's backward on a block. gY [d][64] is the gradient of its output
+// Y = W3·(silu(H1) ⊙ H2) + b3, where H1 = W1·X + b1 and H2 = W2·X + b2 [F][64] are its hidden
+// pre-activations (swiglu_hidden) from its input X [d][64]. Writes U = silu(H1) ⊙ H2 and the gradients
+// of the pre-activations, gH1, gH2 [F][64] (the weight gradients are products of these with X
+// and gY over all rows), and the input's gradient gX = W1ᵀ·gH1 + W2ᵀ·gH2 [d][64].
+inline void swiglu_backward_block(const float* gY, int64_t d, int64_t F, const float* w1,
+                                  const float* w2, const float* w3, const float* H1,
+                                  const float* H2, float* U, float* gH1, float* gH2, float* gX) {
+  constexpr int64_t ld = kBwdBlockRows;
+  constexpr int NV = kBwdVecs;
+  // gU = W3ᵀ·gY (w3 [d][F]: column f of W3 is w3[j·F + f]), and from it the gate's gradients:
+  // with s = silu(h1) = h1·σ(h1), gH2 = gU·s, gH1 = gU·h2·σ·(1 + h1·(1 − σ)).
   const f32x16 one = simd::splat(1.0f);
   for_row_tiles<kTileRows>(static_cast<int>(F), [&](int f0, auto rows) {
     constexpr int R = decltype(rows)::value;
@@ -153,7 +160,7 @@ inline void swiglu_backward_block(const float* X, const float* gY, int64_t d, in
         const f32x16 h1 = simd::load(H1 + off), h2 = simd::load(H2 + off);
         const f32x16 den = simd::add(one, simd::exp(simd::sub(simd::zero(), h1)));
         const f32x16 sig = simd::div(one, den);
-        const f32x16 s = simd::div(h1, den);  // the forward's silu, bit for bit
+        const f32x16 s = simd::mul(h1, sig);
         simd::store(U + off, simd::mul(s, h2));
         simd::store(gH2 + off, simd::mul(acc[r][v], s));
         const f32x16 dsilu = simd::mul(sig, simd::fma(h1, simd::sub(one, sig), one));
@@ -174,69 +181,88 @@ inline void swiglu_backward_block(const float* X, const float* gY, int64_t d, in
 }
 
 // ---------------------------------------------------------------------------------------------
-// Weight gradients: sums over every row of the problem, so over all blocks. P and Q are arrays
-// of blocks (block b at P + b·p_block_stride, each [rows][64]); C[i][j] = Σ_b Σ_m P_b[i][m]·Q_b[j][m].
-// Each output element is summed by one tile in a fixed order (blocks in order, the 16 lanes
-// reduced by one fixed tree), so the result does not depend on how tiles are spread over threads.
+// Weight gradients: sums over every row of the problem, so over all blocks. Block b of P is at
+// P + b·p_bs, [M][64] (the transposed layout); block b of Q at Q + b·q_bs, [64][N] (row layout,
+// N a multiple of 64). Each output element is summed by one register tile over the blocks in
+// order, so the result does not depend on how tiles are spread over threads.
 // ---------------------------------------------------------------------------------------------
-template <int RI, int RJ>
-PLDR_SIMD_INLINE void block_sum_tile(int64_t nblocks, const float* P, int64_t p_bs,
-                                     const float* Q, int64_t q_bs, float* C, int64_t ldc) {
+
+// Rows [i_begin, i_end) of C = Σ_b P_b·Q_b into C [i_end − i_begin][N] (row-major), added to
+// what C holds when accumulate (the blocks of an earlier group; the same operations as one pass
+// over all blocks): the blocks outside, so each Q_b is read from memory once and then from L1 by
+// every row tile; each element accumulates over the blocks in order.
+inline void block_sum_products(int64_t i_begin, int64_t i_end, int64_t N, int64_t nblocks,
+                               const float* P, int64_t p_bs, const float* Q, int64_t q_bs,
+                               float* C, bool accumulate) {
   constexpr int64_t ld = kBwdBlockRows;
-  f32x16 acc[RI][RJ];
-  PLDR_UNROLL
-  for (int i = 0; i < RI; ++i)
-    PLDR_UNROLL
-    for (int j = 0; j < RJ; ++j) acc[i][j] = simd::zero();
   for (int64_t blk = 0; blk < nblocks; ++blk) {
     const float* Pb = P + blk * p_bs;
     const float* Qb = Q + blk * q_bs;
-    PLDR_UNROLL
-    for (int v = 0; v < kBwdVecs; ++v) {
-      f32x16 p[RI];
-      PLDR_UNROLL
-      for (int i = 0; i < RI; ++i) p[i] = simd::load(Pb + i * ld + v * kLanes);
-      PLDR_UNROLL
-      for (int j = 0; j < RJ; ++j) {
-        const f32x16 qv = simd::load(Qb + j * ld + v * kLanes);
+    const bool from_zero = blk == 0 && !accumulate;
+    for_row_tiles<kTileRows>(static_cast<int>(i_end - i_begin), [&](int i0, auto rows) {
+      constexpr int R = decltype(rows)::value;
+      for (int64_t n0 = 0; n0 < N; n0 += kTileVecs * kLanes) {
+        float* Ct = C + i0 * N + n0;
+        f32x16 acc[R][kTileVecs];
         PLDR_UNROLL
-        for (int i = 0; i < RI; ++i) acc[i][j] = simd::fma(p[i], qv, acc[i][j]);
+        for (int r = 0; r < R; ++r)
+          PLDR_UNROLL
+          for (int v = 0; v < kTileVecs; ++v)
+            acc[r][v] = from_zero ? simd::zero() : simd::load(Ct + r * N + v * kLanes);
+        tile_accumulate<R, kTileVecs>(ld, Pb + (i_begin + i0) * ld, ld, 1, Qb + n0, N, acc);
+        PLDR_UNROLL
+        for (int r = 0; r < R; ++r)
+          PLDR_UNROLL
+          for (int v = 0; v < kTileVecs; ++v) simd::store(Ct + r * N + v * kLanes, acc[r][v]);
       }
-    }
-  }
-  PLDR_UNROLL
-  for (int i = 0; i < RI; ++i)
-    PLDR_UNROLL
-    for (int j = 0; j < RJ; ++j) C[i * ldc + j] = simd::reduce_add(acc[i][j]);
-}
-
-// Rows [i_begin, i_end) of C [M][N] (row stride ldc) = Σ over blocks of P [M][64] · Q [N][64]ᵀ.
-inline void block_sum_products(int64_t i_begin, int64_t i_end, int64_t N, int64_t nblocks,
-                               const float* P, int64_t p_bs, const float* Q, int64_t q_bs,
-                               float* C, int64_t ldc) {
-  constexpr int64_t ld = kBwdBlockRows;
-  for_row_tiles<4>(static_cast<int>(i_end - i_begin), [&](int i0, auto ri) {
-    constexpr int RI = decltype(ri)::value;
-    const int64_t i = i_begin + i0;
-    for_row_tiles<6>(static_cast<int>(N), [&](int j0, auto rj) {
-      constexpr int RJ = decltype(rj)::value;
-      block_sum_tile<RI, RJ>(nblocks, P + i * ld, p_bs, Q + j0 * ld, q_bs, C + i * ldc + j0, ldc);
     });
-  });
+  }
 }
 
-// out[i] = Σ over blocks and rows of P [M][64], for i in [i_begin, i_end) (the bias gradients).
+// dst[c][r] = src[r][c] for r < rows, c < cols (both multiples of 16): between the transposed
+// block layout and the row layout.
+inline void transpose_tile(const float* src, int64_t rows, int64_t cols, int64_t ld_src,
+                           float* dst, int64_t ld_dst) {
+#ifdef PLDR_SIMD_AVX512
+  for (int64_t r0 = 0; r0 < rows; r0 += kLanes)
+    for (int64_t c0 = 0; c0 < cols; c0 += kLanes) {
+      f32x16 v[kLanes];
+      PLDR_UNROLL
+      for (int i = 0; i < kLanes; ++i) v[i] = simd::load(src + (r0 + i) * ld_src + c0);
+      transpose16x16(v);
+      PLDR_UNROLL
+      for (int i = 0; i < kLanes; ++i) simd::store(dst + (c0 + i) * ld_dst + r0, v[i]);
+    }
+#else
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) dst[c * ld_dst + r] = src[r * ld_src + c];
+#endif
+}
+
+// Xrow [64][d] = the block Xt [d][64] in row layout (for block_sum_products).
+inline void block_to_rows(const float* Xt, int64_t d, float* Xrow) {
+  transpose_tile(Xt, d, kBwdBlockRows, kBwdBlockRows, Xrow, d);
+}
+
+// The bias gradients: lanes[i][0..15] += the sum over blocks of P_b[i][m] for m ≡ lane (mod 16),
+// for i in [i_begin, i_end); reduce_lanes turns them into the sums once every block is in, so
+// the result does not depend on how the blocks were grouped.
 inline void block_sum_rows(int64_t i_begin, int64_t i_end, int64_t nblocks, const float* P,
-                           int64_t p_bs, float* out) {
+                           int64_t p_bs, float* lanes) {
   constexpr int64_t ld = kBwdBlockRows;
   for (int64_t i = i_begin; i < i_end; ++i) {
-    f32x16 acc = simd::zero();
+    f32x16 acc = simd::load(lanes + i * kLanes);
     for (int64_t blk = 0; blk < nblocks; ++blk)
       PLDR_UNROLL
       for (int v = 0; v < kBwdVecs; ++v)
         acc = simd::add(acc, simd::load(P + blk * p_bs + i * ld + v * kLanes));
-    out[i] = simd::reduce_add(acc);
+    simd::store(lanes + i * kLanes, acc);
   }
+}
+
+// out[i] = the sum of lanes[i][0..15], i < n.
+inline void reduce_lanes(const float* lanes, int64_t n, float* out) {
+  for (int64_t i = 0; i < n; ++i) out[i] = simd::reduce_add(simd::load(lanes + i * kLanes));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -317,14 +343,15 @@ inline void power_stage_backward(const float* A, int64_t d, const float* W, cons
     product_f64_accumulate(sc.At, 1, d, sc.Pd, d, sc.Gd);  // aᵀ·gG
   }
   for (int64_t i = 0; i < n; ++i) {
-    const double a_lm = sc.A_LM[i], p = pw[i], g_ap = sc.Gd[i];
     double g = gA_LM != nullptr ? static_cast<double>(gA_LM[i]) : 0.0;
     if (gG != nullptr) {
-      g += g_ap * p * std::pow(a_lm, p - 1.0);
-      acc_pw[i] += g_ap * static_cast<double>(sc.A_P[i]) * std::log(a_lm);
+      // d A_P / d A_LM = pw·A_LM^(pw − 1) = pw·A_P / A_LM; d A_P / d pw = A_P·ln A_LM.
+      const double a_p = sc.A_P[i], g_ap = sc.Gd[i];
+      g += g_ap * static_cast<double>(pw[i]) * (a_p / static_cast<double>(sc.A_LM[i]));
+      acc_pw[i] += g_ap * a_p * static_cast<double>(std::log(sc.A_LM[i]));
     }
     // d/dz z·silu(z) = silu(z) + z·σ(z)·(1 + z·(1 − σ(z)))
-    const double z = sc.Z[i], sig = 1.0 / (1.0 + std::exp(-z));
+    const double z = sc.Z[i], sig = 1.0 / (1.0 + static_cast<double>(std::exp(-sc.Z[i])));
     const double g_z = g * (z * sig + z * sig * (1.0 + z * (1.0 - sig)));
     sc.Gd[i] = g_z;
     acc_b[i] += g_z;

@@ -6,15 +6,19 @@
 // residual network on its own, so the recompute and the backward of the network work on
 // transposed blocks of 64 rows (metric_backward_blocks.h) that stay in L1/L2; only the power
 // stage (per (b, h)) and the weight gradients (sums over all rows) mix rows. Phases, each a
-// parallel loop over work items taken from a shared counter:
+// parallel loop over work items taken from a shared counter, for one group of whole heads at a
+// time (≥ 1024 rows, so the workspace is bounded: ~18 MB for the 110M learner), the sums over
+// rows carried from group to group:
 //   1. per block: gather q, QᵀQ, the residual network, keeping the input of every SwiGLU and
-//      LayerNorm (the checkpoints, ~(1 + 3R)·d floats per row) and A;
+//      LayerNorm (the checkpoints, (1 + R·(Gd + 1))·d floats per row) and A;
 //   2. per head h (the batch in order inside): steps 9–12 reversed in fp64 → the gradient
 //      reaching A, and those of W, b, pw, a, ba;
-//   3. per residual unit r, last first: (a) per block: the LayerNorm's and the Gd SwiGLUs'
-//      backward, the hidden layer recomputed from the checkpoint; (b) per tile of a weight
-//      gradient: the sums over all rows of the products kept by (a);
-//   4. per block: the first LayerNorm's backward → the gradient of QᵀQ;
+//   3. per residual unit r, last first, one loop over (a) the blocks: the LayerNorm's and the Gd
+//      SwiGLUs' backward, each hidden layer recomputed from its checkpointed input, keeping what
+//      the weight gradients need; and (b) the tiles of unit r + 1's weight gradients: sums over
+//      all blocks of the products kept by its (a) (two copies of those buffers, by parity);
+//   4. the same loop once more: per block the first LayerNorm's backward → the gradient of QᵀQ,
+//      and unit 0's weight-gradient tiles;
 //   5. per (b, h): grad_q = q·(gA0 + gA0ᵀ) for the kept rows (pad rows get exactly 0).
 // Determinism: blocks have a fixed size (64 rows), every weight gradient element is summed by one
 // work item in a fixed order, and the per-block LayerNorm partial sums are added in block order,
@@ -101,52 +105,68 @@ struct Weights {
   const float *W, *b, *pw, *a, *ba;
 };
 
-// Where each block's data lives. Every array is [block][features][64] (the transposed block
-// layout), so a block's data is contiguous and the weight gradients walk the blocks in order.
+// Where each block's data lives. Each array is a sequence of blocks, so a block's data is
+// contiguous and the weight gradients walk the blocks in order; [features][64] is the transposed
+// block layout, [64][features] the row layout.
 struct Workspace {
   int64_t d, F, R, Gd, nblocks;
   int64_t ckpt_stride, unit_stride, tile;  // floats per block; tile = d·64
   float *ckpt, *unit, *grad_state;
 
   // Checkpoints of the forward: QᵀQ (the first LayerNorm's input), and per unit r the input of
-  // each SwiGLU g (g = 0: the unit's input) and the input of its LayerNorm.
+  // each SwiGLU g (g = 0: the unit's input) and the input of its LayerNorm, [d][64] each. (Not
+  // the SwiGLUs' hidden layers: ~7x more memory, and recomputing them cost no more time here.)
   float* qtq(int64_t blk) const { return ckpt + blk * ckpt_stride; }
   float* glu_input(int64_t blk, int64_t r, int64_t g) const {
     return ckpt + blk * ckpt_stride + (1 + r * (Gd + 1) + g) * tile;
   }
   float* ln_input(int64_t blk, int64_t r) const { return glu_input(blk, r, Gd); }
-  // What unit r's weight gradients need, per SwiGLU g: the gradient of its output, U, and the
-  // gradients of the two hidden pre-activations.
-  float* glu_grad_out(int64_t blk, int64_t g) const {
-    return unit + blk * unit_stride + g * (d + 3 * F) * kBwdBlockRows;
+  // What the weight gradients of unit r need, per SwiGLU g, in two copies by the parity of r
+  // (unit r's sums run while unit r − 1's blocks are reversed): the gradient of its output gY
+  // [d][64], U, gH1, gH2 [F][64] (the hidden layer and the gradients of its pre-activations), and
+  // its input and gY in row layout, [64][d] each.
+  float* glu(int64_t blk, int64_t r, int64_t g) const {
+    return unit + ((r & 1) * nblocks + blk) * unit_stride + g * (3 * d + 3 * F) * kBwdBlockRows;
   }
-  float* glu_U(int64_t blk, int64_t g) const { return glu_grad_out(blk, g) + tile; }
-  float* glu_gH1(int64_t blk, int64_t g) const { return glu_U(blk, g) + F * kBwdBlockRows; }
-  float* glu_gH2(int64_t blk, int64_t g) const { return glu_gH1(blk, g) + F * kBwdBlockRows; }
+  float* glu_grad_out(int64_t blk, int64_t r, int64_t g) const { return glu(blk, r, g); }
+  float* glu_U(int64_t blk, int64_t r, int64_t g) const { return glu(blk, r, g) + tile; }
+  float* glu_gH1(int64_t blk, int64_t r, int64_t g) const {
+    return glu_U(blk, r, g) + F * kBwdBlockRows;
+  }
+  float* glu_gH2(int64_t blk, int64_t r, int64_t g) const {
+    return glu_gH1(blk, r, g) + F * kBwdBlockRows;
+  }
+  float* glu_input_rows(int64_t blk, int64_t r, int64_t g) const {
+    return glu_gH2(blk, r, g) + F * kBwdBlockRows;
+  }
+  float* glu_grad_out_rows(int64_t blk, int64_t r, int64_t g) const {
+    return glu_input_rows(blk, r, g) + tile;
+  }
   // The gradient flowing back through the network, one [d][64] tile per block.
   float* grad(int64_t blk) const { return grad_state + blk * tile; }
 };
 
-// One tile of a weight gradient of unit r, SwiGLU g: rows [row0, row1) of dW1, dW2 or dW3 (and
-// of the matching bias gradient).
-struct WeightGradItem {
-  enum Kind { kW1, kW2, kW3 } kind;
-  int64_t g, row0, row1;
+// A work item of phase 3: the backward of unit r on one block, or one tile of a weight gradient
+// of unit r, SwiGLU g: rows [row0, row1) of dW1 or dW2 [F][d], or of dW3ᵀ [F][d], and the matching
+// bias gradient.
+struct UnitItem {
+  enum Kind { kBlock, kW1, kW2, kW3 } kind;
+  int64_t r, g_or_block, row0, row1;
 };
 
 constexpr int64_t kWeightGradRows = 24;  // rows of a weight gradient per work item
 
-std::vector<WeightGradItem> weight_grad_items(int64_t d, int64_t F, int64_t Gd) {
-  std::vector<WeightGradItem> items;
-  for (int64_t g = 0; g < Gd; ++g) {  // the widest tiles (dW3: F columns) first
-    for (int64_t r = 0; r < d; r += kWeightGradRows)
-      items.push_back({WeightGradItem::kW3, g, r, std::min(d, r + kWeightGradRows)});
-  }
-  for (int64_t g = 0; g < Gd; ++g) {
-    for (auto kind : {WeightGradItem::kW1, WeightGradItem::kW2})
-      for (int64_t r = 0; r < F; r += kWeightGradRows)
-        items.push_back({kind, g, r, std::min(F, r + kWeightGradRows)});
-  }
+// The blocks of unit r (r = -1: of the first LayerNorm), then the weight-gradient tiles of unit
+// r_sums (r_sums < R): one work list, since the two touch different buffers.
+std::vector<UnitItem> unit_items(int64_t r, int64_t nblocks, int64_t r_sums, int64_t R, int64_t F,
+                                 int64_t Gd) {
+  std::vector<UnitItem> items;
+  for (int64_t blk = 0; blk < nblocks; ++blk) items.push_back({UnitItem::kBlock, r, blk, 0, 0});
+  if (r_sums < R)
+    for (int64_t g = 0; g < Gd; ++g)
+      for (auto kind : {UnitItem::kW3, UnitItem::kW1, UnitItem::kW2})
+        for (int64_t row = 0; row < F; row += kWeightGradRows)
+          items.push_back({kind, r_sums, g, row, std::min(F, row + kWeightGradRows)});
   return items;
 }
 
@@ -221,233 +241,257 @@ GradTuple metric_tensors_backward_cpu(
   const float eps_ln_f = static_cast<float>(eps_ln);
   const float eps_adj_f = static_cast<float>(eps_adj);
 
-  // Workspaces: the checkpoints, one unit's weight-gradient operands, the running gradient, A and
-  // the gradient reaching it (row layout [B·H·d][d]), the LayerNorm partial sums per block.
-  const int64_t N = B * H * d, tile = d * kBwdBlockRows;
-  Workspace ws{d, F, R, Gd, N / kBwdBlockRows, (1 + R * (Gd + 1)) * tile,
-               Gd * (d + 3 * F) * kBwdBlockRows, tile, nullptr, nullptr, nullptr};
-  const int64_t nblocks = ws.nblocks;
+  // The rows are processed in groups of whole heads, so the workspace is bounded whatever B
+  // (~18 MB for a group of 1024 rows of the 110M learner, which a B = 1 call of it is; a larger
+  // one would also cost page faults on every call). Grouping changes no result bit: every sum
+  // below runs over the blocks (or the batch) in the same order either way.
+  const int64_t tile = d * kBwdBlockRows, blocks_per_head = d / kBwdBlockRows, dd = d * d;
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t group_rows = std::max<int64_t>(1024, 2 * kBwdBlockRows * threads);
+  const int64_t heads_per_group = std::min(B * H, (group_rows + d - 1) / d);
+  const int64_t group_blocks = heads_per_group * blocks_per_head;
+  Workspace ws{d, F, R, Gd, group_blocks, (1 + R * (Gd + 1)) * tile,
+               Gd * (3 * d + 3 * F) * kBwdBlockRows, tile, nullptr, nullptr, nullptr};
   const auto f32 = q.options().dtype(at::kFloat);
-  at::Tensor ckpt = at::empty({nblocks * ws.ckpt_stride}, f32);
-  at::Tensor unit = at::empty({nblocks * ws.unit_stride}, f32);
-  at::Tensor grad_state = at::empty({nblocks * tile}, f32);
-  at::Tensor A_rows = at::empty({N * d}, f32);
-  at::Tensor gA_rows = at::empty({N * d}, f32);
-  // partial[blk][slot][0: weight, 1: bias][d]; slot 0 = ln0, slot r + 1 = lnA[r].
-  at::Tensor partial = at::empty({nblocks * (R + 1) * 2 * d}, f32);
+  at::Tensor ckpt = at::empty({group_blocks * ws.ckpt_stride}, f32);
+  at::Tensor unit = at::empty({2 * group_blocks * ws.unit_stride}, f32);
+  at::Tensor grad_state = at::empty({group_blocks * tile}, f32);
+  // A and the gradient reaching it, of the group's heads, row layout [heads][d][d].
+  at::Tensor A_rows = at::empty({heads_per_group * dd}, f32);
+  at::Tensor gA_rows = at::empty({heads_per_group * dd}, f32);
+  // Sums across groups: the LayerNorm partials of every block, [block][slot][weight, bias][d]
+  // (slot 0 = ln0, slot r + 1 = lnA[r]); the bias gradients' lanes; dW3ᵀ [R·Gd][F][d]; the
+  // per-head gradients of W, b, pw, a, ba in fp64, [H][5][d][d].
+  at::Tensor partial = at::empty({B * H * blocks_per_head * (R + 1) * 2 * d}, f32);
+  at::Tensor bias_lanes = at::zeros({R * Gd * (2 * F + d) * kLanes}, f32);
+  at::Tensor w3_t = at::empty({R * Gd * F * d}, f32);
+  at::Tensor head_acc = at::zeros({H * 5 * dd}, q.options().dtype(at::kDouble));
   ws.ckpt = ckpt.data_ptr<float>();
   ws.unit = unit.data_ptr<float>();
   ws.grad_state = grad_state.data_ptr<float>();
   float* A_ptr = A_rows.data_ptr<float>();
   float* gA_ptr = gA_rows.data_ptr<float>();
   float* partial_ptr = partial.data_ptr<float>();
-  auto ln_partial = [&](int64_t blk, int64_t slot) {
-    return partial_ptr + (blk * (R + 1) + slot) * 2 * d;
+  float* w3_t_ptr = w3_t.data_ptr<float>();
+  double* head_acc_ptr = head_acc.data_ptr<double>();
+  auto ln_partial = [&](int64_t global_blk, int64_t slot) {
+    return partial_ptr + (global_blk * (R + 1) + slot) * 2 * d;
   };
-  const int64_t blocks_per_head = d / kBwdBlockRows;  // blocks per head
+  // Lanes of db1, db2 [R·Gd][F] and db3 [R·Gd][d].
+  auto lanes_b1 = [&](int64_t rg) { return bias_lanes.data_ptr<float>() + rg * F * kLanes; };
+  auto lanes_b2 = [&](int64_t rg) { return lanes_b1(R * Gd) + rg * F * kLanes; };
+  auto lanes_b3 = [&](int64_t rg) { return lanes_b2(R * Gd) + rg * d * kLanes; };
 
-  // 1. The forward, per block, keeping the checkpoints (bitwise the forward kernel's values).
-  struct ForwardScratch {
-    Buffer<float> Qs, Ut, A_block;
-    int64_t gathered_bh = -1, S_kept = 0;
-  };
-  for_each_item(
-      nblocks,
-      [&] {
-        return ForwardScratch{make_buffer<float>(S * d),
-                              make_buffer<float>(std::max(d, F) * kBwdBlockRows),
-                              make_buffer<float>(tile)};
-      },
-      [&](int64_t blk, ForwardScratch& sc) {
-        const int64_t row0 = blk * kBwdBlockRows, bh = row0 / d, i0 = row0 % d;
-        if (bh != sc.gathered_bh) {
-          sc.S_kept = PLDR_DTYPE_SWITCH(q.scalar_type(), Elements, T, [&] {
-            return gather_queries<T>(q, mask, bh / H, bh % H, sc.Qs.get(), nullptr);
-          });
-          sc.gathered_bh = bh;
-        }
-        qtq_columns(sc.Qs.get(), sc.S_kept, d, i0, kBwdVecs, ws.qtq(blk), kBwdBlockRows);
-        layer_norm_columns(ws.qtq(blk), ws.glu_input(blk, 0, 0), d, kBwdVecs, kBwdBlockRows,
-                           w.ln0_w, w.ln0_b, eps_ln_f);
-        for (int64_t r = 0; r < R; ++r) {
-          for (int64_t g = 0; g < Gd; ++g) {
-            const int64_t rg = r * Gd + g;
-            swiglu_block(ws.glu_input(blk, r, g), sc.Ut.get(), ws.glu_input(blk, r, g + 1), d, F,
-                         kBwdVecs, w.w1 + rg * F * d, w.b1 + rg * F, w.w2 + rg * F * d,
-                         w.b2 + rg * F, w.w3 + rg * d * F, w.b3 + rg * d);
-          }
-          float* T = ws.ln_input(blk, r);
-          const float* unit_in = ws.glu_input(blk, r, 0);
-          for (int64_t i = 0; i < tile; ++i) T[i] += unit_in[i];  // residual
-          float* out = r + 1 < R ? ws.glu_input(blk, r + 1, 0) : sc.A_block.get();
-          layer_norm_columns(T, out, d, kBwdVecs, kBwdBlockRows, w.lnA_w + r * d,
-                             w.lnA_b + r * d, eps_ln_f);
-        }
-        for (int64_t m = 0; m < kBwdBlockRows; ++m)  // A[row0 + m][j] = A_block[j][m]
-          for (int64_t j = 0; j < d; ++j)
-            A_ptr[(row0 + m) * d + j] = sc.A_block[j * kBwdBlockRows + m];
-      });
+  for (int64_t bh0 = 0; bh0 < B * H; bh0 += heads_per_group) {
+    const int64_t bh1 = std::min(B * H, bh0 + heads_per_group);
+    const int64_t nblocks = (bh1 - bh0) * blocks_per_head, blk0 = bh0 * blocks_per_head;
+    const bool first_group = bh0 == 0;
 
-  // 2. Steps 9-12 reversed, per head, the batch in order (the sums over b in a fixed order).
-  struct PowerScratch {
-    Buffer<float> f32s;
-    Buffer<double> f64s;
-    PowerStageScratch views;
-  };
-  const int64_t dd = d * d;
-  for_each_item(
-      H,
-      [&] {
-        PowerScratch sc{make_buffer<float>(3 * dd), make_buffer<double>(9 * dd), {}};
-        float* f = sc.f32s.get();
-        double* x = sc.f64s.get();
-        sc.views = PowerStageScratch{f, f + dd, f + 2 * dd, x, x + dd, x + 2 * dd, x + 3 * dd};
-        return sc;
-      },
-      [&](int64_t h, PowerScratch& sc) {
-        double* acc = sc.f64s.get() + 4 * dd;  // W, b, pw, a, ba
-        std::fill(acc, acc + 5 * dd, 0.0);
-        const int64_t head = h * dd;
-        for (int64_t bi = 0; bi < B; ++bi) {
-          const int64_t off = (bi * H + h) * dd;
-          auto given_at = [&](int i) { return given_ptr[i] ? given_ptr[i] + off : nullptr; };
-          power_stage_backward(A_ptr + off, d, w.W + head, w.b + head, w.pw + head, w.a + head,
-                               eps_adj_f, given_at(0), given_at(1), given_at(2), sc.views, acc,
-                               acc + dd, acc + 2 * dd, acc + 3 * dd, acc + 4 * dd, gA_ptr + off);
-        }
-        for (int k = 0; k < 5; ++k)
-          for (int64_t i = 0; i < dd; ++i)
-            g_head[k][head + i] = static_cast<float>(acc[k * dd + i]);
-      });
-
-  // 3. The residual units, last first.
-  struct UnitScratch {
-    Buffer<float> H1, H2, gX;
-  };
-  const std::vector<WeightGradItem> wg_items = weight_grad_items(d, F, Gd);
-  for (int64_t r = R - 1; r >= 0; --r) {
+    // 1. The forward, per block, keeping the checkpoints (bitwise the forward kernel's values).
+    struct ForwardScratch {
+      Buffer<float> Qs, Ut, A_block;
+      int64_t gathered_bh = -1, S_kept = 0;
+    };
     for_each_item(
         nblocks,
         [&] {
-          return UnitScratch{make_buffer<float>(F * kBwdBlockRows),
-                             make_buffer<float>(F * kBwdBlockRows), make_buffer<float>(tile)};
+          return ForwardScratch{make_buffer<float>(S * d),
+                                make_buffer<float>(std::max(d, F) * kBwdBlockRows),
+                                make_buffer<float>(tile)};
         },
-        [&](int64_t blk, UnitScratch& sc) {
-          float* g_out = ws.grad(blk);  // the gradient of this unit's output
-          if (r == R - 1) {
-            const int64_t row0 = blk * kBwdBlockRows;
-            for (int64_t j = 0; j < d; ++j)
-              for (int64_t m = 0; m < kBwdBlockRows; ++m)
-                g_out[j * kBwdBlockRows + m] = gA_ptr[(row0 + m) * d + j];
+        [&](int64_t blk, ForwardScratch& sc) {
+          const int64_t row0 = blk * kBwdBlockRows;  // in the group
+          const int64_t bh = bh0 + row0 / d, i0 = row0 % d;
+          if (bh != sc.gathered_bh) {
+            sc.S_kept = PLDR_DTYPE_SWITCH(q.scalar_type(), Elements, T, [&] {
+              return gather_queries<T>(q, mask, bh / H, bh % H, sc.Qs.get(), nullptr);
+            });
+            sc.gathered_bh = bh;
           }
-          // LayerNorm(T), T = SwiGLUs(X) + X: gT reaches both the last SwiGLU and the residual.
-          float* gT = ws.glu_grad_out(blk, Gd - 1);
-          float* part = ln_partial(blk, r + 1);
-          layer_norm_backward_columns(ws.ln_input(blk, r), g_out, gT, d, w.lnA_w + r * d,
-                                      eps_ln_f, part, part + d);
-          for (int64_t g = Gd - 1; g >= 0; --g) {
-            const int64_t rg = r * Gd + g;
-            float* g_in = g > 0 ? ws.glu_grad_out(blk, g - 1) : sc.gX.get();
-            swiglu_backward_block(ws.glu_input(blk, r, g), ws.glu_grad_out(blk, g), d, F,
-                                  w.w1 + rg * F * d, w.b1 + rg * F, w.w2 + rg * F * d,
-                                  w.b2 + rg * F, w.w3 + rg * d * F, sc.H1.get(), sc.H2.get(),
-                                  ws.glu_U(blk, g), ws.glu_gH1(blk, g), ws.glu_gH2(blk, g), g_in);
-          }
-          const float* gX = sc.gX.get();
-          for (int64_t i = 0; i < tile; ++i) g_out[i] = gX[i] + gT[i];
-        });
-    for_each_item(
-        static_cast<int64_t>(wg_items.size()), [] { return NoScratch{}; },
-        [&](int64_t i, NoScratch&) {
-          const WeightGradItem& it = wg_items[i];
-          const int64_t rg = r * Gd + it.g;
-          switch (it.kind) {
-            case WeightGradItem::kW3:  // dW3[j][f] = Σ gY[j]·U[f], db3[j] = Σ gY[j]
-              block_sum_products(it.row0, it.row1, F, nblocks, ws.glu_grad_out(0, it.g),
-                                 ws.unit_stride, ws.glu_U(0, it.g), ws.unit_stride,
-                                 g_w3 + rg * d * F, F);
-              block_sum_rows(it.row0, it.row1, nblocks, ws.glu_grad_out(0, it.g), ws.unit_stride,
-                             g_b3 + rg * d);
-              break;
-            case WeightGradItem::kW1:  // dW1[f][k] = Σ gH1[f]·X[k], db1[f] = Σ gH1[f]
-            case WeightGradItem::kW2: {
-              const bool first = it.kind == WeightGradItem::kW1;
-              const float* gH = first ? ws.glu_gH1(0, it.g) : ws.glu_gH2(0, it.g);
-              block_sum_products(it.row0, it.row1, d, nblocks, gH, ws.unit_stride,
-                                 ws.glu_input(0, r, it.g), ws.ckpt_stride,
-                                 (first ? g_w1 : g_w2) + rg * F * d, d);
-              block_sum_rows(it.row0, it.row1, nblocks, gH, ws.unit_stride,
-                             (first ? g_b1 : g_b2) + rg * F);
-              break;
+          qtq_columns(sc.Qs.get(), sc.S_kept, d, i0, kBwdVecs, ws.qtq(blk), kBwdBlockRows);
+          layer_norm_columns(ws.qtq(blk), ws.glu_input(blk, 0, 0), d, kBwdVecs, kBwdBlockRows,
+                             w.ln0_w, w.ln0_b, eps_ln_f);
+          for (int64_t r = 0; r < R; ++r) {
+            for (int64_t g = 0; g < Gd; ++g) {
+              const int64_t rg = r * Gd + g;
+              swiglu_block(ws.glu_input(blk, r, g), sc.Ut.get(), ws.glu_input(blk, r, g + 1), d,
+                           F, kBwdVecs, w.w1 + rg * F * d, w.b1 + rg * F, w.w2 + rg * F * d,
+                           w.b2 + rg * F, w.w3 + rg * d * F, w.b3 + rg * d);
             }
+            float* T = ws.ln_input(blk, r);
+            const float* unit_in = ws.glu_input(blk, r, 0);
+            for (int64_t i = 0; i < tile; ++i) T[i] += unit_in[i];  // residual
+            float* out = r + 1 < R ? ws.glu_input(blk, r + 1, 0) : sc.A_block.get();
+            layer_norm_columns(T, out, d, kBwdVecs, kBwdBlockRows, w.lnA_w + r * d,
+                               w.lnA_b + r * d, eps_ln_f);
+          }
+          block_to_rows(sc.A_block.get(), d, A_ptr + row0 * d);
+        });
+
+    // 2. Steps 9-12 reversed, per head h of the group, its batch rows in order (so every head's
+    // sums over the batch run in batch order).
+    struct PowerScratch {
+      Buffer<float> f32s;
+      Buffer<double> f64s;
+      PowerStageScratch views;
+    };
+    const int64_t group_heads = std::min(H, bh1 - bh0);
+    for_each_item(
+        group_heads,
+        [&] {
+          PowerScratch sc{make_buffer<float>(3 * dd), make_buffer<double>(4 * dd), {}};
+          float* f = sc.f32s.get();
+          double* x = sc.f64s.get();
+          sc.views = PowerStageScratch{f, f + dd, f + 2 * dd, x, x + dd, x + 2 * dd, x + 3 * dd};
+          return sc;
+        },
+        [&](int64_t item, PowerScratch& sc) {
+          const int64_t h = (bh0 + item) % H, head = h * dd;
+          double* acc = head_acc_ptr + h * 5 * dd;  // W, b, pw, a, ba
+          for (int64_t bh = bh0 + item; bh < bh1; bh += H) {
+            const int64_t off = bh * dd, local = (bh - bh0) * dd;
+            auto given_at = [&](int i) { return given_ptr[i] ? given_ptr[i] + off : nullptr; };
+            power_stage_backward(A_ptr + local, d, w.W + head, w.b + head, w.pw + head,
+                                 w.a + head, eps_adj_f, given_at(0), given_at(1), given_at(2),
+                                 sc.views, acc, acc + dd, acc + 2 * dd, acc + 3 * dd,
+                                 acc + 4 * dd, gA_ptr + local);
           }
         });
-  }
 
-  // 4. The first LayerNorm: the gradient of QᵀQ, per block (written over the checkpoint of the
-  // first SwiGLU's input, which is no longer needed).
-  for_each_item(
-      nblocks, [] { return NoScratch{}; },
-      [&](int64_t blk, NoScratch&) {
-        float* part = ln_partial(blk, 0);
-        layer_norm_backward_columns(ws.qtq(blk), ws.grad(blk), ws.glu_input(blk, 0, 0), d,
-                                    w.ln0_w, eps_ln_f, part, part + d);
-      });
+    // 3. The residual units, last first: the blocks of unit r together with the weight-gradient
+    // sums of unit r + 1; 4. the first LayerNorm per block (the gradient of QᵀQ, written over
+    // the checkpoint of the first SwiGLU's input, no longer needed), with the sums of unit 0.
+    struct UnitScratch {
+      Buffer<float> H1, H2, gX;  // a block's hidden layer and gX
+    };
+    auto reverse_unit_block = [&](int64_t r, int64_t blk, UnitScratch& sc) {
+      float* g_out = ws.grad(blk);  // the gradient of this unit's output
+      if (r == R - 1)               // the gradient reaching A, from row layout
+        transpose_tile(gA_ptr + blk * kBwdBlockRows * d, kBwdBlockRows, d, d, g_out,
+                       kBwdBlockRows);
+      // LayerNorm(T), T = SwiGLUs(X) + X: gT reaches both the last SwiGLU and the residual.
+      float* gT = ws.glu_grad_out(blk, r, Gd - 1);
+      float* part = ln_partial(blk0 + blk, r + 1);
+      layer_norm_backward_columns(ws.ln_input(blk, r), g_out, gT, d, w.lnA_w + r * d, eps_ln_f,
+                                  part, part + d);
+      for (int64_t g = Gd - 1; g >= 0; --g) {
+        const int64_t rg = r * Gd + g;
+        float* g_in = g > 0 ? ws.glu_grad_out(blk, r, g - 1) : sc.gX.get();
+        swiglu_hidden(ws.glu_input(blk, r, g), d, F, w.w1 + rg * F * d, w.b1 + rg * F,
+                      w.w2 + rg * F * d, w.b2 + rg * F, sc.H1.get(), sc.H2.get());
+        swiglu_backward_block(ws.glu_grad_out(blk, r, g), d, F, w.w1 + rg * F * d,
+                              w.w2 + rg * F * d, w.w3 + rg * d * F, sc.H1.get(), sc.H2.get(),
+                              ws.glu_U(blk, r, g), ws.glu_gH1(blk, r, g), ws.glu_gH2(blk, r, g),
+                              g_in);
+        block_to_rows(ws.glu_input(blk, r, g), d, ws.glu_input_rows(blk, r, g));
+        block_to_rows(ws.glu_grad_out(blk, r, g), d, ws.glu_grad_out_rows(blk, r, g));
+      }
+      const float* gX = sc.gX.get();
+      for (int64_t i = 0; i < tile; ++i) g_out[i] = gX[i] + gT[i];
+    };
+    auto weight_grad_tile = [&](const UnitItem& it) {
+      const int64_t r = it.r, g = it.g_or_block, rg = r * Gd + g, bs = ws.unit_stride;
+      const bool accumulate = !first_group;
+      if (it.kind == UnitItem::kW3) {  // dW3ᵀ[f][j] = Σ U[f]·gY[j], db3[j] = Σ gY[j]
+        block_sum_products(it.row0, it.row1, d, nblocks, ws.glu_U(0, r, g), bs,
+                           ws.glu_grad_out_rows(0, r, g), bs,
+                           w3_t_ptr + rg * F * d + it.row0 * d, accumulate);
+        // db3 has d entries, not F: the items of dW3ᵀ's rows sum the same rows of it, the last
+        // item also any rows past F.
+        const int64_t j1 = it.row1 == F ? d : std::min(d, it.row1);
+        if (it.row0 < j1)
+          block_sum_rows(it.row0, j1, nblocks, ws.glu_grad_out(0, r, g), bs, lanes_b3(rg));
+        return;
+      }
+      // dW1[f][k] = Σ gH1[f]·X[k], db1[f] = Σ gH1[f]; the same for W2.
+      const bool first = it.kind == UnitItem::kW1;
+      const float* gH = first ? ws.glu_gH1(0, r, g) : ws.glu_gH2(0, r, g);
+      block_sum_products(it.row0, it.row1, d, nblocks, gH, bs, ws.glu_input_rows(0, r, g), bs,
+                         (first ? g_w1 : g_w2) + rg * F * d + it.row0 * d, accumulate);
+      block_sum_rows(it.row0, it.row1, nblocks, gH, bs, first ? lanes_b1(rg) : lanes_b2(rg));
+    };
+    for (int64_t r = R - 1; r >= -1; --r) {
+      const std::vector<UnitItem> items = unit_items(r, nblocks, r + 1, R, F, Gd);
+      for_each_item(
+          static_cast<int64_t>(items.size()),
+          [&] {
+            return UnitScratch{make_buffer<float>(F * kBwdBlockRows),
+                               make_buffer<float>(F * kBwdBlockRows), make_buffer<float>(tile)};
+          },
+          [&](int64_t i, UnitScratch& sc) {
+            const UnitItem& it = items[i];
+            if (it.kind != UnitItem::kBlock) {
+              weight_grad_tile(it);
+            } else if (r >= 0) {
+              reverse_unit_block(r, it.g_or_block, sc);
+            } else {
+              const int64_t blk = it.g_or_block;
+              float* part = ln_partial(blk0 + blk, 0);
+              layer_norm_backward_columns(ws.qtq(blk), ws.grad(blk), ws.glu_input(blk, 0, 0), d,
+                                          w.ln0_w, eps_ln_f, part, part + d);
+            }
+          });
+    }
 
-  // 5. grad_q = q·(gA0 + gA0ᵀ) per (b, h) for the kept rows.
-  struct QueryScratch {
-    Buffer<float> Qs, M;
-    Buffer<int64_t> positions;
-  };
-  for_each_item(
-      B * H,
-      [&] {
-        return QueryScratch{make_buffer<float>(S * d), make_buffer<float>(dd),
-                            make_buffer<int64_t>(S)};
-      },
-      [&](int64_t bh, QueryScratch& sc) {
-        const int64_t bi = bh / H, hi = bh % H;
-        // gA0[i][j] is column i % 64 of row j of the gradient tile of block (bh·d + i) / 64.
-        auto gA0 = [&](int64_t i, int64_t j) {
-          const int64_t blk = bh * blocks_per_head + i / kBwdBlockRows;
-          return ws.glu_input(blk, 0, 0)[j * kBwdBlockRows + i % kBwdBlockRows];
-        };
-        float* M = sc.M.get();
-        for (int64_t i = 0; i < d; ++i)
-          for (int64_t j = 0; j < d; ++j) M[i * d + j] = gA0(i, j) + gA0(j, i);
-        PLDR_DTYPE_SWITCH(q.scalar_type(), Elements, T, [&] {
-          const int64_t kept = gather_queries<T>(q, mask, bi, hi, sc.Qs.get(), sc.positions.get());
-          T* out = grad_q.data_ptr<T>() + bi * S * H * d + hi * d;
-          const float* Qs = sc.Qs.get();
-          for_row_tiles<kTileRows>(static_cast<int>(kept), [&](int s0, auto rows) {
-            constexpr int Rt = decltype(rows)::value;
-            for (int64_t n0 = 0; n0 < d; n0 += kBwdBlockRows) {
-              f32x16 acc[Rt][kBwdVecs];
-              tile_product<Rt, kBwdVecs>(d, Qs + s0 * d, d, 1, M + n0, d, acc);
-              PLDR_UNROLL
-              for (int r = 0; r < Rt; ++r) {
-                T* row = out + sc.positions[s0 + r] * H * d + n0;
+    // 5. grad_q = q·(gA0 + gA0ᵀ) per (b, h) of the group, for the kept rows.
+    struct QueryScratch {
+      Buffer<float> Qs, M;
+      Buffer<int64_t> positions;
+    };
+    for_each_item(
+        bh1 - bh0,
+        [&] {
+          return QueryScratch{make_buffer<float>(S * d), make_buffer<float>(dd),
+                              make_buffer<int64_t>(S)};
+        },
+        [&](int64_t item, QueryScratch& sc) {
+          const int64_t bh = bh0 + item, bi = bh / H, hi = bh % H;
+          // gA0[i][j] is column i % 64 of row j of the gradient tile of the head's block i / 64.
+          auto gA0 = [&](int64_t i, int64_t j) {
+            const int64_t blk = item * blocks_per_head + i / kBwdBlockRows;
+            return ws.glu_input(blk, 0, 0)[j * kBwdBlockRows + i % kBwdBlockRows];
+          };
+          float* M = sc.M.get();
+          for (int64_t i = 0; i < d; ++i)
+            for (int64_t j = 0; j < d; ++j) M[i * d + j] = gA0(i, j) + gA0(j, i);
+          PLDR_DTYPE_SWITCH(q.scalar_type(), Elements, T, [&] {
+            const int64_t kept =
+                gather_queries<T>(q, mask, bi, hi, sc.Qs.get(), sc.positions.get());
+            T* out = grad_q.data_ptr<T>() + bi * S * H * d + hi * d;
+            const float* Qs = sc.Qs.get();
+            for_row_tiles<kTileRows>(static_cast<int>(kept), [&](int s0, auto rows) {
+              constexpr int Rt = decltype(rows)::value;
+              for (int64_t n0 = 0; n0 < d; n0 += kBwdBlockRows) {
+                f32x16 acc[Rt][kBwdVecs];
+                tile_product<Rt, kBwdVecs>(d, Qs + s0 * d, d, 1, M + n0, d, acc);
                 PLDR_UNROLL
-                for (int v = 0; v < kBwdVecs; ++v) {
-                  if constexpr (std::is_same_v<T, float>) {
-                    simd::store(row + v * kLanes, acc[r][v]);
-                  } else {
-                    alignas(64) float lanes[kLanes];
-                    simd::store(lanes, acc[r][v]);
-                    for (int e = 0; e < kLanes; ++e) row[v * kLanes + e] = static_cast<T>(lanes[e]);
+                for (int r = 0; r < Rt; ++r) {
+                  T* row = out + sc.positions[s0 + r] * H * d + n0;
+                  PLDR_UNROLL
+                  for (int v = 0; v < kBwdVecs; ++v) {
+                    if constexpr (std::is_same_v<T, float>) {
+                      simd::store(row + v * kLanes, acc[r][v]);
+                    } else {
+                      alignas(64) float lanes[kLanes];
+                      simd::store(lanes, acc[r][v]);
+                      for (int e = 0; e < kLanes; ++e)
+                        row[v * kLanes + e] = static_cast<T>(lanes[e]);
+                    }
                   }
                 }
               }
-            }
+            });
           });
         });
-      });
+  }
 
-  // The LayerNorm weight gradients: the per-block partial sums, in block order.
+  // What was summed across groups, into the outputs: the LayerNorm partials in block order, the
+  // bias lanes, dW3ᵀ transposed, the per-head fp64 sums.
+  const int64_t all_blocks = B * H * blocks_per_head;
   for (int64_t slot = 0; slot <= R; ++slot) {
     float* gw = slot == 0 ? g_ln0_w : g_lnA_w + (slot - 1) * d;
     float* gb = slot == 0 ? g_ln0_b : g_lnA_b + (slot - 1) * d;
-    for (int64_t blk = 0; blk < nblocks; ++blk) {
+    for (int64_t blk = 0; blk < all_blocks; ++blk) {
       const float* part = ln_partial(blk, slot);
       for (int64_t j = 0; j < d; ++j) {
         gw[j] += part[j];
@@ -455,6 +499,17 @@ GradTuple metric_tensors_backward_cpu(
       }
     }
   }
+  for (int64_t rg = 0; rg < R * Gd; ++rg) {
+    reduce_lanes(lanes_b1(rg), F, g_b1 + rg * F);
+    reduce_lanes(lanes_b2(rg), F, g_b2 + rg * F);
+    reduce_lanes(lanes_b3(rg), d, g_b3 + rg * d);
+    for (int64_t f = 0; f < F; ++f)
+      for (int64_t j = 0; j < d; ++j) g_w3[rg * d * F + j * F + f] = w3_t_ptr[rg * F * d + f * d + j];
+  }
+  for (int64_t h = 0; h < H; ++h)
+    for (int k = 0; k < 5; ++k)
+      for (int64_t i = 0; i < dd; ++i)
+        g_head[k][h * dd + i] = static_cast<float>(head_acc_ptr[(h * 5 + k) * dd + i]);
   return result();
 }
 

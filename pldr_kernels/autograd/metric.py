@@ -48,7 +48,10 @@ def metric_backward_math(grad_A: Tensor | None, grad_A_LM: Tensor | None, grad_G
     each SwiGLU's hidden layer is recomputed again on the way back (docs/design.md §3.4)."""
     d = q.shape[-1]
     R, Gd = w1.shape[:2]
-    qf = q if q_mask is None else q * q_mask.to(q.dtype)[:, :, None, None]
+    # Rows left out by q_mask are excluded, not multiplied by 0: whatever they hold (a pad row
+    # may hold inf or NaN) reaches neither QᵀQ nor grad_q, as in the kernels.
+    keep = None if q_mask is None else q_mask[:, :, None, None]
+    qf = q if keep is None else torch.where(keep, q, 0)
     # Forward, keeping the checkpoints.
     A0 = torch.einsum("bshi,bshj->bhij", qf, qf)
     X = F.layer_norm(A0, (d,), ln0_w, ln0_b, eps_ln)
@@ -110,8 +113,8 @@ def metric_backward_math(grad_A: Tensor | None, grad_A_LM: Tensor | None, grad_G
         g_X = g_X + g_T  # the residual
     g_A0, g_ln0_w, g_ln0_b = _layer_norm_backward(A0, g_X, ln0_w, eps_ln)
     g_q = torch.einsum("bshi,bhij->bshj", qf, g_A0 + g_A0.transpose(-1, -2))
-    if q_mask is not None:
-        g_q = g_q * q_mask.to(g_q.dtype)[:, :, None, None]
+    if keep is not None:
+        g_q = torch.where(keep, g_q, 0)
     return tuple(t.contiguous() for t in (
         g_q, g_ln0_w, g_ln0_b, g_w1, g_b1, g_w2, g_b2, g_w3, g_b3, g_lnA_w, g_lnA_b, g_W, g_b,
         g_pw, g_a, g_ba))
