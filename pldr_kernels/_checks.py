@@ -429,9 +429,10 @@ def check_metric_tensors_backward_inputs(grad_A: Tensor | None, grad_A_LM: Tenso
                                          ln0_w: Tensor, ln0_b: Tensor, w1: Tensor, b1: Tensor,
                                          w2: Tensor, b2: Tensor, w3: Tensor, b3: Tensor,
                                          lnA_w: Tensor, lnA_b: Tensor, W: Tensor, b: Tensor,
-                                         pw: Tensor, a: Tensor, ba: Tensor) -> None:
+                                         pw: Tensor, a: Tensor, ba: Tensor, eps_ln: float,
+                                         eps_adj: float) -> None:
     check_metric_tensors_inputs(q, q_mask, ln0_w, ln0_b, w1, b1, w2, b2, w3, b3, lnA_w, lnA_b, W,
-                                b, pw, a, ba)
+                                b, pw, a, ba, eps_ln, eps_adj)
     B, _, H, d = q.shape
     for grad, name in ((grad_A, "grad_A"), (grad_A_LM, "grad_A_LM"), (grad_G, "grad_G")):
         if grad is None:

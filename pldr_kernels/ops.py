@@ -243,7 +243,7 @@ if _LOAD_ERROR is None:
                                       eps_ln=1e-6, eps_adj=1e-9):
         weights = (ln0_w, ln0_b, w1, b1, w2, b2, w3, b3, lnA_w, lnA_b, W, b, pw, a, ba)
         _checks.check_metric_tensors_backward_inputs(grad_A, grad_A_LM, grad_G, q, q_mask,
-                                                     *weights)
+                                                     *weights, eps_ln, eps_adj)
         return (q.new_empty(q.shape), *(w.new_empty(w.shape) for w in weights))
 
     @torch.library.register_fake("pldr::g_attention")

@@ -531,9 +531,10 @@ inline MetricDims check_metric_tensors_backward_inputs(
     const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2,
     const at::Tensor& w3, const at::Tensor& b3, const at::Tensor& lnA_w, const at::Tensor& lnA_b,
     const at::Tensor& W, const at::Tensor& b, const at::Tensor& pw, const at::Tensor& a,
-    const at::Tensor& ba) {
+    const at::Tensor& ba, double eps_ln, double eps_adj) {
   const MetricDims dims = check_metric_tensors_inputs(q, q_mask, ln0_w, ln0_b, w1, b1, w2, b2, w3,
-                                                      b3, lnA_w, lnA_b, W, b, pw, a, ba);
+                                                      b3, lnA_w, lnA_b, W, b, pw, a, ba, eps_ln,
+                                                      eps_adj);
   const std::pair<const c10::optional<at::Tensor>&, const char*> grads[] = {
       {grad_A, "grad_A"}, {grad_A_LM, "grad_A_LM"}, {grad_G, "grad_G"}};
   for (const auto& [grad, name] : grads) {

@@ -185,7 +185,7 @@ GradTuple metric_tensors_backward_cpu(
     const at::Tensor& ba, double eps_ln, double eps_adj) {
   const MetricDims dims = check_metric_tensors_backward_inputs(
       grad_A, grad_A_LM, grad_G, q, q_mask, ln0_w, ln0_b, w1, b1, w2, b2, w3, b3, lnA_w, lnA_b, W,
-      b, pw, a, ba);
+      b, pw, a, ba, eps_ln, eps_adj);
   const int64_t B = dims.B, S = dims.S, H = dims.H, d = dims.d, F = dims.F, R = dims.R,
                 Gd = dims.Gd;
   const at::Tensor weights[] = {ln0_w.contiguous(), ln0_b.contiguous(), w1.contiguous(),

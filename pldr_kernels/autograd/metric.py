@@ -30,7 +30,8 @@ def metric_tensors_backward_reference(grad_A: Tensor | None, grad_A_LM: Tensor |
     """``pldr::metric_tensors_backward`` in plain PyTorch, fp32: the checks and errors of the C++
     kernels, then :func:`metric_backward_math`. Returns ``(grad_q in q's dtype, the gradient of
     each weight in fp32)``, all contiguous."""
-    _checks.check_metric_tensors_backward_inputs(grad_A, grad_A_LM, grad_G, q, q_mask, *weights)
+    _checks.check_metric_tensors_backward_inputs(grad_A, grad_A_LM, grad_G, q, q_mask, *weights,
+                                                 eps_ln, eps_adj)
     grads = metric_backward_math(grad_A, grad_A_LM, grad_G, q.float(), q_mask, *weights,
                                  eps_ln=eps_ln, eps_adj=eps_adj)
     return (grads[0].to(q.dtype), *grads[1:])
