@@ -193,15 +193,22 @@ GradTuple metric_tensors_backward_cpu(
                                 w3.contiguous(),    b3.contiguous(),    lnA_w.contiguous(),
                                 lnA_b.contiguous(), W.contiguous(),     b.contiguous(),
                                 pw.contiguous(),    a.contiguous(),     ba.contiguous()};
-  at::Tensor grad_q = at::zeros(q.sizes(), q.options());
+  // Every output is written in full below (grad_q's pad rows too), but for the LayerNorm
+  // gradients, sums of per-block partials; an empty call returns zeros.
+  const bool empty = q.size(0) == 0 || q.size(2) == 0;
+  auto make = [&](at::IntArrayRef sizes, const at::TensorOptions& options, bool summed) {
+    return empty || summed ? at::zeros(sizes, options) : at::empty(sizes, options);
+  };
+  at::Tensor grad_q = make(q.sizes(), q.options(), false);
   at::Tensor grads[15];
-  for (int i = 0; i < 15; ++i) grads[i] = at::zeros(weights[i].sizes(), weights[i].options());
+  for (int i = 0; i < 15; ++i)  // 0, 1: ln0_w, ln0_b; 8, 9: lnA_w, lnA_b
+    grads[i] = make(weights[i].sizes(), weights[i].options(), i < 2 || i == 8 || i == 9);
   auto result = [&] {
     return GradTuple{grad_q,    grads[0],  grads[1],  grads[2],  grads[3], grads[4],
                      grads[5],  grads[6],  grads[7],  grads[8],  grads[9], grads[10],
                      grads[11], grads[12], grads[13], grads[14]};
   };
-  if (B == 0 || H == 0) return result();
+  if (empty) return result();
 
   const Weights w{weights[0].data_ptr<float>(),  weights[1].data_ptr<float>(),
                   weights[2].data_ptr<float>(),  weights[3].data_ptr<float>(),
@@ -285,7 +292,7 @@ GradTuple metric_tensors_backward_cpu(
   for (int64_t bh0 = 0; bh0 < B * H; bh0 += heads_per_group) {
     const int64_t bh1 = std::min(B * H, bh0 + heads_per_group);
     const int64_t nblocks = (bh1 - bh0) * blocks_per_head, blk0 = bh0 * blocks_per_head;
-    const bool first_group = bh0 == 0;
+    const bool first_group = bh0 == 0, last_group = bh1 == B * H;
 
     // 1. The forward, per block, keeping the checkpoints (bitwise the forward kernel's values).
     struct ForwardScratch {
@@ -348,7 +355,9 @@ GradTuple metric_tensors_backward_cpu(
         [&](int64_t item, PowerScratch& sc) {
           const int64_t h = (bh0 + item) % H, head = h * dd;
           double* acc = head_acc_ptr + h * 5 * dd;  // W, b, pw, a, ba
+          int64_t last_bh = -1;
           for (int64_t bh = bh0 + item; bh < bh1; bh += H) {
+            last_bh = bh;
             const int64_t off = bh * dd, local = (bh - bh0) * dd;
             auto given_at = [&](int i) { return given_ptr[i] ? given_ptr[i] + off : nullptr; };
             power_stage_backward(A_ptr + local, d, w.W + head, w.b + head, w.pw + head,
@@ -356,6 +365,10 @@ GradTuple metric_tensors_backward_cpu(
                                  sc.views, acc, acc + dd, acc + 2 * dd, acc + 3 * dd,
                                  acc + 4 * dd, gA_ptr + local);
           }
+          if (last_bh == (B - 1) * H + h)  // its last batch row is in: the sums into the outputs
+            for (int k = 0; k < 5; ++k)
+              for (int64_t i = 0; i < dd; ++i)
+                g_head[k][head + i] = static_cast<float>(acc[k * dd + i]);
         });
 
     // 3. The residual units, last first: the blocks of unit r together with the weight-gradient
@@ -401,6 +414,14 @@ GradTuple metric_tensors_backward_cpu(
         const int64_t j1 = it.row1 == F ? d : std::min(d, it.row1);
         if (it.row0 < j1)
           block_sum_rows(it.row0, j1, nblocks, ws.glu_grad_out(0, r, g), bs, lanes_b3(rg));
+        if (last_group) {  // every block is in: this item's rows into the outputs
+          const float* Ct = w3_t_ptr + rg * F * d;
+          float* C = g_w3 + rg * d * F;
+          for (int64_t f = it.row0; f < it.row1; ++f)
+            for (int64_t j = 0; j < d; ++j) C[j * F + f] = Ct[f * d + j];
+          if (it.row0 < j1)
+            reduce_lanes(lanes_b3(rg) + it.row0 * kLanes, j1 - it.row0, g_b3 + rg * d + it.row0);
+        }
         return;
       }
       // dW1[f][k] = Σ gH1[f]·X[k], db1[f] = Σ gH1[f]; the same for W2.
@@ -408,7 +429,11 @@ GradTuple metric_tensors_backward_cpu(
       const float* gH = first ? ws.glu_gH1(0, r, g) : ws.glu_gH2(0, r, g);
       block_sum_products(it.row0, it.row1, d, nblocks, gH, bs, ws.glu_input_rows(0, r, g), bs,
                          (first ? g_w1 : g_w2) + rg * F * d + it.row0 * d, accumulate);
-      block_sum_rows(it.row0, it.row1, nblocks, gH, bs, first ? lanes_b1(rg) : lanes_b2(rg));
+      float* lanes = first ? lanes_b1(rg) : lanes_b2(rg);
+      block_sum_rows(it.row0, it.row1, nblocks, gH, bs, lanes);
+      if (last_group)
+        reduce_lanes(lanes + it.row0 * kLanes, it.row1 - it.row0,
+                     (first ? g_b1 : g_b2) + rg * F + it.row0);
     };
     for (int64_t r = R - 1; r >= -1; --r) {
       const std::vector<UnitItem> items = unit_items(r, nblocks, r + 1, R, F, Gd);
@@ -458,6 +483,13 @@ GradTuple metric_tensors_backward_cpu(
             const int64_t kept =
                 gather_queries<T>(q, mask, bi, hi, sc.Qs.get(), sc.positions.get());
             T* out = grad_q.data_ptr<T>() + bi * S * H * d + hi * d;
+            for (int64_t s = 0, k = 0; s < S; ++s) {  // the rows left out get exactly 0
+              if (k < kept && sc.positions[k] == s) {
+                ++k;
+              } else {
+                std::fill(out + s * H * d, out + s * H * d + d, T(0));
+              }
+            }
             const float* Qs = sc.Qs.get();
             for_row_tiles<kTileRows>(static_cast<int>(kept), [&](int s0, auto rows) {
               constexpr int Rt = decltype(rows)::value;
@@ -485,8 +517,7 @@ GradTuple metric_tensors_backward_cpu(
         });
   }
 
-  // What was summed across groups, into the outputs: the LayerNorm partials in block order, the
-  // bias lanes, dW3ᵀ transposed, the per-head fp64 sums.
+  // The LayerNorm gradients: the per-block partial sums, in block order.
   const int64_t all_blocks = B * H * blocks_per_head;
   for (int64_t slot = 0; slot <= R; ++slot) {
     float* gw = slot == 0 ? g_ln0_w : g_lnA_w + (slot - 1) * d;
@@ -499,17 +530,6 @@ GradTuple metric_tensors_backward_cpu(
       }
     }
   }
-  for (int64_t rg = 0; rg < R * Gd; ++rg) {
-    reduce_lanes(lanes_b1(rg), F, g_b1 + rg * F);
-    reduce_lanes(lanes_b2(rg), F, g_b2 + rg * F);
-    reduce_lanes(lanes_b3(rg), d, g_b3 + rg * d);
-    for (int64_t f = 0; f < F; ++f)
-      for (int64_t j = 0; j < d; ++j) g_w3[rg * d * F + j * F + f] = w3_t_ptr[rg * F * d + f * d + j];
-  }
-  for (int64_t h = 0; h < H; ++h)
-    for (int k = 0; k < 5; ++k)
-      for (int64_t i = 0; i < dd; ++i)
-        g_head[k][h * dd + i] = static_cast<float>(head_acc_ptr[(h * 5 + k) * dd + i]);
   return result();
 }
 
