@@ -456,7 +456,10 @@ class GCachedAttention(PackedModule):
         H, d = self.num_heads, self.head_dim
         bias = self.packs["qkv_bias"].get() if "qkv_bias" in self.packs else None
         qkv = F.linear(x, self.packs["qkv_weight"].get(), bias).view(B, S, 3, H, d)
-        qk, v = qkv[:, :, :2].reshape(B, S, 2 * H, d), qkv[:, :, 2]
+        # split (views): its backward concatenates the two gradients, where slicing would
+        # zero-fill a qkv-sized gradient for each part and add them.
+        qk, v = qkv.split((2, 1), dim=2)
+        qk, v = qk.reshape(B, S, 2 * H, d), v.view(B, S, H, d)
         if v.requires_grad:  # the attention op saves v: a view would keep all of qkv alive
             v = v.contiguous()
         qk = self.rope(qk, rotation)
