@@ -8,6 +8,10 @@
 #include <torch/csrc/autograd/variable.h>
 #include <torch/library.h>
 
+#include <memory>
+#include <type_traits>
+#include <utility>
+
 // `import pldr_kernels._C` only needs the shared object loaded: the registrations below run as
 // static initialisers. No pybind: the ops are reached through torch.ops.pldr.*.
 PyMODINIT_FUNC PyInit__C(void) {
@@ -91,6 +95,18 @@ at::Tensor g_attention_decode_inplace_or_view(
   return out;
 }
 
+// Autograd nodes are held by std::shared_ptr in older torch (2.11, the H200 stack) and by
+// c10::intrusive_ptr in newer (2.13 here): make one of whichever kind Edge::function is.
+template <class NodeType, class... Args>
+decltype(torch::autograd::Edge::function) make_node(Args&&... args) {
+  using NodePtr = decltype(torch::autograd::Edge::function);
+  if constexpr (std::is_same_v<NodePtr, std::shared_ptr<torch::autograd::Node>>) {
+    return std::make_shared<NodeType>(std::forward<Args>(args)...);
+  } else {
+    return c10::make_intrusive<NodeType>(std::forward<Args>(args)...);
+  }
+}
+
 at::Tensor g_attention_decode_autograd(
     const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
     const at::Tensor& cache_seqlens, const c10::optional<at::Tensor>& k_new,
@@ -104,7 +120,7 @@ at::Tensor g_attention_decode_autograd(
   }
   if (torch::autograd::compute_requires_grad(q, k_new, v_new, G)) {
     torch::autograd::set_history(
-        out, c10::make_intrusive<torch::autograd::Error>(
+        out, make_node<torch::autograd::Error>(
                  kDecodeHasNoBackward, torch::autograd::collect_next_edges(q, k_new, v_new, G)));
   }
   return out;
