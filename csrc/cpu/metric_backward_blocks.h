@@ -244,14 +244,15 @@ inline void block_to_rows(const float* Xt, int64_t d, float* Xrow) {
   transpose_tile(Xt, d, kBwdBlockRows, kBwdBlockRows, Xrow, d);
 }
 
-// The bias gradients: lanes[i][0..15] += the sum over blocks of P_b[i][m] for m ≡ lane (mod 16),
-// for i in [i_begin, i_end); reduce_lanes turns them into the sums once every block is in, so
-// the result does not depend on how the blocks were grouped.
+// The bias gradients: lanes[i][0..15] (+)= the sum over blocks of P_b[i][m] for m ≡ lane
+// (mod 16), for i in [i_begin, i_end), added to what lanes holds when accumulate; reduce_lanes
+// turns them into the sums once every block is in, so the result does not depend on how the
+// blocks were grouped.
 inline void block_sum_rows(int64_t i_begin, int64_t i_end, int64_t nblocks, const float* P,
-                           int64_t p_bs, float* lanes) {
+                           int64_t p_bs, float* lanes, bool accumulate) {
   constexpr int64_t ld = kBwdBlockRows;
   for (int64_t i = i_begin; i < i_end; ++i) {
-    f32x16 acc = simd::load(lanes + i * kLanes);
+    f32x16 acc = accumulate ? simd::load(lanes + i * kLanes) : simd::zero();
     for (int64_t blk = 0; blk < nblocks; ++blk)
       PLDR_UNROLL
       for (int v = 0; v < kBwdVecs; ++v)

@@ -272,9 +272,9 @@ GradTuple metric_tensors_backward_cpu(
   // (slot 0 = ln0, slot r + 1 = lnA[r]); the bias gradients' lanes; dW3ᵀ [R·Gd][F][d]; the
   // per-head gradients of W, b, pw, a, ba in fp64, [H][5][d][d].
   at::Tensor partial = at::empty({B * H * blocks_per_head * (R + 1) * 2 * d}, f32);
-  at::Tensor bias_lanes = at::zeros({R * Gd * (2 * F + d) * kLanes}, f32);
+  at::Tensor bias_lanes = at::empty({R * Gd * (2 * F + d) * kLanes}, f32);
   at::Tensor w3_t = at::empty({R * Gd * F * d}, f32);
-  at::Tensor head_acc = at::zeros({H * 5 * dd}, q.options().dtype(at::kDouble));
+  at::Tensor head_acc = at::empty({H * 5 * dd}, q.options().dtype(at::kDouble));
   ws.ckpt = ckpt.data_ptr<float>();
   ws.unit = unit.data_ptr<float>();
   ws.grad_state = grad_state.data_ptr<float>();
@@ -358,6 +358,7 @@ GradTuple metric_tensors_backward_cpu(
         [&](int64_t item, PowerScratch& sc) {
           const int64_t h = (bh0 + item) % H, head = h * dd;
           double* acc = head_acc_ptr + h * 5 * dd;  // W, b, pw, a, ba
+          if (bh0 + item < H) std::fill(acc, acc + 5 * dd, 0.0);  // batch row 0: h's first
           int64_t last_bh = -1;
           for (int64_t bh = bh0 + item; bh < bh1; bh += H) {
             last_bh = bh;
@@ -417,7 +418,8 @@ GradTuple metric_tensors_backward_cpu(
         // item also any rows past F.
         const int64_t j1 = it.row1 == F ? d : std::min(d, it.row1);
         if (it.row0 < j1)
-          block_sum_rows(it.row0, j1, nblocks, ws.glu_grad_out(0, r, g), bs, lanes_b3(rg));
+          block_sum_rows(it.row0, j1, nblocks, ws.glu_grad_out(0, r, g), bs, lanes_b3(rg),
+                         accumulate);
         if (last_group) {  // every block is in: this item's rows into the outputs
           const float* Ct = w3_t_ptr + rg * F * d;
           float* C = g_w3 + rg * d * F;
@@ -434,7 +436,7 @@ GradTuple metric_tensors_backward_cpu(
       block_sum_products(it.row0, it.row1, d, nblocks, gH, bs, ws.glu_input_rows(0, r, g), bs,
                          (first ? g_w1 : g_w2) + rg * F * d + it.row0 * d, accumulate);
       float* lanes = first ? lanes_b1(rg) : lanes_b2(rg);
-      block_sum_rows(it.row0, it.row1, nblocks, gH, bs, lanes);
+      block_sum_rows(it.row0, it.row1, nblocks, gH, bs, lanes, accumulate);
       if (last_group)
         reduce_lanes(lanes + it.row0 * kLanes, it.row1 - it.row0,
                      (first ? g_b1 : g_b2) + rg * F + it.row0);
