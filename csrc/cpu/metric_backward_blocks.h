@@ -244,14 +244,15 @@ inline void block_to_rows(const float* Xt, int64_t d, float* Xrow) {
   transpose_tile(Xt, d, kBwdBlockRows, kBwdBlockRows, Xrow, d);
 }
 
-// The bias gradients: lanes[i][0..15] += the sum over blocks of P_b[i][m] for m ≡ lane (mod 16),
-// for i in [i_begin, i_end); reduce_lanes turns them into the sums once every block is in, so
-// the result does not depend on how the blocks were grouped.
+// The bias gradients: lanes[i][0..15] (+)= the sum over blocks of P_b[i][m] for m ≡ lane
+// (mod 16), for i in [i_begin, i_end), added to what lanes holds when accumulate; reduce_lanes
+// turns them into the sums once every block is in, so the result does not depend on how the
+// blocks were grouped.
 inline void block_sum_rows(int64_t i_begin, int64_t i_end, int64_t nblocks, const float* P,
-                           int64_t p_bs, float* lanes) {
+                           int64_t p_bs, float* lanes, bool accumulate) {
   constexpr int64_t ld = kBwdBlockRows;
   for (int64_t i = i_begin; i < i_end; ++i) {
-    f32x16 acc = simd::load(lanes + i * kLanes);
+    f32x16 acc = accumulate ? simd::load(lanes + i * kLanes) : simd::zero();
     for (int64_t blk = 0; blk < nblocks; ++blk)
       PLDR_UNROLL
       for (int v = 0; v < kBwdVecs; ++v)
@@ -304,9 +305,9 @@ inline void product_f64_accumulate(const double* L, int64_t l_rs, int64_t l_ks, 
   }
 }
 
-// Scratch of power_stage_backward: three fp32 and four fp64 [d][d] arrays.
+// Scratch of power_stage_backward: four fp32 and four fp64 [d][d] arrays.
 struct PowerStageScratch {
-  float *Z, *A_LM, *A_P;
+  float *Z, *A_LM, *A_P, *dA_LM;
   double *Ad, *At, *Pd, *Gd;
 };
 
@@ -323,10 +324,16 @@ inline void power_stage_backward(const float* A, int64_t d, const float* W, cons
   // The forward's A_LM and A_P, bit for bit (metric_head_outputs).
   for (int64_t i = 0; i < n; ++i) sc.Ad[i] = A[i];
   product_f64(W, sc.Ad, bW, d, sc.Z);
-  const f32x16 eps = simd::splat(eps_adj);
+  const f32x16 eps = simd::splat(eps_adj), one = simd::splat(1.0f);
   for (int64_t i = 0; i < n; i += kLanes) {
     const f32x16 z = simd::load(sc.Z + i);
-    simd::store(sc.A_LM + i, simd::add(simd::mul(z, simd::silu(z)), eps));
+    const f32x16 den = simd::add(one, simd::exp(simd::sub(simd::zero(), z)));
+    const f32x16 silu = simd::div(z, den);  // simd::silu's operations
+    simd::store(sc.A_LM + i, simd::add(simd::mul(z, silu), eps));
+    // d A_LM / dz = silu(z) + z·σ(z)·(1 + z·(1 − σ(z)))
+    const f32x16 sig = simd::div(one, den);
+    const f32x16 dsilu = simd::mul(sig, simd::fma(z, simd::sub(one, sig), one));
+    simd::store(sc.dA_LM + i, simd::fma(z, dsilu, silu));
   }
   for (int64_t i = 0; i < n; ++i) sc.A_P[i] = std::pow(sc.A_LM[i], pw[i]);
   // sc.Gd: the gradient of A_P, aᵀ·gG; then that of A_LM; then that of Z.
@@ -350,9 +357,7 @@ inline void power_stage_backward(const float* A, int64_t d, const float* W, cons
       g += g_ap * static_cast<double>(pw[i]) * (a_p / static_cast<double>(sc.A_LM[i]));
       acc_pw[i] += g_ap * a_p * static_cast<double>(std::log(sc.A_LM[i]));
     }
-    // d/dz z·silu(z) = silu(z) + z·σ(z)·(1 + z·(1 − σ(z)))
-    const double z = sc.Z[i], sig = 1.0 / (1.0 + static_cast<double>(std::exp(-sc.Z[i])));
-    const double g_z = g * (z * sig + z * sig * (1.0 + z * (1.0 - sig)));
+    const double g_z = g * static_cast<double>(sc.dA_LM[i]);
     sc.Gd[i] = g_z;
     acc_b[i] += g_z;
   }

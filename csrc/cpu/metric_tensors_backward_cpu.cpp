@@ -17,9 +17,9 @@
 //      SwiGLUs' backward, each hidden layer recomputed from its checkpointed input, keeping what
 //      the weight gradients need; and (b) the tiles of unit r + 1's weight gradients: sums over
 //      all blocks of the products kept by its (a) (two copies of those buffers, by parity);
-//   4. the same loop once more: per block the first LayerNorm's backward → the gradient of QᵀQ,
-//      and unit 0's weight-gradient tiles;
-//   5. per (b, h): grad_q = q·(gA0 + gA0ᵀ) for the kept rows (pad rows get exactly 0).
+//   4. the same loop once more, with unit 0's weight-gradient tiles: per (b, h), the first
+//      LayerNorm's backward → the gradient gA0 of QᵀQ, and grad_q = q·(gA0 + gA0ᵀ) for the
+//      kept rows (pad rows get exactly 0).
 // Determinism: blocks have a fixed size (64 rows), every weight gradient element is summed by one
 // work item in a fixed order, and the per-block LayerNorm partial sums are added in block order,
 // so the gradients are bitwise the same run after run and at any thread count.
@@ -146,9 +146,9 @@ struct Workspace {
   float* grad(int64_t blk) const { return grad_state + blk * tile; }
 };
 
-// A work item of phase 3: the backward of unit r on one block, or one tile of a weight gradient
-// of unit r, SwiGLU g: rows [row0, row1) of dW1 or dW2 [F][d], or of dW3ᵀ [F][d], and the matching
-// bias gradient.
+// A work item of phases 3-5: the backward of unit r on one block (r = -1: of the first
+// LayerNorm and QᵀQ on one head), or one tile of a weight gradient of unit r, SwiGLU g: rows
+// [row0, row1) of dW1 or dW2 [F][d], or of dW3ᵀ [F][d], and the matching bias gradient.
 struct UnitItem {
   enum Kind { kBlock, kW1, kW2, kW3 } kind;
   int64_t r, g_or_block, row0, row1;
@@ -156,12 +156,14 @@ struct UnitItem {
 
 constexpr int64_t kWeightGradRows = 24;  // rows of a weight gradient per work item
 
-// The blocks of unit r (r = -1: of the first LayerNorm), then the weight-gradient tiles of unit
-// r_sums (r_sums < R): one work list, since the two touch different buffers.
-std::vector<UnitItem> unit_items(int64_t r, int64_t nblocks, int64_t r_sums, int64_t R, int64_t F,
-                                 int64_t Gd) {
+// The blocks of unit r (r = -1: the heads, for the first LayerNorm and grad_q), then the
+// weight-gradient tiles of unit r_sums (r_sums < R): one work list, since the two touch
+// different buffers.
+std::vector<UnitItem> unit_items(int64_t r, int64_t nblocks, int64_t nheads, int64_t r_sums,
+                                 int64_t R, int64_t F, int64_t Gd) {
   std::vector<UnitItem> items;
-  for (int64_t blk = 0; blk < nblocks; ++blk) items.push_back({UnitItem::kBlock, r, blk, 0, 0});
+  for (int64_t i = 0; i < (r >= 0 ? nblocks : nheads); ++i)
+    items.push_back({UnitItem::kBlock, r, i, 0, 0});
   if (r_sums < R)
     for (int64_t g = 0; g < Gd; ++g)
       for (auto kind : {UnitItem::kW3, UnitItem::kW1, UnitItem::kW2})
@@ -270,9 +272,9 @@ GradTuple metric_tensors_backward_cpu(
   // (slot 0 = ln0, slot r + 1 = lnA[r]); the bias gradients' lanes; dW3ᵀ [R·Gd][F][d]; the
   // per-head gradients of W, b, pw, a, ba in fp64, [H][5][d][d].
   at::Tensor partial = at::empty({B * H * blocks_per_head * (R + 1) * 2 * d}, f32);
-  at::Tensor bias_lanes = at::zeros({R * Gd * (2 * F + d) * kLanes}, f32);
+  at::Tensor bias_lanes = at::empty({R * Gd * (2 * F + d) * kLanes}, f32);
   at::Tensor w3_t = at::empty({R * Gd * F * d}, f32);
-  at::Tensor head_acc = at::zeros({H * 5 * dd}, q.options().dtype(at::kDouble));
+  at::Tensor head_acc = at::empty({H * 5 * dd}, q.options().dtype(at::kDouble));
   ws.ckpt = ckpt.data_ptr<float>();
   ws.unit = unit.data_ptr<float>();
   ws.grad_state = grad_state.data_ptr<float>();
@@ -346,15 +348,17 @@ GradTuple metric_tensors_backward_cpu(
     for_each_item(
         group_heads,
         [&] {
-          PowerScratch sc{make_buffer<float>(3 * dd), make_buffer<double>(4 * dd), {}};
+          PowerScratch sc{make_buffer<float>(4 * dd), make_buffer<double>(4 * dd), {}};
           float* f = sc.f32s.get();
           double* x = sc.f64s.get();
-          sc.views = PowerStageScratch{f, f + dd, f + 2 * dd, x, x + dd, x + 2 * dd, x + 3 * dd};
+          sc.views = PowerStageScratch{f,  f + dd,     f + 2 * dd, f + 3 * dd,
+                                       x,  x + dd,     x + 2 * dd, x + 3 * dd};
           return sc;
         },
         [&](int64_t item, PowerScratch& sc) {
           const int64_t h = (bh0 + item) % H, head = h * dd;
           double* acc = head_acc_ptr + h * 5 * dd;  // W, b, pw, a, ba
+          if (bh0 + item < H) std::fill(acc, acc + 5 * dd, 0.0);  // batch row 0: h's first
           int64_t last_bh = -1;
           for (int64_t bh = bh0 + item; bh < bh1; bh += H) {
             last_bh = bh;
@@ -372,10 +376,11 @@ GradTuple metric_tensors_backward_cpu(
         });
 
     // 3. The residual units, last first: the blocks of unit r together with the weight-gradient
-    // sums of unit r + 1; 4. the first LayerNorm per block (the gradient of QᵀQ, written over
-    // the checkpoint of the first SwiGLU's input, no longer needed), with the sums of unit 0.
+    // sums of unit r + 1; then the heads (4-5) together with the sums of unit 0.
     struct UnitScratch {
       Buffer<float> H1, H2, gX;  // a block's hidden layer and gX
+      Buffer<float> Qs, M;       // a head's q rows and gA0 + gA0ᵀ
+      Buffer<int64_t> positions;
     };
     auto reverse_unit_block = [&](int64_t r, int64_t blk, UnitScratch& sc) {
       float* g_out = ws.grad(blk);  // the gradient of this unit's output
@@ -413,7 +418,8 @@ GradTuple metric_tensors_backward_cpu(
         // item also any rows past F.
         const int64_t j1 = it.row1 == F ? d : std::min(d, it.row1);
         if (it.row0 < j1)
-          block_sum_rows(it.row0, j1, nblocks, ws.glu_grad_out(0, r, g), bs, lanes_b3(rg));
+          block_sum_rows(it.row0, j1, nblocks, ws.glu_grad_out(0, r, g), bs, lanes_b3(rg),
+                         accumulate);
         if (last_group) {  // every block is in: this item's rows into the outputs
           const float* Ct = w3_t_ptr + rg * F * d;
           float* C = g_w3 + rg * d * F;
@@ -430,18 +436,75 @@ GradTuple metric_tensors_backward_cpu(
       block_sum_products(it.row0, it.row1, d, nblocks, gH, bs, ws.glu_input_rows(0, r, g), bs,
                          (first ? g_w1 : g_w2) + rg * F * d + it.row0 * d, accumulate);
       float* lanes = first ? lanes_b1(rg) : lanes_b2(rg);
-      block_sum_rows(it.row0, it.row1, nblocks, gH, bs, lanes);
+      block_sum_rows(it.row0, it.row1, nblocks, gH, bs, lanes, accumulate);
       if (last_group)
         reduce_lanes(lanes + it.row0 * kLanes, it.row1 - it.row0,
                      (first ? g_b1 : g_b2) + rg * F + it.row0);
     };
+    // 4-5. Per head: the first LayerNorm's backward (the gradient of QᵀQ, written over the
+    // checkpoint of the first SwiGLU's input, no longer needed), then grad_q = q·(gA0 + gA0ᵀ)
+    // for the kept rows and exactly 0 for the others.
+    auto reverse_qtq_head = [&](int64_t item, UnitScratch& sc) {
+      const int64_t bh = bh0 + item, bi = bh / H, hi = bh % H;
+      for (int64_t k = 0; k < blocks_per_head; ++k) {
+        const int64_t blk = item * blocks_per_head + k;
+        float* part = ln_partial(blk0 + blk, 0);
+        layer_norm_backward_columns(ws.qtq(blk), ws.grad(blk), ws.glu_input(blk, 0, 0), d,
+                                    w.ln0_w, eps_ln_f, part, part + d);
+      }
+      // gA0[i][j] is column i % 64 of row j of the gradient tile of the head's block i / 64.
+      auto gA0 = [&](int64_t i, int64_t j) {
+        const int64_t blk = item * blocks_per_head + i / kBwdBlockRows;
+        return ws.glu_input(blk, 0, 0)[j * kBwdBlockRows + i % kBwdBlockRows];
+      };
+      float* M = sc.M.get();
+      for (int64_t i = 0; i < d; ++i)
+        for (int64_t j = 0; j < d; ++j) M[i * d + j] = gA0(i, j) + gA0(j, i);
+      PLDR_DTYPE_SWITCH(q.scalar_type(), Elements, T, [&] {
+        const int64_t kept = gather_queries<T>(q, mask, bi, hi, sc.Qs.get(), sc.positions.get());
+        T* out = grad_q.data_ptr<T>() + bi * S * H * d + hi * d;
+        for (int64_t s = 0, k = 0; s < S; ++s) {  // the rows left out get exactly 0
+          if (k < kept && sc.positions[k] == s) {
+            ++k;
+          } else {
+            std::fill(out + s * H * d, out + s * H * d + d, T(0));
+          }
+        }
+        const float* Qs = sc.Qs.get();
+        for_row_tiles<kTileRows>(static_cast<int>(kept), [&](int s0, auto rows) {
+          constexpr int Rt = decltype(rows)::value;
+          for (int64_t n0 = 0; n0 < d; n0 += kBwdBlockRows) {
+            f32x16 acc[Rt][kBwdVecs];
+            tile_product<Rt, kBwdVecs>(d, Qs + s0 * d, d, 1, M + n0, d, acc);
+            PLDR_UNROLL
+            for (int r = 0; r < Rt; ++r) {
+              T* row = out + sc.positions[s0 + r] * H * d + n0;
+              PLDR_UNROLL
+              for (int v = 0; v < kBwdVecs; ++v) {
+                if constexpr (std::is_same_v<T, float>) {
+                  simd::store(row + v * kLanes, acc[r][v]);
+                } else {
+                  alignas(64) float lanes[kLanes];
+                  simd::store(lanes, acc[r][v]);
+                  for (int e = 0; e < kLanes; ++e) row[v * kLanes + e] = static_cast<T>(lanes[e]);
+                }
+              }
+            }
+          }
+        });
+      });
+    };
     for (int64_t r = R - 1; r >= -1; --r) {
-      const std::vector<UnitItem> items = unit_items(r, nblocks, r + 1, R, F, Gd);
+      const std::vector<UnitItem> items = unit_items(r, nblocks, bh1 - bh0, r + 1, R, F, Gd);
       for_each_item(
           static_cast<int64_t>(items.size()),
           [&] {
+            const bool last = r < 0;  // the heads' items need q's rows
             return UnitScratch{make_buffer<float>(F * kBwdBlockRows),
-                               make_buffer<float>(F * kBwdBlockRows), make_buffer<float>(tile)};
+                               make_buffer<float>(F * kBwdBlockRows), make_buffer<float>(tile),
+                               make_buffer<float>(last ? S * d : 0),
+                               make_buffer<float>(last ? dd : 0),
+                               make_buffer<int64_t>(last ? S : 0)};
           },
           [&](int64_t i, UnitScratch& sc) {
             const UnitItem& it = items[i];
@@ -450,71 +513,10 @@ GradTuple metric_tensors_backward_cpu(
             } else if (r >= 0) {
               reverse_unit_block(r, it.g_or_block, sc);
             } else {
-              const int64_t blk = it.g_or_block;
-              float* part = ln_partial(blk0 + blk, 0);
-              layer_norm_backward_columns(ws.qtq(blk), ws.grad(blk), ws.glu_input(blk, 0, 0), d,
-                                          w.ln0_w, eps_ln_f, part, part + d);
+              reverse_qtq_head(it.g_or_block, sc);
             }
           });
     }
-
-    // 5. grad_q = q·(gA0 + gA0ᵀ) per (b, h) of the group, for the kept rows.
-    struct QueryScratch {
-      Buffer<float> Qs, M;
-      Buffer<int64_t> positions;
-    };
-    for_each_item(
-        bh1 - bh0,
-        [&] {
-          return QueryScratch{make_buffer<float>(S * d), make_buffer<float>(dd),
-                              make_buffer<int64_t>(S)};
-        },
-        [&](int64_t item, QueryScratch& sc) {
-          const int64_t bh = bh0 + item, bi = bh / H, hi = bh % H;
-          // gA0[i][j] is column i % 64 of row j of the gradient tile of the head's block i / 64.
-          auto gA0 = [&](int64_t i, int64_t j) {
-            const int64_t blk = item * blocks_per_head + i / kBwdBlockRows;
-            return ws.glu_input(blk, 0, 0)[j * kBwdBlockRows + i % kBwdBlockRows];
-          };
-          float* M = sc.M.get();
-          for (int64_t i = 0; i < d; ++i)
-            for (int64_t j = 0; j < d; ++j) M[i * d + j] = gA0(i, j) + gA0(j, i);
-          PLDR_DTYPE_SWITCH(q.scalar_type(), Elements, T, [&] {
-            const int64_t kept =
-                gather_queries<T>(q, mask, bi, hi, sc.Qs.get(), sc.positions.get());
-            T* out = grad_q.data_ptr<T>() + bi * S * H * d + hi * d;
-            for (int64_t s = 0, k = 0; s < S; ++s) {  // the rows left out get exactly 0
-              if (k < kept && sc.positions[k] == s) {
-                ++k;
-              } else {
-                std::fill(out + s * H * d, out + s * H * d + d, T(0));
-              }
-            }
-            const float* Qs = sc.Qs.get();
-            for_row_tiles<kTileRows>(static_cast<int>(kept), [&](int s0, auto rows) {
-              constexpr int Rt = decltype(rows)::value;
-              for (int64_t n0 = 0; n0 < d; n0 += kBwdBlockRows) {
-                f32x16 acc[Rt][kBwdVecs];
-                tile_product<Rt, kBwdVecs>(d, Qs + s0 * d, d, 1, M + n0, d, acc);
-                PLDR_UNROLL
-                for (int r = 0; r < Rt; ++r) {
-                  T* row = out + sc.positions[s0 + r] * H * d + n0;
-                  PLDR_UNROLL
-                  for (int v = 0; v < kBwdVecs; ++v) {
-                    if constexpr (std::is_same_v<T, float>) {
-                      simd::store(row + v * kLanes, acc[r][v]);
-                    } else {
-                      alignas(64) float lanes[kLanes];
-                      simd::store(lanes, acc[r][v]);
-                      for (int e = 0; e < kLanes; ++e)
-                        row[v * kLanes + e] = static_cast<T>(lanes[e]);
-                    }
-                  }
-                }
-              }
-            });
-          });
-        });
   }
 
   // The LayerNorm gradients: the per-block partial sums, in block order.
