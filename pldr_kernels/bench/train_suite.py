@@ -95,7 +95,7 @@ class TrainConfig:
     seed: int = 0
 
 
-QUICK = dict(seqlens=(256,), repeats=3)
+QUICK = dict(seqlens=(128,), repeats=3, warmup=0)
 
 
 def cases(cfg: TrainConfig) -> list[TrainCase]:
