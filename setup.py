@@ -154,7 +154,12 @@ setup(
         "bench": ["matplotlib", "tqdm"],  # pldr-bench --plot, progress bars
         "test": ["pytest", "numpy", "hypothesis"],  # numpy: the CUDA emulator (tools/cuda_emu)
         "triton": ["triton>=3.6"],  # the Triton kernels for CUDA tensors (docs/design.md §3.7)
+        "text": ["sentencepiece"],  # the tokenizer, pldr-generate, pldr-inspect
     },
-    entry_points={"console_scripts": ["pldr-bench=pldr_kernels.bench.__main__:main"]},
+    entry_points={"console_scripts": [
+        "pldr-bench=pldr_kernels.bench.__main__:main",
+        "pldr-generate=pldr_kernels.cli.generate:main",
+        "pldr-inspect=pldr_kernels.cli.inspect:main",
+    ]},
     options={"bdist_wheel": {"py_limited_api": "cp311"}},
 )

@@ -5,7 +5,9 @@ implementations for torch.compile); without a loadable build it still imports, a
 ``pldr_kernels.ops.require_built()`` (which every op wrapper calls) says why and what to do.
 Entry points: :mod:`pldr_kernels.ops` (the ops), :mod:`pldr_kernels.reference` (the pure-PyTorch
 oracle), :class:`PLDRConfig`, :class:`PLDRForCausalLM`, :mod:`pldr_kernels.reference_model` (the
-authors'-style model, an oracle); ``python -m pldr_kernels`` reports the build.
+authors'-style model, an oracle); ``python -m pldr_kernels`` reports the build. Text in, text
+out: :class:`pldr_kernels.tokenizer.PLDRTokenizer` and :func:`generate_text` (loaded on first use;
+they need the ``sentencepiece`` package, ``pip install pldr-kernels[text]``).
 """
 from . import (
     ops,  # noqa: F401  (loads _C and registers the fake kernels)
@@ -20,3 +22,13 @@ from .layers import CausalLMOutput  # noqa: F401
 from .model import PLDRForCausalLM  # noqa: F401
 from .ops import g_attention, g_attention_decode, metric_tensors  # noqa: F401
 from .sampling import GenerationOptions  # noqa: F401
+
+
+_LAZY = {"generate_text": "textgen", "stream_text": "textgen", "PLDRTokenizer": "tokenizer"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -28,7 +28,7 @@ import pickle
 import re
 import zipfile
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -138,10 +138,29 @@ def check_config_fits(config: PLDRConfig, held: Mapping[str, int], source: str,
         f"it. The config does not belong to these weights.")
 
 
+_INIT_FUNCTIONS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_",
+                   "xavier_uniform_", "xavier_normal_", "kaiming_uniform_", "kaiming_normal_")
+
+
+@contextlib.contextmanager
+def _skipped_init() -> Iterator[None]:
+    """``torch.nn.init``'s fillers as no-ops: on the meta device they have nothing to fill, and
+    their meta implementations import torch._dynamo (~2 s of a CLI's start-up, docs/design.md
+    §2)."""
+    saved = {name: getattr(nn.init, name) for name in _INIT_FUNCTIONS}
+    try:
+        for name in saved:
+            setattr(nn.init, name, lambda tensor, *args, **kwargs: tensor)
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(nn.init, name, fn)
+
+
 def _build_on_meta(cls, config: PLDRConfig) -> nn.Module:
     """The model's structure without memory or random init: every parameter and persistent buffer
     on the meta device (the RoPE tables, not in a checkpoint, are built for real)."""
-    with torch.device("meta"):
+    with torch.device("meta"), _skipped_init():
         return cls(config)
 
 

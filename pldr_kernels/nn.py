@@ -118,7 +118,11 @@ class ParameterPack:
         params = self.get_params()
         # Never pack inside inference_mode: parameters must stay usable by autograd afterwards.
         with torch.inference_mode(False), torch.no_grad():
-            flat = torch.stack([p.detach() for p in params])
+            if params[0].is_meta:  # a model built for loading: the meta torch.stack would
+                # import torch._dynamo (~2 s of a CLI's start-up, docs/design.md §2)
+                flat = params[0].new_empty((len(params), *params[0].shape))
+            else:
+                flat = torch.stack([p.detach() for p in params])
             for i, p in enumerate(params):
                 p.data = flat[i]
         self.packed = flat.view(self.shape)
