@@ -23,7 +23,6 @@ from .model import PLDRForCausalLM  # noqa: F401
 from .ops import g_attention, g_attention_decode, metric_tensors  # noqa: F401
 from .sampling import GenerationOptions  # noqa: F401
 
-
 _LAZY = {"generate_text": "textgen", "stream_text": "textgen", "PLDRTokenizer": "tokenizer"}
 
 

@@ -181,3 +181,16 @@ def test_the_module_runs_as_a_program(checkpoint):
                            "1"], capture_output=True, text=True, env=env, timeout=120)
     assert good.returncode == 0, good.stderr
     assert good.stdout.startswith(PROMPTS[0]) and "start-up" in good.stderr
+
+
+def test_loading_a_checkpoint_does_not_import_dynamo(checkpoint):
+    """Start-up: building the model on the meta device used to import torch._dynamo (~2 s, the
+    meta init fillers and torch.stack); the load must not pay for it."""
+    root = os.path.dirname(os.path.dirname(pldr_kernels.__file__))
+    code = ("import sys; from pldr_kernels import PLDRForCausalLM; "
+            f"PLDRForCausalLM.from_pretrained({checkpoint!r}); "
+            "print(sorted(m for m in sys.modules if m.startswith('torch._dynamo')))")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=dict(os.environ, PYTHONPATH=root), timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "[]"

@@ -105,8 +105,14 @@ def test_every_import_of_the_package_is_a_declared_dependency():
               for k, v in ast.literal_eval(kwargs["extras_require"]).items()}
     # triton_kernels/__init__.py is core (imported by pldr_kernels); its kernels need the extra
     triton_kernels = [PACKAGE / "triton_kernels" / "attention.py"]
+    # text in, text out: sentencepiece (the text extra); pldr-inspect --plot: matplotlib (bench's)
+    text = [PACKAGE / name for name in ("tokenizer.py", "textgen.py", "inspection.py")]
+    text += list((PACKAGE / "cli").rglob("*.py"))
     core = [p for p in PACKAGE.rglob("*.py")
-            if "bench" not in p.relative_to(PACKAGE).parts and p not in triton_kernels]
+            if "bench" not in p.relative_to(PACKAGE).parts and p not in triton_kernels
+            and p not in text]
+    allowed = install | extras["text"] | extras["bench"]
+    assert third_party_imports(text) <= allowed, third_party_imports(text) - allowed
     bench = list((PACKAGE / "bench").rglob("*.py"))
     assert third_party_imports(core) <= install, third_party_imports(core) - install
     allowed = install | extras["bench"]

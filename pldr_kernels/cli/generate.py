@@ -149,7 +149,7 @@ def _main(argv) -> int:
     out.flush()
     if args.stats:
         since_start = _since_process_start()
-        total = f"; {since_start:.2f} s since the process started" if since_start else ""
+        total = f"; the whole run took {since_start:.2f} s" if since_start else ""
         what = "python + imports" if entered is not None else "imports"
         print(f"pldr-generate: {len(prompts)} prompt(s), {result.prompt_tokens} prompt tokens at "
               f"{result.prompt_tokens_per_s:.1f} tokens/s, {result.new_tokens} generated tokens "
