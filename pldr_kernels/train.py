@@ -148,19 +148,35 @@ def resolve_config(spec: str | None) -> tuple[PLDRConfig | None, dict]:
 
 
 def check_out_dir(out: str, resuming_here: bool) -> None:
-    """``--out`` must be a directory we can write, and must not hold another run unless it is
-    the one resumed."""
+    """``--out`` must be a directory we can write (or one we can create), and must not hold
+    another run unless it is the one resumed. Creates nothing: a probe file is made and removed
+    in ``out`` or in its nearest existing parent."""
     if os.path.exists(out) and not os.path.isdir(out):
         raise _args.UsageError(f"--out {out}: exists and is not a directory")
+    existing = os.path.abspath(out)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
     try:
-        os.makedirs(out, exist_ok=True)
-        probe = _io.temporary_path(os.path.join(out, "probe"))
-        os.remove(probe)
+        if not os.path.isdir(existing):
+            raise NotADirectoryError(f"{existing} is not a directory")
+        os.remove(_io.temporary_path(os.path.join(existing, "probe")))
     except OSError as e:
         raise _args.UsageError(f"--out {out}: cannot write there ({e.strerror or e})") from None
     if checkpoint.run_has_checkpoint(out) and not resuming_here:
         raise _args.UsageError(f"--out {out}: already holds a training run (checkpoints/latest); "
                                f"continue it with --resume {out}, or choose another --out")
+
+
+@contextlib.contextmanager
+def data_errors():
+    """A DataError (its message names the option and file) as a usage error; other bad-file
+    errors prefixed with --data."""
+    try:
+        yield
+    except data.DataError as e:
+        raise _args.UsageError(str(e)) from None
+    except (OSError, ValueError) as e:
+        raise _args.UsageError(f"--data: {e}") from None
 
 
 def config_differences(a: dict, b: dict) -> list[str]:
@@ -276,7 +292,7 @@ def _main(argv: Sequence[str] | None) -> int:
 
     file_config, preset = resolve_config(args.config)
     # ---- data (all files read and checked before anything is trained or written) ----
-    with _args.user_errors("--data"):
+    with data_errors():
         files = data.corpus_files(args.data)
         documents = data.read_documents(files)
 
@@ -319,7 +335,7 @@ def _main(argv: Sequence[str] | None) -> int:
         raise _args.UsageError(f"--batch-size {args.batch_size} must be a multiple of the "
                                f"processes ({dist_.world}) × --grad-accum ({args.grad_accum})")
 
-    with _args.user_errors("--data"):
+    with data_errors():
         tokens = data.encode_documents(documents, tokenizer.encode_batch, tokenizer.END_ID)
         packed = data.pack(tokens, seq_len, args.eval_fraction, args.batch_size)
     settings = dict(seq_len=seq_len, batch_size=args.batch_size, seed=args.seed,
@@ -518,6 +534,7 @@ class Trainer:
     def loop(self) -> int:
         args, main = self.args, self.dist.main
         if main:
+            os.makedirs(self.out, exist_ok=True)
             checkpoint.remove_partial_saves(self.out)
         metrics = Metrics(self.out, self.start if self.resumed is not None else None, main)
         tokens_per_step = args.batch_size * self.settings["seq_len"]

@@ -155,6 +155,8 @@ def test_bad_input_is_one_line_and_exit_2_and_overwrites_nothing(case, files, tm
                 "occupied": "already holds a training run"}[case]
     assert len(err) == 1 and err[0].startswith("pldr-train: error: ") and expected in err[0], err
     assert snapshot(tmp_path) == before
+    if case not in ("other-config", "occupied"):
+        assert not out.exists()  # not even an empty --out is left behind
 
 
 @pytest.fixture(scope="module")
