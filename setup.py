@@ -160,6 +160,7 @@ setup(
         "pldr-bench=pldr_kernels.bench.__main__:main",
         "pldr-generate=pldr_kernels.cli.generate:main",
         "pldr-inspect=pldr_kernels.cli.inspect:main",
+        "pldr-train=pldr_kernels.train:main",
     ]},
     options={"bdist_wheel": {"py_limited_api": "cp311"}},
 )
