@@ -106,7 +106,8 @@ def test_every_import_of_the_package_is_a_declared_dependency():
     # triton_kernels/__init__.py is core (imported by pldr_kernels); its kernels need the extra
     triton_kernels = [PACKAGE / "triton_kernels" / "attention.py"]
     # text in, text out: sentencepiece (the text extra); pldr-inspect --plot: matplotlib (bench's)
-    text = [PACKAGE / name for name in ("tokenizer.py", "textgen.py", "inspection.py")]
+    text = [PACKAGE / name for name in ("tokenizer.py", "textgen.py", "inspection.py", "train.py",
+                                        "data.py", "checkpoint.py")]
     text += list((PACKAGE / "cli").rglob("*.py"))
     core = [p for p in PACKAGE.rglob("*.py")
             if "bench" not in p.relative_to(PACKAGE).parts and p not in triton_kernels
