@@ -106,6 +106,76 @@ def positions_from_mask(attention_mask: Tensor | None, B: int, S: int,
 
 
 # --------------------------------------------------------------------------------------------
+# The linear layers of PLDRForCausalLM's training step (not the reference model's)
+# --------------------------------------------------------------------------------------------
+# torch's CPU ``mm`` is MKL's sgemm, which on AMD CPUs takes a code path measured at ~95 GFLOP/s
+# on 2 Zen 5 cores for the 110M model's shapes, where oneDNN's fp32 matmul (an exact fp32 GEMM,
+# JIT-compiled for the CPU it runs on) measured ~205. A linear layer's backward holds two of its
+# three GEMMs (dX = dY·W, dW = dYᵀ·X), so they run through oneDNN; the forward stays ``F.linear``,
+# so a training forward is bitwise the inference forward (docs/design.md §3.4.2).
+
+
+def _onednn_matmul_available() -> bool:
+    return (torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+
+
+ONEDNN_MATMUL = _onednn_matmul_available()
+
+
+def _onednn_mm(a: Tensor, b_t: Tensor) -> Tensor:
+    """``a [M, K] · b_tᵀ`` for ``b_t [N, K]`` (any strides), fp32 accumulation."""
+    return torch.ops.mkldnn._linear_pointwise(a, b_t, None, "none", [], "")
+
+
+class _LinearOneDNNBackward(torch.autograd.Function):
+    """``F.linear(x, weight, bias)`` whose backward runs dX and dW through oneDNN."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, weight = ctx.saved_tensors
+        grad2 = grad.reshape(-1, grad.shape[-1])
+        dx = dw = db = None
+        if ctx.needs_input_grad[0]:
+            dx = _onednn_mm(grad2, weight.t()).view(x.shape)
+        if ctx.needs_input_grad[1]:
+            dw = _onednn_mm(grad2.t(), x.reshape(-1, x.shape[-1]).t())
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            db = grad2.sum(0)
+        return dx, dw, db
+
+
+def _onednn_backward_applies(x: Tensor, weight: Tensor) -> bool:
+    return (ONEDNN_MATMUL and torch.is_grad_enabled() and x.device.type == "cpu"
+            and (x.requires_grad or weight.requires_grad)
+            and x.dtype == weight.dtype == torch.float32
+            and not torch.is_autocast_enabled("cpu"))
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``F.linear``; in a CPU fp32 training step (autograd on, a gradient wanted, no autocast),
+    with the backward's GEMMs through oneDNN."""
+    if _onednn_backward_applies(x, weight):
+        return _LinearOneDNNBackward.apply(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
+def apply_linear(module: nn.Module, x: Tensor) -> Tensor:
+    """``module(x)``, through :func:`linear` when ``module`` is a plain ``nn.Linear`` without
+    hooks (a replaced or wrapped module — LoRA, quantised, hooked — is called as it is)."""
+    if (type(module) is nn.Linear and not (module._forward_hooks or module._forward_pre_hooks)
+            and _onednn_backward_applies(x, module.weight)):
+        return _LinearOneDNNBackward.apply(x, module.weight, module.bias)
+    return module(x)
+
+
+# --------------------------------------------------------------------------------------------
 # The output of a forward pass
 # --------------------------------------------------------------------------------------------
 @dataclass

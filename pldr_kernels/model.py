@@ -24,6 +24,7 @@ from . import generation, ops
 from .config import PLDRConfig
 from .layers import (
     CausalLMOutput,
+    apply_linear,
     attach_lm_head,
     causal_lm_loss,
     positions_from_mask,
@@ -201,7 +202,7 @@ class PLDRForCausalLM(nn.Module):
                 x = layer(x, inputs, metric)
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
-        return self.final_layer(x)
+        return apply_linear(self.final_layer, x)
 
     def _sequence_inputs(self, input_ids: Tensor, attention_mask: Tensor | None,
                          include_pad_in_g: bool, cache_use: str) -> StepInputs:
