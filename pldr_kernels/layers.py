@@ -128,6 +128,13 @@ def _onednn_mm(a: Tensor, b_t: Tensor) -> Tensor:
     return torch.ops.mkldnn._linear_pointwise(a, b_t, None, "none", [], "")
 
 
+def _mm_t(a: Tensor, b_t: Tensor) -> Tensor:
+    """``a · b_tᵀ``: through oneDNN for CPU fp32 where it is there, else ``torch.mm``."""
+    if ONEDNN_MATMUL and a.device.type == "cpu" and a.dtype == b_t.dtype == torch.float32:
+        return _onednn_mm(a, b_t)
+    return a.mm(b_t.t())
+
+
 class _LinearOneDNNBackward(torch.autograd.Function):
     """``F.linear(x, weight, bias)`` whose backward runs dX and dW through oneDNN."""
 
@@ -207,6 +214,107 @@ def causal_lm_loss(logits: Tensor, labels: Tensor, lean: bool = False) -> Tensor
     if lean:
         return LeanCrossEntropy.apply(flat_logits, targets)
     return F.cross_entropy(flat_logits, targets, ignore_index=IGNORE_INDEX)
+
+
+def lm_head_applies_fused(head: nn.Module, hidden: Tensor) -> bool:
+    """Whether :func:`lm_head_causal_lm_loss` serves this step: autograd on, a plain biased or
+    unbiased ``nn.Linear`` head without hooks, fp32 on CPU without autocast (elsewhere the model
+    runs the head and :class:`LeanCrossEntropy`)."""
+    return (type(head) is nn.Linear and not (head._forward_hooks or head._forward_pre_hooks)
+            and torch.is_grad_enabled() and hidden.device.type == "cpu"
+            and hidden.dtype == head.weight.dtype == torch.float32
+            and not torch.is_autocast_enabled("cpu")
+            and (hidden.requires_grad or head.weight.requires_grad))
+
+
+def lm_head_causal_lm_loss(hidden: Tensor, head: nn.Linear, labels: Tensor
+                           ) -> tuple[Tensor, Tensor]:
+    """``(logits [B, S, V], loss)`` of the LM head ``head`` on ``hidden [B, S, D]`` and the
+    causal-LM loss of :func:`causal_lm_loss`, by :class:`LMHeadCrossEntropy`: the logits are
+    bitwise ``head(hidden)``, the backward never holds a ``[B·S, V]`` gradient."""
+    B, S, D = hidden.shape
+    targets = next_token_targets(labels, (B, S))
+    loss, logits = LMHeadCrossEntropy.apply(hidden.reshape(B * S, D), head.weight, head.bias,
+                                            targets)
+    return logits.view(B, S, -1), loss
+
+
+LSE_ROWS = 32  # rows per logsumexp call: its [rows, V] temporary stays small (no page faults)
+GRAD_CHUNK_ELEMENTS = 1 << 22  # fp32 elements of one vocabulary chunk of the backward (16 MB)
+MIN_GRAD_CHUNK = 1024  # columns: below this the d hidden GEMM's K gets short
+
+
+def vocab_chunk(rows: int, vocab: int) -> int:
+    """Columns of one chunk of :class:`LMHeadCrossEntropy`'s backward: ~16 MB of fp32, at
+    least ``MIN_GRAD_CHUNK`` columns (16 MB is under glibc's largest mmap threshold, so the
+    chunk buffers are reused from the heap instead of page-faulted in anew each time)."""
+    return min(vocab, max(MIN_GRAD_CHUNK, GRAD_CHUNK_ELEMENTS // max(rows, 1)))
+
+
+def chunked_logsumexp(logits: Tensor) -> Tensor:
+    """``logits.logsumexp(-1)`` of fp32 ``[N, V]`` by blocks of rows: the same bits (each row is
+    reduced on its own), without ``logsumexp``'s ``[N, V]`` temporary."""
+    return torch.cat([torch.logsumexp(logits[i:i + LSE_ROWS], dim=-1)
+                      for i in range(0, logits.shape[0], LSE_ROWS)])
+
+
+class LMHeadCrossEntropy(torch.autograd.Function):
+    """LM head and mean cross entropy in one function: ``hidden [N, D]``, ``weight [V, D]``,
+    ``bias [V]`` (or None), ``targets [N]`` (-100 left out) → ``(loss, logits [N, V])``.
+
+    Forward: the logits by ``F.linear`` (the bits of the unfused head; they are the model's
+    output), their log-sum-exp by blocks of rows. Saved: hidden, weight, the logits, the lse.
+    Backward, Liger-Kernel's idea on the CPU: by chunks of the vocabulary (``Vc`` columns,
+    ``N·Vc ≈ 4M`` elements: :func:`vocab_chunk`), the chunk of
+    ``d logits = (softmax − one_hot)·grad/n`` (+ the incoming gradient of the logits, when the
+    caller used them too), then ``dW[chunk] = d logitsᵀ·hidden``, ``db[chunk]``, ``d hidden +=
+    d logits·W[chunk]`` (the GEMMs through oneDNN, as :func:`linear`'s). The whole ``[N, V]``
+    gradient, 131 MB at S = 1024 for V = 32000, never exists (docs/design.md §3.4.2)."""
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor):
+        logits = F.linear(hidden, weight, bias)
+        kept = targets != IGNORE_INDEX
+        safe = targets.masked_fill(~kept, 0)
+        lse = chunked_logsumexp(logits)
+        nll = (lse - logits.gather(1, safe[:, None])[:, 0]).masked_fill(~kept, 0.0)
+        count = kept.sum()
+        ctx.save_for_backward(hidden, weight, logits, safe, kept, lse, count)
+        ctx.has_bias = bias is not None
+        ctx.set_materialize_grads(False)  # an unused logits output must not cost a [N, V] zeros
+        return nll.sum() / count, logits
+
+    @staticmethod
+    def backward(ctx, grad_loss: Tensor, grad_logits: Tensor | None):
+        hidden, weight, logits, safe, kept, lse, count = ctx.saved_tensors
+        want_hidden, want_weight, want_bias = ctx.needs_input_grad[:3]
+        want_bias = want_bias and ctx.has_bias
+        N, V = logits.shape
+        if grad_loss is None:
+            grad_loss = torch.zeros((), dtype=logits.dtype, device=logits.device)
+        scale = kept * (grad_loss / count)  # [N]: d loss / d nll of each row
+        chunk = vocab_chunk(N, V)
+        d_hidden = None
+        d_weight = torch.empty_like(weight) if want_weight else None
+        d_bias = torch.empty(V, dtype=logits.dtype, device=logits.device) if want_bias else None
+        for c0 in range(0, V, chunk):
+            c1 = min(V, c0 + chunk)
+            g = logits[:, c0:c1] - lse[:, None]
+            g.exp_()
+            g.mul_(scale[:, None])
+            here = (safe >= c0) & (safe < c1)
+            g.scatter_add_(1, (safe - c0).clamp_(0, c1 - c0 - 1)[:, None],
+                           (-scale * here)[:, None])
+            if grad_logits is not None:
+                g.add_(grad_logits[:, c0:c1])
+            if want_weight:
+                d_weight[c0:c1] = _mm_t(g.t(), hidden.t())
+            if want_bias:
+                d_bias[c0:c1] = g.sum(0)
+            if want_hidden:
+                part = _mm_t(g, weight[c0:c1].t())
+                d_hidden = part if d_hidden is None else d_hidden.add_(part)
+        return d_hidden, d_weight, d_bias, None
 
 
 class LeanCrossEntropy(torch.autograd.Function):
