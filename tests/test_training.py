@@ -630,3 +630,41 @@ def test_ddp_and_fsdp2_on_two_processes_equal_one_process(tmp_path):
         parts = [compare(result["grads"][n], g.double(), name=f"{wrapper} grad {n}")
                  for n, g in grads.items()]
         Verdict.combine(f"{wrapper} on 2 processes", parts).assert_ok()
+
+
+# --------------------------------------------------------------------------------------------
+# Where the backward ops run
+# --------------------------------------------------------------------------------------------
+def test_build_report_lists_the_backward_ops_and_the_triton_path():
+    """`python -m pldr_kernels` names the backward ops (they run inside loss.backward()) with
+    their backends, and says whether the Triton path of the CUDA kernels can run."""
+    from pldr_kernels import triton_kernels
+    from pldr_kernels.__main__ import report
+    from pldr_kernels.testing import BACKWARD_OPS
+
+    lines = report().splitlines()
+    for op in BACKWARD_OPS:
+        line = next((ln for ln in lines if ln.startswith(f"pldr::{op} ")), None)
+        assert line is not None and "CPU" in line, (op, lines)
+        if op in triton_kernels.REGISTERED:
+            assert "CUDA (Triton" in line, line
+    triton = next(ln for ln in lines if ln.startswith("triton "))
+    assert ("not installed" in triton) is not triton_kernels.triton_available(), triton
+
+
+def test_backward_tests_run_on_a_triton_only_build_with_a_gpu(monkeypatch):
+    """tests/backends.py: the CUDA backend of g_attention_backward (whose CUDA kernel is the
+    Triton path) needs a GPU and triton, not a CUDA build; ops without a Triton path still need
+    the CUDA build."""
+    import backends
+
+    monkeypatch.setattr(backends.ops, "built_with_cuda", lambda: False)
+    monkeypatch.setattr(backends.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(backends.triton_kernels, "triton_available", lambda: True)
+    assert backends._cuda_skip_reason("g_attention_backward") is None
+    assert "without CUDA kernels" in backends._cuda_skip_reason("g_attention_decode")
+    monkeypatch.setattr(backends.triton_kernels, "triton_available", lambda: False)
+    assert "triton is not installed" in backends._cuda_skip_reason("g_attention_backward")
+    monkeypatch.setattr(backends.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(backends.triton_kernels, "triton_available", lambda: True)
+    assert "no CUDA device" in backends._cuda_skip_reason("g_attention_backward")
