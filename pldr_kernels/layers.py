@@ -239,7 +239,6 @@ def lm_head_causal_lm_loss(hidden: Tensor, head: nn.Linear, labels: Tensor
     return logits.view(B, S, -1), loss
 
 
-LSE_ROWS = 32  # rows per logsumexp call: its [rows, V] temporary stays small (no page faults)
 GRAD_CHUNK_ELEMENTS = 1 << 22  # fp32 elements of one vocabulary chunk of the backward (16 MB)
 MIN_GRAD_CHUNK = 1024  # columns: below this the d hidden GEMM's K gets short
 
@@ -251,19 +250,12 @@ def vocab_chunk(rows: int, vocab: int) -> int:
     return min(vocab, max(MIN_GRAD_CHUNK, GRAD_CHUNK_ELEMENTS // max(rows, 1)))
 
 
-def chunked_logsumexp(logits: Tensor) -> Tensor:
-    """``logits.logsumexp(-1)`` of fp32 ``[N, V]`` by blocks of rows: the same bits (each row is
-    reduced on its own), without ``logsumexp``'s ``[N, V]`` temporary."""
-    return torch.cat([torch.logsumexp(logits[i:i + LSE_ROWS], dim=-1)
-                      for i in range(0, logits.shape[0], LSE_ROWS)])
-
-
 class LMHeadCrossEntropy(torch.autograd.Function):
     """LM head and mean cross entropy in one function: ``hidden [N, D]``, ``weight [V, D]``,
     ``bias [V]`` (or None), ``targets [N]`` (-100 left out) → ``(loss, logits [N, V])``.
 
     Forward: the logits by ``F.linear`` (the bits of the unfused head; they are the model's
-    output), their log-sum-exp by blocks of rows. Saved: hidden, weight, the logits, the lse.
+    output) and their log-sum-exp. Saved: hidden, weight, the logits, the lse.
     Backward, Liger-Kernel's idea on the CPU: by chunks of the vocabulary (``Vc`` columns,
     ``N·Vc ≈ 4M`` elements: :func:`vocab_chunk`), the chunk of
     ``d logits = (softmax − one_hot)·grad/n`` (+ the incoming gradient of the logits, when the
@@ -276,7 +268,7 @@ class LMHeadCrossEntropy(torch.autograd.Function):
         logits = F.linear(hidden, weight, bias)
         kept = targets != IGNORE_INDEX
         safe = targets.masked_fill(~kept, 0)
-        lse = chunked_logsumexp(logits)
+        lse = torch.logsumexp(logits, dim=-1)  # by blocks of rows measured 3x slower
         nll = (lse - logits.gather(1, safe[:, None])[:, 0]).masked_fill(~kept, 0.0)
         count = kept.sum()
         ctx.save_for_backward(hidden, weight, logits, safe, kept, lse, count)

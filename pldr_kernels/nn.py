@@ -462,8 +462,10 @@ class GCachedAttention(PackedModule):
         qk, v = qk.reshape(B, S, 2 * H, d), v.view(B, S, H, d)
         if v.requires_grad:  # the attention op saves v: a view would keep all of qkv alive
             v = v.contiguous()
-        qk = self.rope(qk, rotation)
-        return qk[:, :, :H], qk[:, :, H:], v
+        # split, not two slices: its backward is one cat, where each slice's backward would
+        # zero-fill a qk-sized gradient
+        q, k = self.rope(qk, rotation).split(H, dim=2)
+        return q, k, v
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, G: Tensor | None,
                key_mask: Tensor | None = None, causal: bool = True) -> Tensor:
