@@ -16,10 +16,33 @@ def cpu_features() -> str:
 
 
 def op_backends(op: str) -> str:
-    """The backends this build has for ``pldr::<op>``, whether or not a GPU is visible."""
+    """The backends this build has for ``pldr::<op>``, whether or not a GPU is visible; a CUDA
+    kernel that is the Triton path says so (and whether triton is installed)."""
+    from . import triton_kernels
     from .testing import available_backends
 
-    return ", ".join(b.upper() for b in available_backends(op, need_device=False)) or "none"
+    backends = list(available_backends(op, need_device=False))
+    if op in triton_kernels.REGISTERED and "cuda" not in backends:
+        backends.append("cuda")  # the Triton forward of a build without CUDA kernels
+    names = []
+    for backend in backends:
+        name = backend.upper()
+        if backend == "cuda" and op in triton_kernels.REGISTERED:
+            installed = triton_kernels.triton_available()
+            name += " (Triton" + ("" if installed else ", NOT INSTALLED: pip install triton") + ")"
+        names.append(name)
+    return ", ".join(names) or "none"
+
+
+def triton_line() -> str:
+    """Whether the Triton path (CUDA tensors without nvcc, docs/design.md §3.7) can run."""
+    from . import triton_kernels
+
+    ops = ", ".join(triton_kernels.REGISTERED) or "no op"
+    if not triton_kernels.triton_available():
+        return f"not installed (CUDA tensors of {ops} raise an error that says so)"
+    import triton
+    return f"{triton.__version__}, the CUDA kernels of {ops}"
 
 
 def report() -> str:
@@ -50,10 +73,11 @@ def report() -> str:
     mismatch = ops._torch_mismatch()
     if mismatch:
         lines.append(f"WARNING       {ops._mismatch_message(*mismatch)}")
-    from .testing import OPS
+    from .testing import BACKWARD_OPS, OPS
 
-    for op in OPS:
-        lines.append(f"pldr::{op:<19} {op_backends(op)}")
+    lines.append(f"triton        {triton_line()}")
+    for op in OPS + BACKWARD_OPS:  # the backward ops run inside loss.backward() (§3.4)
+        lines.append(f"pldr::{op:<23} {op_backends(op)}")
     return "\n".join(lines)
 
 

@@ -106,6 +106,83 @@ def positions_from_mask(attention_mask: Tensor | None, B: int, S: int,
 
 
 # --------------------------------------------------------------------------------------------
+# The linear layers of PLDRForCausalLM's training step (not the reference model's)
+# --------------------------------------------------------------------------------------------
+# torch's CPU ``mm`` is MKL's sgemm, which on AMD CPUs takes a code path measured at ~95 GFLOP/s
+# on 2 Zen 5 cores for the 110M model's shapes, where oneDNN's fp32 matmul (an exact fp32 GEMM,
+# JIT-compiled for the CPU it runs on) measured ~205. A linear layer's backward holds two of its
+# three GEMMs (dX = dY·W, dW = dYᵀ·X), so they run through oneDNN; the forward stays ``F.linear``,
+# so a training forward is bitwise the inference forward (docs/design.md §3.4.2).
+
+
+def _onednn_matmul_available() -> bool:
+    return (torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+
+
+ONEDNN_MATMUL = _onednn_matmul_available()
+
+
+def _onednn_mm(a: Tensor, b_t: Tensor) -> Tensor:
+    """``a [M, K] · b_tᵀ`` for ``b_t [N, K]`` (any strides), fp32 accumulation."""
+    return torch.ops.mkldnn._linear_pointwise(a, b_t, None, "none", [], "")
+
+
+def _mm_t(a: Tensor, b_t: Tensor) -> Tensor:
+    """``a · b_tᵀ``: through oneDNN for CPU fp32 where it is there, else ``torch.mm``."""
+    if ONEDNN_MATMUL and a.device.type == "cpu" and a.dtype == b_t.dtype == torch.float32:
+        return _onednn_mm(a, b_t)
+    return a.mm(b_t.t())
+
+
+class _LinearOneDNNBackward(torch.autograd.Function):
+    """``F.linear(x, weight, bias)`` whose backward runs dX and dW through oneDNN."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, weight = ctx.saved_tensors
+        grad2 = grad.reshape(-1, grad.shape[-1])
+        dx = dw = db = None
+        if ctx.needs_input_grad[0]:
+            dx = _onednn_mm(grad2, weight.t()).view(x.shape)
+        if ctx.needs_input_grad[1]:
+            dw = _onednn_mm(grad2.t(), x.reshape(-1, x.shape[-1]).t())
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            db = grad2.sum(0)
+        return dx, dw, db
+
+
+def _onednn_backward_applies(x: Tensor, weight: Tensor) -> bool:
+    return (ONEDNN_MATMUL and torch.is_grad_enabled() and x.device.type == "cpu"
+            and (x.requires_grad or weight.requires_grad)
+            and x.dtype == weight.dtype == torch.float32
+            and not torch.is_autocast_enabled("cpu"))
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``F.linear``; in a CPU fp32 training step (autograd on, a gradient wanted, no autocast),
+    with the backward's GEMMs through oneDNN."""
+    if _onednn_backward_applies(x, weight):
+        return _LinearOneDNNBackward.apply(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
+def apply_linear(module: nn.Module, x: Tensor) -> Tensor:
+    """``module(x)``, through :func:`linear` when ``module`` is a plain ``nn.Linear`` without
+    hooks (a replaced or wrapped module — LoRA, quantised, hooked — is called as it is)."""
+    if (type(module) is nn.Linear and not (module._forward_hooks or module._forward_pre_hooks)
+            and _onednn_backward_applies(x, module.weight)):
+        return _LinearOneDNNBackward.apply(x, module.weight, module.bias)
+    return module(x)
+
+
+# --------------------------------------------------------------------------------------------
 # The output of a forward pass
 # --------------------------------------------------------------------------------------------
 @dataclass
@@ -137,6 +214,99 @@ def causal_lm_loss(logits: Tensor, labels: Tensor, lean: bool = False) -> Tensor
     if lean:
         return LeanCrossEntropy.apply(flat_logits, targets)
     return F.cross_entropy(flat_logits, targets, ignore_index=IGNORE_INDEX)
+
+
+def lm_head_applies_fused(head: nn.Module, hidden: Tensor) -> bool:
+    """Whether :func:`lm_head_causal_lm_loss` serves this step: autograd on, a plain biased or
+    unbiased ``nn.Linear`` head without hooks, fp32 on CPU without autocast (elsewhere the model
+    runs the head and :class:`LeanCrossEntropy`)."""
+    return (type(head) is nn.Linear and not (head._forward_hooks or head._forward_pre_hooks)
+            and torch.is_grad_enabled() and hidden.device.type == "cpu"
+            and hidden.dtype == head.weight.dtype == torch.float32
+            and not torch.is_autocast_enabled("cpu")
+            and (hidden.requires_grad or head.weight.requires_grad))
+
+
+def lm_head_causal_lm_loss(hidden: Tensor, head: nn.Linear, labels: Tensor
+                           ) -> tuple[Tensor, Tensor]:
+    """``(logits [B, S, V], loss)`` of the LM head ``head`` on ``hidden [B, S, D]`` and the
+    causal-LM loss of :func:`causal_lm_loss`, by :class:`LMHeadCrossEntropy`: the logits are
+    bitwise ``head(hidden)``, the backward never holds a ``[B·S, V]`` gradient."""
+    B, S, D = hidden.shape
+    targets = next_token_targets(labels, (B, S))
+    loss, logits = LMHeadCrossEntropy.apply(hidden.reshape(B * S, D), head.weight, head.bias,
+                                            targets)
+    return logits.view(B, S, -1), loss
+
+
+GRAD_CHUNK_ELEMENTS = 1 << 22  # fp32 elements of one vocabulary chunk of the backward (16 MB)
+MIN_GRAD_CHUNK = 1024  # columns: below this the d hidden GEMM's K gets short
+
+
+def vocab_chunk(rows: int, vocab: int) -> int:
+    """Columns of one chunk of :class:`LMHeadCrossEntropy`'s backward: ~16 MB of fp32, at
+    least ``MIN_GRAD_CHUNK`` columns (16 MB is under glibc's largest mmap threshold, so the
+    chunk buffers are reused from the heap instead of page-faulted in anew each time)."""
+    return min(vocab, max(MIN_GRAD_CHUNK, GRAD_CHUNK_ELEMENTS // max(rows, 1)))
+
+
+class LMHeadCrossEntropy(torch.autograd.Function):
+    """LM head and mean cross entropy in one function: ``hidden [N, D]``, ``weight [V, D]``,
+    ``bias [V]`` (or None), ``targets [N]`` (-100 left out) → ``(loss, logits [N, V])``.
+
+    Forward: the logits by ``F.linear`` (the bits of the unfused head; they are the model's
+    output) and their log-sum-exp. Saved: hidden, weight, the logits, the lse.
+    Backward, Liger-Kernel's idea on the CPU: by chunks of the vocabulary (``Vc`` columns,
+    ``N·Vc ≈ 4M`` elements: :func:`vocab_chunk`), the chunk of
+    ``d logits = (softmax − one_hot)·grad/n`` (+ the incoming gradient of the logits, when the
+    caller used them too), then ``dW[chunk] = d logitsᵀ·hidden``, ``db[chunk]``, ``d hidden +=
+    d logits·W[chunk]`` (the GEMMs through oneDNN, as :func:`linear`'s). The whole ``[N, V]``
+    gradient, 131 MB at S = 1024 for V = 32000, never exists (docs/design.md §3.4.2)."""
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor):
+        logits = F.linear(hidden, weight, bias)
+        kept = targets != IGNORE_INDEX
+        safe = targets.masked_fill(~kept, 0)
+        lse = torch.logsumexp(logits, dim=-1)  # by blocks of rows measured 3x slower
+        nll = (lse - logits.gather(1, safe[:, None])[:, 0]).masked_fill(~kept, 0.0)
+        count = kept.sum()
+        ctx.save_for_backward(hidden, weight, logits, safe, kept, lse, count)
+        ctx.has_bias = bias is not None
+        ctx.set_materialize_grads(False)  # an unused logits output must not cost a [N, V] zeros
+        return nll.sum() / count, logits
+
+    @staticmethod
+    def backward(ctx, grad_loss: Tensor, grad_logits: Tensor | None):
+        hidden, weight, logits, safe, kept, lse, count = ctx.saved_tensors
+        want_hidden, want_weight, want_bias = ctx.needs_input_grad[:3]
+        want_bias = want_bias and ctx.has_bias
+        N, V = logits.shape
+        if grad_loss is None:
+            grad_loss = torch.zeros((), dtype=logits.dtype, device=logits.device)
+        scale = kept * (grad_loss / count)  # [N]: d loss / d nll of each row
+        chunk = vocab_chunk(N, V)
+        d_hidden = None
+        d_weight = torch.empty_like(weight) if want_weight else None
+        d_bias = torch.empty(V, dtype=logits.dtype, device=logits.device) if want_bias else None
+        for c0 in range(0, V, chunk):
+            c1 = min(V, c0 + chunk)
+            g = logits[:, c0:c1] - lse[:, None]
+            g.exp_()
+            g.mul_(scale[:, None])
+            here = (safe >= c0) & (safe < c1)
+            g.scatter_add_(1, (safe - c0).clamp_(0, c1 - c0 - 1)[:, None],
+                           (-scale * here)[:, None])
+            if grad_logits is not None:
+                g.add_(grad_logits[:, c0:c1])
+            if want_weight:
+                d_weight[c0:c1] = _mm_t(g.t(), hidden.t())
+            if want_bias:
+                d_bias[c0:c1] = g.sum(0)
+            if want_hidden:
+                part = _mm_t(g, weight[c0:c1].t())
+                d_hidden = part if d_hidden is None else d_hidden.add_(part)
+        return d_hidden, d_weight, d_bias, None
 
 
 class LeanCrossEntropy(torch.autograd.Function):

@@ -24,8 +24,11 @@ from . import generation, ops
 from .config import PLDRConfig
 from .layers import (
     CausalLMOutput,
+    apply_linear,
     attach_lm_head,
     causal_lm_loss,
+    lm_head_applies_fused,
+    lm_head_causal_lm_loss,
     positions_from_mask,
     predefined_g_values,
 )
@@ -186,9 +189,10 @@ class PLDRForCausalLM(nn.Module):
         self.gradient_checkpointing = False
 
     # ---- the one forward path ----------------------------------------------------------------
-    def _run(self, ids: Tensor, inputs: StepInputs, logits_to_keep: int = 0) -> Tensor:
+    def _run(self, ids: Tensor, inputs: StepInputs, logits_to_keep: int = 0,
+             head: bool = True) -> Tensor:
         """Embedding, the decoder layers, the LM head (called once) on the last
-        ``logits_to_keep`` positions (0 = all)."""
+        ``logits_to_keep`` positions (0 = all); ``head=False``: the final hidden states."""
         x = self.decoder.embed(ids)
         # Only the uncached forward: a cache-writing step must not write twice.
         checkpointed = (self.gradient_checkpointing and inputs.cache_use == "off"
@@ -201,7 +205,10 @@ class PLDRForCausalLM(nn.Module):
                 x = layer(x, inputs, metric)
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
-        return self.final_layer(x)
+        return self._head(x) if head else x
+
+    def _head(self, x: Tensor) -> Tensor:
+        return apply_linear(self.final_layer, x)
 
     def _sequence_inputs(self, input_ids: Tensor, attention_mask: Tensor | None,
                          include_pad_in_g: bool, cache_use: str) -> StepInputs:
@@ -227,7 +234,12 @@ class PLDRForCausalLM(nn.Module):
         layer in the backward instead of keeping its activations."""
         ops.require_built()
         inputs = self._sequence_inputs(input_ids, attention_mask, include_pad_in_g, "off")
-        logits = self._run(input_ids, inputs)
+        hidden = self._run(input_ids, inputs, head=False)
+        if labels is not None and lm_head_applies_fused(self.final_layer, hidden):
+            # The head and the loss in one autograd function (docs/design.md §3.4.2).
+            logits, loss = lm_head_causal_lm_loss(hidden, self.final_layer, labels)
+            return CausalLMOutput(logits=logits, loss=loss)
+        logits = self._head(hidden)
         loss = None if labels is None else causal_lm_loss(logits, labels, lean=True)
         return CausalLMOutput(logits=logits, loss=loss)
 

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops, reference
-from .layers import GLUVariant, PlgaLayer, ResLayerA
+from .layers import GLUVariant, PlgaLayer, ResLayerA, apply_linear, linear
 
 Tensor = torch.Tensor
 METRIC_CHILDREN = ("plgatt_layer", "reslayerAs", "layernorm1")
@@ -459,15 +459,17 @@ class GCachedAttention(PackedModule):
         B, S, _ = x.shape
         H, d = self.num_heads, self.head_dim
         bias = self.packs["qkv_bias"].get() if "qkv_bias" in self.packs else None
-        qkv = F.linear(x, self.packs["qkv_weight"].get(), bias).view(B, S, 3, H, d)
+        qkv = linear(x, self.packs["qkv_weight"].get(), bias).view(B, S, 3, H, d)
         # split (views): its backward concatenates the two gradients, where slicing would
         # zero-fill a qkv-sized gradient for each part and add them.
         qk, v = qkv.split((2, 1), dim=2)
         qk, v = qk.reshape(B, S, 2 * H, d), v.view(B, S, H, d)
         if v.requires_grad:  # the attention op saves v: a view would keep all of qkv alive
             v = v.contiguous()
-        qk = self.rope(qk, rotation)
-        return qk[:, :, :H], qk[:, :, H:], v
+        # split, not two slices: its backward is one cat, where each slice's backward would
+        # zero-fill a qk-sized gradient
+        q, k = self.rope(qk, rotation).split(H, dim=2)
+        return q, k, v
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, G: Tensor | None,
                key_mask: Tensor | None = None, causal: bool = True) -> Tensor:
@@ -483,7 +485,7 @@ class GCachedAttention(PackedModule):
 
     def output(self, o: Tensor) -> Tensor:
         B, S = o.shape[:2]
-        return self.dense(o.reshape(B, S, self.num_heads * self.head_dim))
+        return apply_linear(self.dense, o.reshape(B, S, self.num_heads * self.head_dim))
 
     def rotation_of(self, x: Tensor, positions: Tensor | None):
         """The RoPE rotation for ``x [B,S,D]`` at ``positions [B,S]`` (default 0 … S-1, whose bound
@@ -584,6 +586,6 @@ class SwiGLU(GLUVariant, PackedModule):
 
     def forward(self, x: Tensor) -> Tensor:
         bias = self.packs["b12"].get() if "b12" in self.packs else None
-        h = F.linear(x, self.packs["w12"].get(), bias)
+        h = linear(x, self.packs["w12"].get(), bias)
         gate, up = h.chunk(2, dim=-1)
-        return self.gluw3(F.silu(gate) * up)
+        return apply_linear(self.gluw3, F.silu(gate) * up)

@@ -38,8 +38,8 @@ import numpy as np
 import pytest
 import torch
 
-from pldr_kernels import ops
-from pldr_kernels.testing import available_backends
+from pldr_kernels import ops, triton_kernels
+from pldr_kernels.testing import BACKWARD_OPS, OPS, available_backends
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools" / "cuda_emu"))
@@ -95,14 +95,21 @@ class EmulatorCannotExpress(NotImplementedError):
 
 
 def _cuda_skip_reason(op: str) -> str | None:
+    """Why ``pldr::<op>`` cannot run on CUDA here. A backward op whose CUDA kernel is the Triton
+    path (``triton_kernels.REGISTERED``: g_attention_backward) needs triton and a GPU, not a CUDA
+    build; its tests run the forward there too (Triton's, in a build without CUDA kernels). The
+    forward ops' own tests keep to CUDA builds (the Triton forward: tests/test_triton_attention)."""
     if ops._LOAD_ERROR is not None:
         return f"pldr_kernels._C is not built ({ops._LOAD_ERROR})"
-    if not ops.built_with_cuda():
+    if op in triton_kernels.REGISTERED and op in BACKWARD_OPS:
+        if not triton_kernels.triton_available():
+            return f"pldr::{op}'s CUDA kernel is the Triton path, and triton is not installed"
+    elif not ops.built_with_cuda():
         return ("pldr_kernels was built without CUDA kernels (rebuild on a machine with nvcc: "
                 "PLDR_KERNELS_FORCE_CUDA=1 pip install --no-build-isolation -e .)")
     if not torch.cuda.is_available():
         return "no CUDA device visible"
-    if "cuda" not in available_backends(op):
+    if not torch._C._dispatch_has_kernel_for_dispatch_key(f"pldr::{op}", "CUDA"):
         return f"this build registers no CUDA kernel for pldr::{op}"
     return None
 
@@ -219,7 +226,7 @@ EMULATOR_MARKS = [pytest.mark.emulation,
 def infer_device() -> str:
     """"cuda" when this build can run the ops on a visible GPU, else "cpu" (Liger-Kernel's idea:
     tests that need one real device ask here instead of hard-coding it)."""
-    return "cuda" if CUDA.skip_reason("g_attention") is None else "cpu"
+    return "cuda" if all(CUDA.skip_reason(op) is None for op in OPS) else "cpu"
 
 
 def needs_cuda_kernels(op: str, why: str):

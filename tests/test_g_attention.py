@@ -6,12 +6,12 @@ the backends that run it."""
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
 
 import pytest
 import torch
 from backends import CUDA, backend_cases, backend_dtypes, backends, needs_cuda_kernels
-from cases import DTYPE_NAMES, LOW_PRECISION, generator, holes_key_mask, ragged_key_mask
+from cases import LOW_PRECISION
+from cases import AttentionCase as Case
 
 from pldr_kernels import reference
 from pldr_kernels.testing import (
@@ -43,40 +43,6 @@ def check(backend, out, lse, q, k, v, G=None, key_mask=None, causal=False, scale
 # --------------------------------------------------------------------------------------------
 # Cases
 # --------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Case:
-    B: int
-    Sq: int
-    Sk: int
-    H: int
-    d: int
-    dtype: torch.dtype
-    causal: bool
-    G: str = "batch"     # "none", "batch" (one G per batch row) or "shared" (one for all rows)
-    mask: str = "none"   # "none", "ragged" (cases.ragged_key_mask) or "holes" (holes_key_mask)
-    scale: float | None = None
-    size: str = "medium"
-
-    @property
-    def id(self) -> str:
-        parts = [f"B{self.B}", f"Sq{self.Sq}", f"Sk{self.Sk}", f"H{self.H}", f"d{self.d}",
-                 DTYPE_NAMES[self.dtype], "causal" if self.causal else "full", f"G{self.G}"]
-        if self.mask != "none":
-            parts.append(f"mask{self.mask}")
-        if self.scale is not None:
-            parts.append(f"scale{self.scale:g}")
-        return "-".join(parts)
-
-    def inputs(self):
-        """``q, k, v, G, key_mask`` on the CPU, drawn from a generator seeded by the id."""
-        gen = generator(self.id)
-        q, k, v = random_attention_inputs(self.B, self.Sq, self.Sk, self.H, self.d, self.dtype,
-                                          generator=gen)
-        G = {"none": None, "batch": self.B, "shared": 1}[self.G]
-        G = None if G is None else random_g(G, self.H, self.d, generator=gen)
-        mask = {"none": lambda: None, "ragged": lambda: ragged_key_mask(self.B, self.Sk, gen),
-                "holes": lambda: holes_key_mask(self.B, self.Sk, gen)}[self.mask]()
-        return q, k, v, G, mask
 
 
 def _unique(cases):

@@ -4,12 +4,12 @@ of the reference by the rule of pldr_kernels.testing (docs/design.md §4.5)."""
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
 
 import pytest
 import torch
 from backends import backend_cases, backends
-from cases import DTYPE_NAMES, LOW_PRECISION, generator, holes_key_mask, ragged_key_mask, same_bits
+from cases import DTYPE_NAMES, LOW_PRECISION, same_bits
+from cases import AttentionCase as Case
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import pldr_kernels
@@ -44,41 +44,6 @@ def forward_backward(backend, dout, q, k, v, G=None, key_mask=None, causal=False
 # --------------------------------------------------------------------------------------------
 # Cases
 # --------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Case:
-    B: int
-    Sq: int
-    Sk: int
-    H: int
-    d: int
-    dtype: torch.dtype
-    causal: bool
-    G: str = "batch"     # "none", "batch" (one G per batch row) or "shared" (one for all rows)
-    mask: str = "none"   # "none", "ragged" (cases.ragged_key_mask) or "holes" (holes_key_mask)
-    scale: float | None = None
-    size: str = "medium"
-
-    @property
-    def id(self) -> str:
-        parts = [f"B{self.B}", f"Sq{self.Sq}", f"Sk{self.Sk}", f"H{self.H}", f"d{self.d}",
-                 DTYPE_NAMES[self.dtype], "causal" if self.causal else "full", f"G{self.G}"]
-        if self.mask != "none":
-            parts.append(f"mask{self.mask}")
-        if self.scale is not None:
-            parts.append(f"scale{self.scale:g}")
-        return "-".join(parts)
-
-    def inputs(self):
-        """``dout, q, k, v, G, key_mask`` on the CPU, drawn from a generator seeded by the id."""
-        gen = generator(self.id)
-        q, k, v = random_attention_inputs(self.B, self.Sq, self.Sk, self.H, self.d, self.dtype,
-                                          generator=gen)
-        dout = torch.randn(q.shape, generator=gen).to(self.dtype)
-        G = {"none": None, "batch": self.B, "shared": 1}[self.G]
-        G = None if G is None else random_g(G, self.H, self.d, generator=gen)
-        mask = {"none": lambda: None, "ragged": lambda: ragged_key_mask(self.B, self.Sk, gen),
-                "holes": lambda: holes_key_mask(self.B, self.Sk, gen)}[self.mask]()
-        return dout, q, k, v, G, mask
 
 
 CASES = list({c.id: c for c in [
@@ -111,7 +76,7 @@ CASES = list({c.id: c for c in [
 
 @pytest.mark.parametrize("backend,case", backend_cases(OP, CASES, PROP))
 def test_matches_reference(backend, case):
-    dout, q, k, v, G, mask = case.inputs()
+    dout, q, k, v, G, mask = case.backward_inputs()
     grads = forward_backward(backend, dout, q, k, v, G, mask, case.causal, case.scale)
     check_g_attention_grads(grads, dout, q, k, v, G, mask, case.causal, case.scale).assert_ok()
 
@@ -442,7 +407,7 @@ def test_oracle_is_autograd_of_the_reference():
     """The gradient oracle is what it says: for a loss of out alone, autograd of
     reference.g_attention in fp64 (a check of testing.g_attention_grad_oracle itself)."""
     dout, q, k, v, G, mask = Case(1, 9, 11, 2, 64, torch.float32, True, "shared",
-                                  "ragged").inputs()
+                                  "ragged").backward_inputs()
     oracle = g_attention_grad_oracle(dout, q, k, v, G, mask, True)
     lq, lk, lv, lG = leaves(*(t.double() for t in (q, k, v, G)))
     from pldr_kernels import reference

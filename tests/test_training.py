@@ -214,6 +214,122 @@ def test_lean_cross_entropy_is_the_loss_and_saves_only_the_logits():
     assert torch.isnan(causal_lm_loss(logits, torch.full((2, 9), -100), lean=True))
 
 
+def head_and_loss_oracle(hidden: Tensor, head: torch.nn.Linear, labels: Tensor,
+                         dtype: torch.dtype, logits_weight: Tensor | None):
+    """Loss and the gradients of hidden, W and b by autograd of F.linear + F.cross_entropy in
+    ``dtype`` (fp64: the oracle; fp32: the peer), plus ``(logits·logits_weight).sum()`` when
+    given (a second use of the logits, whose gradient the fused backward adds in)."""
+    from pldr_kernels.layers import next_token_targets
+
+    leaves = [t.detach().to(dtype).requires_grad_() for t in (hidden, head.weight, head.bias)]
+    logits = torch.nn.functional.linear(*leaves)
+    loss = torch.nn.functional.cross_entropy(
+        logits.flatten(0, 1), next_token_targets(labels, labels.shape), ignore_index=-100)
+    total = loss if logits_weight is None else loss + (logits * logits_weight.to(dtype)).sum()
+    return (loss.detach(), *torch.autograd.grad(total, leaves))
+
+
+@pytest.mark.parametrize("extra_logits_use", [False, True])
+def test_fused_lm_head_cross_entropy_matches_fp64_autograd(monkeypatch, extra_logits_use):
+    """layers.LMHeadCrossEntropy (the model's head + loss in training): the logits bitwise those
+    of the head, the loss and the gradients of hidden, W and b against fp64 autograd by the peer
+    rule, with -100 rows, a row of the batch that is all padding, vocabulary chunks that do not
+    divide V (chunks of 7 columns of V = 50) and, parametrized, the logits also used elsewhere in
+    the loss."""
+    from pldr_kernels import layers
+
+    calls = []
+    monkeypatch.setattr(layers, "vocab_chunk", lambda rows, vocab: calls.append(vocab) or 7)
+    gen = torch.Generator().manual_seed(81)
+    hidden = torch.randn(3, 9, 16, generator=gen)
+    head = torch.nn.Linear(16, 50)
+    with torch.no_grad():
+        head.weight.normal_(0, 1, generator=gen)
+        head.bias.normal_(0, 1, generator=gen)
+    labels = torch.randint(0, 50, (3, 9), generator=gen)
+    labels[0, :4] = -100
+    labels[2] = -100  # a row with nothing to predict
+    logits_weight = torch.randn(3, 9, 50, generator=gen) if extra_logits_use else None
+    x = hidden.clone().requires_grad_()
+    assert layers.lm_head_applies_fused(head, x)
+    logits, loss = layers.lm_head_causal_lm_loss(x, head, labels)
+    assert torch.equal(logits.detach(), head(hidden).detach())
+    total = loss if logits_weight is None else loss + (logits * logits_weight).sum()
+    got = (loss.detach(), *torch.autograd.grad(total, [x, head.weight, head.bias]))
+    assert calls == [50]
+    oracle = head_and_loss_oracle(hidden, head, labels, torch.float64, logits_weight)
+    peer = head_and_loss_oracle(hidden, head, labels, torch.float32, logits_weight)
+    names = ("loss", "grad hidden", "grad weight", "grad bias")
+    Verdict.combine("LMHeadCrossEntropy", [
+        compare(g, w, p, name=n, floor=FP32_REL_TOL * w.abs().max().item())
+        for n, g, w, p in zip(names, got, oracle, peer)]).assert_ok()
+    all_pad_row_untouched = not bool(got[1][2].abs().sum() > 0)
+    assert all_pad_row_untouched is not extra_logits_use  # zero unless the logits reach it
+    nothing = layers.lm_head_causal_lm_loss(x, head, torch.full((3, 9), -100))[1]
+    assert torch.isnan(nothing)  # no labelled token: NaN, as F.cross_entropy
+
+
+def test_fused_lm_head_keeps_no_vocabulary_sized_gradient(monkeypatch):
+    """The fused head's backward holds one vocabulary chunk at a time (here a quarter of V): its
+    largest allocation is the weight's gradient, not the [N, V] gradient of the logits (which
+    LeanCrossEntropy's backward allocates); the 110M model's step at S = 1024 gets ≤ 16 MB
+    chunks."""
+    from pldr_kernels import layers
+
+    assert layers.vocab_chunk(1024, 32000) * 1024 <= layers.GRAD_CHUNK_ELEMENTS
+    N, D, V = 256, 8, 4096
+    monkeypatch.setattr(layers, "GRAD_CHUNK_ELEMENTS", N * V // 4)
+    hidden = torch.randn(1, N, D).requires_grad_()
+    head = torch.nn.Linear(D, V)
+    labels = torch.randint(0, V, (1, N))
+    sizes = []
+
+    class Allocations(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if not func.is_view:  # a view (detach of a saved tensor) allocates nothing
+                sizes.extend(t.numel() for t in torch.utils._pytree.tree_leaves(out)
+                             if isinstance(t, Tensor))
+            return out
+    loss = layers.lm_head_causal_lm_loss(hidden, head, labels)[1]
+    with Allocations():
+        loss.backward()
+    assert max(sizes) <= N * V // 4, max(sizes)
+
+
+def test_linear_backward_through_onednn_matches_fp64_autograd():
+    """layers.linear in a CPU fp32 training step: the forward bitwise F.linear, dX, dW, db by
+    the peer rule against fp64 autograd, the backward's GEMMs through oneDNN."""
+    from pldr_kernels import layers
+
+    if not layers.ONEDNN_MATMUL:
+        pytest.skip("this torch has no oneDNN matmul (torch.backends.mkldnn)")
+    gen = torch.Generator().manual_seed(82)
+    x, w, b = (torch.randn(s, generator=gen) for s in ((2, 5, 33), (40, 33), (40,)))
+    dy = torch.randn(2, 5, 40, generator=gen)
+
+    def grads(dtype, fn):
+        leaves = [t.to(dtype).requires_grad_() for t in (x, w, b)]
+        out = fn(*leaves)
+        return out.detach(), *torch.autograd.grad(out, leaves, dy.to(dtype))
+
+    class Seen(TorchDispatchMode):
+        names: set = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.add(func.name())
+            return func(*args, **(kwargs or {}))
+    with Seen() as seen:
+        got = grads(torch.float32, layers.linear)
+    assert "mkldnn::_linear_pointwise" in seen.names and "aten::mm" not in seen.names
+    F = torch.nn.functional
+    oracle, peer = grads(torch.float64, F.linear), grads(torch.float32, F.linear)
+    assert torch.equal(got[0], peer[0])
+    Verdict.combine("linear", [compare(g, o, p, name=n, floor=FP32_REL_TOL * o.abs().max().item())
+                               for n, g, o, p in zip(("out", "dx", "dw", "db"), got, oracle,
+                                                     peer)]).assert_ok()
+
+
 def test_external_g_model_gradients_match_the_reference_model():
     """A predefined-G model (no metric learner): G is a buffer, the ops' dG is not needed."""
     model = tiny_model(seed=57, custom_G_type="external").train()
@@ -514,3 +630,41 @@ def test_ddp_and_fsdp2_on_two_processes_equal_one_process(tmp_path):
         parts = [compare(result["grads"][n], g.double(), name=f"{wrapper} grad {n}")
                  for n, g in grads.items()]
         Verdict.combine(f"{wrapper} on 2 processes", parts).assert_ok()
+
+
+# --------------------------------------------------------------------------------------------
+# Where the backward ops run
+# --------------------------------------------------------------------------------------------
+def test_build_report_lists_the_backward_ops_and_the_triton_path():
+    """`python -m pldr_kernels` names the backward ops (they run inside loss.backward()) with
+    their backends, and says whether the Triton path of the CUDA kernels can run."""
+    from pldr_kernels import triton_kernels
+    from pldr_kernels.__main__ import report
+    from pldr_kernels.testing import BACKWARD_OPS
+
+    lines = report().splitlines()
+    for op in BACKWARD_OPS:
+        line = next((ln for ln in lines if ln.startswith(f"pldr::{op} ")), None)
+        assert line is not None and "CPU" in line, (op, lines)
+        if op in triton_kernels.REGISTERED:
+            assert "CUDA (Triton" in line, line
+    triton = next(ln for ln in lines if ln.startswith("triton "))
+    assert ("not installed" in triton) is not triton_kernels.triton_available(), triton
+
+
+def test_backward_tests_run_on_a_triton_only_build_with_a_gpu(monkeypatch):
+    """tests/backends.py: the CUDA backend of g_attention_backward (whose CUDA kernel is the
+    Triton path) needs a GPU and triton, not a CUDA build; ops without a Triton path still need
+    the CUDA build."""
+    import backends
+
+    monkeypatch.setattr(backends.ops, "built_with_cuda", lambda: False)
+    monkeypatch.setattr(backends.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(backends.triton_kernels, "triton_available", lambda: True)
+    assert backends._cuda_skip_reason("g_attention_backward") is None
+    assert "without CUDA kernels" in backends._cuda_skip_reason("g_attention_decode")
+    monkeypatch.setattr(backends.triton_kernels, "triton_available", lambda: False)
+    assert "triton is not installed" in backends._cuda_skip_reason("g_attention_backward")
+    monkeypatch.setattr(backends.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(backends.triton_kernels, "triton_available", lambda: True)
+    assert "no CUDA device" in backends._cuda_skip_reason("g_attention_backward")
