@@ -154,8 +154,8 @@ setup(
         "bench": ["matplotlib", "tqdm"],  # pldr-bench --plot, progress bars
         "test": ["pytest", "numpy", "hypothesis"],  # numpy: the CUDA emulator (tools/cuda_emu)
         "triton": ["triton>=3.6"],  # the Triton kernels for CUDA tensors (docs/design.md §3.7)
-        # the tokenizer, pldr-generate, pldr-inspect, pldr-train (progress bar, loss-curve PNG)
-        "text": ["sentencepiece", "tqdm", "matplotlib"],
+        "text": ["sentencepiece"],  # the tokenizer, pldr-generate, pldr-inspect
+        "train": ["sentencepiece", "tqdm", "matplotlib"],  # pldr-train: tokenizer, bar, loss.png
     },
     entry_points={"console_scripts": [
         "pldr-bench=pldr_kernels.bench.__main__:main",

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import json
 import math
 import os
@@ -227,6 +228,7 @@ class Metrics:
     def __init__(self, out: str, resume_step: int | None, enabled: bool):
         self.path = os.path.join(out, METRICS_NAME)
         self.enabled = enabled
+        self.warned = False
         self.records: list[dict] = []
         if not enabled:
             return
@@ -251,7 +253,14 @@ class Metrics:
         """The training and held-out loss against the step, as a PNG (matplotlib, Agg)."""
         if not self.enabled or not self.records:
             return
-        import matplotlib
+        try:
+            import matplotlib
+        except ImportError:  # the train extra; the metrics are in metrics.jsonl regardless
+            if not self.warned:
+                print(f"{PROG}: no {CURVE_NAME} (matplotlib is not installed: pip install "
+                      f"pldr-kernels[train])", file=sys.stderr)
+                self.warned = True
+            return
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
@@ -277,6 +286,9 @@ class Metrics:
 def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     dist_ = Dist.from_env()
+    if not args.no_progress and importlib.util.find_spec("tqdm") is None:
+        raise _args.UsageError("the progress bar needs tqdm (pip install pldr-kernels[train]); "
+                               "or pass --no-progress")
     if not 0.0 <= args.eval_fraction < 1.0:
         raise _args.UsageError(f"--eval-fraction must be in [0, 1), got {args.eval_fraction}")
 
