@@ -31,6 +31,13 @@ from .configuration import HF_CACHE_MODES, PldrllmConfig
 from .tokenizer import check_tokenizer_matches_config, has_tokenizer
 
 Tensor = torch.Tensor
+# from_pretrained: where to download from (a hub name), and what HF's loader takes that has no
+# meaning here (no code of the directory is ever run, whatever trust_remote_code says).
+HUB_KEYS = ("revision", "cache_dir", "token", "local_files_only", "force_download", "proxies",
+            "subfolder", "code_revision")
+IGNORED_LOAD_KEYS = ("trust_remote_code", "adapter_kwargs", "low_cpu_mem_usage",
+                     "use_safetensors", "attn_implementation", "state_dict",
+                     "output_loading_info", "gguf_file", "quantization_config")
 
 
 @dataclass
@@ -261,10 +268,8 @@ class PldrllmForCausalLM(PldrllmPreTrainedModel, GenerationMixin):
         _check_is_pldrllm(config_path)
         dtype = kwargs.pop("dtype", None) or kwargs.pop("torch_dtype", None)
         device = kwargs.pop("device_map", None)
-        for key in ("trust_remote_code", "adapter_kwargs", "low_cpu_mem_usage",
-                    "use_safetensors", "attn_implementation", "_from_auto", "_commit_hash",
-                    "state_dict", "output_loading_info"):
-            kwargs.pop(key, None)
+        for key in [k for k in kwargs if k in IGNORED_LOAD_KEYS or k.startswith("_")]:
+            del kwargs[key]
         if config is None:
             try:
                 config, kwargs = PldrllmConfig.from_pretrained(directory,
@@ -309,11 +314,10 @@ class PldrllmForCausalLM(PldrllmPreTrainedModel, GenerationMixin):
 
 
 def _resolve_directory(name, kwargs) -> str:
+    hub = {k: kwargs.pop(k) for k in HUB_KEYS if k in kwargs}
     if os.path.isdir(name):
         return os.fspath(name)
     from huggingface_hub import snapshot_download
-    hub = {k: kwargs.pop(k) for k in ("revision", "cache_dir", "token", "local_files_only",
-                                      "force_download", "proxies") if k in kwargs}
     return snapshot_download(str(name), allow_patterns=["*.json", "*.safetensors",
                                                         "tokenizer.model"], **hub)
 

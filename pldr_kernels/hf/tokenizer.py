@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import struct
 from types import SimpleNamespace
 
@@ -121,7 +122,7 @@ def backend_from_spm(path: str):
         vocab = [(p.piece, p.score) for p in proto.pieces]
     else:
         vocab = {p.piece: i for i, p in enumerate(proto.pieces)}
-    tokenizer = SpmConverter.build_tokenizer_from_spm_proto(proto, vocab, legacy=False)
+    tokenizer = SpmConverter.build_tokenizer_from_spm_proto(proto, vocab, legacy=True)
     if tokenizer is None:
         raise CheckpointError(f"{path}: unsupported sentencepiece model type "
                               f"{proto.trainer_spec.model_type}")
@@ -129,34 +130,25 @@ def backend_from_spm(path: str):
 
 
 class PldrllmTokenizerFast(PreTrainedTokenizerFast):
-    """The PLDR-LLM tokenizer: from ``tokenizer.json`` when the directory has one, else converted
-    from the sentencepiece ``tokenizer.model``. Padding on the left; nothing added around the
-    text (``add_special_tokens`` adds no BOS/EOS), as the authors' generation expects."""
+    """The PLDR-LLM tokenizer (``tokenizer.json``; :meth:`from_sentencepiece` converts the
+    sentencepiece ``tokenizer.model``). Padding on the left; nothing added around the text
+    (``add_special_tokens`` adds no BOS/EOS), as the authors' generation expects."""
 
     vocab_files_names = {"vocab_file": SPM_MODEL_NAME, "tokenizer_file": TOKENIZER_FILE_NAME}
     model_input_names = ["input_ids", "attention_mask"]
     padding_side = "left"
 
-    def __init__(self, vocab_file: str | None = None, tokenizer_file: str | None = None,
-                 tokenizer_object=None, **kwargs):
-        if tokenizer_object is None and not (tokenizer_file and os.path.isfile(tokenizer_file)):
-            if vocab_file is None:
-                raise ValueError("PldrllmTokenizerFast needs tokenizer.json (tokenizer_file) or "
-                                 "the sentencepiece tokenizer.model (vocab_file)")
-            tokenizer_object, _ = backend_from_spm(vocab_file)
-        for name, piece in SPECIAL_PIECES.items():
-            kwargs.setdefault(name, piece)
-        kwargs.setdefault("padding_side", "left")
-        kwargs.setdefault("clean_up_tokenization_spaces", False)
-        super().__init__(vocab_file=vocab_file, tokenizer_file=tokenizer_file,
-                         tokenizer_object=tokenizer_object, **kwargs)
-        self.vocab_file = vocab_file
-
     @classmethod
     def from_sentencepiece(cls, model_file: str, **kwargs) -> PldrllmTokenizerFast:
         """Build from a sentencepiece ``.model`` whose special ids must be the authors' (pad 0,
         unk 1, [START] 2, [END] 3 — checked against the file's own pieces)."""
-        tokenizer = cls(vocab_file=os.fspath(model_file), **kwargs)
+        backend, _ = backend_from_spm(os.fspath(model_file))
+        for name, piece in SPECIAL_PIECES.items():
+            kwargs.setdefault(name, piece)
+        kwargs.setdefault("padding_side", "left")
+        kwargs.setdefault("clean_up_tokenization_spaces", False)
+        tokenizer = cls(tokenizer_object=backend, **kwargs)
+        tokenizer.vocab_file = os.fspath(model_file)
         check_special_ids(tokenizer, {"pad_token_id": 0, "bos_token_id": 2, "eos_token_id": 3},
                           os.fspath(model_file), "the authors' ids")
         if tokenizer.unk_token_id != 1:
@@ -165,16 +157,16 @@ class PldrllmTokenizerFast(PreTrainedTokenizerFast):
                                   f" unk 1, [START] 2, [END] 3)")
         return tokenizer
 
-    def save_vocabulary(self, save_directory: str, filename_prefix: str | None = None):
-        """Copy the sentencepiece model next to tokenizer.json (when built from one)."""
-        if not self.vocab_file or not os.path.isfile(self.vocab_file):
-            return ()
-        name = (filename_prefix + "-" if filename_prefix else "") + SPM_MODEL_NAME
-        out = os.path.join(save_directory, name)
-        if os.path.abspath(out) != os.path.abspath(self.vocab_file):
-            with open(self.vocab_file, "rb") as src, open(out, "wb") as dst:
-                dst.write(src.read())
-        return (out,)
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """HF's save (tokenizer.json, tokenizer_config.json), plus the sentencepiece model this
+        tokenizer was converted from, as the authors ship it."""
+        files = super().save_pretrained(save_directory, *args, **kwargs)
+        source = getattr(self, "vocab_file", None)
+        out = os.path.join(save_directory, SPM_MODEL_NAME)
+        if source and os.path.isfile(source) and os.path.abspath(source) != os.path.abspath(out):
+            shutil.copyfile(source, out)
+            files = (*files, out)
+        return files
 
 
 def check_special_ids(tokenizer, expected: dict, source: str, against: str) -> None:
@@ -208,12 +200,7 @@ def check_tokenizer_matches_config(directory: str, config) -> None:
 def load_tokenizer(directory: str) -> PldrllmTokenizerFast:
     """The tokenizer of a directory, as PldrllmTokenizerFast, whatever class its
     tokenizer_config.json names (the authors' may name their remote one; it is never run)."""
-    files = {}
-    for key, name in PldrllmTokenizerFast.vocab_files_names.items():
-        path = os.path.join(directory, name)
-        if os.path.isfile(path):
-            files[key] = path
-    kwargs = {}
+    kwargs = {"padding_side": "left", "clean_up_tokenization_spaces": False}
     config_path = os.path.join(directory, "tokenizer_config.json")
     if os.path.isfile(config_path):
         with open(config_path, encoding="utf-8") as f:
@@ -224,4 +211,10 @@ def load_tokenizer(directory: str) -> PldrllmTokenizerFast:
                 value = value.get("content")
             if isinstance(value, str):
                 kwargs[name] = value
-    return PldrllmTokenizerFast(**files, **kwargs)
+    tokenizer_json = os.path.join(directory, TOKENIZER_FILE_NAME)
+    if os.path.isfile(tokenizer_json):
+        for name, piece in SPECIAL_PIECES.items():
+            kwargs.setdefault(name, piece)
+        return PldrllmTokenizerFast(tokenizer_file=tokenizer_json, **kwargs)
+    return PldrllmTokenizerFast.from_sentencepiece(os.path.join(directory, SPM_MODEL_NAME),
+                                                   **kwargs)
