@@ -66,7 +66,10 @@ class PldrllmConfig(PreTrainedConfig):
         self.check()
 
     def check(self) -> None:
-        """Raise ValueError naming every invalid field: PLDRConfig's rules, and the cache mode."""
+        """Raise ValueError naming every invalid field: PLDRConfig's rules, and the cache mode
+        (None is taken as 'none': lm-eval's ``--model_args`` parse the word none as None)."""
+        if self.pldr_cache_mode is None:
+            self.pldr_cache_mode = "none"
         if self.pldr_cache_mode not in HF_CACHE_MODES:
             raise ValueError(f"invalid PldrllmConfig: pldr_cache_mode must be one of "
                              f"{HF_CACHE_MODES}, got {self.pldr_cache_mode!r}")

@@ -37,7 +37,8 @@ HUB_KEYS = ("revision", "cache_dir", "token", "local_files_only", "force_downloa
             "subfolder", "code_revision")
 IGNORED_LOAD_KEYS = ("trust_remote_code", "adapter_kwargs", "low_cpu_mem_usage",
                      "use_safetensors", "attn_implementation", "state_dict",
-                     "output_loading_info", "gguf_file", "quantization_config")
+                     "output_loading_info", "gguf_file", "quantization_config", "max_memory",
+                     "offload_folder", "offload_buffers", "offload_state_dict")
 
 
 @dataclass
@@ -268,7 +269,8 @@ class PldrllmForCausalLM(PldrllmPreTrainedModel, GenerationMixin):
         _check_is_pldrllm(config_path)
         dtype = kwargs.pop("dtype", None) or kwargs.pop("torch_dtype", None)
         device = kwargs.pop("device_map", None)
-        for key in [k for k in kwargs if k in IGNORED_LOAD_KEYS or k.startswith("_")]:
+        for key in [k for k, v in kwargs.items()
+                    if k in IGNORED_LOAD_KEYS or k.startswith("_") or v is None]:
             del kwargs[key]
         if config is None:
             try:
@@ -300,7 +302,9 @@ class PldrllmForCausalLM(PldrllmPreTrainedModel, GenerationMixin):
             dtype = getattr(torch, dtype)
         if dtype is not None:
             model = model.to(dtype)
-        if isinstance(device, (str, torch.device)) and str(device) != "auto":
+        if isinstance(device, dict) and set(device) == {""}:  # accelerate's whole-model map
+            device = device[""]
+        if isinstance(device, (str, int, torch.device)) and str(device) != "auto":
             model = model.to(device)
         model.name_or_path = config._name_or_path = str(pretrained_model_name_or_path)
         return model.eval()
