@@ -13,6 +13,7 @@ import torch
 pytest.importorskip("transformers")
 spm = pytest.importorskip("sentencepiece")
 lm_eval = pytest.importorskip("lm_eval")
+pytest.importorskip("accelerate", reason="lm-eval's hf model needs accelerate (lm-eval[hf])")
 
 from model_testing import needs_cpu_kernels, tiny_model  # noqa: E402
 
@@ -22,10 +23,9 @@ from pldr_kernels.hf import PldrllmTokenizerFast  # noqa: E402
 pytestmark = needs_cpu_kernels
 WORDS = ("the river ran past an old mill where seven children played with a small dog while "
          "their mother sang about winter bread and distant ships under grey morning skies").split()
-QUESTIONS = [("the river ran past", ["an old mill", "a dog", "winter bread"], 0),
-             ("seven children played with", ["a small dog", "grey ships", "the mother"], 0),
-             ("their mother sang about", ["winter bread", "the mill", "skies"], 1),
-             ("distant ships under", ["grey morning skies", "a dog", "bread"], 2)]
+QUESTIONS = [("the river ran past", ["an old mill", "a dog"], 0),
+             ("seven children played with", ["a small dog", "grey ships"], 0),
+             ("their mother sang about", ["the mill", "winter bread"], 1)]
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +39,8 @@ def setup(tmp_path_factory):
         pad_id=0, unk_id=1, bos_id=2, eos_id=3, bos_piece="[START]", eos_piece="[END]",
         hard_vocab_limit=False, minloglevel=2)
     tok = PldrllmTokenizerFast.from_sentencepiece(str(d / "tokenizer.model"))
-    model = tiny_model(seed=30, vocab_size=len(tok))
+    model = tiny_model(seed=30, vocab_size=len(tok), intermediate_size=64, A_dff=32,
+                       num_reslayerA=1, num_denseA=1)
     model_dir = d / "model"
     model.save_pretrained(model_dir)
     tok.save_pretrained(model_dir)
@@ -55,7 +56,7 @@ def setup(tmp_path_factory):
         "pldr_tiny_gen": {**common, "output_type": "generate_until",
                           "dataset_kwargs": {"data_files": {"test": str(d / "mc.jsonl")}},
                           "doc_to_text": "{{question}}", "doc_to_target": "{{choices[0]}}",
-                          "generation_kwargs": {"until": ["[END]"], "max_gen_toks": 6,
+                          "generation_kwargs": {"until": ["[END]"], "max_gen_toks": 4,
                                                 "do_sample": False},
                           "metric_list": [{"metric": "exact_match"}]}}
     task_dir = d / "tasks"
@@ -84,9 +85,14 @@ def _loglikelihoods(out) -> list[float]:
     return [resp[0][0] for s in out["samples"]["pldr_tiny_mc"] for resp in s["resps"]]
 
 
-def test_lm_eval_scores_identical_in_every_cache_mode(setup):
+@pytest.fixture(scope="module")
+def runs(setup):
+    _, _, model_dir, task_dir = setup
+    return {mode: _evaluate(model_dir, task_dir, mode) for mode in ("none", "kv", "kvg")}
+
+
+def test_lm_eval_scores_identical_in_every_cache_mode(setup, runs):
     model, tok, model_dir, task_dir = setup
-    runs = {mode: _evaluate(model_dir, task_dir, mode) for mode in ("none", "kv", "kvg")}
     for mode, out in runs.items():
         assert out["results"]["pldr_tiny_mc"]["acc,none"] == \
             runs["kvg"]["results"]["pldr_tiny_mc"]["acc,none"], mode
@@ -104,18 +110,18 @@ def test_lm_eval_scores_identical_in_every_cache_mode(setup):
         # generation: each mode's text is PLDRForCausalLM.generate's in that mode
         for sample in out["samples"]["pldr_tiny_gen"]:
             ids = torch.tensor([tok(sample["doc"]["question"]).input_ids])
-            want = model.generate(ids, 6, cache=mode)
-            text = tok.decode(want[0, ids.shape[1]:], skip_special_tokens=False)
-            assert sample["resps"][0][0] == text.split("[END]")[0], mode
+            new = model.generate(ids, 4, cache=mode)[0, ids.shape[1]:].tolist()
+            new = new[:new.index(tok.eos_token_id)] if tok.eos_token_id in new else new
+            assert sample["resps"][0][0] == tok.decode(new, skip_special_tokens=True), mode
     texts = {m: [s["resps"][0][0] for s in r["samples"]["pldr_tiny_gen"]] for m, r in runs.items()}
     assert texts["kv"] == texts["kvg"]
 
 
-def test_lm_eval_pldr_model_keeps_batch_padding_out_of_g(setup):
+def test_lm_eval_pldr_model_keeps_batch_padding_out_of_g(setup, runs):
     """lm-eval's "hf" right-pads a batch without a mask, and G sees the pad rows (docs/spec.md
     §5.7); "pldr" masks them, so a batch of 2 scores what batch size 1 scores."""
     _, _, model_dir, task_dir = setup
-    alone = _loglikelihoods(_evaluate(model_dir, task_dir, "kvg", batch_size=1))
+    alone = _loglikelihoods(runs["kvg"])
     batched = _loglikelihoods(_evaluate(model_dir, task_dir, "kvg", "pldr", batch_size=2))
     assert batched == pytest.approx(alone, abs=1e-4)
     unmasked = _loglikelihoods(_evaluate(model_dir, task_dir, "kvg", "hf", batch_size=2))
