@@ -186,8 +186,9 @@ def test_tokenizer_whose_special_ids_disagree_with_the_config(tmp_path, spm_mode
 def test_sentencepiece_model_without_the_authors_ids(tmp_path, spm_model):
     text = tmp_path / "t.txt"
     text.write_text("\n".join(" ".join(WORDS[i:i + 8]) for i in range(20)), encoding="utf-8")
+    # sentencepiece's default ids: unk 0, bos 1, eos 2, no pad
     spm.SentencePieceTrainer.train(input=str(text), model_prefix=str(tmp_path / "m"),
-                                   vocab_size=40, hard_vocab_limit=False, minloglevel=2)  # unk 0, bos 1, eos 2, no pad
+                                   vocab_size=40, hard_vocab_limit=False, minloglevel=2)
     with pytest.raises(CheckpointError, match="special ids disagree with the authors' ids"):
         PldrllmTokenizerFast.from_sentencepiece(tmp_path / "m.model")
 

@@ -155,8 +155,8 @@ class PldrllmForCausalLM(PldrllmPreTrainedModel, GenerationMixin):
                             f"a {type(cache).__name__}; let generate make it, or pass "
                             f"cache=PldrCache(num_layers, max_length, mode)")
         if cache is None:
-            logits, metric = self._uncached_forward(input_ids, mask, include_pad_in_g, logits_to_keep,
-                                            want_pldr)
+            logits, metric = self._uncached_forward(input_ids, mask, include_pad_in_g,
+                                                    logits_to_keep, want_pldr)
         elif cache.get_seq_length() == 0:
             logits, metric = self._prompt_into_cache(cache, input_ids, mask, include_pad_in_g,
                                            logits_to_keep)
