@@ -12,7 +12,8 @@ import torch
 transformers = pytest.importorskip("transformers")
 spm = pytest.importorskip("sentencepiece")
 
-from model_testing import left_pad, needs_cpu_kernels, prompt, tiny_model  # noqa: E402
+from model_testing import left_pad, needs_cpu_kernels, prompt  # noqa: E402
+from model_testing import tiny_model as _tiny_model  # noqa: E402
 
 from pldr_kernels import PLDRForCausalLM  # noqa: E402
 from pldr_kernels.hf import (  # noqa: E402
@@ -29,6 +30,12 @@ pytestmark = needs_cpu_kernels
 HF_MODES = ("none", "kv", "kvg")
 WORDS = ("the river ran past an old mill where seven children played with a small dog while "
          "their mother sang about winter bread and distant ships under grey morning skies").split()
+
+
+def tiny_model(seed: int = 0, **overrides) -> PLDRForCausalLM:
+    """model_testing's tiny model with a smaller FFN and metric learner (these tests are about
+    the HF layer, not the kernels)."""
+    return _tiny_model(seed, **{"intermediate_size": 96, "A_dff": 48, **overrides})
 
 
 def hf_twin(model: PLDRForCausalLM) -> PldrllmForCausalLM:
@@ -201,11 +208,11 @@ def test_greedy_generate_equals_pldr_generate(mode):
     model = tiny_model(seed=10)
     hf = hf_twin(model)
     ids, mask = left_pad([prompt(11, seed=11), prompt(6, seed=12)])
-    want = model.generate(ids, 12, attention_mask=mask, cache=mode, eos_token_id=None)
-    got = hf_generate(hf, ids, mask, max_new_tokens=12, pldr_cache_mode=mode)
+    want = model.generate(ids, 8, attention_mask=mask, cache=mode, eos_token_id=None)
+    got = hf_generate(hf, ids, mask, max_new_tokens=8, pldr_cache_mode=mode)
     assert torch.equal(got, want), f"{got[:, 11:].tolist()} vs {want[:, 11:].tolist()}"
     hf.config.pldr_cache_mode = mode  # the config's mode when generate is not told one
-    assert torch.equal(hf_generate(hf, ids, mask, max_new_tokens=12), want)
+    assert torch.equal(hf_generate(hf, ids, mask, max_new_tokens=8), want)
 
 
 def test_use_cache_false_is_mode_none():
