@@ -155,9 +155,9 @@ setup(
         "test": ["pytest", "numpy", "hypothesis"],  # numpy: the CUDA emulator (tools/cuda_emu)
         "triton": ["triton>=3.6"],  # the Triton kernels for CUDA tensors (docs/design.md §3.7)
         # pldr_kernels.hf: transformers classes, HF generate, the tokenizer (docs/design.md §2.1)
-        "hf": ["transformers>=5,<6", "sentencepiece", "tokenizers"],
+        "hf": ["transformers>=5.24,<6", "sentencepiece", "tokenizers"],
         # lm-eval's hf model (it imports accelerate) on PLDR-LLM directories
-        "eval": ["transformers>=5,<6", "sentencepiece", "tokenizers", "lm-eval[hf]>=0.4.9"],
+        "eval": ["transformers>=5.24,<6", "sentencepiece", "tokenizers", "lm-eval[hf]>=0.4.9"],
     },
     entry_points={"console_scripts": ["pldr-bench=pldr_kernels.bench.__main__:main",
                                       "pldr-lm-eval=pldr_kernels.hf.evaluate:main"]},

@@ -133,6 +133,8 @@ class PldrllmForCausalLM(PldrllmPreTrainedModel, GenerationMixin):
         from each row's first real token), as in PLDRForCausalLM. ``include_pad_in_g=True``
         lets the pad rows of a left-padded prompt into QᵀQ, as the HF port does."""
         ops.require_built()
+        if cache is None:  # the name before transformers 5.2x renamed it
+            cache = kwargs.pop("past_key_values", None)
         if inputs_embeds is not None:
             raise ValueError("PldrllmForCausalLM takes input_ids, not inputs_embeds (the "
                              "embedding is scaled by sqrt(hidden_size) and normalised first)")
