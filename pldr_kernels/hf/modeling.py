@@ -149,20 +149,21 @@ class PldrllmForCausalLM(PldrllmPreTrainedModel, GenerationMixin):
         want_pldr = (self.config.output_pldr_attentions if output_pldr_attentions is None
                      else output_pldr_attentions)
         input_ids = input_ids.long()
-        mask = attention_mask
-        if mask is not None and not bool((mask == 0).any()):
-            mask = None  # an all-ones mask: the unpadded path, as PLDRForCausalLM.generate
         if cache is not None and not isinstance(cache, PldrCache):
             raise TypeError(f"PldrllmForCausalLM keeps its KV- and G-caches in a PldrCache, got "
                             f"a {type(cache).__name__}; let generate make it, or pass "
                             f"cache=PldrCache(num_layers, max_length, mode)")
+        if cache is None or cache.get_seq_length() == 0:
+            mask = attention_mask
+            if mask is not None and not bool((mask == 0).any()):
+                mask = None  # an all-ones mask: the unpadded path, as PLDRForCausalLM.generate
         if cache is None:
             logits, metric = self._uncached_forward(input_ids, mask, include_pad_in_g,
                                                     logits_to_keep, want_pldr)
         elif cache.get_seq_length() == 0:
             logits, metric = self._prompt_into_cache(cache, input_ids, mask, include_pad_in_g,
-                                           logits_to_keep)
-        else:
+                                                     logits_to_keep)
+        else:  # the decode state holds the padding (cache_start): the mask is not read
             logits, metric = self._decode_with_cache(cache, input_ids)
         loss = None
         if labels is not None:
