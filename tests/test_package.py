@@ -105,8 +105,8 @@ def test_every_import_of_the_package_is_a_declared_dependency():
               for k, v in ast.literal_eval(kwargs["extras_require"]).items()}
     # triton_kernels/__init__.py is core (imported by pldr_kernels); its kernels need the extra
     triton_kernels = [PACKAGE / "triton_kernels" / "attention.py"]
-    core = [p for p in PACKAGE.rglob("*.py")
-            if "bench" not in p.relative_to(PACKAGE).parts and p not in triton_kernels]
+    core = [p for p in PACKAGE.rglob("*.py") if not {"bench", "hf"} & set(
+        p.relative_to(PACKAGE).parts) and p not in triton_kernels]
     bench = list((PACKAGE / "bench").rglob("*.py"))
     assert third_party_imports(core) <= install, third_party_imports(core) - install
     allowed = install | extras["bench"]
@@ -114,6 +114,13 @@ def test_every_import_of_the_package_is_a_declared_dependency():
     allowed = install | extras["triton"]
     assert third_party_imports(triton_kernels) <= allowed, (
         third_party_imports(triton_kernels) - allowed)
+    # pldr_kernels.hf needs the [hf] extra; its lm-eval entry point the [eval] one
+    evaluate = [PACKAGE / "hf" / "evaluate.py"]
+    hf = [p for p in (PACKAGE / "hf").rglob("*.py") if p not in evaluate]
+    allowed = install | extras["hf"]
+    assert third_party_imports(hf) <= allowed, third_party_imports(hf) - allowed
+    allowed = install | {name.replace("-", "_") for name in extras["eval"]}
+    assert third_party_imports(evaluate) <= allowed, third_party_imports(evaluate) - allowed
 
 
 # ---- what a newcomer sees when the build is missing or does not fit --------------------------

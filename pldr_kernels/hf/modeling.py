@@ -321,12 +321,18 @@ class PldrllmForCausalLM(PldrllmPreTrainedModel, GenerationMixin):
 
 
 def _resolve_directory(name, kwargs) -> str:
+    """A local directory as is; a hub name through transformers' file cache (config.json,
+    model.safetensors and the tokenizer files, all in one snapshot directory)."""
     hub = {k: kwargs.pop(k) for k in HUB_KEYS if k in kwargs}
     if os.path.isdir(name):
         return os.fspath(name)
-    from huggingface_hub import snapshot_download
-    return snapshot_download(str(name), allow_patterns=["*.json", "*.safetensors",
-                                                        "tokenizer.model"], **hub)
+    from transformers.utils import cached_file
+    config = cached_file(str(name), loaders.CONFIG_NAME, **hub)
+    cached_file(str(name), loaders.WEIGHTS_NAME, **hub)
+    for optional in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
+                     "generation_config.json"):
+        cached_file(str(name), optional, _raise_exceptions_for_missing_entries=False, **hub)
+    return os.path.dirname(config)
 
 
 def _check_is_pldrllm(config_path: str) -> None:
