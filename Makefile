@@ -22,7 +22,7 @@ $(VENV)/.installed:
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip "setuptools>=70" wheel
 	$(PY) -m pip install -q torch==$(TORCH_VERSION) numpy ninja pytest safetensors matplotlib tqdm ruff \
-	  hypothesis "triton>=3.6" "transformers>=5,<6" tokenizers sentencepiece lm-eval
+	  hypothesis "triton>=3.6" "transformers>=5.24,<6" sentencepiece tokenizers "lm-eval[hf]>=0.4.9"
 	touch $@
 
 setup: $(VENV)/.installed

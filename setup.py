@@ -156,12 +156,17 @@ setup(
         "triton": ["triton>=3.6"],  # the Triton kernels for CUDA tensors (docs/design.md §3.7)
         "text": ["sentencepiece"],  # the tokenizer, pldr-generate, pldr-inspect
         "train": ["sentencepiece", "tqdm", "matplotlib"],  # pldr-train: tokenizer, bar, loss.png
+        # pldr_kernels.hf: transformers classes, HF generate, the tokenizer (docs/design.md §2.1)
+        "hf": ["transformers>=5.24,<6", "sentencepiece", "tokenizers"],
+        # lm-eval's hf model (it imports accelerate) on PLDR-LLM directories
+        "eval": ["transformers>=5.24,<6", "sentencepiece", "tokenizers", "lm-eval[hf]>=0.4.9"],
     },
     entry_points={"console_scripts": [
         "pldr-bench=pldr_kernels.bench.__main__:main",
         "pldr-generate=pldr_kernels.cli.generate:main",
         "pldr-inspect=pldr_kernels.cli.inspect:main",
         "pldr-train=pldr_kernels.train:main",
+        "pldr-lm-eval=pldr_kernels.hf.evaluate:main",
     ]},
     options={"bdist_wheel": {"py_limited_api": "cp311"}},
 )

@@ -110,8 +110,8 @@ def test_every_import_of_the_package_is_a_declared_dependency():
     text += list((PACKAGE / "cli").rglob("*.py"))
     train = [PACKAGE / "train.py"]  # pldr-train: the train extra
     core = [p for p in PACKAGE.rglob("*.py")
-            if "bench" not in p.relative_to(PACKAGE).parts and p not in triton_kernels
-            and p not in text and p not in train]
+            if not {"bench", "hf"} & set(p.relative_to(PACKAGE).parts)
+            and p not in triton_kernels and p not in text and p not in train]
     allowed = install | extras["train"]
     assert third_party_imports(train) <= allowed, third_party_imports(train) - allowed
     allowed = install | extras["text"] | extras["bench"]
@@ -123,6 +123,13 @@ def test_every_import_of_the_package_is_a_declared_dependency():
     allowed = install | extras["triton"]
     assert third_party_imports(triton_kernels) <= allowed, (
         third_party_imports(triton_kernels) - allowed)
+    # pldr_kernels.hf needs the [hf] extra; its lm-eval entry point the [eval] one
+    evaluate = [PACKAGE / "hf" / "evaluate.py"]
+    hf = [p for p in (PACKAGE / "hf").rglob("*.py") if p not in evaluate]
+    allowed = install | extras["hf"]
+    assert third_party_imports(hf) <= allowed, third_party_imports(hf) - allowed
+    allowed = install | {name.replace("-", "_") for name in extras["eval"]}
+    assert third_party_imports(evaluate) <= allowed, third_party_imports(evaluate) - allowed
 
 
 # ---- what a newcomer sees when the build is missing or does not fit --------------------------

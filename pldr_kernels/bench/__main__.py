@@ -3,6 +3,8 @@
   pldr-bench --quick                   every suite, small (what `make bench` runs)
   pldr-bench ops [sweep options]       each op vs the reference, eager, SDPA backends, FlexAttention
   pldr-bench generate [options]        generation, reference vs pldr_kernels, cache none/kv/kvg
+  pldr-bench hf [generate options]     HF generate on PldrllmForCausalLM vs PLDRForCausalLM.generate
+                                       (default 110M, B=1, prompt 128, fp32, kvg; needs [hf])
   pldr-bench train [options]           forward + backward: g_attention vs eager and SDPA, the metric
                                        learner vs eager autograd, a model training step vs the
                                        reference model
@@ -73,9 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=invocations)
     opt = parser.add_argument
-    opt("suite", nargs="?", choices=("ops", "generate", "train", "all"), default="all",
+    opt("suite", nargs="?", choices=("ops", "generate", "train", "hf", "all"), default="all",
         help="ops: each op vs its rivals; generate: whole-model generation; train: forward + "
-             "backward of the ops and a model training step; all (default): every suite")
+             "backward of the ops and a model training step; hf: HF generate on "
+             "PldrllmForCausalLM vs PLDRForCausalLM.generate (not in all); all (default): "
+             "ops, generate and train")
     opt("--quick", action="store_true",
         help="small sweeps (~1 min on a 2-core CPU; no FlexAttention compile)")
     opt("--device", type=device_name, default="cpu",
@@ -239,6 +243,14 @@ def generate_config(args):
                           batch_size=args.batch[0] if args.batch else 1)
 
 
+def hf_config(args):
+    from .generate_suite import GenerateConfig
+    from .hf_suite import DEFAULTS, QUICK
+
+    return GenerateConfig(**{**DEFAULTS, **given(args, GenerateConfig, QUICK)},
+                          batch_size=args.batch[0] if args.batch else 1)
+
+
 def train_config(args):
     from .train_suite import QUICK, TrainConfig
 
@@ -270,6 +282,10 @@ def measure(args, argv: list[str]) -> dict:
         results, skipped = results + more, skipped + more_skipped
     if suite in ("train", "all"):
         more, more_skipped = run_train(train_config(args), device, args.progress)
+        results, skipped = results + more, skipped + more_skipped
+    if suite == "hf":
+        from .hf_suite import run_hf
+        more, more_skipped = run_hf(hf_config(args), device, args.progress)
         results, skipped = results + more, skipped + more_skipped
     busy = busy or busy_machine_warning(torch.get_num_threads())  # at the start, else at the end
     env = collect_env(device, ["pldr-bench", *argv])
