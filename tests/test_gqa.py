@@ -20,10 +20,10 @@ from pldr_kernels.testing import (
     check_g_attention,
     check_g_attention_decode,
     check_g_attention_grads,
+    randn,
     random_attention_inputs,
     random_g,
     random_kv_cache,
-    randn,
 )
 
 H = 4
@@ -187,8 +187,9 @@ def _bad_calls():
         "g_attention k heads": (lambda: torch.ops.pldr.g_attention(q, k3, k3.clone()),
                                 "k.shape[2] (key/value heads H_kv) must divide the query heads "
                                 "H = 4", "got 3"),
-        "g_attention v heads differ": (lambda: torch.ops.pldr.g_attention(q, k2, randn((1, 5, 1, d))),
-                                       "v must have shape [1, 5, 2, 64]", "got [1, 5, 1, 64]"),
+        "g_attention v heads differ": (
+            lambda: torch.ops.pldr.g_attention(q, k2, randn((1, 5, 1, d))),
+            "v must have shape [1, 5, 2, 64]", "got [1, 5, 1, 64]"),
         "decode cache heads": (lambda: torch.ops.pldr.g_attention_decode(
             q[:, :1], cache3, cache3.clone(), lens), "k_cache.shape[2] (key/value heads H_kv) "
             "must divide the query heads H = 4", "got 3"),
