@@ -108,13 +108,17 @@ def test_mask_function_is_registered_and_reaches_the_attention(monkeypatch):
     assert seen and all(m is None for m in seen)
 
 
-@pytest.mark.parametrize("kv_heads,cache", [(1, "dynamic"), (2, "dynamic"), (H, "dynamic"),
-                                            (2, "static")])
-def test_greedy_generation_equals_sdpa(kv_heads, cache):
-    """Greedy generate on a left-padded batch gives sdpa's tokens; the one-token steps run
-    pldr::g_attention_decode on the model's own cache tensors (DynamicCache or StaticCache)."""
+@pytest.mark.parametrize("kv_heads,cache,padded", [(1, "dynamic", True), (2, "dynamic", True),
+                                                   (H, "dynamic", True), (2, "static", True),
+                                                   (2, "dynamic", False)])
+def test_greedy_generation_equals_sdpa(kv_heads, cache, padded):
+    """Greedy generate on a left-padded batch (or an unpadded one, whose steps get no mask) gives
+    sdpa's tokens; the one-token steps run pldr::g_attention_decode on the model's own cache
+    tensors (DynamicCache or StaticCache)."""
     model = tiny_llama(kv_heads, seed=3)
     ids, mask = left_padded_batch(seed=4)
+    if not padded:
+        ids, mask = ids[1:2], mask[1:2]
     kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=10, do_sample=False,
               pad_token_id=0)
     if cache == "static":

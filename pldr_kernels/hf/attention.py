@@ -30,7 +30,8 @@ What runs, by case:
   the model's tensors (``query.transpose(1, 2)`` is ``[B, Sq, H, d]`` with a contiguous last
   dim, which the op reads through its strides: no copy), left padding as ``key_mask``; its
   autograd formula gives the backward (``pldr::g_attention_backward``).
-* a one-token step (Sq = 1) without grad: ``pldr::g_attention_decode`` on the cache tensors the
+* a one-token step (Sq = 1) without grad (with or without a mask; generate passes none once no
+  row is padded): ``pldr::g_attention_decode`` on the cache tensors the
   model passes (DynamicCache's concatenated ``[B, H_kv, S, d]``, StaticCache's
   ``[B, H_kv, Smax, d]``, as ``[B, S, H_kv, d]`` views), ``cache_seqlens`` = one past each row's
   last visible key and ``cache_start`` = its first (left padding), when every row's visible keys
@@ -143,6 +144,11 @@ def _converted(mask: Tensor, B: int, Sq: int, Sk: int) -> _Conversion:
     return conversion
 
 
+def _needs_grad(*tensors: Tensor) -> bool:
+    # g_attention_decode has no backward (docs/design.md §3.5): only steps without grad take it
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 def pldr_attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor,
                            attention_mask: Tensor | None, dropout: float = 0.0,
                            scaling: float | None = None, is_causal: bool | None = None,
@@ -173,11 +179,14 @@ def pldr_attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, 
             raise ValueError(f"attn_implementation='pldr': a causal call without a mask and more "
                              f"queries ({Sq}) than keys ({Sk}) is top-left aligned in SDPA, which "
                              "pldr::g_attention (bottom-right) does not express; pass a mask.")
+        if Sq == 1 and Sk > 0 and not _needs_grad(query, key, value):  # a step: every key
+            lens = torch.full((B,), Sk, dtype=torch.int32, device=query.device)
+            return torch.ops.pldr.g_attention_decode(q, k, v, lens, None, None, None, None,
+                                                     scale, 0), None
         out, _ = torch.ops.pldr.g_attention(q, k, v, None, None, causal, scale)
         return out, None
     conv = _converted(attention_mask, B, Sq, Sk)
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
-    if conv.rows is not None and not needs_grad:
+    if conv.rows is not None and not _needs_grad(query, key, value):
         first, last = conv.rows
         out = torch.ops.pldr.g_attention_decode(q, k, v, last, None, None, first, None, scale, 0)
         return out, None
