@@ -96,7 +96,7 @@ __global__ void __launch_bounds__(kDecodeThreads) g_attention_decode_kernel(cons
 
   // Grouped-query attention: the kv head of query head h; the first query head of each group
   // appends its new keys (the others read them from k_new, like every block, so none waits).
-  const int kv_h = h / p.kv_group;
+  const int kv_h = int(unsigned(h) / unsigned(p.kv_group));  // unsigned: fewer registers
   T* k_cache = head_rows<T>(p.k_cache, b, kv_h);
   T* v_cache = head_rows<T>(p.v_cache, b, kv_h);
   const bool appending = p.k_new.ptr != nullptr;

@@ -193,7 +193,8 @@ __global__ void __launch_bounds__(MmaTiling<D>::kThreads, MmaTiling<D>::kMinBloc
   const int q_rows = (p.Sq - m0 < kBlockM) ? p.Sq - m0 : kBlockM;
 
   const uint16_t* q = head_rows<const uint16_t>(p.q, b, h) + m0 * p.q.row_stride;
-  const int kv_h = h / p.kv_group;  // grouped-query attention (docs/design.md §3.2)
+  // grouped-query attention (docs/design.md §3.2); unsigned: the signed division cost registers
+  const int kv_h = int(unsigned(h) / unsigned(p.kv_group));
   const uint16_t* k = head_rows<const uint16_t>(p.k, b, kv_h);
   const uint16_t* v = head_rows<const uint16_t>(p.v, b, kv_h);
   const bool* key_mask = p.key_mask ? p.key_mask + b * p.key_mask_batch_stride : nullptr;
@@ -523,7 +524,8 @@ __global__ void __launch_bounds__(Fp32Tiling::kThreads)
 
   const float* q = head_rows<const float>(p.q, b, h) + i * p.q.row_stride;
   // k and v spelled out: through head_rows, nvcc 13 keeps this kernel at 48 registers, not 40.
-  const int kv_h = h / p.kv_group;  // grouped-query attention (docs/design.md §3.2)
+  // grouped-query attention (docs/design.md §3.2); unsigned: the signed division cost registers
+  const int kv_h = int(unsigned(h) / unsigned(p.kv_group));
   const float* k =
       static_cast<const float*>(p.k.ptr) + b * p.k.batch_stride + kv_h * p.k.head_stride;
   const float* v =
