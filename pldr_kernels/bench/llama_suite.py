@@ -1,11 +1,13 @@
 """`pldr-bench llama`: a random LlamaForCausalLM (transformers) with ``attn_implementation``
 "pldr" (pldr_kernels/hf/attention.py, docs/design.md §3.8) against "sdpa" and "eager".
 
-Two parts per prompt length S and kv-head count: ``prefill`` — one forward over S tokens
-(``use_cache=False``, logits of the last position only), the time to first token's work — and
-``decode`` — one greedy step over a DynamicCache holding S tokens (cropped back to S after each
-call). The three implementations share the model (switched with ``set_attn_implementation``) and
-run interleaved, medians of the repeats. Checked before timing: pldr's logits must be within
+Three parts per prompt length S and kv-head count: ``attention`` — one layer's attention call
+alone (the registered attention functions on that layer's causal prefill shapes, no mask, as the
+model calls them), ``prefill`` — one forward over S tokens (``use_cache=False``, logits of the
+last position only), the time to first token's work — and ``decode`` — one greedy step over a
+DynamicCache holding S tokens (cropped back after each call). The three implementations share
+the model (switched with ``set_attn_implementation``) and run interleaved, medians of the
+repeats. Checked before timing: pldr's output (logits, or the attention output) must be within
 2x eager's distance from sdpa's, plus 1e-5 (a row fails as INVALID otherwise).
 """
 from __future__ import annotations
@@ -61,6 +63,27 @@ def contestants(model, ids, part: str):
 
     S = ids.shape[1]
     calls = {}
+    if part == "attention":
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+        from transformers.models.llama.modeling_llama import eager_attention_forward
+
+        layer = model.model.layers[0].self_attn
+        gen = torch.Generator().manual_seed(S)
+        dev = ids.device
+        q = torch.randn(1, HEADS, S, HEAD_DIM, generator=gen).to(dev)
+        k, v = (torch.randn(1, model.config.num_key_value_heads, S, HEAD_DIM, generator=gen)
+                .to(dev) for _ in range(2))
+        for impl in IMPLS:
+            fn = eager_attention_forward if impl == "eager" else ALL_ATTENTION_FUNCTIONS[impl]
+            if impl == "eager":  # eager needs the materialised causal mask
+                mask = torch.full((S, S), float("-inf"), device=dev).triu(1)[None, None]
+            else:
+                mask = None
+
+            def run(fn=fn, mask=mask):
+                return fn(layer, q, k, v, mask, scaling=layer.scaling, dropout=0.0)[0]
+            calls[impl] = run
+        return calls
     for impl in IMPLS:
         if part == "prefill":
             def run(impl=impl):
@@ -89,7 +112,7 @@ def run_llama(cfg: LlamaConfig, device: torch.device, show_progress: bool = True
         return [], [skipped("llama", None, "all", reason)]
     clock, results, skips = Clock(device), [], []
     todo = [(h, s, part) for h in cfg.llama_kv_heads for s in cfg.llama_seqlens
-            for part in ("prefill", "decode")]
+            for part in ("attention", "prefill", "decode")]
     models = {}
     with progress_bar(len(todo), "llama", show_progress) as bar, torch.no_grad():
         for kv_heads, S, part in todo:
@@ -108,7 +131,7 @@ def run_llama(cfg: LlamaConfig, device: torch.device, show_progress: bool = True
                 bound = 2 * (logits["eager"] - logits["sdpa"]).abs().max().item() + 1e-5
                 valid = err <= bound
                 agreement = f"|pldr - sdpa| = {err:.2e} <= {bound:.2e}: {valid}"
-            tokens = S if part == "prefill" else 1
+            tokens = 1 if part == "decode" else S
             for name, m in measure_interleaved(calls, clock, 1, cfg.repeats).items():
                 stats = m.stats
                 results.append({
@@ -153,5 +176,5 @@ def heading(rows: list[dict]) -> str:
     r = rows[0]
     return (f"Llama (transformers LlamaForCausalLM, random, {r['layers']} layers, hidden "
             f"{r['hidden']}, {r['H']} heads of d {r['d']}, fp32; attn_implementation pldr vs "
-            "sdpa vs eager; prefill = one forward over S tokens, decode = one step over a "
-            "DynamicCache of S tokens)")
+            "sdpa vs eager; attention = one layer's causal attention call alone, prefill = one "
+            "forward over S tokens, decode = one step over a DynamicCache of S tokens)")
