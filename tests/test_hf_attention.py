@@ -195,3 +195,16 @@ def test_unsupported_arguments_are_refused():
         hf_attention.pldr_attention_forward(torch.nn.Module(), q, q, q, None, dropout=0.1)
     with pytest.raises(ValueError, match="soft-capping"):
         hf_attention.pldr_attention_forward(torch.nn.Module(), q, q, q, None, softcap=30.0)
+
+
+def test_llama_bench_suite_runs():
+    """`pldr-bench llama` on a tiny run: every (part, attn) row is there and checked."""
+    from pldr_kernels.bench.llama_suite import LlamaConfig, run_llama
+
+    rows, skips = run_llama(LlamaConfig(llama_seqlens=(16,), llama_kv_heads=(2,), llama_layers=1,
+                                        repeats=1), torch.device("cpu"), show_progress=False)
+    assert not skips
+    assert {(r["part"], r["impl"]) for r in rows} == {
+        (part, impl) for part in ("attention", "prefill", "decode")
+        for impl in ("pldr", "sdpa", "eager")}
+    assert all(r["valid"] and r["time_ms_p50"] > 0 for r in rows)
