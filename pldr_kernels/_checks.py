@@ -132,6 +132,16 @@ def check_G(G: Tensor | None, device: torch.device, B, H, d) -> None:
     check_last_dim_contiguous(G, "G")
 
 
+def check_kv_heads(t: Tensor, name: str, H) -> None:
+    """Grouped-query / multi-query attention (docs/design.md §3.2): ``t`` (k, v, the decode's
+    caches) carries H_kv heads, H_kv dividing H; query head h reads kv head h // (H / H_kv)."""
+    H_kv = t.size(2)
+    torch._check(H_kv == H or (H_kv >= 1 and H % H_kv == 0), lambda: f"{name}.shape[2] "
+                 f"(key/value heads H_kv) must divide the query heads H = {H} (grouped-query "
+                 f"attention: query head h uses kv head h // (H / H_kv)), got {H_kv} (shape "
+                 f"{shape_str(t)}).")
+
+
 def check_g_attention_inputs(q: Tensor, k: Tensor, v: Tensor, G: Tensor | None,
                              key_mask: Tensor | None, scale: float | None) -> None:
     check_rank(q, "q", 4, "[B, Sq, H, d]")
@@ -147,7 +157,7 @@ def check_g_attention_inputs(q: Tensor, k: Tensor, v: Tensor, G: Tensor | None,
     B, Sk, H, d = q.size(0), k.size(1), q.size(2), q.size(3)
     check_head_dim(d, "q")
     check_dim(k, "k", 0, B, "batch")
-    check_dim(k, "k", 2, H, "heads")
+    check_kv_heads(k, "k", H)
     check_dim(k, "k", 3, d, "head dim")
     check_shape(v, "v", k.shape)
     check_last_dim_contiguous(q, "q")
@@ -324,7 +334,7 @@ def check_g_attention_decode_inputs(q: Tensor, k_cache: Tensor, v_cache: Tensor,
     check_head_dim(d, "q")
     torch._check(Sn >= 1, lambda: f"q.shape[1] (new tokens Sn) must be at least 1, got {Sn}.")
     check_dim(k_cache, "k_cache", 0, B, "batch")
-    check_dim(k_cache, "k_cache", 2, H, "heads")
+    check_kv_heads(k_cache, "k_cache", H)
     check_dim(k_cache, "k_cache", 3, d, "head dim")
     check_shape(v_cache, "v_cache", k_cache.shape)
     check_last_dim_contiguous(q, "q")
@@ -342,8 +352,8 @@ def check_g_attention_decode_inputs(q: Tensor, k_cache: Tensor, v_cache: Tensor,
         for t, name in ((k_new, "k_new"), (v_new, "v_new")):
             check_device(t, name, device)
             check_dtype(t, name, q.dtype, "It must match q and the cache.")
-            check_rank(t, name, 4, "[B, Sn, H, d]")
-            check_shape(t, name, q.shape)
+            check_rank(t, name, 4, "[B, Sn, H_kv, d]")
+            check_shape(t, name, (B, Sn, k_cache.size(2), d))
             check_last_dim_contiguous(t, name)
         torch._check(Sn <= Smax, lambda: f"q.shape[1] (new tokens Sn = {Sn}) exceeds the cache "
                      f"length Smax = {Smax}.")

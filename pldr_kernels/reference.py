@@ -133,6 +133,18 @@ def apply_g(q: Tensor, G: Tensor | None) -> Tensor:
     return torch.einsum("bshi,bhij->bshj", q.to(ct), G.to(ct))
 
 
+def repeat_kv(x: Tensor, heads: int) -> Tensor:
+    """``x [B,S,H_kv,d]`` with each kv head repeated for its H / H_kv query heads, in
+    transformers' ``repeat_kv`` order: query head h uses kv head h // (H / H_kv) (grouped-query
+    and multi-query attention, docs/design.md §3.2)."""
+    H_kv = x.shape[2]
+    if H_kv == heads:
+        return x
+    if H_kv < 1 or heads % H_kv:
+        raise ValueError(f"key/value heads H_kv = {H_kv} must divide the query heads H = {heads}")
+    return x.repeat_interleave(heads // H_kv, dim=2)
+
+
 def g_attention(q: Tensor, k: Tensor, v: Tensor, G: Tensor | None = None,
                 key_mask: Tensor | None = None, causal: bool = False,
                 scale: float | None = None, *, visible_only: bool = False
@@ -140,7 +152,8 @@ def g_attention(q: Tensor, k: Tensor, v: Tensor, G: Tensor | None = None,
     """``softmax((q·G)·kᵀ·scale + mask)·v`` → ``(out [B,Sq,H,d] in q's dtype, lse [B,H,Sq] fp32)``.
 
     ``causal`` is bottom-right aligned (query i sees keys j ≤ i + Sk − Sq). ``key_mask [B,Sk]``:
-    True = attend. A query row with no visible key gives out = 0 and lse = −inf.
+    True = attend. A query row with no visible key gives out = 0 and lse = −inf. k and v may
+    have fewer heads than q (grouped-query attention, :func:`repeat_kv`).
 
     Non-finite inputs (docs/design.md §3.5): a NaN score among a row's visible keys, or a +inf
     one, makes that row's out and lse NaN. ``visible_only=True`` sums P·V over each row's visible
@@ -153,8 +166,8 @@ def g_attention(q: Tensor, k: Tensor, v: Tensor, G: Tensor | None = None,
     ct = compute_dtype(q, k, G)
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     qt = apply_g(q, G).permute(0, 2, 1, 3)  # [B,H,Sq,d]
-    kt = k.to(ct).permute(0, 2, 1, 3)
-    vt = v.to(ct).permute(0, 2, 1, 3)
+    kt = repeat_kv(k.to(ct), q.shape[2]).permute(0, 2, 1, 3)
+    vt = repeat_kv(v.to(ct), q.shape[2]).permute(0, 2, 1, 3)
     scores = torch.matmul(qt, kt.transpose(-1, -2)) * scale  # [B,H,Sq,Sk]
     p, lse = masked_softmax(scores, key_mask, causal)
     if visible_only:

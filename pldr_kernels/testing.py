@@ -225,11 +225,14 @@ def randn(shape, dtype=torch.float32, device="cpu", generator=None) -> Tensor:
 
 
 def random_attention_inputs(B: int, Sq: int, Sk: int, H: int, d: int, dtype=torch.float32,
-                            device="cpu", generator=None) -> tuple[Tensor, Tensor, Tensor]:
-    """``q [B,Sq,H,d]``, ``k, v [B,Sk,H,d]`` standard normal in ``dtype``."""
+                            device="cpu", generator=None, *, kv_heads: int | None = None
+                            ) -> tuple[Tensor, Tensor, Tensor]:
+    """``q [B,Sq,H,d]``, ``k, v [B,Sk,H_kv,d]`` standard normal in ``dtype``; ``kv_heads``
+    (H_kv, dividing H; default H) for grouped-query / multi-query attention."""
+    H_kv = H if kv_heads is None else kv_heads
     return (randn((B, Sq, H, d), dtype, device, generator),
-            randn((B, Sk, H, d), dtype, device, generator),
-            randn((B, Sk, H, d), dtype, device, generator))
+            randn((B, Sk, H_kv, d), dtype, device, generator),
+            randn((B, Sk, H_kv, d), dtype, device, generator))
 
 
 def random_g(B: int, H: int, d: int, device="cpu", generator=None) -> Tensor:
@@ -245,7 +248,8 @@ def random_kv_cache(B: int, Smax: int, H: int, d: int, lens: Sequence[int],
                     dtype=torch.float32, starts: Sequence[int] | None = None,
                     fill: float = math.nan, device="cpu",
                     generator=None) -> tuple[Tensor, Tensor]:
-    """``k_cache, v_cache [B,Smax,H,d]`` for ``g_attention_decode``: row b holds standard normal
+    """``k_cache, v_cache [B,Smax,H,d]`` for ``g_attention_decode`` (H: the kv heads, H_kv
+    for grouped-query attention): row b holds standard normal
     keys/values in ``[starts[b], lens[b])`` and ``fill`` elsewhere (NaN by default, so a kernel
     that reads a row it must not shows it in its output)."""
     k_cache = torch.full((B, Smax, H, d), fill).to(dtype)
@@ -300,6 +304,7 @@ def g_attention_peer(q: Tensor, k: Tensor, v: Tensor, G: Tensor | None = None,
     dt = q.dtype
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     qt = reference.apply_g(q, G).to(dt).permute(0, 2, 1, 3)
+    k, v = (reference.repeat_kv(t, q.shape[2]) for t in (k, v))  # grouped-query attention
     scores = torch.matmul(qt, k.permute(0, 2, 3, 1)).float() * scale
     p, lse = reference.masked_softmax(scores, key_mask, causal)
     out = torch.matmul(p.to(dt), v.permute(0, 2, 1, 3)).permute(0, 2, 1, 3)

@@ -329,7 +329,8 @@ def emu_g_attention(q, k, v, G=None, key_mask=None, causal=False, scale=None):
     B, Sq, H, d = q.shape
     Sk = k.shape[1]
     scale = 1.0 / math.sqrt(d) if scale is None else scale
-    params = dict(dtype=DTYPE_CODE[q.dtype], d=d, B=B, H=H, Sq=Sq, Sk=Sk, causal=int(causal),
+    params = dict(dtype=DTYPE_CODE[q.dtype], d=d, B=B, H=H, H_kv=k.shape[2], Sq=Sq, Sk=Sk,
+                  causal=int(causal),
                   scale_bits=_f32_bits(scale), has_G=int(G is not None),
                   has_mask=int(key_mask is not None))
     inputs = {}
@@ -397,7 +398,8 @@ def emu_g_attention_decode(q, k_cache, v_cache, cache_seqlens, k_new=None, v_new
         if not G.is_contiguous():
             raise EmulatorCannotExpress("the decode driver reads a contiguous G")
         inputs["G"] = to_raw(G)
-    params = dict(B=B, Sn=Sn, Smax=Smax, H=H, d=d, dtype=DTYPE_CODE[q.dtype],
+    params = dict(B=B, Sn=Sn, Smax=Smax, H=H, H_kv=k_cache.shape[2], d=d,
+                  dtype=DTYPE_CODE[q.dtype],
                   num_splits=num_splits, num_sms=num_sms, has_new=int(k_new is not None),
                   has_start=int(cache_start is not None), G_batch=0 if G is None else G.shape[0],
                   force_scalar=int(force_scalar), pad_heads=pad)

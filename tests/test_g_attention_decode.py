@@ -409,7 +409,7 @@ BAD_INPUTS = {
                                        G=None),
                     r"q.shape\[-1\] \(head dim d\) must be 64 or 128, got 96"),
     "k_cache_heads": (lambda a: a.update(k_cache=_randn(a, 2, 8, 3, 64)),
-                      r"k_cache.shape\[2\] \(heads\)"),
+                      r"k_cache.shape\[2\] \(key/value heads H_kv\) must divide"),
     "v_cache_shape": (lambda a: a.update(v_cache=_randn(a, 2, 9, 2, 64)),
                       "v_cache must have shape"),
     "q_last_dim_strided": (lambda a: a.update(q=_randn(a, 2, 1, 2, 128)[..., ::2]),

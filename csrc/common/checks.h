@@ -105,8 +105,20 @@ inline void check_G(const c10::optional<at::Tensor>& G, const at::Device& device
   check_last_dim_contiguous(g, "G");
 }
 
+// Grouped-query / multi-query attention (docs/design.md §3.2): k and v (the decode's caches and
+// new tokens) carry H_kv heads, H_kv dividing q's H; query head h reads kv head h / (H / H_kv),
+// transformers' repeat_kv order. H_kv = H is plain multi-head attention.
+inline void check_kv_heads(const at::Tensor& t, const char* name, int64_t H) {
+  const int64_t H_kv = t.size(2);
+  TORCH_CHECK(H_kv == H || (H_kv >= 1 && H % H_kv == 0), name,
+              ".shape[2] (key/value heads H_kv) must divide the query heads H = ", H,
+              " (grouped-query attention: query head h uses kv head h // (H / H_kv)), got ", H_kv,
+              " (shape ", shape_str(t), ").");
+}
+
 struct AttentionDims {
   int64_t B, Sq, Sk, H, d;
+  int64_t H_kv;  // key/value heads, dividing H
 };
 
 inline AttentionDims check_g_attention_inputs(const at::Tensor& q, const at::Tensor& k,
@@ -124,10 +136,10 @@ inline AttentionDims check_g_attention_inputs(const at::Tensor& q, const at::Ten
   TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
               "q, k and v must have the same dtype, got q ", q.scalar_type(), ", k ",
               k.scalar_type(), ", v ", v.scalar_type(), ".");
-  AttentionDims dims{q.size(0), q.size(1), k.size(1), q.size(2), q.size(3)};
+  AttentionDims dims{q.size(0), q.size(1), k.size(1), q.size(2), q.size(3), k.size(2)};
   check_head_dim(dims.d, "q");
   check_dim(k, "k", 0, dims.B, "batch");
-  check_dim(k, "k", 2, dims.H, "heads");
+  check_kv_heads(k, "k", dims.H);
   check_dim(k, "k", 3, dims.d, "head dim");
   check_shape(v, "v", k.sizes());
   check_last_dim_contiguous(q, "q");
@@ -336,6 +348,7 @@ inline void check_decode_caches_writable(
 
 struct DecodeDims {
   int64_t B, Sn, Smax, H, d;
+  int64_t H_kv;  // heads of the caches and of k_new / v_new, dividing H
 };
 
 // Shape/dtype checks of g_attention_decode. The value check cache_seqlens + Sn <= Smax needs the
@@ -355,11 +368,11 @@ inline DecodeDims check_g_attention_decode_inputs(
   TORCH_CHECK(k_cache.scalar_type() == q.scalar_type() && v_cache.scalar_type() == q.scalar_type(),
               "q, k_cache and v_cache must have the same dtype, got q ", q.scalar_type(),
               ", k_cache ", k_cache.scalar_type(), ", v_cache ", v_cache.scalar_type(), ".");
-  DecodeDims dims{q.size(0), q.size(1), k_cache.size(1), q.size(2), q.size(3)};
+  DecodeDims dims{q.size(0), q.size(1), k_cache.size(1), q.size(2), q.size(3), k_cache.size(2)};
   check_head_dim(dims.d, "q");
   TORCH_CHECK(dims.Sn >= 1, "q.shape[1] (new tokens Sn) must be at least 1, got ", dims.Sn, ".");
   check_dim(k_cache, "k_cache", 0, dims.B, "batch");
-  check_dim(k_cache, "k_cache", 2, dims.H, "heads");
+  check_kv_heads(k_cache, "k_cache", dims.H);
   check_dim(k_cache, "k_cache", 3, dims.d, "head dim");
   check_shape(v_cache, "v_cache", k_cache.sizes());
   check_last_dim_contiguous(q, "q");
@@ -378,8 +391,8 @@ inline DecodeDims check_g_attention_decode_inputs(
                                   std::pair<const at::Tensor&, const char*>{*v_new, "v_new"}}) {
       check_device(t, name, device);
       check_dtype(t, name, q.scalar_type(), "It must match q and the cache.");
-      check_rank(t, name, 4, "[B, Sn, H, d]");
-      check_shape(t, name, q.sizes());
+      check_rank(t, name, 4, "[B, Sn, H_kv, d]");
+      check_shape(t, name, {dims.B, dims.Sn, dims.H_kv, dims.d});
       check_last_dim_contiguous(t, name);
     }
     TORCH_CHECK(dims.Sn <= dims.Smax, "q.shape[1] (new tokens Sn = ", dims.Sn,

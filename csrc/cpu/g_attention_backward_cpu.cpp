@@ -17,6 +17,11 @@
 // chunks in chunk order (a partial per chunk, no atomics), then dq = dq̃·Gᵀ and dG follow per
 // (b, h), query tile by query tile; a G shared by the batch sums dG over the batch in batch order.
 // The Sq×Sk matrices exist one 64×64 tile at a time.
+//
+// Grouped-query attention (k, v with H_kv < H heads): an item of query head h reads kv head
+// h / (H / H_kv) and writes the dK, dV of its own query head in fp32 to a [B, Sk, H, d] workspace;
+// a last pass sums each kv head's group of query heads in head order and rounds once (no atomics,
+// the same bits at any thread count).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/native/CPUBlas.h>
@@ -50,12 +55,16 @@ struct Problem {
   int64_t mask_batch = 0, mask_key = 0;
   GView g;
   int64_t B, Sq, Sk, H, q_tiles, k_tiles;
+  int64_t kv_group;  // query heads per kv head (1: multi-head attention)
   int64_t n_chunks;  // key chunks per (b, h)
   bool causal;
   int64_t diag;   // with causal, query i sees key j iff j <= i + diag (bottom-right aligned)
   float factor;   // scale·log2 e: q̃ in log2 units, as the forward forms it
   float scale;
   T *dq, *dk, *dv;
+  // GQA: dK, dV per query head, fp32 [B, Sk, H, d], summed over each group afterwards; null for
+  // multi-head attention, whose items write dk, dv directly.
+  float *dk_per_head = nullptr, *dv_per_head = nullptr;
 
   Problem(const at::Tensor& dout_, const at::Tensor& q_, const at::Tensor& k_,
           const at::Tensor& v_, const c10::optional<at::Tensor>& G,
@@ -64,7 +73,7 @@ struct Problem {
           const AttentionDims& dims, at::Tensor& dq_, at::Tensor& dk_, at::Tensor& dv_)
       : dout(dout_), q(q_), k(k_), v(v_), out(out_), lse(lse_), g(G, dims.d), B(dims.B),
         Sq(dims.Sq), Sk(dims.Sk), H(dims.H), q_tiles(ceil_div(dims.Sq, kBwdQueryTile)),
-        k_tiles(ceil_div(dims.Sk, kBwdKeyTile)),
+        k_tiles(ceil_div(dims.Sk, kBwdKeyTile)), kv_group(dims.H / dims.H_kv),
         n_chunks(std::clamp<int64_t>(ceil_div(kMinWorkItems, dims.B * dims.H), 1,
                                      std::max<int64_t>(k_tiles, 1))),
         causal(causal_), diag(dims.Sk - dims.Sq),
@@ -257,8 +266,8 @@ void exact_delta_tile(const Problem<T>& p, int64_t b, int64_t h, int64_t it, flo
   form_q_tilde<T, D>(rows_of<T>(p.q, b, h), i0, M, p.g.at(b, h), p.g.ld, p.factor, fwd);
   const float* qs_rows = fwd.q_tilde.data();
   pack_transposed<float, D>([&](int64_t r) { return qs_rows + r * D; }, M, w.dq_cols.data(), TQ);
-  const Rows<T> dout = rows_of<T>(p.dout, b, h), k = rows_of<T>(p.k, b, h),
-                v = rows_of<T>(p.v, b, h);
+  const Rows<T> dout = rows_of<T>(p.dout, b, h), k = rows_of<T>(p.k, b, h / p.kv_group),
+                v = rows_of<T>(p.v, b, h / p.kv_group);
   for (int64_t r = 0; r < M; ++r) load_row_as_float(dout.row(i0 + r), w.q_rows.data() + r * D, D);
   pack_transposed<float, D>([&](int64_t r) { return w.q_rows.data() + r * D; }, M,
                             w.dqt_sum.data(), TQ);
@@ -308,9 +317,23 @@ void backward_chunk(const Problem<T>& p, int64_t bh, int64_t chunk, const float*
   if (it_begin < p.q_tiles && kt_begin < kt_end) {
     prepare_query_tiles<T, D>(p, b, h, it_begin, exact_delta, qs, fwd);
   }
-  const Rows<T> k = rows_of<T>(p.k, b, h), v = rows_of<T>(p.v, b, h);
-  auto dk_row = [&](int64_t j) { return p.dk + ((b * p.Sk + j) * p.H + h) * D; };
-  auto dv_row = [&](int64_t j) { return p.dv + ((b * p.Sk + j) * p.H + h) * D; };
+  const Rows<T> k = rows_of<T>(p.k, b, h / p.kv_group), v = rows_of<T>(p.v, b, h / p.kv_group);
+  // Multi-head: this head's rows of dk, dv. GQA: its rows of the fp32 per-query-head workspace.
+  const int64_t H_kv = p.H / p.kv_group;
+  auto dk_row = [&](int64_t j) { return p.dk + ((b * p.Sk + j) * H_kv + h) * D; };
+  auto dv_row = [&](int64_t j) { return p.dv + ((b * p.Sk + j) * H_kv + h) * D; };
+  auto dk_head_row = [&](int64_t j) { return p.dk_per_head + ((b * p.Sk + j) * p.H + h) * D; };
+  auto dv_head_row = [&](int64_t j) { return p.dv_per_head + ((b * p.Sk + j) * p.H + h) * D; };
+  const bool per_head = p.dk_per_head != nullptr;
+  auto zero_key_rows = [&](int64_t j) {
+    if (per_head) {
+      zero_row(dk_head_row(j), D);
+      zero_row(dv_head_row(j), D);
+    } else {
+      zero_row(dk_row(j), D);
+      zero_row(dv_row(j), D);
+    }
+  };
   constexpr int64_t TQ = kBwdQueryTile, TK = kBwdKeyTile;
   for (int64_t jt = kt_begin; jt < kt_end; ++jt) {
     const int64_t j0 = jt * TK, n = std::min(TK, p.Sk - j0);
@@ -321,10 +344,7 @@ void backward_chunk(const Problem<T>& p, int64_t bh, int64_t chunk, const float*
       for (int64_t r = 0; r < n && !any_visible; ++r) any_visible = p.key_visible(b, j0 + r);
     }
     if (!any_visible) {  // no query sees these keys: zero gradients, nothing to add to dq̃
-      for (int64_t r = 0; r < n; ++r) {
-        zero_row(dk_row(j0 + r), D);
-        zero_row(dv_row(j0 + r), D);
-      }
+      for (int64_t r = 0; r < n; ++r) zero_key_rows(j0 + r);
       continue;
     }
     load_key_tile<T, D>(p, b, k, v, j0, n, w.k_rows.data(), w.v_rows.data());
@@ -350,12 +370,14 @@ void backward_chunk(const Problem<T>& p, int64_t bh, int64_t chunk, const float*
     // dK = scale·dSᵀ·q̃ = ln 2 · dSᵀ·(q̃·scale·log2 e).
     const float to_natural = static_cast<float>(kLn2);
     for (int64_t r = 0; r < n; ++r) {
-      if (p.key_visible(b, j0 + r)) {
+      if (!p.key_visible(b, j0 + r)) {
+        zero_key_rows(j0 + r);
+      } else if (per_head) {
+        store_row_from_float(w.dk.data() + r * D, dk_head_row(j0 + r), D, to_natural);
+        store_row_from_float(w.dv.data() + r * D, dv_head_row(j0 + r), D, 1.0f);
+      } else {
         store_row_from_float(w.dk.data() + r * D, dk_row(j0 + r), D, to_natural);
         store_row_from_float(w.dv.data() + r * D, dv_row(j0 + r), D, 1.0f);
-      } else {
-        zero_row(dk_row(j0 + r), D);
-        zero_row(dv_row(j0 + r), D);
       }
     }
   }
@@ -505,6 +527,27 @@ void g_attention_backward_kernel(const Problem<T>& p, at::Tensor* dG) {
                                BH * block_floats, dG_ptr ? dG_ptr + bh * D * D : nullptr, w);
         });
   }
+  if (p.dk_per_head != nullptr) {  // GQA: dk, dv of kv head g = Σ over its query heads, in order
+    const int64_t H_kv = p.H / p.kv_group;
+    at::parallel_for(0, p.B * p.Sk * H_kv, 64, [&](int64_t begin, int64_t end) {
+      float acc_k[D], acc_v[D];
+      for (int64_t row = begin; row < end; ++row) {  // row = (b·Sk + j)·H_kv + g
+        const int64_t bj = row / H_kv, first_head = (row % H_kv) * p.kv_group;
+        const float* k_src = p.dk_per_head + (bj * p.H + first_head) * D;
+        const float* v_src = p.dv_per_head + (bj * p.H + first_head) * D;
+        std::copy(k_src, k_src + D, acc_k);
+        std::copy(v_src, v_src + D, acc_v);
+        for (int64_t m = 1; m < p.kv_group; ++m) {
+          for (int64_t e = 0; e < D; ++e) {
+            acc_k[e] += k_src[m * D + e];
+            acc_v[e] += v_src[m * D + e];
+          }
+        }
+        store_row_from_float(acc_k, p.dk + row * D, D, 1.0f);
+        store_row_from_float(acc_v, p.dv + row * D, D, 1.0f);
+      }
+    });
+  }
   if (shared_g) {  // dG[0, h] = Σ_b dG[b, h], in batch order
     float* dst = dG->data_ptr<float>();
     at::parallel_for(0, p.H, 1, [&](int64_t h_begin, int64_t h_end) {
@@ -527,8 +570,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, c10::optional<at::Tensor>> g_atte
   const auto dims =
       check_g_attention_backward_inputs(dout, q, k, v, G, out, lse, key_mask, scale);
   auto dq = at::empty({dims.B, dims.Sq, dims.H, dims.d}, q.options());
-  auto dk = at::empty({dims.B, dims.Sk, dims.H, dims.d}, q.options());
-  auto dv = at::empty({dims.B, dims.Sk, dims.H, dims.d}, q.options());
+  auto dk = at::empty({dims.B, dims.Sk, dims.H_kv, dims.d}, q.options());
+  auto dv = at::empty({dims.B, dims.Sk, dims.H_kv, dims.d}, q.options());
   c10::optional<at::Tensor> dG;
   if (G.has_value()) dG = at::empty(G->sizes(), G->options().memory_format(at::MemoryFormat::Contiguous));
   if (dq.numel() == 0 || dk.numel() == 0) {  // no query or no key: every gradient is 0
@@ -541,8 +584,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, c10::optional<at::Tensor>> g_atte
   const double scale_value = scale.value_or(1.0 / std::sqrt(static_cast<double>(dims.d)));
   PLDR_DTYPE_SWITCH(q.scalar_type(), Elements, T, [&] {
     PLDR_HEAD_DIM_SWITCH(dims.d, D, [&] {
-      const Problem<T> p(dout, q, k, v, G, out, lse, key_mask, causal, scale_value, dims, dq, dk,
-                         dv);
+      Problem<T> p(dout, q, k, v, G, out, lse, key_mask, causal, scale_value, dims, dq, dk, dv);
+      at::Tensor dk_per_head, dv_per_head;  // GQA workspaces (see the top of the file)
+      if (p.kv_group > 1) {
+        dk_per_head = at::empty({dims.B, dims.Sk, dims.H, dims.d}, q.options().dtype(at::kFloat));
+        dv_per_head = at::empty_like(dk_per_head);
+        p.dk_per_head = dk_per_head.data_ptr<float>();
+        p.dv_per_head = dv_per_head.data_ptr<float>();
+      }
       g_attention_backward_kernel<T, D>(p, dG.has_value() ? &*dG : nullptr);
     });
   });

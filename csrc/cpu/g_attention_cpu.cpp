@@ -26,6 +26,7 @@ void g_attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tens
                         const c10::optional<at::Tensor>& G, const c10::optional<at::Tensor>& key_mask,
                         bool causal, float factor, at::Tensor& out, at::Tensor& lse) {
   const int64_t B = q.size(0), Sq = q.size(1), H = q.size(2), Sk = k.size(1);
+  const int64_t kv_group = H / k.size(2);  // query heads per kv head (GQA, docs/design.md §3.2)
   const int64_t q_tiles = ceil_div(Sq, kQueryTile);
   const int64_t n_items = B * H * q_tiles;
   const bool* mask_ptr = key_mask.has_value() ? key_mask->data_ptr<bool>() : nullptr;
@@ -50,8 +51,8 @@ void g_attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tens
         const int64_t q0 = t * kQueryTile, M = std::min(kQueryTile, Sq - q0);
         form_q_tilde<T, D>(rows_of<T>(q, b, h), q0, M, g_view.at(b, h), g_view.ld, factor, s);
         reset_accumulators<D>(M, s);
-        const KeyRange<T> kr{rows_of<T>(k, b, h),
-                             rows_of<T>(v, b, h),
+        const KeyRange<T> kr{rows_of<T>(k, b, h / kv_group),
+                             rows_of<T>(v, b, h / kv_group),
                              mask_ptr ? mask_ptr + b * mask_batch_stride : nullptr,
                              mask_key_stride,
                              0,

@@ -38,7 +38,8 @@ int64_t choose_num_splits(int64_t requested, int64_t base_items, int64_t max_key
   return std::clamp<int64_t>(std::min(wanted, ceil_div(max_key_tiles, kMinTilesPerSplit)), 1, most);
 }
 
-// Writes k_new/v_new into the caches at rows cache_seqlens[b] ... (bounds already checked).
+// Writes k_new/v_new (H_kv heads, like the caches) into the caches at rows cache_seqlens[b] ...
+// (bounds already checked).
 template <typename T>
 void append_to_cache(const at::Tensor& k_new, const at::Tensor& v_new, const at::Tensor& k_cache,
                      const at::Tensor& v_cache, const std::vector<int64_t>& lens) {
@@ -67,6 +68,7 @@ void g_attention_decode_kernel(const at::Tensor& q, const at::Tensor& k_cache,
                                const c10::optional<at::Tensor>& G, float factor,
                                int64_t num_splits, at::Tensor& out) {
   const int64_t B = q.size(0), Sn = q.size(1), H = q.size(2);
+  const int64_t kv_group = H / k_cache.size(2);  // query heads per kv head (GQA, §3.3)
   const int64_t q_tiles = ceil_div(Sn, kQueryTile);
   int64_t max_key_tiles = 0;
   for (int64_t b = 0; b < B; ++b) {
@@ -122,7 +124,8 @@ void g_attention_decode_kernel(const at::Tensor& q, const at::Tensor& k_cache,
         reset_accumulators<D>(M, s);
         const auto [first, last] = split_range(it.b, it.split);
         // Query i of the new block sees cache rows up to key_end − Sn + i (bottom-right causal).
-        const KeyRange<T> kr{rows_of<T>(k_cache, it.b, it.h), rows_of<T>(v_cache, it.b, it.h),
+        const int64_t kv_h = it.h / kv_group;
+        const KeyRange<T> kr{rows_of<T>(k_cache, it.b, kv_h), rows_of<T>(v_cache, it.b, kv_h),
                              nullptr, 0, first, last, true, key_end[it.b] - Sn + q0,
                              key_end[it.b]};
         attend_key_range<T, D>(M, kr, /*allow_row_path=*/true, s);

@@ -62,6 +62,7 @@ std::tuple<at::Tensor, at::Tensor> g_attention_cuda(
   }
   p.B = static_cast<int>(dims.B), p.H = static_cast<int>(dims.H);
   p.Sq = static_cast<int>(dims.Sq), p.Sk = static_cast<int>(dims.Sk);
+  p.kv_group = static_cast<int>(dims.H / dims.H_kv);
   p.scale = static_cast<float>(scale.has_value() ? *scale : 1.0 / std::sqrt(double(dims.d)));
   p.causal = causal;
 

@@ -67,6 +67,7 @@ at::Tensor g_attention_decode_cuda(const at::Tensor& q, const at::Tensor& k_cach
   p.Sn = int(dims.Sn);
   p.Smax = int(dims.Smax);
   p.H = int(dims.H);
+  p.kv_group = int(dims.H / dims.H_kv);
   p.scale = float(scale.value_or(1.0 / std::sqrt(double(dims.d))));
   p.vec_ok = rows_16B_aligned(k_cache) && rows_16B_aligned(v_cache) &&
              (!k_new.has_value() || (rows_16B_aligned(*k_new) && rows_16B_aligned(*v_new)));

@@ -94,13 +94,16 @@ __global__ void __launch_bounds__(kDecodeThreads) g_attention_decode_kernel(cons
     return;  // with splits, decode_combine_kernel writes the NaN
   }
 
-  T* k_cache = head_rows<T>(p.k_cache, b, h);
-  T* v_cache = head_rows<T>(p.v_cache, b, h);
+  // Grouped-query attention: the kv head of query head h; the first query head of each group
+  // appends its new keys (the others read them from k_new, like every block, so none waits).
+  const int kv_h = int(unsigned(h) / unsigned(p.kv_group));  // unsigned: fewer registers
+  T* k_cache = head_rows<T>(p.k_cache, b, kv_h);
+  T* v_cache = head_rows<T>(p.v_cache, b, kv_h);
   const bool appending = p.k_new.ptr != nullptr;
-  const T* k_new = appending ? head_rows<const T>(p.k_new, b, h) : nullptr;
-  const T* v_new = appending ? head_rows<const T>(p.v_new, b, h) : nullptr;
+  const T* k_new = appending ? head_rows<const T>(p.k_new, b, kv_h) : nullptr;
+  const T* v_new = appending ? head_rows<const T>(p.v_new, b, kv_h) : nullptr;
 
-  if (appending && split == 0 && blockIdx.y < unsigned(p.H)) {
+  if (appending && split == 0 && blockIdx.y < unsigned(p.H) && h % p.kv_group == 0) {
     for (int idx = tid; idx < p.Sn * D; idx += kDecodeThreads) {
       const int s = idx / D, e = idx % D;
       k_cache[int64_t(row.len + s) * p.k_cache.row_stride + e] = k_new[s * p.k_new.row_stride + e];

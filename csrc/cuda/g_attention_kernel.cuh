@@ -193,8 +193,10 @@ __global__ void __launch_bounds__(MmaTiling<D>::kThreads, MmaTiling<D>::kMinBloc
   const int q_rows = (p.Sq - m0 < kBlockM) ? p.Sq - m0 : kBlockM;
 
   const uint16_t* q = head_rows<const uint16_t>(p.q, b, h) + m0 * p.q.row_stride;
-  const uint16_t* k = head_rows<const uint16_t>(p.k, b, h);
-  const uint16_t* v = head_rows<const uint16_t>(p.v, b, h);
+  // grouped-query attention (docs/design.md §3.2); unsigned: the signed division cost registers
+  const int kv_h = int(unsigned(h) / unsigned(p.kv_group));
+  const uint16_t* k = head_rows<const uint16_t>(p.k, b, kv_h);
+  const uint16_t* v = head_rows<const uint16_t>(p.v, b, kv_h);
   const bool* key_mask = p.key_mask ? p.key_mask + b * p.key_mask_batch_stride : nullptr;
 
   const int key_end = visible_key_end(p, m0 + q_rows - 1);
@@ -522,10 +524,12 @@ __global__ void __launch_bounds__(Fp32Tiling::kThreads)
 
   const float* q = head_rows<const float>(p.q, b, h) + i * p.q.row_stride;
   // k and v spelled out: through head_rows, nvcc 13 keeps this kernel at 48 registers, not 40.
+  // grouped-query attention (docs/design.md §3.2); unsigned: the signed division cost registers
+  const int kv_h = int(unsigned(h) / unsigned(p.kv_group));
   const float* k =
-      static_cast<const float*>(p.k.ptr) + b * p.k.batch_stride + h * p.k.head_stride;
+      static_cast<const float*>(p.k.ptr) + b * p.k.batch_stride + kv_h * p.k.head_stride;
   const float* v =
-      static_cast<const float*>(p.v.ptr) + b * p.v.batch_stride + h * p.v.head_stride;
+      static_cast<const float*>(p.v.ptr) + b * p.v.batch_stride + kv_h * p.v.head_stride;
   const bool* key_mask = p.key_mask ? p.key_mask + b * p.key_mask_batch_stride : nullptr;
 
   // q̃ = q·G in fp32 (G row r at G + r*G_row_stride)

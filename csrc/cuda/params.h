@@ -31,14 +31,15 @@ struct StridedG {
 // pldr::g_attention (g_attention_kernel.cuh).
 struct GAttentionParams {
   StridedBSHD q;    // [B, Sq, H, d], fp32 / bf16 / fp16
-  StridedBSHD k;    // [B, Sk, H, d]
-  StridedBSHD v;    // [B, Sk, H, d]
+  StridedBSHD k;    // [B, Sk, H_kv, d]: query head h reads kv head h / kv_group (GQA)
+  StridedBSHD v;    // [B, Sk, H_kv, d]
   StridedBSHD out;  // [B, Sq, H, d], q's dtype
   float* lse;       // [B, H, Sq] fp32, contiguous
   StridedG G;
   const bool* key_mask;  // [B, Sk], True = attend; null = every key
   int64_t key_mask_batch_stride, key_mask_row_stride;
   int B, H, Sq, Sk;
+  int kv_group;  // H / H_kv, query heads per key/value head (1: multi-head attention)
   float scale;  // softmax scale (default 1/sqrt(d))
   bool causal;  // bottom-right aligned: query i sees keys j <= i + Sk - Sq
 };
@@ -46,9 +47,11 @@ struct GAttentionParams {
 // pldr::g_attention_decode (g_attention_decode_kernel.cuh).
 struct DecodeParams {
   StridedBSHD q;        // [B, Sn, H, d]
-  StridedBSHD k_cache;  // [B, Smax, H, d], written at rows cache_seqlens[b] .. + Sn when appending
+  // [B, Smax, H_kv, d], written at rows cache_seqlens[b] .. + Sn when appending; query head h
+  // reads kv head h / kv_group (GQA)
+  StridedBSHD k_cache;
   StridedBSHD v_cache;
-  StridedBSHD k_new;  // [B, Sn, H, d]; ptr = null: no append
+  StridedBSHD k_new;  // [B, Sn, H_kv, d]; ptr = null: no append
   StridedBSHD v_new;
   StridedBSHD out;  // [B, Sn, H, d]
   StridedG G;
@@ -59,6 +62,7 @@ struct DecodeParams {
   float* o_partial;    // [B, Sn, H, num_splits, d] fp32 workspace, when num_splits > 1
   float* lse_partial;  // [B, Sn, H, num_splits] fp32 (base-2 log-sum-exp)
   int B, Sn, Smax, H;
+  int kv_group;  // H / H_kv (1: multi-head attention)
   float scale;
   int num_splits;
   int q_chunks;

@@ -8,6 +8,8 @@
   pldr-bench train [options]           forward + backward: g_attention vs eager and SDPA, the metric
                                        learner vs eager autograd, a model training step vs the
                                        reference model
+  pldr-bench llama [options]           a transformers Llama with attn_implementation "pldr" vs
+                                       "sdpa" and "eager": prefill and a decode step
   pldr-bench --from-json RUN.json --markdown --plot RUN.png     render a saved run again
 
 Options go before or after the subcommand. `--json` keeps every sample; the terminal report,
@@ -75,11 +77,13 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=invocations)
     opt = parser.add_argument
-    opt("suite", nargs="?", choices=("ops", "generate", "train", "hf", "all"), default="all",
+    opt("suite", nargs="?", choices=("ops", "generate", "train", "hf", "llama", "all"),
+        default="all",
         help="ops: each op vs its rivals; generate: whole-model generation; train: forward + "
              "backward of the ops and a model training step; hf: HF generate on "
-             "PldrllmForCausalLM vs PLDRForCausalLM.generate (not in all); all (default): "
-             "ops, generate and train")
+             "PldrllmForCausalLM vs PLDRForCausalLM.generate; llama: a transformers Llama with "
+             'attn_implementation "pldr" vs "sdpa" and "eager"; all (default): ops, generate '
+             "and train (hf and llama need transformers)")
     opt("--quick", action="store_true",
         help="small sweeps (~1 min on a 2-core CPU; no FlexAttention compile)")
     opt("--device", type=device_name, default="cpu",
@@ -129,6 +133,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--contestants, --model-config)").add_argument
     opt("--train-parts", nargs="+", choices=("g_attention", "metric_tensors", "model"),
         metavar="PART", help="g_attention metric_tensors model (default: all)")
+    opt = parser.add_argument_group("llama (also --repeats, --contestants)").add_argument
+    opt("--llama-seqlens", nargs="+", type=positive, metavar="S",
+        help="prompt lengths (default 512 1024)")
+    opt("--llama-kv-heads", nargs="+", type=positive, metavar="H_KV",
+        help="key/value heads of the 8 query heads (default 8 2)")
+    opt("--llama-layers", type=positive, metavar="N", help="decoder layers (default 4)")
     return parser
 
 
@@ -257,11 +267,18 @@ def train_config(args):
     return TrainConfig(**given(args, TrainConfig, QUICK))
 
 
+def llama_config(args):
+    from .llama_suite import QUICK, LlamaConfig
+
+    return LlamaConfig(**given(args, LlamaConfig, QUICK))
+
+
 def measure(args, argv: list[str]) -> dict:
     """The suites: ``{"env", "results"}``, what ``--json`` writes."""
     import torch
 
     from .generate_suite import run_generate
+    from .llama_suite import run_llama
     from .measure import busy_machine_warning, collect_env, usable_cores
     from .ops_suite import run_ops
     from .train_suite import run_train
@@ -283,9 +300,12 @@ def measure(args, argv: list[str]) -> dict:
     if suite in ("train", "all"):
         more, more_skipped = run_train(train_config(args), device, args.progress)
         results, skipped = results + more, skipped + more_skipped
-    if suite == "hf":
+    if suite == "hf":  # hf and llama are not in "all": they need transformers
         from .hf_suite import run_hf
         more, more_skipped = run_hf(hf_config(args), device, args.progress)
+        results, skipped = results + more, skipped + more_skipped
+    if suite == "llama":
+        more, more_skipped = run_llama(llama_config(args), device, args.progress)
         results, skipped = results + more, skipped + more_skipped
     busy = busy or busy_machine_warning(torch.get_num_threads())  # at the start, else at the end
     env = collect_env(device, ["pldr-bench", *argv])

@@ -238,6 +238,11 @@ def render(data: dict, markdown: bool = False) -> str:
         parts += ["", f"{bold('Training')} (forward + backward, each call returns the gradients"
                       f"{about}{'; extra MiB: ' + method if method else ''}) on {machine(env)}:",
                   "", table(TRAIN_COLUMNS, train, markdown)]
+    llama = [r for r in results if r["bench"] == "llama"]
+    if llama:
+        from .llama_suite import LLAMA_COLUMNS, heading
+        parts += ["", f"{bold(heading(llama))} on {machine(env)}:", "",
+                  table(LLAMA_COLUMNS, llama, markdown)]
     extra = (memory_lines(results) + ordering_lines(results) + summary_lines(env, results)
              + [f"WARNING: {w}" for w in env.get("warnings", [])])
     if any(not r.get("valid", True) for r in results):

@@ -1,7 +1,8 @@
 """pldr-kernels in the Hugging Face ecosystem (``pip install pldr-kernels[hf]``; docs/design.md
 §2.1): :class:`PldrllmConfig`, :class:`PldrllmForCausalLM` (PreTrainedModel + GenerationMixin on
 the pldr ops), :class:`PldrCache` (the KV- and G-caches of HF ``generate``) and
-:class:`PldrllmTokenizerFast`. Importing this module registers them with transformers'
+:class:`PldrllmTokenizerFast`; ``attn_implementation="pldr"`` for any transformers model
+(:mod:`pldr_kernels.hf.attention`). Importing this module registers them with transformers'
 AutoConfig, AutoModel, AutoModelForCausalLM and AutoTokenizer under model_type "pldrllm", so
 ``AutoModelForCausalLM.from_pretrained(dir)`` and ``pipeline("text-generation", model=dir)``
 load a PLDR-LLM directory without running any code it contains.
@@ -9,8 +10,6 @@ load a PLDR-LLM directory without running any code it contains.
 This is the only part of pldr_kernels that imports transformers.
 """
 from __future__ import annotations
-
-import importlib.util
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
@@ -24,10 +23,8 @@ AutoModel.register(PldrllmConfig, PldrllmForCausalLM, exist_ok=True)
 AutoModelForCausalLM.register(PldrllmConfig, PldrllmForCausalLM, exist_ok=True)
 AutoTokenizer.register(PldrllmConfig, fast_tokenizer_class=PldrllmTokenizerFast, exist_ok=True)
 
-# attn_implementation="pldr" for any HF model (the gqa branch's hf/attention.py) registers on
-# import, when that module is there.
-if importlib.util.find_spec(f"{__name__}.attention") is not None:
-    from . import attention  # noqa: F401
+# attn_implementation="pldr" for any HF model (docs/design.md §3.8) registers on import
+from . import attention  # noqa: E402, F401
 
 __all__ = ["HF_CACHE_MODES", "CausalPLDRLLMOutputWithPast", "PldrCache", "PldrllmConfig",
            "PldrllmForCausalLM", "PldrllmPreTrainedModel", "PldrllmTokenizerFast"]

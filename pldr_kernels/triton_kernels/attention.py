@@ -96,11 +96,11 @@ def _keys_ok(offs_n, Sk, km_base, stride_kms, HAS_KEY_MASK: tl.constexpr):
 
 
 # ---- forward -----------------------------------------------------------------------------------
-@triton.jit(do_not_specialize=["H", "Sq", "Sk", "causal_offset"])
+@triton.jit(do_not_specialize=["H", "Sq", "Sk", "causal_offset", "kv_group"])
 def _fwd_kernel(Q, K, V, G, KM, OUT, LSE,
                 sq_b, sq_s, sq_h, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, sg_b, sg_h, sg_r,
                 skm_b, skm_s, so_b, so_s, so_h, sl_b, sl_h,
-                H, Sq, Sk, causal_offset, qk_scale_log2,
+                H, Sq, Sk, causal_offset, qk_scale_log2, kv_group,
                 HAS_G: tl.constexpr, HAS_KEY_MASK: tl.constexpr, D: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, G_CHUNK: tl.constexpr,
                 DOT_DTYPE: tl.constexpr, EMULATE_BF16: tl.constexpr,
@@ -122,8 +122,9 @@ def _fwd_kernel(Q, K, V, G, KM, OUT, LSE,
         qt = qt.to(tl.float32)
     qt = _round_to_input(qt, DOT_DTYPE, EMULATE_BF16)
 
-    k_base = K + b * sk_b + h * sk_h
-    v_base = V + b * sv_b + h * sv_h
+    kv_h = h // kv_group  # grouped-query attention: query head h reads kv head h // (H / H_kv)
+    k_base = K + b * sk_b + kv_h * sk_h
+    v_base = V + b * sv_b + kv_h * sv_h
     km_base = KM + b * skm_b
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -197,28 +198,30 @@ def _bwd_prep_kernel(Q, G, O, DO, LSE, QT, DELTA, LSE2,
                  mask=row_ok[:, None])
 
 
-@triton.jit(do_not_specialize=["H", "Sq", "Sk", "causal_offset"])
+@triton.jit(do_not_specialize=["H", "Sq", "Sk", "causal_offset", "kv_group"])
 def _bwd_dkdv_kernel(QT, K, V, DO, KM, DELTA, LSE2, DK, DV,
                      sqt_b, sqt_s, sqt_h, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h,
                      sdo_b, sdo_s, sdo_h, skm_b, skm_s, sdk_b, sdk_s, sdk_h,
-                     H, Sq, Sk, causal_offset, scale, qk_scale_log2,
+                     H, Sq, Sk, causal_offset, scale, qk_scale_log2, kv_group,
                      HAS_KEY_MASK: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_N: tl.constexpr, DOT_DTYPE: tl.constexpr, EMULATE_BF16: tl.constexpr):
     """One key block of one (b, h), over every query block that sees it: dV = PᵀdO and
     dK = scale·dSᵀq̃, with P and dS held transposed ([keys, queries]) so that each product takes
     them as its left operand. dK and dV share the strides ``sdk_*`` (both are allocated
-    contiguous)."""
+    contiguous). With grouped-query attention (kv_group > 1) the program of query head h reads
+    kv head h // kv_group and writes this head's share to a per-query-head DK, DV."""
     pid_n = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
+    kv_h = h // kv_group
     start_n = pid_n * BLOCK_N
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D)
     col_ok = offs_n < Sk
 
-    k = tl.load((K + b * sk_b + h * sk_h + offs_n * sk_s)[:, None] + offs_d[None, :],
+    k = tl.load((K + b * sk_b + kv_h * sk_h + offs_n * sk_s)[:, None] + offs_d[None, :],
                 mask=col_ok[:, None], other=0.0).to(DOT_DTYPE)
-    v = tl.load((V + b * sv_b + h * sv_h + offs_n * sv_s)[:, None] + offs_d[None, :],
+    v = tl.load((V + b * sv_b + kv_h * sv_h + offs_n * sv_s)[:, None] + offs_d[None, :],
                 mask=col_ok[:, None], other=0.0).to(DOT_DTYPE)
     keys_ok = _keys_ok(offs_n, Sk, KM + b * skm_b, skm_s, HAS_KEY_MASK)
     qt_base = QT + b * sqt_b + h * sqt_h
@@ -255,12 +258,13 @@ def _bwd_dkdv_kernel(QT, K, V, DO, KM, DELTA, LSE2, DK, DV,
              mask=col_ok[:, None])
 
 
-@triton.jit(do_not_specialize=["H", "Sq", "Sk", "causal_offset", "n_q_blocks", "n_splits"])
+@triton.jit(do_not_specialize=["H", "Sq", "Sk", "causal_offset", "n_q_blocks", "n_splits",
+                               "kv_group"])
 def _bwd_dq_kernel(Q, QT, K, V, G, DO, KM, DELTA, LSE2, DQ, DG_PARTIAL,
                    sq_b, sq_s, sq_h, sqt_b, sqt_s, sqt_h, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h,
                    sg_b, sg_h, sg_r, sdo_b, sdo_s, sdo_h, skm_b, skm_s, sdq_b, sdq_s, sdq_h,
                    B, H, Sq, Sk, causal_offset, scale, qk_scale_log2, n_q_blocks, n_splits,
-                   HAS_G: tl.constexpr, HAS_KEY_MASK: tl.constexpr, D: tl.constexpr,
+                   kv_group, HAS_G: tl.constexpr, HAS_KEY_MASK: tl.constexpr, D: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, G_CHUNK: tl.constexpr,
                    DOT_DTYPE: tl.constexpr, EMULATE_BF16: tl.constexpr,
                    LOW_PRECISION: tl.constexpr):
@@ -272,8 +276,9 @@ def _bwd_dq_kernel(Q, QT, K, V, G, DO, KM, DELTA, LSE2, DQ, DG_PARTIAL,
     h = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
     offs_d = tl.arange(0, D)
-    k_base = K + b * sk_b + h * sk_h
-    v_base = V + b * sv_b + h * sv_h
+    kv_h = h // kv_group  # grouped-query attention
+    k_base = K + b * sk_b + kv_h * sk_h
+    v_base = V + b * sv_b + kv_h * sv_h
     km_base = KM + b * skm_b
     row_base = (b * H + h) * Sq
     g_base = G + b * sg_b + h * sg_h
@@ -509,7 +514,7 @@ def g_attention_forward(q: Tensor, k: Tensor, v: Tensor, G: Tensor | None = None
         _fwd_kernel[(triton.cdiv(Sq, cfg.fwd_m), H, B)](
             q, k, v, g, km, out, lse, *_bshd(q), *_bshd(k), *_bshd(v), *g_strides, *km_strides,
             *_bshd(out), lse.stride(0), lse.stride(1),
-            H, Sq, Sk, _causal_offset(causal, Sq, Sk), scale * LOG2E,
+            H, Sq, Sk, _causal_offset(causal, Sq, Sk), scale * LOG2E, H // k.size(2),
             HAS_G=G is not None, HAS_KEY_MASK=key_mask is not None, D=d, BLOCK_M=cfg.fwd_m,
             BLOCK_N=cfg.fwd_n, G_CHUNK=cfg.g_chunk, DOT_DTYPE=dot_dtype,
             EMULATE_BF16=emulate_bf16, LOW_PRECISION=q.dtype != torch.float32,
@@ -550,9 +555,16 @@ def g_attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, G: Tenso
     _check_grid(B, H)
     Sk = k.size(1)
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    H_kv = k.size(2)
+    kv_group = H // H_kv if H_kv else 1
     dq = torch.empty((B, Sq, H, d), dtype=q.dtype, device=q.device)
-    dk = torch.empty((B, Sk, H, d), dtype=q.dtype, device=q.device)
+    dk = torch.empty((B, Sk, H_kv, d), dtype=q.dtype, device=q.device)
     dv = torch.empty_like(dk)
+    # Grouped-query attention: dK, dV per query head (fp32, each already rounded as the kernel
+    # rounds), then each kv head's group summed in head order (no atomics, docs/design.md §3.4.1).
+    dk_heads = dk if kv_group == 1 else torch.empty((B, Sk, H, d), dtype=torch.float32,
+                                                    device=q.device)
+    dv_heads = dv if kv_group == 1 else torch.empty_like(dk_heads)
     dG = None if G is None else torch.empty((G.size(0), H, d, d), dtype=torch.float32,
                                             device=q.device)
     if B * H * Sq * Sk == 0:  # nothing attends: every gradient is zero
@@ -579,14 +591,14 @@ def g_attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, G: Tenso
             HAS_G=G is not None, BLOCK_M=cfg.prep_m, G_CHUNK=cfg.g_chunk,
             LOW_PRECISION=q.dtype != torch.float32, **common)
         _bwd_dkdv_kernel[(triton.cdiv(Sk, cfg.dkdv_n), H, B)](
-            qt, k, v, dout, km, delta, lse_log2, dk, dv, *_bshd(qt), *_bshd(k), *_bshd(v),
-            *_bshd(dout), *km_strides, *_bshd(dk), H, Sq, Sk, causal_offset, scale,
-            scale * LOG2E, HAS_KEY_MASK=key_mask is not None, BLOCK_M=cfg.dkdv_m,
+            qt, k, v, dout, km, delta, lse_log2, dk_heads, dv_heads, *_bshd(qt), *_bshd(k),
+            *_bshd(v), *_bshd(dout), *km_strides, *_bshd(dk_heads), H, Sq, Sk, causal_offset,
+            scale, scale * LOG2E, kv_group, HAS_KEY_MASK=key_mask is not None, BLOCK_M=cfg.dkdv_m,
             BLOCK_N=cfg.dkdv_n, **common)
         _bwd_dq_kernel[(splits, H, B)](
             q, qt, k, v, g, dout, km, delta, lse_log2, dq, dg_partial, *_bshd(q), *_bshd(qt),
             *_bshd(k), *_bshd(v), *g_strides, *_bshd(dout), *km_strides, *_bshd(dq),
-            B, H, Sq, Sk, causal_offset, scale, scale * LOG2E, n_q_blocks, splits,
+            B, H, Sq, Sk, causal_offset, scale, scale * LOG2E, n_q_blocks, splits, kv_group,
             HAS_G=G is not None, HAS_KEY_MASK=key_mask is not None, BLOCK_M=cfg.dq_m,
             BLOCK_N=cfg.dq_n, G_CHUNK=cfg.g_chunk, LOW_PRECISION=q.dtype != torch.float32,
             **common)
@@ -595,4 +607,7 @@ def g_attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, G: Tenso
             block = min(1024, d * d)
             _sum_dg_partials_kernel[(triton.cdiv(d * d, block), H, G.size(0))](
                 dg_partial, dG, per_output, D=d, BLOCK=block)
+    if kv_group > 1:
+        for grad, heads in ((dk, dk_heads), (dv, dv_heads)):
+            grad.copy_(heads.view(B, Sk, H_kv, kv_group, d).sum(3))
     return dq, dk, dv, dG

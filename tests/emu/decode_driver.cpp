@@ -16,8 +16,12 @@ int run(const std::string& dir, const emu_io::Params& P) {
   const int G_batch = int(P["G_batch"]);  // 0: no G, 1: shared, B: per batch row
   // pad_heads > 0: q, k_new, v_new and the caches carry Hp = H + pad_heads heads, of which the
   // kernel sees the first H (strided views, like a slice of a fused qkv or of a wider cache).
-  const int Hp = H + int(P.get("pad_heads", 0));
-  const size_t n_q = size_t(B) * Sn * Hp * D, n_cache = size_t(B) * Smax * Hp * D;
+  // H_kv (default H): heads of the caches and of k_new / v_new (grouped-query attention), padded
+  // by the same pad_heads.
+  const int H_kv = int(P.get("H_kv", H));
+  const int Hp = H + int(P.get("pad_heads", 0)), Hkvp = H_kv + int(P.get("pad_heads", 0));
+  const size_t n_q = size_t(B) * Sn * Hp * D, n_cache = size_t(B) * Smax * Hkvp * D;
+  const size_t n_kv_new = size_t(B) * Sn * Hkvp * D;
   const size_t n_out = size_t(B) * Sn * H * D;
   auto q = emu_io::read<T>(dir, "q", n_q);
   auto k_cache = emu_io::read<T>(dir, "k_cache", n_cache);
@@ -28,8 +32,8 @@ int run(const std::string& dir, const emu_io::Params& P) {
   std::vector<int32_t> starts;
   std::vector<float> G;
   if (has_new) {
-    k_new = emu_io::read<T>(dir, "k_new", n_q);
-    v_new = emu_io::read<T>(dir, "v_new", n_q);
+    k_new = emu_io::read<T>(dir, "k_new", n_kv_new);
+    v_new = emu_io::read<T>(dir, "v_new", n_kv_new);
   }
   if (has_start) starts = emu_io::read<int32_t>(dir, "cache_start", B);
   if (G_batch > 0) G = emu_io::read<float>(dir, "G", size_t(G_batch) * H * D * D);
@@ -37,13 +41,14 @@ int run(const std::string& dir, const emu_io::Params& P) {
   using namespace pldr::cuda;
   DecodeParams p{};
   const int64_t q_sb = int64_t(Sn) * Hp * D, q_ss = int64_t(Hp) * D;
-  const int64_t cache_sb = int64_t(Smax) * Hp * D, cache_ss = int64_t(Hp) * D;
+  const int64_t cache_sb = int64_t(Smax) * Hkvp * D, cache_ss = int64_t(Hkvp) * D;
+  const int64_t new_sb = int64_t(Sn) * Hkvp * D, new_ss = int64_t(Hkvp) * D;
   p.q = StridedBSHD{q.data(), q_sb, q_ss, D};
   p.k_cache = StridedBSHD{k_cache.data(), cache_sb, cache_ss, D};
   p.v_cache = StridedBSHD{v_cache.data(), cache_sb, cache_ss, D};
-  if (has_new) {  // laid out like q
-    p.k_new = StridedBSHD{k_new.data(), q_sb, q_ss, D};
-    p.v_new = StridedBSHD{v_new.data(), q_sb, q_ss, D};
+  if (has_new) {  // laid out like q, with the caches' heads
+    p.k_new = StridedBSHD{k_new.data(), new_sb, new_ss, D};
+    p.v_new = StridedBSHD{v_new.data(), new_sb, new_ss, D};
   }
   p.out = StridedBSHD{out.data(), int64_t(Sn) * H * D, int64_t(H) * D, D};
   p.G = StridedG{G_batch > 0 ? G.data() : nullptr, G_batch > 1 ? int64_t(H) * D * D : 0,
@@ -53,6 +58,7 @@ int run(const std::string& dir, const emu_io::Params& P) {
   p.cache_start = has_start ? starts.data() : nullptr;
   p.cache_start_batch_stride = 1;
   p.B = B; p.Sn = Sn; p.Smax = Smax; p.H = H;
+  p.kv_group = H / H_kv;
   p.scale = scale[0];
   p.num_splits = choose_decode_splits(B, H, Sn, Smax, int(P["num_sms"]), P["num_splits"]);
   p.q_chunks = decode_query_chunks(Sn);

@@ -5,7 +5,8 @@
 // Inputs: q, k, v (raw buffers: fp32, or bf16/fp16 bits), G (fp32, optional), key_mask (uint8,
 // optional); each a whole underlying buffer plus an element offset and strides, so strided views
 // are exercised. Params: dtype (0 fp32, 1 bf16, 2 fp16), d, B, H, Sq, Sk, causal, scale_bits
-// (fp32 bits), has_G, has_mask, <name>_len/_offset/_sb/_ss/_sh (and G_sr, mask_sk).
+// (fp32 bits), has_G, has_mask, <name>_len/_offset/_sb/_ss/_sh (and G_sr, mask_sk), H_kv (k / v
+// heads, dividing H; default H).
 // Outputs: out [B, Sq, H, d] (contiguous, q's dtype) and lse [B, H, Sq] fp32.
 #include <cmath>
 #include <cstring>
@@ -46,6 +47,7 @@ int run(const std::string& dir, const emu_io::Params& prm) {
     p.key_mask_batch_stride = prm["mask_sb"], p.key_mask_row_stride = prm["mask_sk"];
   }
   p.B = B, p.H = H, p.Sq = Sq, p.Sk = Sk;
+  p.kv_group = H / int(prm.get("H_kv", H));
   const uint32_t scale_bits = static_cast<uint32_t>(prm["scale_bits"]);
   std::memcpy(&p.scale, &scale_bits, 4);
   p.causal = prm["causal"] != 0;
