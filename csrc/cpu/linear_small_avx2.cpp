@@ -1,5 +1,5 @@
-// pldr::linear_small's kernel compiled for AVX2 + FMA: 8 fp32 lanes, 4 weight rows
-// × 2 rows of x in registers. Chosen at run time (linear_small_cpu.cpp), so a portable build runs
+// pldr::linear_small's kernel compiled for AVX2 + FMA: 8 fp32 lanes; the tile shape
+// follows the rows of x. Chosen at run time (linear_small_cpu.cpp), so a portable build runs
 // it on any AVX2 CPU. No torch header here (linear_small.h says why).
 #include "cpu/linear_small.h"
 
@@ -16,11 +16,14 @@ namespace pldr::cpu::linear_small {
 namespace {
 
 constexpr int kVec = 8;
-constexpr int kRowsPerTile = 4;
-constexpr int kRowsOfX = 2;
-typedef float VfArg __attribute__((vector_size(kVec * 4)));
-inline VfArg fmadd(VfArg a, VfArg b, VfArg c) {
-  return (VfArg)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c);
+typedef float Vf __attribute__((vector_size(kVec * 4)));
+inline Vf fmadd(Vf a, Vf b, Vf c) { return (Vf)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c); }
+inline Vf load_bf16(const uint16_t* p) {
+  const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return (Vf)_mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+}
+inline Vf load_int8(const int8_t* p) {
+  return (Vf)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
 }
 
 #include "cpu/linear_small_kernel.h"
@@ -28,7 +31,10 @@ inline VfArg fmadd(VfArg a, VfArg b, VfArg c) {
 }  // namespace
 
 void features_avx2(const Args& a, int64_t f_begin, int64_t f_end) {
-  features_any(a, f_begin, f_end);
+  // 16 vector registers: at most 8 accumulators.
+  if (a.M == 1) return features_any<8, 1>(a, f_begin, f_end);
+  if (a.M == 2) return features_any<4, 2>(a, f_begin, f_end);
+  features_any<2, 4>(a, f_begin, f_end);
 }
 
 }  // namespace pldr::cpu::linear_small

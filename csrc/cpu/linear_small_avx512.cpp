@@ -1,5 +1,5 @@
-// pldr::linear_small's kernel compiled for AVX-512 (F, BW, VL, DQ): 16 fp32 lanes, 4 weight rows
-// × 4 rows of x in registers. Chosen at run time (linear_small_cpu.cpp), so a portable build runs
+// pldr::linear_small's kernel compiled for AVX-512 (F, BW, VL, DQ): 16 fp32 lanes; the tile shape
+// follows the rows of x. Chosen at run time (linear_small_cpu.cpp), so a portable build runs
 // it on any AVX-512 CPU. No torch header here (linear_small.h says why).
 #include "cpu/linear_small.h"
 
@@ -16,11 +16,14 @@ namespace pldr::cpu::linear_small {
 namespace {
 
 constexpr int kVec = 16;
-constexpr int kRowsPerTile = 4;
-constexpr int kRowsOfX = 4;
-typedef float VfArg __attribute__((vector_size(kVec * 4)));
-inline VfArg fmadd(VfArg a, VfArg b, VfArg c) {
-  return (VfArg)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c);
+typedef float Vf __attribute__((vector_size(kVec * 4)));
+inline Vf fmadd(Vf a, Vf b, Vf c) { return (Vf)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c); }
+inline Vf load_bf16(const uint16_t* p) {
+  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return (Vf)_mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+}
+inline Vf load_int8(const int8_t* p) {
+  return (Vf)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
 }
 
 #include "cpu/linear_small_kernel.h"
@@ -28,7 +31,11 @@ inline VfArg fmadd(VfArg a, VfArg b, VfArg c) {
 }  // namespace
 
 void features_avx512(const Args& a, int64_t f_begin, int64_t f_end) {
-  features_any(a, f_begin, f_end);
+  // M = 1, 2: 8 weight rows at once; more rows: fewer weight rows, x rows in registers.
+  if (a.M == 1) return features_any<8, 1>(a, f_begin, f_end);
+  if (a.M == 2) return features_any<8, 2>(a, f_begin, f_end);
+  if (a.M <= 4) return features_any<4, 4>(a, f_begin, f_end);
+  features_any<2, 8>(a, f_begin, f_end);
 }
 
 }  // namespace pldr::cpu::linear_small

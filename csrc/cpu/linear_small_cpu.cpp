@@ -105,9 +105,9 @@ at::Tensor run(const at::Tensor& x, const at::Tensor& weight, const c10::optiona
   a.features = dims.features;
   a.swiglu = swiglu;
 
-  // Blocks of 4 features (a whole tile on every ISA); a thread's share must stream ≥ 64 KiB of
+  // Blocks of 8 features (whole tiles on every ISA); a thread's share must stream ≥ 64 KiB of
   // weights, so a small layer runs on one thread instead of paying a fork for little work.
-  constexpr int64_t kBlock = 4;
+  constexpr int64_t kBlock = 8;
   const int64_t blocks = (dims.features + kBlock - 1) / kBlock;
   const int64_t block_bytes =
       kBlock * (swiglu ? 2 : 1) * dims.K * static_cast<int64_t>(w.element_size());

@@ -11,17 +11,29 @@ namespace pldr::cpu::linear_small {
 namespace {
 
 constexpr int kVec = 8;
-constexpr int kRowsPerTile = 2;
-constexpr int kRowsOfX = 2;
-typedef float VfArg __attribute__((vector_size(kVec * 4)));
-inline VfArg fmadd(VfArg a, VfArg b, VfArg c) { return a * b + c; }
+typedef float Vf __attribute__((vector_size(kVec * 4)));
+inline Vf fmadd(Vf a, Vf b, Vf c) { return a * b + c; }
+inline Vf load_bf16(const uint16_t* p) {
+  Vf v;
+  for (int i = 0; i < kVec; ++i) {
+    const uint32_t bits = uint32_t(p[i]) << 16;
+    __builtin_memcpy(&v[i], &bits, 4);
+  }
+  return v;
+}
+inline Vf load_int8(const int8_t* p) {
+  Vf v;
+  for (int i = 0; i < kVec; ++i) v[i] = float(p[i]);
+  return v;
+}
 
 #include "cpu/linear_small_kernel.h"
 
 }  // namespace
 
 void features_generic(const Args& a, int64_t f_begin, int64_t f_end) {
-  features_any(a, f_begin, f_end);
+  if (a.M == 1) return features_any<4, 1>(a, f_begin, f_end);
+  features_any<2, 2>(a, f_begin, f_end);
 }
 
 }  // namespace pldr::cpu::linear_small
