@@ -23,11 +23,12 @@ IGNORE_INDEX = -100  # label of a position left out of the loss (the HF conventi
 class GLUVariant(nn.Module):
     """SwiGLU: ``gluw3(silu(gluw1(x)) * gluw2(x))``."""
 
-    def __init__(self, d_in: int, d_hidden: int, d_out: int, bias: bool = True):
+    def __init__(self, d_in: int, d_hidden: int, d_out: int, bias: bool = True,
+                 linear: type[nn.Linear] = nn.Linear):
         super().__init__()
-        self.gluw1 = nn.Linear(d_in, d_hidden, bias=bias)
-        self.gluw2 = nn.Linear(d_in, d_hidden, bias=bias)
-        self.gluw3 = nn.Linear(d_hidden, d_out, bias=bias)
+        self.gluw1 = linear(d_in, d_hidden, bias=bias)
+        self.gluw2 = linear(d_in, d_hidden, bias=bias)
+        self.gluw3 = linear(d_hidden, d_out, bias=bias)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.gluw3(F.silu(self.gluw1(x)) * self.gluw2(x))
@@ -76,10 +77,11 @@ def init_weights(module: nn.Module) -> None:
             nn.init.zeros_(module.bias)
 
 
-def attach_lm_head(lm: nn.Module, config: PLDRConfig) -> None:
+def attach_lm_head(lm: nn.Module, config: PLDRConfig, linear: type[nn.Linear] = nn.Linear) -> None:
     """The authors' PLDR_Model around ``lm.decoder``: a biased LM head ``final_layer`` (tied to the
-    embedding only when the config says so), then xavier init of every Linear."""
-    lm.final_layer = nn.Linear(config.hidden_size, config.vocab_size, bias=config.final_bias)
+    embedding only when the config says so), then xavier init of every Linear. ``linear``: the
+    head's class (PLDRForCausalLM's runs few rows on ``pldr::linear_small``)."""
+    lm.final_layer = linear(config.hidden_size, config.vocab_size, bias=config.final_bias)
     lm.apply(init_weights)
     if config.tie_word_embeddings:
         lm.final_layer.weight = lm.decoder.embedding.weight
