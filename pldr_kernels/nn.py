@@ -62,10 +62,13 @@ SMALL_ROW_DTYPES = (torch.float32, torch.bfloat16)
 
 def takes_small_rows(x: Tensor, weight: Tensor) -> bool:
     """Whether ``x·weightᵀ`` runs on ``pldr::linear_small``: a CPU tensor of at most
-    :data:`SMALL_ROWS` rows (the decode step), fp32/bf16, nothing to differentiate, outside
-    autocast. Otherwise torch's ``F.linear`` (prefill, training, CUDA tensors)."""
+    :data:`SMALL_ROWS` rows and, when it has a sequence dim (``[B, S, K]``), one position per row
+    (the decode step, the prefill's last-position LM head), fp32/bf16, nothing to differentiate,
+    outside autocast. Otherwise torch's ``F.linear`` (prefill, training, CUDA tensors): a short
+    prompt keeps torch's bits, which the ill-conditioned G path would amplify (design §4.3)."""
     return (x.device.type == "cpu" and ops._LOAD_ERROR is None and x.dim() >= 1
             and x.shape[-1] > 0 and x.numel() <= SMALL_ROWS * x.shape[-1]
+            and (x.dim() < 3 or x.shape[-2] == 1)
             and x.dtype in SMALL_ROW_DTYPES and weight.device.type == "cpu"
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
             and not torch.is_autocast_enabled("cpu"))

@@ -91,7 +91,7 @@ def test_int8_logits_match_the_dequantised_model_prefill_and_decode(dtype, monke
     oracle_model = ReferencePLDR.from_model(twin, torch.float64).eval()
     peer_model = ReferencePLDR.from_model(twin, dtype).eval()
     with torch.no_grad():
-        for rows in (ids, ids[:1, :4]):  # 24 rows: dequantised F.linear; 4 rows: linear_small
+        for rows in (ids, ids[:, :1]):  # 24 rows: dequantised F.linear; 2 × 1: linear_small
             compare(model(rows).logits, logits(oracle_model, rows), logits(peer_model, rows),
                     name=f"int8 logits, {rows.numel()} rows").assert_ok()
     # decode (cached G, so no uncached forward to compare with): the int8 step against the
