@@ -451,3 +451,51 @@ def check_metric_tensors_backward_inputs(grad_A: Tensor | None, grad_A_LM: Tenso
         check_dtype(grad, name, torch.float32,
                     "The gradients of metric_tensors' outputs are fp32, like the outputs.")
         check_shape(grad, name, (B, H, d, d))
+
+
+# ---- linear_small / swiglu_small (docs/design.md §3.8) ----------------------------------------
+def check_linear_small_inputs(x: Tensor, weight: Tensor, bias: Tensor | None,
+                              scale: Tensor | None, swiglu: bool) -> tuple[int, int]:
+    """checks.h ``check_linear_small_inputs``; returns (rows of weight, output features)."""
+    torch._check(x.dtype in (torch.float32, torch.bfloat16),
+                 lambda: f"x must be float32 or bfloat16, got {dtype_str(x.dtype)}.")
+    torch._check(x.dim() >= 1, lambda: "x must have at least 1 dimension [..., in_features], got "
+                 "a 0-D tensor.")
+    torch._check(weight.dtype in (torch.float32, torch.bfloat16, torch.int8),
+                 lambda: "weight must be float32, bfloat16 or int8, got "
+                 f"{dtype_str(weight.dtype)}.")
+    check_rank(weight, "weight", 2,
+               "[2 * hidden, in_features] (gate rows, then up rows)" if swiglu
+               else "[out_features, in_features]")
+    device = x.device
+    torch._check(weight.device == device, lambda: f"weight must be on the same device as x "
+                 f"({device}), got {weight.device}.")
+    torch._check(weight.is_contiguous(), lambda: f"weight must be contiguous, got strides "
+                 f"{seq_str(weight.stride())}. Call .contiguous() on it.")
+    K, rows = weight.size(1), weight.size(0)
+    torch._check(x.size(-1) == K, lambda: f"x.shape[-1] (in_features) must be weight.shape[1] = "
+                 f"{K}, got {x.size(-1)} (shape {shape_str(x)}).")
+    check_last_dim_contiguous(x, "x")
+    features = rows
+    if swiglu:
+        torch._check(rows % 2 == 0, lambda: f"weight.shape[0] (gate and up rows) must be even, "
+                     f"got {rows}.")
+        features = rows // 2
+    if bias is not None:
+        torch._check(bias.device == device, lambda: f"bias must be on the same device as x "
+                     f"({device}), got {bias.device}.")
+        torch._check(bias.dtype in (torch.float32, torch.bfloat16), lambda: f"bias must be "
+                     f"float32 or bfloat16, got {dtype_str(bias.dtype)}.")
+        check_shape(bias, "bias", (rows,))
+    if weight.dtype == torch.int8:
+        torch._check(scale is not None, lambda: "scale is required with an int8 weight: the fp32 "
+                     f"scale of each output channel (weight row), shape [{rows}].")
+    else:
+        torch._check(scale is None, lambda: "scale is only for an int8 weight, got weight of "
+                     f"dtype {dtype_str(weight.dtype)}.")
+    if scale is not None:
+        torch._check(scale.device == device, lambda: f"scale must be on the same device as x "
+                     f"({device}), got {scale.device}.")
+        check_dtype(scale, "scale", torch.float32)
+        check_shape(scale, "scale", (rows,))
+    return rows, features

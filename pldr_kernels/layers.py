@@ -23,11 +23,12 @@ IGNORE_INDEX = -100  # label of a position left out of the loss (the HF conventi
 class GLUVariant(nn.Module):
     """SwiGLU: ``gluw3(silu(gluw1(x)) * gluw2(x))``."""
 
-    def __init__(self, d_in: int, d_hidden: int, d_out: int, bias: bool = True):
+    def __init__(self, d_in: int, d_hidden: int, d_out: int, bias: bool = True,
+                 linear: type[nn.Linear] = nn.Linear):
         super().__init__()
-        self.gluw1 = nn.Linear(d_in, d_hidden, bias=bias)
-        self.gluw2 = nn.Linear(d_in, d_hidden, bias=bias)
-        self.gluw3 = nn.Linear(d_hidden, d_out, bias=bias)
+        self.gluw1 = linear(d_in, d_hidden, bias=bias)
+        self.gluw2 = linear(d_in, d_hidden, bias=bias)
+        self.gluw3 = linear(d_hidden, d_out, bias=bias)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.gluw3(F.silu(self.gluw1(x)) * self.gluw2(x))
@@ -76,10 +77,11 @@ def init_weights(module: nn.Module) -> None:
             nn.init.zeros_(module.bias)
 
 
-def attach_lm_head(lm: nn.Module, config: PLDRConfig) -> None:
+def attach_lm_head(lm: nn.Module, config: PLDRConfig, linear: type[nn.Linear] = nn.Linear) -> None:
     """The authors' PLDR_Model around ``lm.decoder``: a biased LM head ``final_layer`` (tied to the
-    embedding only when the config says so), then xavier init of every Linear."""
-    lm.final_layer = nn.Linear(config.hidden_size, config.vocab_size, bias=config.final_bias)
+    embedding only when the config says so), then xavier init of every Linear. ``linear``: the
+    head's class (PLDRForCausalLM's runs few rows on ``pldr::linear_small``)."""
+    lm.final_layer = linear(config.hidden_size, config.vocab_size, bias=config.final_bias)
     lm.apply(init_weights)
     if config.tie_word_embeddings:
         lm.final_layer.weight = lm.decoder.embedding.weight
@@ -173,11 +175,19 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     return F.linear(x, weight, bias)
 
 
+def is_plain_linear(module: nn.Module) -> bool:
+    """An ``nn.Linear`` whose forward is ``F.linear(x, weight, bias)`` — the class itself, or a
+    subclass that says so with ``computes_linear = True`` (nn.SmallRowsLinear) — without hooks:
+    the training step may compute it through its own GEMMs (a replaced or wrapped module — LoRA,
+    quantised, hooked — is called as it is)."""
+    return (isinstance(module, nn.Linear)
+            and (type(module) is nn.Linear or getattr(type(module), "computes_linear", False))
+            and not (module._forward_hooks or module._forward_pre_hooks))
+
+
 def apply_linear(module: nn.Module, x: Tensor) -> Tensor:
-    """``module(x)``, through :func:`linear` when ``module`` is a plain ``nn.Linear`` without
-    hooks (a replaced or wrapped module — LoRA, quantised, hooked — is called as it is)."""
-    if (type(module) is nn.Linear and not (module._forward_hooks or module._forward_pre_hooks)
-            and _onednn_backward_applies(x, module.weight)):
+    """``module(x)``, through :func:`linear` when :func:`is_plain_linear` says it may be."""
+    if is_plain_linear(module) and _onednn_backward_applies(x, module.weight):
         return _LinearOneDNNBackward.apply(x, module.weight, module.bias)
     return module(x)
 
@@ -218,10 +228,9 @@ def causal_lm_loss(logits: Tensor, labels: Tensor, lean: bool = False) -> Tensor
 
 def lm_head_applies_fused(head: nn.Module, hidden: Tensor) -> bool:
     """Whether :func:`lm_head_causal_lm_loss` serves this step: autograd on, a plain biased or
-    unbiased ``nn.Linear`` head without hooks, fp32 on CPU without autocast (elsewhere the model
+    unbiased linear head (:func:`is_plain_linear`), fp32 on CPU without autocast (elsewhere the model
     runs the head and :class:`LeanCrossEntropy`)."""
-    return (type(head) is nn.Linear and not (head._forward_hooks or head._forward_pre_hooks)
-            and torch.is_grad_enabled() and hidden.device.type == "cpu"
+    return (is_plain_linear(head) and torch.is_grad_enabled() and hidden.device.type == "cpu"
             and hidden.dtype == head.weight.dtype == torch.float32
             and not torch.is_autocast_enabled("cpu")
             and (hidden.requires_grad or head.weight.requires_grad))

@@ -188,11 +188,31 @@ def _materialise(model: nn.Module, read: Callable[[str], torch.Tensor]) -> None:
                            f"non-persistent buffer must be built for real in __init__)")
 
 
+def _check_int8_dtypes(model: nn.Module, dtypes: Mapping[str, torch.dtype], source: str) -> None:
+    """An int8 tensor of the model must be int8 in the checkpoint and the other way round (a
+    load would convert it silently): CheckpointError listing every key that is not."""
+    bad = [f"{k}: checkpoint {dtypes[k]} vs model {v.dtype}"
+           for k, v in model.state_dict().items()
+           if k in dtypes and (v.dtype == torch.int8) != (dtypes[k] == torch.int8)]
+    if bad:
+        raise CheckpointError(
+            f"{source}: {len(bad)} tensor(s) int8 on one side only (config.json's \"quantization\" "
+            f"says whether the weights are int8; quantize_weights + save_pretrained write both): "
+            + ", ".join(bad))
+
+
 def _load_checked(cls, config: PLDRConfig, shapes: Mapping[str, Shape], held: Mapping[str, int],
-                  read: Callable[[str], torch.Tensor], source: str, config_source: str):
+                  read: Callable[[str], torch.Tensor], source: str, config_source: str,
+                  quantization: str | None = None,
+                  dtypes: Mapping[str, torch.dtype] | None = None):
     check_config_fits(config, held, source, config_source)
     model = _build_on_meta(cls, config)
+    if quantization == "int8":
+        from .quantize import convert_to_int8
+        convert_to_int8(model)
     _check_shapes(model, shapes, source)
+    if dtypes is not None:
+        _check_int8_dtypes(model, dtypes, source)
     _materialise(model, read)
     return model.eval()
 
@@ -393,6 +413,10 @@ def load_pth(cls, path: PathLike, config: PLDRConfig | None = None, hyperparamet
 
 def save_pth(model: nn.Module, path: PathLike) -> None:
     """Write the authors' format: ``{'model_state_dict': fp32 OrderedDict}``, atomically."""
+    from .quantize import quantization_of
+    if quantization_of(model) is not None:
+        raise ValueError("save_pth writes the authors' fp32 format, which has no int8 weights; "
+                         "save a quantize_weights model with save_pretrained")
     state = {"model_state_dict": _plain_state_dict(model, torch.float32)}
     _io.atomic_write(path, lambda temp: torch.save(state, temp))
 
@@ -409,18 +433,36 @@ def load_pretrained(cls, directory: PathLike, map_location="cpu"):
             raise FileNotFoundError(f"{p} not found: an HF-format PLDR-LLM directory holds "
                                     f"{CONFIG_NAME} and {WEIGHTS_NAME}")
     config = _read_config_json(config_path)
+    quantization = _read_quantization(config_path)
     device = map_location if isinstance(map_location, str) else str(map_location)
     with contextlib.ExitStack() as stack:
         try:
             weights = stack.enter_context(safe_open(weights_path, framework="pt", device=device))
             shapes = {k: tuple(weights.get_slice(k).get_shape()) for k in weights.keys()}
+            dtypes = {k: _SAFETENSORS_DTYPES.get(weights.get_slice(k).get_dtype())
+                      for k in weights.keys()}
         except (SafetensorError, OSError, ValueError) as e:
             raise CheckpointError(f"{weights_path}: not a readable safetensors file "
                                   f"({e})") from None
         # safetensors has checked the header's sizes against the file's bytes.
         held = {k: math.prod(shape) for k, shape in shapes.items()}
         return _load_checked(cls, config, shapes, held, weights.get_tensor, weights_path,
-                             config_path)
+                             config_path, quantization, dtypes)
+
+
+_SAFETENSORS_DTYPES = {"I8": torch.int8, "F32": torch.float32, "BF16": torch.bfloat16,
+                       "F16": torch.float16, "F64": torch.float64, "BOOL": torch.bool}
+
+
+def _read_quantization(config_path: str) -> str | None:
+    """config.json's ``"quantization"`` (None when absent): what quantize_weights made."""
+    from .quantize import QUANTIZATIONS
+    with open(config_path, encoding="utf-8") as f:
+        value = json.load(f).get("quantization")
+    if value is not None and value not in QUANTIZATIONS:
+        raise CheckpointError(f"{config_path}: \"quantization\" must be one of {QUANTIZATIONS} or "
+                              f"absent, got {value!r}")
+    return value
 
 
 def save_pretrained(model: nn.Module, directory: PathLike) -> None:
@@ -429,8 +471,13 @@ def save_pretrained(model: nn.Module, directory: PathLike) -> None:
     a kill mid-save leaves the old checkpoint as it was."""
     from safetensors.torch import save_file
     os.makedirs(directory, exist_ok=True)
+    from .quantize import quantization_of
     config = model.config.to_dict()
-    config["torch_dtype"] = str(model.final_layer.weight.dtype).replace("torch.", "")
+    dtype = getattr(model, "dtype", model.final_layer.weight.dtype)  # the activations'
+    config["torch_dtype"] = str(dtype).replace("torch.", "")
+    quantization = quantization_of(model)
+    if quantization is not None:
+        config["quantization"] = quantization  # int8 weights + weight_scale in the safetensors
     state = _plain_state_dict(model)
     _io.atomic_write_all([
         (os.path.join(directory, WEIGHTS_NAME),

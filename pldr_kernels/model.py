@@ -38,6 +38,7 @@ from .nn import (
     PackedModule,
     PowerLawGraphAttention,
     RotaryEmbedding,
+    SmallRowsLinear,
     StepInputs,
     SwiGLU,
 )
@@ -128,7 +129,7 @@ class PLDRForCausalLM(nn.Module):
         config.validate()
         self.config = config
         self.decoder = PLDRDecoder(config)
-        attach_lm_head(self, config)
+        attach_lm_head(self, config, linear=SmallRowsLinear)
 
     # ---- loaders (loaders.py) ----------------------------------------------------------------
     # A load checks the config and the checkpoint's shapes first, builds this class on the meta
@@ -164,10 +165,30 @@ class PLDRForCausalLM(nn.Module):
         from .loaders import load_checked_state_dict
         load_checked_state_dict(self, state_dict)
 
+    # ---- weight-only quantisation (quantize.py) ----------------------------------------------
+    def quantize_weights(self, kind: str = "int8") -> PLDRForCausalLM:
+        """Quantise the projections, SwiGLU FFN and (untied) LM head to int8 weights with one fp32
+        scale per output channel, in place; returns the model. The G path (metric learner),
+        LayerNorms and embedding keep their dtype, activations too (fp32 or bf16). A few rows
+        (decode) run on ``pldr::linear_small``; more (prefill) on the weights dequantised.
+        ``save_pretrained`` / ``from_pretrained`` keep the int8 weights bit for bit."""
+        from .quantize import QUANTIZATIONS, quantize_int8
+        if kind not in QUANTIZATIONS:
+            raise ValueError(f"quantize_weights: kind must be one of {QUANTIZATIONS}, got "
+                             f"{kind!r}")
+        return quantize_int8(self)
+
+    @property
+    def quantization(self) -> str | None:
+        """'int8' after :meth:`quantize_weights`, else None."""
+        from .quantize import quantization_of
+        return quantization_of(self)
+
     # ---- helpers -----------------------------------------------------------------------------
     @property
     def dtype(self) -> torch.dtype:
-        return self.final_layer.weight.dtype
+        """The activation dtype (the embedding's: int8 weights leave it as it was)."""
+        return self.decoder.embedding.weight.dtype
 
     @property
     def device(self) -> torch.device:

@@ -54,6 +54,56 @@ def _keep_fp32(fn):
 
 
 # --------------------------------------------------------------------------------------------
+# Linears of a few rows: pldr::linear_small (docs/design.md §3.8)
+# --------------------------------------------------------------------------------------------
+SMALL_ROWS = 8  # at most this many rows of x take the weight-streaming kernels
+SMALL_ROW_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def takes_small_rows(x: Tensor, weight: Tensor) -> bool:
+    """Whether ``x·weightᵀ`` runs on ``pldr::linear_small``: a CPU tensor of at most
+    :data:`SMALL_ROWS` rows and, when it has a sequence dim (``[B, S, K]``), one position per row
+    (the decode step, the prefill's last-position LM head), fp32/bf16, nothing to differentiate,
+    outside autocast. Otherwise torch's ``F.linear`` (prefill, training, CUDA tensors): a short
+    prompt keeps torch's bits, which the ill-conditioned G path would amplify (design §4.3)."""
+    return (x.device.type == "cpu" and ops._LOAD_ERROR is None and x.dim() >= 1
+            and x.shape[-1] > 0 and x.numel() <= SMALL_ROWS * x.shape[-1]
+            and (x.dim() < 3 or x.shape[-2] == 1)
+            and x.dtype in SMALL_ROW_DTYPES and weight.device.type == "cpu"
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+            and not torch.is_autocast_enabled("cpu"))
+
+
+def dequantize(weight: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
+    """An int8 weight ``[N, K]`` with per-row fp32 ``scale [N]`` as ``dtype`` values."""
+    return (weight.float() * scale[:, None]).to(dtype)
+
+
+def linear_rows(x: Tensor, weight: Tensor, bias: Tensor | None,
+                scale: Tensor | None = None) -> Tensor:
+    """``F.linear(x, weight, bias)`` (weight fp/bf16, or int8 with its per-row ``scale``): on
+    ``pldr::linear_small`` for a few CPU rows (:func:`takes_small_rows`), else
+    :func:`~pldr_kernels.layers.linear` (torch's, with the training step's oneDNN backward) — an
+    int8 weight dequantised to x's dtype for it."""
+    if takes_small_rows(x, weight):
+        return ops.linear_small(x, weight, bias, scale)
+    if scale is not None:
+        weight = dequantize(weight, scale, x.dtype)
+        bias = None if bias is None else bias.to(x.dtype)
+    return linear(x, weight, bias)
+
+
+class SmallRowsLinear(nn.Linear):
+    """``nn.Linear`` whose forward takes :func:`linear_rows` (same parameters, init and
+    state-dict keys): the model's ``dense``, ``gluw3`` and ``final_layer``."""
+
+    computes_linear = True  # layers.is_plain_linear: training may take its own GEMMs for it
+
+    def forward(self, x: Tensor) -> Tensor:
+        return linear_rows(x, self.weight, self.bias)
+
+
+# --------------------------------------------------------------------------------------------
 # Packed parameters, and the one place that keeps them packed and the G path fp32
 # --------------------------------------------------------------------------------------------
 class _PackOfParameters(torch.autograd.Function):
@@ -439,7 +489,7 @@ class GCachedAttention(PackedModule):
         self.wq = nn.Linear(D, D, bias=bias)
         self.wk = nn.Linear(D, D, bias=bias)
         self.wv = nn.Linear(D, D, bias=bias)
-        self.dense = nn.Linear(D, D, bias=bias)
+        self.dense = SmallRowsLinear(D, D, bias=bias)
         # A model passes one RotaryEmbedding shared by its layers (non-persistent tables only).
         self.rope = rope if rope is not None else RotaryEmbedding(head_dim, rope_theta,
                                                                   interleaved_rope, max_positions)
@@ -459,7 +509,8 @@ class GCachedAttention(PackedModule):
         B, S, _ = x.shape
         H, d = self.num_heads, self.head_dim
         bias = self.packs["qkv_bias"].get() if "qkv_bias" in self.packs else None
-        qkv = linear(x, self.packs["qkv_weight"].get(), bias).view(B, S, 3, H, d)
+        scale = self.packs["qkv_scale"].get() if "qkv_scale" in self.packs else None  # int8
+        qkv = linear_rows(x, self.packs["qkv_weight"].get(), bias, scale).view(B, S, 3, H, d)
         # split (views): its backward concatenates the two gradients, where slicing would
         # zero-fill a qkv-sized gradient for each part and add them.
         qk, v = qkv.split((2, 1), dim=2)
@@ -576,7 +627,7 @@ class SwiGLU(GLUVariant, PackedModule):
     into one GEMM at inference."""
 
     def __init__(self, d_in: int, d_hidden: int, d_out: int, bias: bool = True):
-        super().__init__(d_in, d_hidden, d_out, bias)
+        super().__init__(d_in, d_hidden, d_out, bias, linear=SmallRowsLinear)
         self.packs["w12"] = ParameterPack(self, ["gluw1.weight", "gluw2.weight"],
                                           (2 * d_hidden, d_in))
         if bias:
@@ -585,7 +636,22 @@ class SwiGLU(GLUVariant, PackedModule):
             pack.repack()
 
     def forward(self, x: Tensor) -> Tensor:
+        w12 = self.packs["w12"].get()
+        if "s12" in self.packs or takes_small_rows(x, w12):
+            return self.forward_small_rows_or_int8(x, w12)
         bias = self.packs["b12"].get() if "b12" in self.packs else None
-        h = linear(x, self.packs["w12"].get(), bias)
+        h = linear(x, w12, bias)
         gate, up = h.chunk(2, dim=-1)
         return apply_linear(self.gluw3, F.silu(gate) * up)
+
+    def forward_small_rows_or_int8(self, x: Tensor, w12: Tensor) -> Tensor:
+        """Inference: silu(gate)·up in one pass over gluw1/gluw2 (``pldr::swiglu_small``, fp32
+        inside) for a few CPU rows; an int8 FFN (``quantize_weights``) dequantised for more."""
+        bias = self.packs["b12"].get() if "b12" in self.packs else None
+        scale = self.packs["s12"].get() if "s12" in self.packs else None
+        if takes_small_rows(x, w12):
+            h = ops.swiglu_small(x, w12, bias, scale)
+        else:
+            gate, up = linear_rows(x, w12, bias, scale).chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        return self.gluw3(h)

@@ -224,6 +224,30 @@ def g_attention_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlen
                                              cache_start, G, scale, num_splits)
 
 
+@_needs_extension
+def linear_small(x: Tensor, weight: Tensor, bias: Tensor | None = None,
+                 scale: Tensor | None = None) -> Tensor:
+    """``x·weightᵀ·scale + bias`` for a few rows of ``x [..., K]`` (fp32 or bf16; the output in
+    x's dtype), ``weight [N, K]`` fp32, bf16 or int8 (then ``scale [N]`` fp32 per output row):
+    the CPU decode step's weight-streaming kernel (docs/design.md §3.8). No autograd."""
+    return torch.ops.pldr.linear_small(x, weight, bias, scale)
+
+
+@_needs_extension
+def swiglu_small(x: Tensor, weight: Tensor, bias: Tensor | None = None,
+                 scale: Tensor | None = None) -> Tensor:
+    """``silu(x·W1ᵀ + b1) · (x·W2ᵀ + b2)`` with ``weight = [W1; W2]`` ``[2H, K]`` (SwiGLU's
+    packed gluw1/gluw2), in one pass over both: ``[..., H]`` in x's dtype (docs/design.md §3.8)."""
+    return torch.ops.pldr.swiglu_small(x, weight, bias, scale)
+
+
+@_needs_extension
+def linear_small_isa() -> str:
+    """The CPU path :func:`linear_small` takes now: 'avx512', 'avx2' or 'portable' (the best the
+    CPU runs, or the lower one ``PLDR_KERNELS_ISA`` names)."""
+    return torch.ops.pldr.linear_small_isa()
+
+
 # ---- fake kernels: the C++ checks, then outputs of the kernels' shapes and dtypes --------------
 # The dispatcher also picks these for a call that mixes real and meta tensors (Meta outranks CPU
 # and CUDA); the device checks against q refuse it there, as the real kernels would.
@@ -266,3 +290,13 @@ if _LOAD_ERROR is None:
         _checks.check_g_attention_decode_inputs(q, k_cache, v_cache, cache_seqlens, k_new, v_new,
                                                 cache_start, G, scale, num_splits)
         return q.new_empty(q.shape)
+
+    @torch.library.register_fake("pldr::linear_small")
+    def _linear_small_fake(x, weight, bias=None, scale=None):
+        _, features = _checks.check_linear_small_inputs(x, weight, bias, scale, swiglu=False)
+        return x.new_empty((*x.shape[:-1], features))
+
+    @torch.library.register_fake("pldr::swiglu_small")
+    def _swiglu_small_fake(x, weight, bias=None, scale=None):
+        _, features = _checks.check_linear_small_inputs(x, weight, bias, scale, swiglu=True)
+        return x.new_empty((*x.shape[:-1], features))

@@ -560,4 +560,65 @@ inline MetricDims check_metric_tensors_backward_inputs(
   return dims;
 }
 
+// ---- linear_small / swiglu_small (docs/design.md §3.8) ----------------------------------------
+struct LinearSmallDims {
+  int64_t M, K, rows, features;
+};
+
+inline LinearSmallDims check_linear_small_inputs(const at::Tensor& x, const at::Tensor& weight,
+                                                 const c10::optional<at::Tensor>& bias,
+                                                 const c10::optional<at::Tensor>& scale,
+                                                 bool swiglu) {
+  const auto xt = x.scalar_type();
+  TORCH_CHECK(xt == at::kFloat || xt == at::kBFloat16, "x must be float32 or bfloat16, got ", xt,
+              ".");
+  TORCH_CHECK(x.dim() >= 1, "x must have at least 1 dimension [..., in_features], got a 0-D "
+              "tensor.");
+  const auto wt = weight.scalar_type();
+  TORCH_CHECK(wt == at::kFloat || wt == at::kBFloat16 || wt == at::kChar,
+              "weight must be float32, bfloat16 or int8, got ", wt, ".");
+  check_rank(weight, "weight", 2,
+             swiglu ? "[2 * hidden, in_features] (gate rows, then up rows)"
+                    : "[out_features, in_features]");
+  const auto device = x.device();
+  TORCH_CHECK(weight.device() == device, "weight must be on the same device as x (", device,
+              "), got ", weight.device(), ".");
+  TORCH_CHECK(weight.is_contiguous(), "weight must be contiguous, got strides ", weight.strides(),
+              ". Call .contiguous() on it.");
+  LinearSmallDims dims{x.numel() / std::max<int64_t>(x.size(-1), 1), weight.size(1),
+                       weight.size(0), weight.size(0)};
+  TORCH_CHECK(x.size(-1) == dims.K, "x.shape[-1] (in_features) must be weight.shape[1] = ",
+              dims.K, ", got ", x.size(-1), " (shape ", shape_str(x), ").");
+  check_last_dim_contiguous(x, "x");
+  if (swiglu) {
+    TORCH_CHECK(dims.rows % 2 == 0, "weight.shape[0] (gate and up rows) must be even, got ",
+                dims.rows, ".");
+    dims.features = dims.rows / 2;
+  }
+  if (bias.has_value()) {
+    const auto& b = *bias;
+    TORCH_CHECK(b.device() == device, "bias must be on the same device as x (", device, "), got ",
+                b.device(), ".");
+    const auto bt = b.scalar_type();
+    TORCH_CHECK(bt == at::kFloat || bt == at::kBFloat16, "bias must be float32 or bfloat16, got ",
+                bt, ".");
+    check_shape(b, "bias", {dims.rows});
+  }
+  if (wt == at::kChar) {
+    TORCH_CHECK(scale.has_value(), "scale is required with an int8 weight: the fp32 scale of each "
+                "output channel (weight row), shape [", dims.rows, "].");
+  } else {
+    TORCH_CHECK(!scale.has_value(), "scale is only for an int8 weight, got weight of dtype ", wt,
+                ".");
+  }
+  if (scale.has_value()) {
+    const auto& s = *scale;
+    TORCH_CHECK(s.device() == device, "scale must be on the same device as x (", device,
+                "), got ", s.device(), ".");
+    check_dtype(s, "scale", at::kFloat);
+    check_shape(s, "scale", {dims.rows});
+  }
+  return dims;
+}
+
 }  // namespace pldr

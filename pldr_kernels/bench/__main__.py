@@ -122,8 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     opt("--prompt-lens", nargs="+", type=positive, metavar="N")
     opt("--new-tokens", type=positive, metavar="N")
     opt("--modes", nargs="+", choices=("none", "kv", "kvg"))
-    opt("--gen-dtypes", nargs="+", choices=("float32", "bfloat16"), metavar="DTYPE",
-        help="pldr_kernels' dtypes (the reference runs in fp32)")
+    opt("--gen-dtypes", nargs="+", choices=("float32", "bfloat16", "int8"), metavar="DTYPE",
+        help="pldr_kernels' dtypes (the reference runs in fp32; int8 = quantize_weights('int8'))")
     opt("--model-config", nargs="+", type=field_value, metavar="FIELD=VALUE",
         help="PLDRConfig fields of the random model (e.g. num_hidden_layers=2; also train's)")
     opt("--cuda-graph", action="store_true",

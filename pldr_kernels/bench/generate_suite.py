@@ -72,9 +72,75 @@ def load_models(cfg: GenerateConfig, device: torch.device):
         skips.append(skipped("generate", None, "pldr_kernels", missing))
     elif selected("pldr_kernels", cfg.contestants):
         for dt in cfg.gen_dtypes:
-            models[("pldr_kernels", dt)] = (
-                source if dt == "float32" else copy.deepcopy(source).to(getattr(torch, dt))).eval()
+            if dt == "int8":  # weight-only int8, fp32 activations (quantize_weights)
+                model = copy.deepcopy(source).quantize_weights("int8")
+            else:
+                model = source if dt == "float32" else copy.deepcopy(source).to(getattr(torch, dt))
+            models[("pldr_kernels", dt)] = model.eval()
     return models, skips, source, ref32
+
+
+# ---- what a decode step reads, and the copy bandwidth for that many bytes ----------------------
+# Not read by a decode step: the embedding (one row per token, counted apart), the metric learner
+# (the G path runs on the prompt only; mode 'kv' reads A and plgatt_layer, counted apart).
+NOT_STREAMED = ("decoder.embedding.", "reslayerAs.", "plgatt_layer.", "mha1.layernorm1.",
+                "past_G_values")
+
+
+def decode_step_bytes(model, mode: str, cache_len: int, batch: int) -> int | None:
+    """Bytes one decode step must read at ``cache_len`` cached rows: every weight of the
+    projections, FFN, LayerNorms and LM head in its dtype (int8 + fp32 scales after
+    quantize_weights), the batch's embedding rows, K and V of every layer, and G (mode 'kvg') or
+    A and plgatt_layer's weights (mode 'kv'); None for mode 'none' (no cache: it re-reads the
+    prompt's activations, not a streaming step)."""
+    if mode not in ("kv", "kvg"):
+        return None
+    c = model.config
+    state = model.state_dict()
+    weights = sum(t.nbytes for name, t in state.items()
+                  if not any(part in name for part in NOT_STREAMED))
+    elem = model.dtype.itemsize
+    H, d, L = c.num_attention_heads, c.head_dim, c.num_hidden_layers
+    metric_rows = batch if c.has_metric_learner and not c.cache_first_G else 1
+    kv = 2 * L * batch * cache_len * H * d * elem
+    g = L * metric_rows * H * d * d * 4
+    if mode == "kv":
+        g += sum(t.nbytes for name, t in state.items() if "plgatt_layer." in name)
+    return weights + batch * c.hidden_size * elem + kv + g
+
+
+def copy_gbps(nbytes: int, device: torch.device, repeats: int) -> float:
+    """``tensor.copy_`` of an ``nbytes`` buffer: bytes read + written per s (the ops suite's
+    measure), in GB/s."""
+    from .measure import measure_interleaved
+    src = torch.ones(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    m = measure_interleaved({"copy": lambda: dst.copy_(src)}, Clock(device), warmup=1,
+                            repeats=repeats)["copy"]
+    return 2 * nbytes / (m.stats["p50"] * 1e-3) / 1e9
+
+
+def add_streaming_columns(rows: list[dict], models, source, device, repeats: int) -> None:
+    """``step_bytes``, ``step_gbps`` (bytes / p50 step time) and ``copy_gbps`` (a copy of a buffer
+    of the same size, measured now: the same run) on every decode row; the reference's bytes are
+    those of its fp32 weights (the source model's)."""
+    for r in rows:
+        model = source if r["impl"] == "reference" else models[(r["impl"], r["dtype"])]
+        cache_len = r["prompt_len"] + r["new_tokens"] // 2  # the steps' mean
+        nbytes = decode_step_bytes(model, r["mode"], cache_len, r["batch"])
+        r["step_bytes"] = nbytes
+        if nbytes is None or not r.get("per_token_ms_p50"):
+            r["step_gbps"] = r["copy_gbps"] = r["copy_fraction"] = None
+            continue
+        r["step_gbps"] = nbytes / (r["per_token_ms_p50"] * 1e-3) / 1e9
+        r["copy_gbps"] = copy_gbps(nbytes, device, max(3, repeats))
+        r["copy_fraction"] = r["step_gbps"] / r["copy_gbps"]
+
+
+def ops_isa(device: torch.device) -> str | None:
+    """The CPU path of pldr::linear_small (the decode step's linears), None on CUDA."""
+    from .. import ops
+    return ops.linear_small_isa() if device.type == "cpu" and ops._LOAD_ERROR is None else None
 
 
 def graphed(cfg: GenerateConfig, impl: str, mode: str) -> bool:
@@ -129,6 +195,19 @@ def logits_verdict(model, dtype: str, ids, source, refs: dict) -> testing.Verdic
                            name=f"{dtype} logits of the prompt")
 
 
+def int8_logits_verdict(model, ids, source, refs: dict) -> testing.Verdict:
+    """An int8 model's prompt logits by the peer rule against the reference holding its
+    dequantised weights (oracle fp64, peer fp32): the kernels' error, not the quantisation's."""
+    if "int8 source" not in refs:
+        dequantized = copy.deepcopy(source)
+        with torch.no_grad():
+            for name, m in model.named_modules():
+                if hasattr(m, "dequantized"):
+                    dequantized.get_submodule(name).weight.copy_(m.dequantized())
+        refs["int8 source"], refs["int8 refs"] = dequantized, {}
+    return logits_verdict(model, "float32", ids, refs["int8 source"], refs["int8 refs"])
+
+
 def check_and_measure_memory(models, cfg: GenerateConfig, ids, device, source, refs):
     """One untimed run per (implementation, mode) after a 2-token warm-up (one-time setup is not
     memory): ``(verdicts, memory)`` by ``(impl, dtype, mode)``."""
@@ -147,7 +226,9 @@ def check_and_measure_memory(models, cfg: GenerateConfig, ids, device, source, r
             if impl == "reference":  # the first entry: its tokens are the fp32 check's
                 ref_tokens[mode] = out
                 continue
-            if dt == "float32":
+            if dt == "int8":
+                v = int8_logits_verdict(model, ids, source, refs)
+            elif dt == "float32":
                 want = ref_tokens[mode] if mode in ref_tokens else refs[torch.float32].generate(
                     ids, cfg.new_tokens, cache=mode, do_sample=False, **NO_EOS)
                 v = tokens_verdict(out.cpu(), want.cpu(), prompt_len)
@@ -193,6 +274,7 @@ def run_prompt(models, cfg: GenerateConfig, ids, device, source, refs, bar) -> l
         same_mode = [r for r in rows if r["mode"] == mode]
         add_speedups(same_mode, "per_token_ms_p50", "speedup_vs_reference")
         add_speedups(same_mode, "ttft_ms", "ttft_speedup_vs_reference")
+    add_streaming_columns(rows, models, source, device, cfg.repeats)
     return rows
 
 
@@ -205,7 +287,8 @@ def run_generate(cfg: GenerateConfig, device: torch.device, show_progress: bool 
     desc = {"model": f"L{c.num_hidden_layers} D{c.hidden_size} H{c.num_attention_heads} "
                      f"V{c.vocab_size}",
             "params": sum(p.numel() for p in source.parameters()),
-            "weights": cfg.checkpoint or "random (seeded)"}
+            "weights": cfg.checkpoint or "random (seeded)",
+            "linear_small_isa": ops_isa(device)}
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     refs, results = {torch.float32: ref32}, []
     with progress_bar(len(cfg.prompt_lens) * (1 + cfg.repeats), "generate", show_progress) as bar:

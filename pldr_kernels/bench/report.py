@@ -87,6 +87,10 @@ GEN_COLUMNS = (
     ("token p90 ms", True, lambda r: fmt(r["per_token_ms_p90"])),
     ("tokens/s", True, lambda r: fmt(r["tokens_per_s"])),
     ("x ref", True, lambda r: times(r.get("speedup_vs_reference"))),
+    ("step MB", True, lambda r: fmt(r["step_bytes"] / 1e6) if r.get("step_bytes") else "-"),
+    ("step GB/s", True, lambda r: fmt(r.get("step_gbps")) if r.get("step_gbps") else "-"),
+    ("copy GB/s", True, lambda r: (f"{fmt(r['copy_gbps'])} ({r['copy_fraction']:.0%})"
+                                   if r.get("copy_gbps") else "-")),
     ("peak MiB", True, lambda r: mib(r.get("peak_memory_bytes"))),
     ("check", False, check))
 
@@ -228,7 +232,12 @@ def render(data: dict, markdown: bool = False) -> str:
         g = gen[0]
         parts += ["", f"{bold('Generation')} ({g['model']}, {g['params'] / 1e6:.1f}M parameters, "
                       f"{g['weights']} weights, batch {g['batch']}, greedy; x ref = per-token "
-                      f"speedup over the fp32 reference) on {machine(env)}:", "",
+                      f"speedup over the fp32 reference; step MB = what one decode step reads "
+                      f"(weights in their dtype + K/V + G), step GB/s = that per p50 token time, "
+                      f"copy GB/s = tensor.copy_ of as many bytes (read + written per s) in the "
+                      f"same run, (%) = step GB/s over it; int8 = weight-only int8, fp32 "
+                      f"activations; decode linears: {g.get('linear_small_isa') or 'torch'}) on "
+                      f"{machine(env)}:", "",
                   table(GEN_COLUMNS, gen, markdown)]
     train = [r for r in results if r["bench"] == "train"]
     if train:

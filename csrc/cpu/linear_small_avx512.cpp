@@ -1,0 +1,44 @@
+// pldr::linear_small's kernel compiled for AVX-512 (F, BW, VL, DQ): 16 fp32 lanes; the tile shape
+// follows the rows of x. Chosen at run time (linear_small_cpu.cpp), so a portable build runs
+// it on any AVX-512 CPU. No torch header here (linear_small.h says why).
+#include "cpu/linear_small.h"
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+
+#include <cmath>
+#include <cstdint>
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,bmi2")
+
+namespace pldr::cpu::linear_small {
+namespace {
+
+constexpr int kVec = 16;
+typedef float Vf __attribute__((vector_size(kVec * 4)));
+inline Vf fmadd(Vf a, Vf b, Vf c) { return (Vf)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c); }
+inline Vf load_bf16(const uint16_t* p) {
+  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return (Vf)_mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+}
+inline Vf load_int8(const int8_t* p) {
+  return (Vf)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+
+#include "cpu/linear_small_kernel.h"
+
+}  // namespace
+
+void features_avx512(const Args& a, int64_t f_begin, int64_t f_end) {
+  // M = 1, 2: 8 weight rows at once; more rows: fewer weight rows, x rows in registers.
+  if (a.M == 1) return features_any<8, 1>(a, f_begin, f_end);
+  if (a.M == 2) return features_any<8, 2>(a, f_begin, f_end);
+  if (a.M <= 4) return features_any<4, 4>(a, f_begin, f_end);
+  features_any<2, 8>(a, f_begin, f_end);
+}
+
+}  // namespace pldr::cpu::linear_small
+
+#pragma GCC pop_options
+#endif

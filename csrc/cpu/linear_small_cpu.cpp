@@ -1,0 +1,147 @@
+// pldr::linear_small / pldr::swiglu_small on the CPU (docs/design.md §3.8): y = x·Wᵀ·scale + bias
+// and silu(x·W1ᵀ + b1)·(x·W2ᵀ + b2) for a few rows of x, streaming the weight (fp32, bf16 or int8
+// with per-row fp32 scales) once per 8 rows. Threads split the output features evenly; the kernel
+// is the one of the CPU's ISA, chosen at run time (PLDR_KERNELS_ISA forces a lower one).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <string>
+
+#include "common/checks.h"
+#include "cpu/linear_small.h"
+
+namespace pldr::cpu {
+namespace {
+
+using linear_small::Args;
+using linear_small::FeaturesFn;
+using linear_small::WeightKind;
+
+constexpr const char* kIsaNames[] = {"avx512", "avx2", "portable"};
+enum Isa : int { kAvx512 = 0, kAvx2 = 1, kPortable = 2 };
+
+Isa best_isa() {
+#if defined(__x86_64__) || defined(_M_X64)
+  static const Isa best = [] {
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")) {
+      return kAvx512;
+    }
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return kAvx2;
+    return kPortable;
+  }();
+  return best;
+#else
+  return kPortable;
+#endif
+}
+
+// The CPU's best ISA, or the lower one PLDR_KERNELS_ISA names (read at each call, so a test can
+// switch paths in one process). Asking for one the CPU lacks is an error, not a silent downgrade.
+Isa chosen_isa() {
+  const Isa best = best_isa();
+  const char* env = std::getenv("PLDR_KERNELS_ISA");
+  if (env == nullptr || *env == '\0' || std::string(env) == "auto") return best;
+  const std::string want(env);
+  for (int i = 0; i < 3; ++i) {
+    if (want != kIsaNames[i]) continue;
+    TORCH_CHECK(i >= best, "PLDR_KERNELS_ISA=", want, " asks for a path this CPU cannot run: ",
+                "its best is ", kIsaNames[best], ". Use ", kIsaNames[best],
+                " or lower (avx512 > avx2 > portable), or unset it.");
+    return static_cast<Isa>(i);
+  }
+  TORCH_CHECK(false, "PLDR_KERNELS_ISA must be one of auto, avx512, avx2, portable; got '", want,
+              "'.");
+}
+
+FeaturesFn kernel_of(Isa isa) {
+#if defined(__x86_64__) || defined(_M_X64)
+  if (isa == kAvx512) return linear_small::features_avx512;
+  if (isa == kAvx2) return linear_small::features_avx2;
+#endif
+  return linear_small::features_generic;
+}
+
+WeightKind kind_of(at::ScalarType t) {
+  if (t == at::kBFloat16) return WeightKind::kBFloat16;
+  if (t == at::kChar) return WeightKind::kInt8;
+  return WeightKind::kFloat32;
+}
+
+at::Tensor run(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+               const c10::optional<at::Tensor>& scale, bool swiglu) {
+  const LinearSmallDims dims = check_linear_small_inputs(x, weight, bias, scale, swiglu);
+  const FeaturesFn kernel = kernel_of(chosen_isa());
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  out_shape.back() = dims.features;
+  at::Tensor y = at::empty(out_shape, x.options());
+  if (dims.M == 0 || dims.features == 0) return y;
+  if (dims.K == 0) return bias.has_value() && !swiglu ? y.copy_(bias->expand_as(y)) : y.zero_();
+
+  // x in fp32, [M, K] rows ldx apart (a bf16 x is converted once: M·K values, ≤ 8 rows).
+  at::Tensor x2 = x.reshape({dims.M, dims.K});
+  if (x2.scalar_type() != at::kFloat) x2 = x2.to(at::kFloat);
+  if (x2.size(0) > 1 && x2.stride(0) < dims.K) x2 = x2.contiguous();
+  const at::Tensor bias32 = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
+  const at::Tensor scale32 = scale.has_value() ? scale->contiguous() : at::Tensor();
+  at::Tensor w = weight;
+
+  Args a{};
+  a.x = x2.data_ptr<float>();
+  a.M = dims.M;
+  a.K = dims.K;
+  a.ldx = x2.size(0) > 1 ? x2.stride(0) : dims.K;
+  a.weight = w.data_ptr();
+  a.weight_kind = kind_of(w.scalar_type());
+  a.scale = scale32.defined() ? scale32.data_ptr<float>() : nullptr;
+  a.bias = bias32.defined() ? bias32.data_ptr<float>() : nullptr;
+  a.y = y.data_ptr();
+  a.y_bf16 = y.scalar_type() == at::kBFloat16;
+  a.ldy = dims.features;
+  a.features = dims.features;
+  a.swiglu = swiglu;
+
+  // Blocks of 8 features (whole tiles on every ISA); a thread's share must stream ≥ 64 KiB of
+  // weights, so a small layer runs on one thread instead of paying a fork for little work.
+  constexpr int64_t kBlock = 8;
+  const int64_t blocks = (dims.features + kBlock - 1) / kBlock;
+  const int64_t block_bytes =
+      kBlock * (swiglu ? 2 : 1) * dims.K * static_cast<int64_t>(w.element_size());
+  const int64_t grain = std::max<int64_t>(1, (int64_t{64} << 10) / std::max<int64_t>(block_bytes, 1));
+  at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
+    kernel(a, b0 * kBlock, std::min(b1 * kBlock, dims.features));
+  });
+  return y;
+}
+
+at::Tensor linear_small_cpu(const at::Tensor& x, const at::Tensor& weight,
+                            const c10::optional<at::Tensor>& bias,
+                            const c10::optional<at::Tensor>& scale) {
+  return run(x, weight, bias, scale, /*swiglu=*/false);
+}
+
+at::Tensor swiglu_small_cpu(const at::Tensor& x, const at::Tensor& weight,
+                            const c10::optional<at::Tensor>& bias,
+                            const c10::optional<at::Tensor>& scale) {
+  return run(x, weight, bias, scale, /*swiglu=*/true);
+}
+
+}  // namespace
+
+// The path linear_small takes now ("avx512", "avx2" or "portable"): for benchmarks and tests.
+std::string linear_small_isa() { return kIsaNames[chosen_isa()]; }
+
+}  // namespace pldr::cpu
+
+TORCH_LIBRARY_IMPL(pldr, CPU, m) {
+  m.impl("linear_small", &pldr::cpu::linear_small_cpu);
+  m.impl("swiglu_small", &pldr::cpu::swiglu_small_cpu);
+}
+
+TORCH_LIBRARY_FRAGMENT(pldr, m) {
+  m.def("linear_small_isa() -> str", &pldr::cpu::linear_small_isa);
+}

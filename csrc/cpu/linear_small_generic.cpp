@@ -1,0 +1,39 @@
+// pldr::linear_small's kernel for any CPU: generic 8-lane vectors (GCC/Clang vector extensions,
+// lowered to whatever the build's baseline ISA has: SSE2 on x86-64, NEON on AArch64), separate
+// multiply and add. The fallback when cpuid finds neither AVX-512 nor AVX2 + FMA, and the path
+// PLDR_KERNELS_ISA=portable forces.
+#include <cmath>
+#include <cstdint>
+
+#include "cpu/linear_small.h"
+
+namespace pldr::cpu::linear_small {
+namespace {
+
+constexpr int kVec = 8;
+typedef float Vf __attribute__((vector_size(kVec * 4)));
+inline Vf fmadd(Vf a, Vf b, Vf c) { return a * b + c; }
+inline Vf load_bf16(const uint16_t* p) {
+  Vf v;
+  for (int i = 0; i < kVec; ++i) {
+    const uint32_t bits = uint32_t(p[i]) << 16;
+    __builtin_memcpy(&v[i], &bits, 4);
+  }
+  return v;
+}
+inline Vf load_int8(const int8_t* p) {
+  Vf v;
+  for (int i = 0; i < kVec; ++i) v[i] = float(p[i]);
+  return v;
+}
+
+#include "cpu/linear_small_kernel.h"
+
+}  // namespace
+
+void features_generic(const Args& a, int64_t f_begin, int64_t f_end) {
+  if (a.M == 1) return features_any<4, 1>(a, f_begin, f_end);
+  features_any<2, 2>(a, f_begin, f_end);
+}
+
+}  // namespace pldr::cpu::linear_small

@@ -1,0 +1,170 @@
+// The weight-streaming kernel of pldr::linear_small / pldr::swiglu_small (docs/design.md §3.8),
+// written once with GCC/Clang vector extensions and compiled once per ISA: each
+// linear_small_<isa>.cpp sets its `#pragma GCC target`, then defines, before including this file
+// (inside an anonymous namespace, after every other include):
+//   kVec         floats per vector (16 AVX-512, 8 AVX2 and generic)
+//   Vf           the vector of kVec floats (GCC/Clang vector extension)
+//   fmadd(a, b, c) = a·b + c (an FMA instruction where the ISA has one)
+//   load_bf16(p), load_int8(p): kVec weights as fp32 (intrinsics: GCC 12 scalarises a
+//                __builtin_convertvector that widens)
+//
+// and calls features_any<NB, MB>(...) with the tile shape it wants for the call's rows of x: NB
+// weight rows streamed together × MB rows of x per register block (NB·MB accumulators; NB·MB ≥ 8
+// independent FMA chains keep the FMA pipes fed at one row).
+//
+// One tile reads NB weight rows along K, each vector of weights converted to fp32 once
+// (bf16: a 16-bit shift; int8: a sign-extending convert) and multiplied into every row of x in
+// registers; x (≤ 8 rows, fp32) stays in L1. The tile's sums get the per-row scale and bias (and,
+// for SwiGLU, silu(gate)·up of its gate and up rows) and are stored once, in fp32 or bf16.
+
+typedef float VfUnaligned __attribute__((vector_size(kVec * 4), aligned(4)));
+
+constexpr int64_t kMaxRowsOfX = 8;  // rows of x per pass over the weights
+
+inline Vf load_w(const float* p) { return *reinterpret_cast<const VfUnaligned*>(p); }
+inline Vf load_w(const uint16_t* p) { return load_bf16(p); }  // exact: the bits shifted up
+inline Vf load_w(const int8_t* p) { return load_int8(p); }
+inline float scalar_w(float w) { return w; }
+inline float scalar_w(uint16_t w) {
+  const uint32_t bits = uint32_t(w) << 16;
+  float f;
+  __builtin_memcpy(&f, &bits, 4);
+  return f;
+}
+inline float scalar_w(int8_t w) { return float(w); }
+
+inline float lane_sum(Vf v) {
+  float s = 0.f;
+  for (int i = 0; i < kVec; ++i) s += v[i];
+  return s;
+}
+
+// out[n * ldo + m] = Σ_k w[n][k] · x[m·ldx + k] for NB weight rows and MB rows of x.
+template <class W, int NB, int MB>
+inline void dot_block(const float* x, int64_t ldx, const W* const* w, int64_t K, float* out,
+                      int64_t ldo) {
+  Vf acc[NB][MB];
+#pragma GCC unroll 8
+  for (int n = 0; n < NB; ++n)
+#pragma GCC unroll 8
+    for (int m = 0; m < MB; ++m) acc[n][m] = Vf{};
+  int64_t k = 0;
+  for (; k + kVec <= K; k += kVec) {
+    Vf xv[MB];
+#pragma GCC unroll 8
+    for (int m = 0; m < MB; ++m) xv[m] = *reinterpret_cast<const VfUnaligned*>(x + m * ldx + k);
+#pragma GCC unroll 8
+    for (int n = 0; n < NB; ++n) {
+      const Vf wv = load_w(w[n] + k);
+#pragma GCC unroll 8
+      for (int m = 0; m < MB; ++m) acc[n][m] = fmadd(wv, xv[m], acc[n][m]);
+    }
+  }
+  for (int n = 0; n < NB; ++n)
+    for (int m = 0; m < MB; ++m) {
+      float s = lane_sum(acc[n][m]);
+      for (int64_t t = k; t < K; ++t) s += scalar_w(w[n][t]) * x[m * ldx + t];
+      out[n * ldo + m] = s;
+    }
+}
+
+// The last M mod kRowsOfX rows (R = kRowsOfX-1 … 1).
+template <class W, int NB, int R>
+inline void dot_rest(int64_t rest, const float* x, int64_t ldx, const W* const* w, int64_t K,
+                     float* out, int64_t ldo) {
+  if (rest == R) {
+    dot_block<W, NB, R>(x, ldx, w, K, out, ldo);
+  } else if constexpr (R > 1) {
+    dot_rest<W, NB, R - 1>(rest, x, ldx, w, K, out, ldo);
+  }
+}
+
+// out[n * M + m] for NB weight rows and all M (≤ kMaxRowsOfX) rows of x.
+template <class W, int NB, int MB>
+inline void dot_rows(const float* x, int64_t M, int64_t ldx, const W* const* w, int64_t K,
+                     float* out) {
+  int64_t m = 0;
+  for (; m + MB <= M; m += MB) dot_block<W, NB, MB>(x + m * ldx, ldx, w, K, out + m, M);
+  if constexpr (MB > 1) {
+    if (m < M) dot_rest<W, NB, MB - 1>(M - m, x + m * ldx, ldx, w, K, out + m, M);
+  }
+}
+
+inline uint16_t round_to_bf16(float f) {  // round to nearest even, NaN kept quiet (as c10)
+  uint32_t bits;
+  __builtin_memcpy(&bits, &f, 4);
+  if ((bits & 0x7fffffffu) > 0x7f800000u) return uint16_t((bits >> 16) | 0x40);
+  bits += 0x7fffu + ((bits >> 16) & 1u);
+  return uint16_t(bits >> 16);
+}
+
+inline void store(const Args& a, int64_t m, int64_t f, float v) {
+  if (a.y_bf16) {
+    static_cast<uint16_t*>(a.y)[m * a.ldy + f] = round_to_bf16(v);
+  } else {
+    static_cast<float*>(a.y)[m * a.ldy + f] = v;
+  }
+}
+
+inline float affine(const Args& a, int64_t row, float dot) {
+  if (a.scale != nullptr) dot *= a.scale[row];
+  return a.bias != nullptr ? dot + a.bias[row] : dot;
+}
+
+// Features [f, f + NB) of a linear: one weight row each.
+template <class W, int NB, int MB>
+inline void linear_block(const Args& a, const W* weight, int64_t f, int64_t m0, int64_t M) {
+  const W* rows[NB];
+  float out[NB * kMaxRowsOfX];
+  for (int n = 0; n < NB; ++n) rows[n] = weight + (f + n) * a.K;
+  dot_rows<W, NB, MB>(a.x + m0 * a.ldx, M, a.ldx, rows, a.K, out);
+  for (int n = 0; n < NB; ++n)
+    for (int64_t m = 0; m < M; ++m) store(a, m0 + m, f + n, affine(a, f + n, out[n * M + m]));
+}
+
+// Features [f, f + NB/2) of a SwiGLU: their gate rows and their up rows, in one pass.
+template <class W, int NB, int MB>
+inline void swiglu_block(const Args& a, const W* weight, int64_t f, int64_t m0, int64_t M) {
+  static_assert(NB % 2 == 0, "a SwiGLU block holds gate and up rows in pairs");
+  constexpr int half = NB / 2;
+  const int64_t H = a.features;
+  const W* rows[NB];
+  float out[NB * kMaxRowsOfX];
+  for (int j = 0; j < half; ++j) {
+    rows[j] = weight + (f + j) * a.K;
+    rows[half + j] = weight + (H + f + j) * a.K;
+  }
+  dot_rows<W, NB, MB>(a.x + m0 * a.ldx, M, a.ldx, rows, a.K, out);
+  for (int j = 0; j < half; ++j)
+    for (int64_t m = 0; m < M; ++m) {
+      const float gate = affine(a, f + j, out[j * M + m]);
+      const float up = affine(a, H + f + j, out[(half + j) * M + m]);
+      store(a, m0 + m, f + j, gate / (1.f + std::exp(-gate)) * up);  // silu(gate)·up
+    }
+}
+
+template <class W, int NB, int MB>
+void features_of(const Args& a, int64_t f_begin, int64_t f_end) {
+  const W* weight = static_cast<const W*>(a.weight);
+  constexpr int64_t per_block = NB / 2;  // SwiGLU features per block; linear: NB
+  for (int64_t m0 = 0; m0 < a.M; m0 += kMaxRowsOfX) {
+    const int64_t M = a.M - m0 < kMaxRowsOfX ? a.M - m0 : kMaxRowsOfX;
+    int64_t f = f_begin;
+    if (a.swiglu) {
+      for (; f + per_block <= f_end; f += per_block) swiglu_block<W, NB, MB>(a, weight, f, m0, M);
+      for (; f < f_end; ++f) swiglu_block<W, 2, MB>(a, weight, f, m0, M);
+    } else {
+      for (; f + NB <= f_end; f += NB) linear_block<W, NB, MB>(a, weight, f, m0, M);
+      for (; f < f_end; ++f) linear_block<W, 1, MB>(a, weight, f, m0, M);
+    }
+  }
+}
+
+template <int NB, int MB>
+void features_any(const Args& a, int64_t f_begin, int64_t f_end) {
+  switch (a.weight_kind) {
+    case WeightKind::kFloat32: return features_of<float, NB, MB>(a, f_begin, f_end);
+    case WeightKind::kBFloat16: return features_of<uint16_t, NB, MB>(a, f_begin, f_end);
+    case WeightKind::kInt8: return features_of<int8_t, NB, MB>(a, f_begin, f_end);
+  }
+}

@@ -1,0 +1,155 @@
+"""pldr::linear_small / pldr::swiglu_small (docs/design.md §3.8) against the fp64 oracle by the
+peer rule of docs/design.md §4, on every CPU path this machine runs (PLDR_KERNELS_ISA forces the
+lower ones), every weight dtype, rows B ∈ {1, 3, 8} (and 11: two passes over the weights), and
+in/out features that are no multiple of a vector; int8 against its dequantised weights in fp64."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from pldr_kernels import ops
+from pldr_kernels.testing import compare
+
+pytestmark = pytest.mark.skipif(ops._LOAD_ERROR is not None, reason=f"{ops._LOAD_ERROR}")
+
+ISAS = ("avx512", "avx2", "portable")
+
+
+def runnable_isas() -> tuple[str, ...]:
+    if ops._LOAD_ERROR is not None:
+        return ()
+    saved = os.environ.pop("PLDR_KERNELS_ISA", None)
+    try:
+        best = ops.linear_small_isa()
+    finally:
+        if saved is not None:
+            os.environ["PLDR_KERNELS_ISA"] = saved
+    return ISAS[ISAS.index(best):]
+
+
+@pytest.fixture(params=runnable_isas())
+def isa(request, monkeypatch):
+    monkeypatch.setenv("PLDR_KERNELS_ISA", request.param)
+    assert ops.linear_small_isa() == request.param
+    return request.param
+
+
+def make_weight(rows: int, K: int, kind: str, gen: torch.Generator):
+    """(weight as the kernel takes it, scale or None, the weight's exact values in fp64)."""
+    w = torch.randn(rows, K, generator=gen) / K**0.5
+    if kind == "int8":
+        scale = w.abs().amax(dim=1) / 127
+        q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+        return q, scale, q.double() * scale.double()[:, None]
+    w = w.to(getattr(torch, kind))
+    return w, None, w.double()
+
+
+def peer_weight(w64: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return w64.to(dtype)  # the dequantised (or exact) weights in the activation dtype
+
+
+CASES = [(1, 37, 19), (3, 131, 45), (8, 70, 9), (11, 33, 17)]
+
+
+@pytest.mark.parametrize("M,K,N", CASES)
+@pytest.mark.parametrize("kind", ["float32", "bfloat16", "int8"])
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_linear_small_matches_fp64(isa, M, K, N, kind, x_dtype, with_bias):
+    gen = torch.Generator().manual_seed(M * 1000 + K + N)
+    x = torch.randn(M, K, generator=gen).to(x_dtype)
+    w, scale, w64 = make_weight(N, K, kind, gen)
+    bias = torch.randn(N, generator=gen) if with_bias else None
+    out = ops.linear_small(x, w, bias, scale)
+    assert out.dtype == x_dtype and out.shape == (M, N)
+    oracle = x.double() @ w64.T + (0 if bias is None else bias.double())
+    b_peer = None if bias is None else bias.to(x_dtype)
+    peer = F.linear(x, peer_weight(w64, x_dtype), b_peer)
+    compare(out, oracle, peer, name=f"linear_small[{isa}]").assert_ok()
+
+
+@pytest.mark.parametrize("M,K,H", [(1, 37, 19), (3, 131, 13), (8, 45, 6)])
+@pytest.mark.parametrize("kind", ["float32", "bfloat16", "int8"])
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_swiglu_small_matches_fp64(isa, M, K, H, kind, x_dtype, with_bias):
+    gen = torch.Generator().manual_seed(M * 1000 + K + H)
+    x = torch.randn(M, K, generator=gen).to(x_dtype)
+    w, scale, w64 = make_weight(2 * H, K, kind, gen)
+    bias = torch.randn(2 * H, generator=gen) if with_bias else None
+    out = ops.swiglu_small(x, w, bias, scale)
+    assert out.dtype == x_dtype and out.shape == (M, H)
+    gate, up = (x.double() @ w64.T + (0 if bias is None else bias.double())).chunk(2, dim=-1)
+    oracle = F.silu(gate) * up
+    b_peer = None if bias is None else bias.to(x_dtype)
+    p_gate, p_up = F.linear(x, peer_weight(w64, x_dtype), b_peer).chunk(2, dim=-1)
+    compare(out, oracle, F.silu(p_gate) * p_up, name=f"swiglu_small[{isa}]").assert_ok()
+
+
+def test_threads_split_features_and_leading_dims_kept(isa):
+    """A layer big enough for every thread (≥ 64 KiB per share), x with two leading dims."""
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(2, 1, 260, generator=gen)
+    w = torch.randn(1001, 260, generator=gen) / 16
+    bias = torch.randn(1001, generator=gen)
+    out = ops.linear_small(x, w, bias)
+    assert out.shape == (2, 1, 1001)
+    oracle = x.double() @ w.double().T + bias.double()
+    compare(out, oracle, F.linear(x, w, bias), name="linear_small threads").assert_ok()
+
+
+def test_rows_of_x_may_be_strided_views():
+    gen = torch.Generator().manual_seed(3)
+    big = torch.randn(4, 2 * 40, generator=gen)
+    x = big[:, :40]  # rows 80 apart
+    w = torch.randn(24, 40, generator=gen)
+    oracle = x.double() @ w.double().T
+    compare(ops.linear_small(x, w), oracle, F.linear(x, w), name="strided x").assert_ok()
+
+
+def test_bad_isa_name_is_refused(monkeypatch):
+    monkeypatch.setenv("PLDR_KERNELS_ISA", "sse9")
+    with pytest.raises(RuntimeError, match="PLDR_KERNELS_ISA must be one of auto, avx512, avx2, "
+                       "portable; got 'sse9'"):
+        ops.linear_small(torch.randn(1, 8), torch.randn(4, 8))
+
+
+BAD = {
+    "x dtype": (dict(x=torch.randn(1, 8, dtype=torch.float64)), "x must be float32 or bfloat16"),
+    "weight dtype": (dict(weight=torch.randn(4, 8).half()), "weight must be float32, bfloat16 or "
+                     "int8, got Half"),
+    "weight rank": (dict(weight=torch.randn(4, 8, 1)), "weight must be a 2-D tensor"),
+    "K mismatch": (dict(x=torch.randn(1, 9)), r"x.shape\[-1\] \(in_features\) must be weight"),
+    "weight strided": (dict(weight=torch.randn(8, 4).T), "weight must be contiguous"),
+    "bias shape": (dict(bias=torch.randn(5)), "bias must have shape"),
+    "int8 without scale": (dict(weight=torch.zeros(4, 8, dtype=torch.int8)),
+                           "scale is required with an int8 weight"),
+    "scale with fp32": (dict(scale=torch.ones(4)), "scale is only for an int8 weight"),
+    "scale dtype": (dict(weight=torch.zeros(4, 8, dtype=torch.int8),
+                         scale=torch.ones(4, dtype=torch.float64)), "scale must have dtype Float"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+@pytest.mark.parametrize("swiglu", [False, True])
+def test_bad_inputs_same_words_real_and_fake(case, swiglu):
+    changes, words = BAD[case]
+    kw = dict(x=torch.randn(1, 8), weight=torch.randn(4, 8), bias=None, scale=None) | changes
+    op = torch.ops.pldr.swiglu_small if swiglu else torch.ops.pldr.linear_small
+    with pytest.raises(RuntimeError, match=words) as real:
+        op(**kw)
+    with FakeTensorMode() as mode:
+        fake = {k: None if v is None else mode.from_tensor(v) for k, v in kw.items()}
+        with pytest.raises(RuntimeError) as faked:
+            op(**fake)
+    assert str(real.value).split("\n")[0] == str(faked.value).split("\n")[0]
+
+
+def test_swiglu_needs_even_rows():
+    with pytest.raises(RuntimeError, match=r"weight.shape\[0\] \(gate and up rows\) must be even"):
+        ops.swiglu_small(torch.randn(1, 8), torch.randn(5, 8))
