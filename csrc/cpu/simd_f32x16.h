@@ -13,7 +13,11 @@
 #include <cstdint>
 #include <type_traits>
 
-#if defined(__AVX512F__)
+#include "cpu/isa.h"
+
+// __AVX512F__: a build for an AVX-512 target; PLDR_TARGET_AVX512: the AVX-512 copy of a kernel
+// file in a build that chooses the ISA at run time (cpu/isa_variant.h).
+#if defined(__AVX512F__) || defined(PLDR_TARGET_AVX512)
 #include <immintrin.h>
 #define PLDR_SIMD_AVX512 1
 #endif
@@ -33,6 +37,7 @@
 #endif
 
 namespace pldr::cpu {
+inline namespace PLDR_ISA_NAMESPACE {  // one copy per ISA (cpu/isa.h)
 
 // The element types of the CPU kernels, for PLDR_DTYPE_SWITCH (common/dispatch.h): the three
 // that load_as_f32 widens.
@@ -52,7 +57,7 @@ constexpr int kLanes = 16;
 // Fully unrolls the small loops over a register tile so that its accumulators stay in registers.
 #define PLDR_UNROLL _Pragma("GCC unroll 32")
 
-#if defined(__AVX512F__)
+#if defined(PLDR_SIMD_AVX512)
 PLDR_SIMD_BEGIN_INTRINSICS
 
 using f32x16 = __m512;
@@ -223,4 +228,5 @@ PLDR_SIMD_INLINE f32x16 exp2(f32x16 x) {
 PLDR_SIMD_INLINE f32x16 silu(f32x16 z) { return div(z, add(splat(1.0f), exp(sub(zero(), z)))); }
 
 }  // namespace simd
+}  // namespace PLDR_ISA_NAMESPACE
 }  // namespace pldr::cpu
