@@ -16,7 +16,8 @@ pytestmark = pytest.mark.skipif(ops._LOAD_ERROR is not None, reason="pldr_kernel
 ISAS = ("avx512", "avx2", "portable")
 
 # Each op once, small shapes that still cross a tile (64 queries / keys) and the causal diagonal;
-# fp32 and bf16. Prints {"isa": ..., "verdicts": {case: [ok, text]}}.
+# the attention ops in fp32 and bf16, the metric learner and the backward ops in fp32.
+# Prints {"isa": ..., "verdicts": {case: [ok, text]}}.
 CHECKS = r"""
 import json, torch
 from pldr_kernels import ops, testing
@@ -40,10 +41,6 @@ for dtype in (torch.float32, torch.bfloat16):
     out = ops.g_attention_decode(q1, k_cache, v_cache, seqlens, G=G)
     record(f"g_attention_decode {dtype}",
            testing.check_g_attention_decode(out, q1, k_cache, v_cache, seqlens, G=G))
-    weights = testing.make_metric_weights(d, H, generator=gen)
-    qm = testing.randn((B, 20, H, d), dtype, "cpu", gen)
-    record(f"metric_tensors {dtype}", testing.check_metric_tensors(
-        ops.metric_tensors(qm, None, *testing.metric_args(weights)), qm, None, weights))
 q, k, v = testing.random_attention_inputs(1, 70, 70, 2, 64, torch.float32, "cpu", gen)
 G = testing.random_g(1, 2, 64, "cpu", gen)
 dout = torch.randn(1, 70, 2, 64, generator=gen)
@@ -53,7 +50,9 @@ record("g_attention backward", testing.check_g_attention_grads(
     [t.grad for t in leaves], dout, q, k, v, G, causal=True))
 weights = testing.make_metric_weights(64, 2, generator=gen)
 qm = testing.randn((1, 20, 2, 64), torch.float32, "cpu", gen)
-A = ops.metric_tensors(qm, None, *testing.metric_args(weights))[0]
+out = ops.metric_tensors(qm, None, *testing.metric_args(weights))
+record("metric_tensors", testing.check_metric_tensors(out, qm, None, weights))
+A = out[0]
 grad_outputs = (torch.randn(A.shape, generator=gen), None, None)  # through A: judged case by case
 grads = ops.metric_tensors_backward(*grad_outputs, qm, None, *testing.metric_args(weights))
 record("metric_tensors backward",
@@ -89,14 +88,16 @@ def test_each_isa_path_meets_the_rules(isa):
     assert result["isa"] == f"{isa} (best {best_isa()})"
     failed = {name: text for name, (ok, text) in result["verdicts"].items() if not ok}
     assert not failed, failed
-    assert len(result["verdicts"]) == 8
+    assert len(result["verdicts"]) == 7
 
 
-def test_the_default_is_the_best_this_cpu_runs():
-    proc = run_with_isa(None, "from pldr_kernels.__main__ import cpu_kernels_isa\n"
-                              "print(cpu_kernels_isa())\n")
+def test_the_default_is_the_best_this_cpu_runs_and_the_build_report_names_it():
+    env = {k: val for k, val in os.environ.items() if k != "PLDR_KERNELS_ISA"}
+    proc = subprocess.run([sys.executable, "-m", "pldr_kernels"], env=env, capture_output=True,
+                          text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.split() == [best_isa(), "(best", f"{best_isa()})"]
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("cpu isa"))
+    assert line.split()[2:5] == [best_isa(), "(best", f"{best_isa()})"], line
     flags = open("/proc/cpuinfo").read().split() if os.path.exists("/proc/cpuinfo") else []
     if ops.build_info().get("cpu_flags", "").startswith("runtime ISA") and "avx2" in flags:
         assert best_isa() in ("avx2", "avx512")  # the copies were built and are found

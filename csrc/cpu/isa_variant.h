@@ -43,6 +43,7 @@
 #define PLDR_TARGET_AVX512 1  // the pragma does not define __AVX512F__
 #elif defined(PLDR_ISA_VARIANT_AVX2)
 #pragma GCC target("arch=x86-64-v3")
+#define PLDR_TARGET_AVX2 1  // nor __AVX2__ / __FMA__
 #else
 #error "cpu/isa_variant.h: define PLDR_ISA_VARIANT_AVX512 or PLDR_ISA_VARIANT_AVX2 first"
 #endif
