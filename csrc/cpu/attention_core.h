@@ -72,12 +72,6 @@ struct KeyRange {
   // Row path: K rows up to here may be fetched ahead past `end` (decode: the next split's first
   // rows, which the same thread usually takes next).
   int64_t prefetch_end = 0;
-  // GEMM path, when the caller packed them once for all query tiles (PackedKv): Kᵀ in fp32,
-  // key j in column j (row stride k_transposed_ld), and for bf16 / fp16 V as fp32 rows of D.
-  // nullptr = pack / widen each key tile here.
-  const float* k_transposed = nullptr;
-  int64_t k_transposed_ld = 0;
-  const float* v_float = nullptr;
 };
 
 // q̃ = (q rows [q0, q0+M) of one (b, h)) · G · (scale·log2 e), fp32 [M, D].
@@ -224,15 +218,10 @@ void attend_key_range(int64_t M, const KeyRange<T>& kr, bool allow_row_path, Til
         dot_query_rows<D>(qt, M, kr.k.row(j0 + jj), scores + jj, kKeyTile);
       }
     } else {
-      const float* k_t = kr.k_transposed != nullptr ? kr.k_transposed + j0 : nullptr;
-      int64_t ld_k_t = kr.k_transposed_ld;
-      if (k_t == nullptr) {
-        pack_transposed<T, D>([&](int64_t jj) { return kr.k.row(j0 + jj); }, n,
-                              s.k_transposed.data(), kKeyTile);
-        k_t = s.k_transposed.data();
-        ld_k_t = kKeyTile;
-      }
-      at::native::cpublas::brgemm(M, n, D, D, ld_k_t, kKeyTile, false, qt, k_t, scores, false);
+      pack_transposed<T, D>([&](int64_t jj) { return kr.k.row(j0 + jj); }, n,
+                            s.k_transposed.data(), kKeyTile);
+      at::native::cpublas::brgemm(M, n, D, D, kKeyTile, kKeyTile, false, qt,
+                                  s.k_transposed.data(), scores, false);
     }
     mask_scores(scores, M, j0, n, kr);
     online_softmax_update<D>(scores, kKeyTile, M, n, s.m.data(), s.l.data(), out);
@@ -265,9 +254,6 @@ void attend_key_range(int64_t M, const KeyRange<T>& kr, bool allow_row_path, Til
       if (std::is_same_v<T, float> && kr.v.stride >= D) {  // fp32 rows are used in place
         vtile = reinterpret_cast<const float*>(kr.v.row(j0));
         ldv = kr.v.stride;
-      } else if (kr.v_float != nullptr) {
-        vtile = kr.v_float + j0 * D;
-        ldv = D;
       } else {
         for (int64_t jj = 0; jj < n; ++jj) {
           load_row_as_float(kr.v.row(j0 + jj), s.v_rows.data() + jj * D, D);
@@ -278,48 +264,6 @@ void attend_key_range(int64_t M, const KeyRange<T>& kr, bool allow_row_path, Til
       at::native::cpublas::brgemm(M, D, n, kKeyTile, ldv, D, true, scores, vtile, out, false);
     }
   }
-}
-
-// K and V of every (b, h) of a prefill call in the layout the GEMM path reads, formed once per
-// call instead of once per (query tile, key tile) pair: Kᵀ in fp32 [B·H, D, ld] (ld = Sk rounded
-// up to 16; column j = key j, the columns past Sk zero) and, for bf16 / fp16, V widened to fp32
-// [B·H, Sk, D]. With q_tiles query tiles per head each key tile was transposed (and widened) up to
-// q_tiles times; the copies cost 4·Sk·D bytes per head, the size of fp32 K (and V).
-struct PackedKv {
-  at::Tensor k_transposed, v_float;  // v_float undefined for fp32 (V is read in place)
-  int64_t ld = 0, Sk = 0, D = 0;
-
-  const float* k_t(int64_t bh) const { return k_transposed.data_ptr<float>() + bh * D * ld; }
-  const float* v_f(int64_t bh) const {
-    return v_float.defined() ? v_float.data_ptr<float>() + bh * Sk * D : nullptr;
-  }
-};
-
-template <typename T, int D>
-PackedKv pack_kv(const at::Tensor& k, const at::Tensor& v) {
-  const int64_t B = k.size(0), Sk = k.size(1), H = k.size(2);
-  const int64_t key_tiles = ceil_div(Sk, kKeyTile);
-  PackedKv p;
-  p.ld = ceil_div(Sk, kLanes) * kLanes;
-  p.Sk = Sk;
-  p.D = D;
-  p.k_transposed = at::empty({B * H, D, p.ld}, k.options().dtype(at::kFloat));
-  const bool widen_v = !std::is_same_v<T, float> || v.stride(1) < D;
-  if (widen_v) p.v_float = at::empty({B * H, Sk, D}, v.options().dtype(at::kFloat));
-  at::parallel_for(0, B * H * key_tiles, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t bh = item / key_tiles, j0 = item % key_tiles * kKeyTile;
-      const int64_t n = std::min(kKeyTile, Sk - j0);
-      const Rows<T> k_rows = rows_of<T>(k, bh / H, bh % H);
-      pack_transposed<T, D>([&](int64_t jj) { return k_rows.row(j0 + jj); }, n,
-                            const_cast<float*>(p.k_t(bh)) + j0, p.ld);
-      if (!widen_v) continue;
-      const Rows<T> v_rows = rows_of<T>(v, bh / H, bh % H);
-      float* dst = const_cast<float*>(p.v_f(bh)) + j0 * D;
-      for (int64_t jj = 0; jj < n; ++jj) load_row_as_float(v_rows.row(j0 + jj), dst + jj * D, D);
-    }
-  });
-  return p;
 }
 
 // G as the kernels read it: G[b, h] is a [D, D] fp32 matrix at ptr + b·batch + h·head with row

@@ -33,8 +33,6 @@ void g_attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tens
   const int64_t mask_batch_stride = key_mask.has_value() ? key_mask->stride(0) : 0;
   const int64_t mask_key_stride = key_mask.has_value() ? key_mask->stride(1) : 0;
   const GView g_view(G, D);
-  // More than one query tile per head: pack K (and widen bf16 / fp16 V) once for all of them.
-  const PackedKv packed = q_tiles > 1 ? pack_kv<T, D>(k, v) : PackedKv{};
   T* out_ptr = out.data_ptr<T>();
   float* lse_ptr = lse.data_ptr<float>();
 
@@ -53,7 +51,7 @@ void g_attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tens
         const int64_t q0 = t * kQueryTile, M = std::min(kQueryTile, Sq - q0);
         form_q_tilde<T, D>(rows_of<T>(q, b, h), q0, M, g_view.at(b, h), g_view.ld, factor, s);
         reset_accumulators<D>(M, s);
-        KeyRange<T> kr{rows_of<T>(k, b, h),
+        const KeyRange<T> kr{rows_of<T>(k, b, h),
                              rows_of<T>(v, b, h),
                              mask_ptr ? mask_ptr + b * mask_batch_stride : nullptr,
                              mask_key_stride,
@@ -61,11 +59,6 @@ void g_attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tens
                              Sk,
                              causal,
                              q0 + Sk - Sq};
-        if (packed.k_transposed.defined()) {
-          kr.k_transposed = packed.k_t(bh);
-          kr.k_transposed_ld = packed.ld;
-          kr.v_float = packed.v_f(bh);
-        }
         attend_key_range<T, D>(M, kr, /*allow_row_path=*/false, s);
         for (int64_t r = 0; r < M; ++r) {
           const float l = s.l[r];
