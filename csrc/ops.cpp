@@ -46,7 +46,7 @@ TORCH_LIBRARY(pldr, m) {
       "g_attention_decode(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor cache_seqlens, "
       "Tensor? k_new=None, Tensor? v_new=None, Tensor? cache_start=None, Tensor? G=None, "
       "float? scale=None, int num_splits=0) -> Tensor");
-  // Weight-streaming linears for a few rows (docs/design.md §3.8): weight fp32, bf16 or int8
+  // Weight-streaming linears for a few rows (docs/design.md §3.9): weight fp32, bf16 or int8
   // (with per-row fp32 scales); swiglu_small's weight is SwiGLU's [gate; up] pack.
   m.def("linear_small(Tensor x, Tensor weight, Tensor? bias=None, Tensor? scale=None) -> Tensor");
   m.def("swiglu_small(Tensor x, Tensor weight, Tensor? bias=None, Tensor? scale=None) -> Tensor");

@@ -15,6 +15,22 @@ def cpu_features() -> str:
         return "unknown"
 
 
+def cpu_kernels_isa() -> str:
+    """The instruction set the CPU kernels run with, ``"<selected> (best <best>)"``, as the
+    extension decides it (csrc/cpu/isa.h: the best this CPU runs, or PLDR_KERNELS_ISA), or the
+    error an invalid PLDR_KERNELS_ISA gives; "unknown" for a build without the run-time choice."""
+    import ctypes
+
+    from . import ops  # noqa: F401  (loads _C onto the package)
+
+    try:
+        fn = ctypes.CDLL(sys.modules[__package__]._C.__file__).pldr_kernels_cpu_isa
+    except (AttributeError, OSError):
+        return "unknown (a build without csrc/cpu/isa.cpp)"
+    fn.restype = ctypes.c_char_p
+    return fn().decode()
+
+
 def op_backends(op: str) -> str:
     """The backends this build has for ``pldr::<op>``, whether or not a GPU is visible; a CUDA
     kernel that is the Triton path says so (and whether triton is installed)."""
@@ -69,6 +85,7 @@ def report() -> str:
         f"CUDA {info.get('built_with_cuda') or 'none'}",
         f"cuda kernels  {cuda_kernels}",
         f"cpu flags     {info.get('cpu_flags', '?')}",
+        f"cpu isa       {cpu_kernels_isa()} (PLDR_KERNELS_ISA=avx512|avx2|portable forces one)",
     ]
     mismatch = ops._torch_mismatch()
     if mismatch:

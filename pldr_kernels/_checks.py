@@ -453,7 +453,7 @@ def check_metric_tensors_backward_inputs(grad_A: Tensor | None, grad_A_LM: Tenso
         check_shape(grad, name, (B, H, d, d))
 
 
-# ---- linear_small / swiglu_small (docs/design.md §3.8) ----------------------------------------
+# ---- linear_small / swiglu_small (docs/design.md §3.9) ----------------------------------------
 def check_linear_small_inputs(x: Tensor, weight: Tensor, bias: Tensor | None,
                               scale: Tensor | None, swiglu: bool) -> tuple[int, int]:
     """checks.h ``check_linear_small_inputs``; returns (rows of weight, output features)."""

@@ -54,7 +54,7 @@ def _keep_fp32(fn):
 
 
 # --------------------------------------------------------------------------------------------
-# Linears of a few rows: pldr::linear_small (docs/design.md §3.8)
+# Linears of a few rows: pldr::linear_small (docs/design.md §3.9)
 # --------------------------------------------------------------------------------------------
 SMALL_ROWS = 8  # at most this many rows of x take the weight-streaming kernels
 SMALL_ROW_DTYPES = (torch.float32, torch.bfloat16)

@@ -229,7 +229,7 @@ def linear_small(x: Tensor, weight: Tensor, bias: Tensor | None = None,
                  scale: Tensor | None = None) -> Tensor:
     """``x·weightᵀ·scale + bias`` for a few rows of ``x [..., K]`` (fp32 or bf16; the output in
     x's dtype), ``weight [N, K]`` fp32, bf16 or int8 (then ``scale [N]`` fp32 per output row):
-    the CPU decode step's weight-streaming kernel (docs/design.md §3.8). No autograd."""
+    the CPU decode step's weight-streaming kernel (docs/design.md §3.9). No autograd."""
     return torch.ops.pldr.linear_small(x, weight, bias, scale)
 
 
@@ -237,7 +237,7 @@ def linear_small(x: Tensor, weight: Tensor, bias: Tensor | None = None,
 def swiglu_small(x: Tensor, weight: Tensor, bias: Tensor | None = None,
                  scale: Tensor | None = None) -> Tensor:
     """``silu(x·W1ᵀ + b1) · (x·W2ᵀ + b2)`` with ``weight = [W1; W2]`` ``[2H, K]`` (SwiGLU's
-    packed gluw1/gluw2), in one pass over both: ``[..., H]`` in x's dtype (docs/design.md §3.8)."""
+    packed gluw1/gluw2), in one pass over both: ``[..., H]`` in x's dtype (docs/design.md §3.9)."""
     return torch.ops.pldr.swiglu_small(x, weight, bias, scale)
 
 

@@ -1,4 +1,4 @@
-"""Weight-only int8 quantisation of a PLDRForCausalLM (docs/design.md §3.8).
+"""Weight-only int8 quantisation of a PLDRForCausalLM (docs/design.md §3.9).
 
 :func:`quantize_int8` (``PLDRForCausalLM.quantize_weights("int8")``) replaces the decoder's
 projections (wq, wk, wv, dense), the SwiGLU FFN (gluw1, gluw2, gluw3) and the LM head by

@@ -86,6 +86,30 @@ def test_a_disagreeing_contestant_is_shouted_and_marked_invalid(monkeypatch, cap
     assert by_impl["pldr_kernels"]["best_other"] in ("eager", "sdpa_flash", "sdpa_math")
 
 
+def test_prefill_rows_carry_their_share_of_torch_mm(monkeypatch):
+    case = ops_suite.OpCase("g_attention", 1, 16, 16, 2, 64, "float32", True)
+    cfg = tiny_ops_config(contestants=("pldr_kernels", "reference"))
+    square = []
+    real_square_mm = ops_suite.square_mm
+    monkeypatch.setattr(ops_suite, "square_mm",
+                        lambda flops, device: square.append(flops) or real_square_mm(flops, device))
+    rows = ops_suite.run_case(case, torch.device("cpu"), cfg, Clock("cpu"), [])
+    flops, _ = ops_suite.work(case)
+    assert square == [flops]  # one torch.mm per case, timed with its contestants
+    n = rows[0]["mm_n"]
+    assert abs(2 * n ** 3 - flops) <= 2 * ((n + 1) ** 3 - n ** 3)  # the same FLOPs, to within n
+    for r in rows:
+        assert r["mm_tflops"] == rows[0]["mm_tflops"] > 0
+        assert r["mm_fraction"] == pytest.approx(r["tflops"] / r["mm_tflops"])
+    text = report.render({"env": {"cpu": "a CPU", "threads": 2, "device": "cpu",
+                                  "build_info": {}, "torch": "t", "pldr_kernels": "p",
+                                  "git_commit": "c"}, "results": rows})
+    assert "x mm" in text and f"torch.mm fp32 {n}x{n} (same FLOPs)" in text
+    decode = ops_suite.OpCase("g_attention_decode", 1, 1, 16, 2, 64, "float32", False)
+    assert all(r["mm_fraction"] is None for r in ops_suite.run_case(
+        decode, torch.device("cpu"), cfg, Clock("cpu"), []))
+
+
 def test_metric_contestants_are_judged_by_the_rule():
     case = ops_suite.OpCase("metric_tensors", 1, 16, 16, 2, 64, "float32", False)
     rows = {r["impl"]: r for r in ops_suite.run_case(case, torch.device("cpu"), tiny_ops_config(),

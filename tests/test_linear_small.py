@@ -1,4 +1,4 @@
-"""pldr::linear_small / pldr::swiglu_small (docs/design.md §3.8) against the fp64 oracle by the
+"""pldr::linear_small / pldr::swiglu_small (docs/design.md §3.9) against the fp64 oracle by the
 peer rule of docs/design.md §4, on every CPU path this machine runs (PLDR_KERNELS_ISA forces the
 lower ones), every weight dtype, rows B ∈ {1, 3, 8} (and 11: two passes over the weights), and
 in/out features that are no multiple of a vector; int8 against its dequantised weights in fp64."""

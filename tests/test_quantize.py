@@ -1,5 +1,5 @@
 """Weight-only int8 (PLDRForCausalLM.quantize_weights, pldr_kernels/quantize.py; docs/design.md
-§3.8): what is quantised and what never is, the int8 model against its dequantised fp64 twin by
+§3.9): what is quantised and what never is, the int8 model against its dequantised fp64 twin by
 the peer rule (prefill and decode), save/load bit for bit with clear errors, the accuracy of a
 trained model (perplexity within 1% of fp32, greedy continuations compared), and the bytes the
 generate suite counts for a decode step."""

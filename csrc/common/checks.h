@@ -560,7 +560,7 @@ inline MetricDims check_metric_tensors_backward_inputs(
   return dims;
 }
 
-// ---- linear_small / swiglu_small (docs/design.md §3.8) ----------------------------------------
+// ---- linear_small / swiglu_small (docs/design.md §3.9) ----------------------------------------
 struct LinearSmallDims {
   int64_t M, K, rows, features;
 };

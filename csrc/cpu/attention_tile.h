@@ -17,6 +17,7 @@
 #include "cpu/simd_f32x16.h"
 
 namespace pldr::cpu {
+inline namespace PLDR_ISA_NAMESPACE {  // one copy per ISA (cpu/isa.h)
 
 using simd::f32x16;
 using simd::kLanes;
@@ -245,4 +246,5 @@ inline void axpy(float p, const float* v, float* out) {
   }
 }
 
+}  // namespace PLDR_ISA_NAMESPACE
 }  // namespace pldr::cpu

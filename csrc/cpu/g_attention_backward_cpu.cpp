@@ -34,6 +34,7 @@
 
 #include "common/checks.h"
 #include "common/dispatch.h"
+#include "cpu/isa.h"
 #include "common/numerics.h"
 #include "cpu/attention_core.h"
 
@@ -601,6 +602,4 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, c10::optional<at::Tensor>> g_atte
 }  // namespace
 }  // namespace pldr::cpu
 
-TORCH_LIBRARY_IMPL(pldr, CPU, m) {
-  m.impl("g_attention_backward", &pldr::cpu::g_attention_backward_cpu);
-}
+PLDR_CPU_KERNEL(g_attention_backward, pldr::cpu::g_attention_backward_cpu)  // registered for the ISA chosen at run time

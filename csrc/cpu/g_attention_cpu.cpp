@@ -9,6 +9,7 @@
 
 #include "common/checks.h"
 #include "common/dispatch.h"
+#include "cpu/isa.h"
 #include "cpu/attention_core.h"
 
 namespace pldr::cpu {
@@ -91,4 +92,4 @@ std::tuple<at::Tensor, at::Tensor> g_attention_cpu(const at::Tensor& q, const at
 }  // namespace
 }  // namespace pldr::cpu
 
-TORCH_LIBRARY_IMPL(pldr, CPU, m) { m.impl("g_attention", &pldr::cpu::g_attention_cpu); }
+PLDR_CPU_KERNEL(g_attention, pldr::cpu::g_attention_cpu)  // registered for the ISA chosen at run time

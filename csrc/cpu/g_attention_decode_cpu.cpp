@@ -16,6 +16,7 @@
 
 #include "common/checks.h"
 #include "common/dispatch.h"
+#include "cpu/isa.h"
 #include "cpu/attention_core.h"
 
 namespace pldr::cpu {
@@ -219,6 +220,4 @@ at::Tensor g_attention_decode_cpu(const at::Tensor& q, const at::Tensor& k_cache
 }  // namespace
 }  // namespace pldr::cpu
 
-TORCH_LIBRARY_IMPL(pldr, CPU, m) {
-  m.impl("g_attention_decode", &pldr::cpu::g_attention_decode_cpu);
-}
+PLDR_CPU_KERNEL(g_attention_decode, pldr::cpu::g_attention_decode_cpu)  // registered for the ISA chosen at run time

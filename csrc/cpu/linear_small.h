@@ -1,5 +1,5 @@
 // Weight-streaming linears for a few rows (the decode step's projections, SwiGLU FFN and LM head;
-// docs/design.md §3.8): the plain interface between the op (linear_small_cpu.cpp, torch headers)
+// docs/design.md §3.9): the plain interface between the op (linear_small_cpu.cpp, torch headers)
 // and the per-ISA kernels (linear_small_{avx512,avx2,generic}.cpp, no torch headers: each is
 // compiled under its own `#pragma GCC target`, and an inline function of a torch header compiled
 // there could be the copy the linker keeps for every caller).

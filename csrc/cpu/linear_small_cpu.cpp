@@ -1,4 +1,4 @@
-// pldr::linear_small / pldr::swiglu_small on the CPU (docs/design.md §3.8): y = x·Wᵀ·scale + bias
+// pldr::linear_small / pldr::swiglu_small on the CPU (docs/design.md §3.9): y = x·Wᵀ·scale + bias
 // and silu(x·W1ᵀ + b1)·(x·W2ᵀ + b2) for a few rows of x, streaming the weight (fp32, bf16 or int8
 // with per-row fp32 scales) once per 8 rows. Threads split the output features evenly; the kernel
 // is the one of the CPU's ISA, chosen at run time (PLDR_KERNELS_ISA forces a lower one).

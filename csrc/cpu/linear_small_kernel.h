@@ -1,4 +1,4 @@
-// The weight-streaming kernel of pldr::linear_small / pldr::swiglu_small (docs/design.md §3.8),
+// The weight-streaming kernel of pldr::linear_small / pldr::swiglu_small (docs/design.md §3.9),
 // written once with GCC/Clang vector extensions and compiled once per ISA: each
 // linear_small_<isa>.cpp sets its `#pragma GCC target`, then defines, before including this file
 // (inside an anonymous namespace, after every other include):

@@ -11,6 +11,7 @@
 #include "cpu/metric_row_blocks.h"
 
 namespace pldr::cpu {
+inline namespace PLDR_ISA_NAMESPACE {  // one copy per ISA (cpu/isa.h)
 
 // Rows per block of the backward. Fixed, not chosen from the thread count: the per-block partial
 // sums of the LayerNorm weight gradients must be the same whatever the number of threads. B·H·d
@@ -372,4 +373,5 @@ inline void power_stage_backward(const float* A, int64_t d, const float* W, cons
   for (int64_t i = 0; i < n; ++i) gA_total[i] = static_cast<float>(sc.Pd[i]);
 }
 
+}  // namespace PLDR_ISA_NAMESPACE
 }  // namespace pldr::cpu

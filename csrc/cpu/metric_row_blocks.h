@@ -15,6 +15,7 @@
 #include "cpu/simd_f32x16.h"
 
 namespace pldr::cpu {
+inline namespace PLDR_ISA_NAMESPACE {  // one copy per ISA (cpu/isa.h)
 
 using simd::f32x16;
 using simd::kLanes;
@@ -265,4 +266,5 @@ inline void metric_head_outputs(const float* A, int64_t d, const float* W, const
   product_f64(a, Md, ba, d, G);
 }
 
+}  // namespace PLDR_ISA_NAMESPACE
 }  // namespace pldr::cpu

@@ -38,6 +38,7 @@
 
 #include "common/checks.h"
 #include "common/dispatch.h"
+#include "cpu/isa.h"
 #include "cpu/metric_backward_blocks.h"
 
 namespace pldr::cpu {
@@ -538,6 +539,4 @@ GradTuple metric_tensors_backward_cpu(
 }  // namespace
 }  // namespace pldr::cpu
 
-TORCH_LIBRARY_IMPL(pldr, CPU, m) {
-  m.impl("metric_tensors_backward", &pldr::cpu::metric_tensors_backward_cpu);
-}
+PLDR_CPU_KERNEL(metric_tensors_backward, pldr::cpu::metric_tensors_backward_cpu)  // registered for the ISA chosen at run time

@@ -31,6 +31,7 @@
 
 #include "common/checks.h"
 #include "common/dispatch.h"
+#include "cpu/isa.h"
 #include "cpu/metric_row_blocks.h"
 
 namespace pldr::cpu {
@@ -204,4 +205,4 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> metric_tensors_cpu(
 }  // namespace
 }  // namespace pldr::cpu
 
-TORCH_LIBRARY_IMPL(pldr, CPU, m) { m.impl("metric_tensors", &pldr::cpu::metric_tensors_cpu); }
+PLDR_CPU_KERNEL(metric_tensors, pldr::cpu::metric_tensors_cpu)  // registered for the ISA chosen at run time

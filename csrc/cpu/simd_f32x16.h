@@ -11,9 +11,14 @@
 
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <type_traits>
 
-#if defined(__AVX512F__)
+#include "cpu/isa.h"
+
+// __AVX512F__: a build for an AVX-512 target; PLDR_TARGET_AVX512: the AVX-512 copy of a kernel
+// file in a build that chooses the ISA at run time (cpu/isa_variant.h).
+#if defined(__AVX512F__) || defined(PLDR_TARGET_AVX512)
 #include <immintrin.h>
 #define PLDR_SIMD_AVX512 1
 #endif
@@ -33,6 +38,7 @@
 #endif
 
 namespace pldr::cpu {
+inline namespace PLDR_ISA_NAMESPACE {  // one copy per ISA (cpu/isa.h)
 
 // The element types of the CPU kernels, for PLDR_DTYPE_SWITCH (common/dispatch.h): the three
 // that load_as_f32 widens.
@@ -46,13 +52,23 @@ namespace simd {
 
 constexpr int kLanes = 16;
 
+// The polynomials of exp and exp2 (the AVX-512 path, and the generic one where the target has FMA).
+// Cephes' degree-6 polynomial for e^r, |r| <= ln2/2.
+inline constexpr float kCephesExp[] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f,
+                                       4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f};
+// Taylor series of e^(f·ln2) to degree 7: relative error < 6e-9 on [-0.5, 0.5].
+inline constexpr float kTaylorExp2[] = {
+    1.5252733804059841e-05f, 1.5403530393381606e-04f, 1.3333558146428443e-03f,
+    9.6181291076284770e-03f, 5.5504108664821580e-02f, 2.4022650695910071e-01f,
+    6.9314718055994531e-01f, 1.0f};
+
 // Force-inlined: an out-of-line call would spill every register-tile accumulator (no zmm
 // register survives a call in the x86-64 ABI).
 #define PLDR_SIMD_INLINE inline __attribute__((always_inline))
 // Fully unrolls the small loops over a register tile so that its accumulators stay in registers.
 #define PLDR_UNROLL _Pragma("GCC unroll 32")
 
-#if defined(__AVX512F__)
+#if defined(PLDR_SIMD_AVX512)
 PLDR_SIMD_BEGIN_INTRINSICS
 
 using f32x16 = __m512;
@@ -120,8 +136,6 @@ PLDR_SIMD_INLINE f32x16 polynomial(f32x16 x, const float (&c)[N]) {
 // exp(x) to about 1 ulp: x = n·ln2 + r with |r| ≤ ln2/2, Cephes' degree-6 polynomial for e^r,
 // then 2^n. NaN passes through (the clamps keep x when x is NaN).
 PLDR_SIMD_INLINE f32x16 exp(f32x16 x) {
-  static constexpr float kCephesExp[] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f,
-                                         4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f};
   x = _mm512_max_ps(_mm512_set1_ps(-104.0f), x);
   x = _mm512_min_ps(_mm512_set1_ps(89.0f), x);
   const f32x16 n = round_to_nearest(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)));
@@ -135,11 +149,6 @@ PLDR_SIMD_INLINE f32x16 exp(f32x16 x) {
 // 2^x to ~1 ulp, for the softmax argument s − m (<= 0): exactly 0 below 2^-126 (so masked keys,
 // −inf, give 0), NaN propagates. x = n + f with |f| ≤ 1/2 is exact, so no Cody–Waite split.
 PLDR_SIMD_INLINE f32x16 exp2(f32x16 x) {
-  // Taylor series of e^(f·ln2) to degree 7: relative error < 6e-9 on [-0.5, 0.5].
-  static constexpr float kTaylorExp2[] = {
-      1.5252733804059841e-05f, 1.5403530393381606e-04f, 1.3333558146428443e-03f,
-      9.6181291076284770e-03f, 5.5504108664821580e-02f, 2.4022650695910071e-01f,
-      6.9314718055994531e-01f, 1.0f};
   const __mmask16 underflow = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-126.0f), _CMP_LT_OQ);
   x = _mm512_max_ps(_mm512_set1_ps(-126.0f), x);  // NaN in x is kept (max returns the 2nd operand)
   const f32x16 n = round_to_nearest(x);
@@ -206,6 +215,57 @@ PLDR_SIMD_INLINE f32x16 load_as_f32(const T* p) {
   for (int i = 0; i < kLanes; ++i) v[i] = static_cast<float>(p[i]);
   return v;
 }
+#if defined(__FMA__) || defined(PLDR_TARGET_AVX2)
+// With hardware FMA: the AVX-512 path's exp / exp2, lane-wise (GCC contracts each a·b + c below
+// into one FMA, as the intrinsics do). 16 libm calls per vector made the AVX2 path's softmax
+// slower than all of its GEMMs.
+typedef int32_t i32x16 __attribute__((vector_size(64)));
+
+// Nearest integer, ties to even, for |x| < 2^22 (every x here after the clamps): adding and
+// subtracting 1.5·2^23 drops the fraction bits.
+PLDR_SIMD_INLINE f32x16 round_to_nearest(f32x16 x) {
+  const f32x16 magic = splat(12582912.0f);
+  return (x + magic) - magic;
+}
+// 2^e for whole e in [-126, 127], built from the exponent bits.
+PLDR_SIMD_INLINE f32x16 pow2_of_int(i32x16 e) {
+  const i32x16 bits = (e + 127) << 23;
+  f32x16 v;
+  __builtin_memcpy(&v, &bits, sizeof(v));
+  return v;
+}
+// p · 2^n for whole n in [-151, 256] as two normal powers of two, so that a result below 2^-126
+// is rounded once, as AVX-512's scalef rounds it (a NaN p stays NaN).
+PLDR_SIMD_INLINE f32x16 times_pow2(f32x16 p, f32x16 n) {
+  const i32x16 whole = __builtin_convertvector(n, i32x16);
+  const i32x16 first = whole / 2;
+  return (p * pow2_of_int(first)) * pow2_of_int(whole - first);
+}
+template <int N>
+PLDR_SIMD_INLINE f32x16 polynomial(f32x16 x, const float (&c)[N]) {
+  f32x16 p = splat(c[0]);
+  PLDR_UNROLL
+  for (int i = 1; i < N; ++i) p = p * x + c[i];
+  return p;
+}
+PLDR_SIMD_INLINE f32x16 exp(f32x16 x) {
+  x = x < -104.0f ? splat(-104.0f) : x;  // NaN passes through both clamps
+  x = x > 89.0f ? splat(89.0f) : x;
+  const f32x16 n = round_to_nearest(x * 1.44269504088896341f);
+  f32x16 r = x - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  const f32x16 p = polynomial(r, kCephesExp);
+  return times_pow2(p * (r * r) + (r + 1.0f), n);
+}
+PLDR_SIMD_INLINE f32x16 exp2(f32x16 x) {
+  const auto underflow = x < -126.0f;
+  x = underflow ? splat(-126.0f) : x;
+  // 2^128 is inf already; +inf itself goes on to give NaN (inf − inf), as on the AVX-512 path
+  x = (x > 128.0f) & (x < std::numeric_limits<float>::infinity()) ? splat(128.0f) : x;
+  const f32x16 n = round_to_nearest(x);
+  return underflow ? zero() : times_pow2(polynomial(x - n, kTaylorExp2), n);
+}
+#else
 // The C library's exp / exp2 (correctly rounded or close): a polynomial without hardware FMA
 // would be both slower and less accurate.
 PLDR_SIMD_INLINE f32x16 exp(f32x16 x) {
@@ -216,6 +276,7 @@ PLDR_SIMD_INLINE f32x16 exp2(f32x16 x) {
   for (int i = 0; i < kLanes; ++i) x[i] = std::exp2(x[i]);
   return x;
 }
+#endif
 
 #endif
 
@@ -223,4 +284,5 @@ PLDR_SIMD_INLINE f32x16 exp2(f32x16 x) {
 PLDR_SIMD_INLINE f32x16 silu(f32x16 z) { return div(z, add(splat(1.0f), exp(sub(zero(), z)))); }
 
 }  // namespace simd
+}  // namespace PLDR_ISA_NAMESPACE
 }  // namespace pldr::cpu

@@ -8,6 +8,8 @@ when named in ``--contestants``) and ``flex_compiled`` (``q̃``, then compiled F
 Decode reads the first ``L`` cache rows and appends nothing, so every call does the same work. The
 metric learner has two: ``reference.metric_tensors`` *is* the eager one. Each contestant's first
 call is judged against fp64 (a failure marks its row invalid) before its memory and its time.
+Prefill rows also carry the fp32 rate of ``torch.mm`` timed in the same interleaved repeats on the
+same threads (:func:`square_mm`), and their own rate as a fraction of it (``mm_fraction``).
 """
 from __future__ import annotations
 
@@ -113,6 +115,24 @@ def work(case: OpCase) -> tuple[float, float | None]:
                 esize * (2 * B * S * H * d + 2 * B * H * d) + 4.0 * B * H * d * d)
     R, Gd, Fd = testing.NUM_RESLAYER_A, testing.NUM_DENSE_A, testing.A_DFF
     return 2.0 * B * S * H * d * d + B * H * d * R * Gd * 6 * d * Fd + 4 * B * H * d ** 3, None
+
+
+def square_mm(flops: float, device: torch.device) -> tuple[int, Callable[[], torch.Tensor]]:
+    """``(n, call)``: an fp32 ``torch.mm`` of two n×n matrices doing ``flops`` (2n³ = flops), the
+    GEMM rate a prefill row is held against. Square, not the attention's own [S,d]·[d,S] and
+    [S,S]·[S,d] shapes: those have an inner or outer dimension of only d, which torch.mm runs far
+    below its best, so the fraction would flatter the kernel; a square GEMM of the same work is what
+    the machine's fp32 GEMM reaches at that size. Sized by the FLOPs, not fixed, so that a tiny case
+    is not held against a rate it could not reach. fp32 whatever the case's dtype (the rate the
+    issue names; a bf16 torch.mm without AMX is no faster)."""
+    n = max(16, round((flops / 2) ** (1 / 3)))
+    gen = torch.Generator().manual_seed(1)
+    a, b = (torch.randn(n, n, generator=gen).to(device) for _ in range(2))
+    out = torch.empty(n, n, device=device)
+    return n, lambda: torch.mm(a, b, out=out)
+
+
+MM_CONTESTANT = "torch.mm fp32"  # timed beside the prefill contestants; no row of its own
 
 
 # ---- what the rows of both suites share -------------------------------------------------------
@@ -294,8 +314,14 @@ def run_case(case: OpCase, device: torch.device, cfg: OpsConfig, clock: Clock,
         report_disagreement(f"{case.op} {shape}: {name}", verdicts[name])
     memory = {n: run_with_peak(fn, device)[1:] for n, fn in live.items()} if cfg.memory else {}
     flops, nbytes = work(case)
+    timed, mm_n = dict(live), None
+    if case.op == "g_attention":
+        mm_n, timed[MM_CONTESTANT] = square_mm(flops, device)
+    measured = measure_interleaved(timed, clock, cfg.warmup, cfg.repeats)
+    mm = measured.pop(MM_CONTESTANT, None)
+    mm_tflops = 2.0 * mm_n ** 3 / (mm.stats["p50"] * 1e-3) / 1e12 if mm else None
     rows = []
-    for name, m in measure_interleaved(live, clock, cfg.warmup, cfg.repeats).items():
+    for name, m in measured.items():
         stats = m.stats
         seconds = stats["p50"] * 1e-3
         gbps = nbytes / seconds / 1e9 if nbytes else None
@@ -306,6 +332,8 @@ def run_case(case: OpCase, device: torch.device, cfg: OpsConfig, clock: Clock,
             "samples_ms": m.samples_ms, "calls_per_sample": m.inner,
             "tflops": None if nbytes else flops / seconds / 1e12, "gbps": gbps,
             "copy_fraction": gbps / copy_gbps if gbps and copy_gbps else None,
+            "mm_n": mm_n, "mm_tflops": mm_tflops,
+            "mm_fraction": flops / seconds / 1e12 / mm_tflops if mm_tflops else None,
             "peak_extra_bytes": peak, "memory_method": method,
             "valid": verdicts[name].ok, "agreement": str(verdicts[name]),
             "note": notes.get(name, "")})

@@ -54,8 +54,9 @@ def length(r: dict) -> str:
 
 
 def rate(r: dict) -> str:
-    if r.get("tflops") is not None:
-        return f"{fmt(r['tflops'])} TFLOP/s"
+    if r.get("tflops") is not None:  # GFLOP/s below 1 TFLOP/s (CPU rows)
+        t = r["tflops"]
+        return f"{fmt(t)} TFLOP/s" if t >= 1 else f"{fmt(t * 1e3)} GFLOP/s"
     share = f" ({r['copy_fraction']:.0%} of copy)" if r.get("copy_fraction") else ""
     return f"{fmt(r['gbps'])} GB/s{share}"
 
@@ -73,6 +74,7 @@ OPS_COLUMNS = (
     ("p50 ms", True, lambda r: fmt(r["time_ms_p50"])),
     ("p20–p80 ms", True, lambda r: f"{fmt(r['time_ms_p20'])}–{fmt(r['time_ms_p80'])}"),
     ("rate", True, rate),
+    ("x mm", True, lambda r: "-" if r.get("mm_fraction") is None else f"{r['mm_fraction']:.2f}"),
     ("x ref", True, lambda r: times(r.get("speedup_vs_reference"))),
     ("extra MiB", True, lambda r: mib(r.get("peak_extra_bytes"))),
     ("check", False, check))
@@ -191,9 +193,21 @@ def train_ratio_lines(results: list[dict]) -> list[str]:
     return lines
 
 
+def mm_lines(results: list[dict]) -> list[str]:
+    """The torch.mm rate behind each prefill case's "x mm" column."""
+    cases = grouped((r for r in results if r["bench"] == "ops" and r.get("mm_tflops")),
+                    lambda r: (r["op"], r["B"], r["Sk"], r["H"], r["d"], r["dtype"], r["causal"]))
+    lines = [f"  {r['op']} B{r['B']} {length(r)} H{r['H']} d{r['d']} {r['dtype']}"
+             f"{' causal' if r['causal'] else ''}: torch.mm fp32 {r['mm_n']}x{r['mm_n']} (same "
+             f"FLOPs) {fmt(r['mm_tflops'] * 1e3)} GFLOP/s" for r, *_ in cases.values()]
+    return (["x mm = the row's FLOP rate / torch.mm's fp32 rate, timed in the same interleaved "
+             "repeats on the same threads:"] + lines) if lines else []
+
+
 def summary_lines(env: dict, results: list[dict]) -> list[str]:
     lines = [f"Device copy bandwidth: {fmt(r['gbps'])} GB/s ({r['impl']} of {r['bytes'] >> 20} "
              "MiB, read + write)" for r in results if r["bench"] == "copy"]
+    lines += mm_lines(results)
     longest = max((r["prompt_len"] for r in results if r["bench"] == "generate"), default=0)
     heads = []
     for r in (r for r in results if r.get("impl") == "pldr_kernels"):
