@@ -26,6 +26,7 @@ from .. import loaders, ops
 from ..generation import DecodeState
 from ..layers import attach_lm_head, causal_lm_loss
 from ..model import PLDRDecoder, PLDRForCausalLM
+from ..nn import SmallRowsLinear
 from .cache import PldrCache
 from .configuration import HF_CACHE_MODES, PldrllmConfig
 from .tokenizer import check_tokenizer_matches_config, has_tokenizer
@@ -83,13 +84,14 @@ class PldrllmForCausalLM(PldrllmPreTrainedModel, GenerationMixin):
         config.check()
         pldr_config = config.to_pldr_config()
         self.decoder = PLDRDecoder(pldr_config)
-        attach_lm_head(self, pldr_config)
+        attach_lm_head(self, pldr_config, linear=SmallRowsLinear)  # as PLDRForCausalLM's
         self.post_init()
 
     # ---- PLDRForCausalLM's layer loop and caches (model.py), shared --------------------------
     gradient_checkpointing: bool = False
     _attention_layers = PLDRForCausalLM._attention_layers
     _run = PLDRForCausalLM._run
+    _head = PLDRForCausalLM._head
     _sequence_inputs = PLDRForCausalLM._sequence_inputs
     setup_caches = PLDRForCausalLM.setup_caches
     caches = PLDRForCausalLM.caches
