@@ -119,7 +119,7 @@ def test_every_import_of_the_package_is_a_declared_dependency():
     assert third_party_imports(text) <= allowed, third_party_imports(text) - allowed
     bench = list((PACKAGE / "bench").rglob("*.py"))
     assert third_party_imports(core) <= install, third_party_imports(core) - install
-    allowed = install | extras["bench"]
+    allowed = install | extras["bench"] | extras["hf"]  # the hf and llama suites: the [hf] extra
     assert third_party_imports(bench) <= allowed, third_party_imports(bench) - allowed
     allowed = install | extras["triton"]
     assert third_party_imports(triton_kernels) <= allowed, (
