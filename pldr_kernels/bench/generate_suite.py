@@ -138,9 +138,11 @@ def add_streaming_columns(rows: list[dict], models, source, device, repeats: int
 
 
 def ops_isa(device: torch.device) -> str | None:
-    """The CPU path of pldr::linear_small (the decode step's linears), None on CUDA."""
+    """The CPU kernels' ISA, which the decode step's linears (pldr::linear_small) run with, as
+    ``python -m pldr_kernels`` prints it; None on CUDA."""
     from .. import ops
-    return ops.linear_small_isa() if device.type == "cpu" and ops._LOAD_ERROR is None else None
+    from ..__main__ import cpu_kernels_isa
+    return cpu_kernels_isa() if device.type == "cpu" and ops._LOAD_ERROR is None else None
 
 
 def graphed(cfg: GenerateConfig, impl: str, mode: str) -> bool:
