@@ -290,7 +290,7 @@ def run_generate(cfg: GenerateConfig, device: torch.device, show_progress: bool 
                      f"V{c.vocab_size}",
             "params": sum(p.numel() for p in source.parameters()),
             "weights": cfg.checkpoint or "random (seeded)",
-            "linear_small_isa": ops_isa(device)}
+            "cpu_isa": ops_isa(device)}
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     refs, results = {torch.float32: ref32}, []
     with progress_bar(len(cfg.prompt_lens) * (1 + cfg.repeats), "generate", show_progress) as bar:
