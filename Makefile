@@ -132,8 +132,8 @@ bench-full: build
 #  - cuda-build: sm_80 + sm_90a against torch $(CUDA_TORCH_VERSION) (C++20); fails on a compile or link
 #    error or a register spill.
 #  - h200-wheel: the H200 machine's stack, Python 3.12 + torch $(H200_TORCH_VERSION) (C++17), sm_90a,
-#    portable CPU code; an abi3 wheel in $(WHEEL_DIR)/ that tools/gpu_check.sh installs there instead
-#    of compiling (carry $(WHEEL_DIR) with the device run).
+#    CPU code for any x86-64 (ISA chosen at run time); an abi3 wheel in $(WHEEL_DIR)/ that
+#    tools/gpu_check.sh installs there instead of compiling (carry $(WHEEL_DIR) with the device run).
 cuda-check: cuda-build h200-wheel
 
 CUDA_ENV = CUDA_HOME=$(CUDA_HOME) PATH=$(CUDA_HOME)/bin:$$PATH PLDR_KERNELS_FORCE_CUDA=1 \
@@ -166,7 +166,7 @@ $(H200_VENV)/.installed-$(H200_TORCH_VERSION):
 h200-wheel: $(H200_VENV)/.installed-$(H200_TORCH_VERSION)
 	rm -rf build/h200-src && mkdir -p build/h200-src $(WHEEL_DIR)
 	$(COPY_TREE) build/h200-src
-	cd build/h200-src && $(CUDA_ENV) PLDR_KERNELS_PORTABLE=1 TORCH_CUDA_ARCH_LIST="$(H200_ARCHS)" \
+	cd build/h200-src && $(CUDA_ENV) TORCH_CUDA_ARCH_LIST="$(H200_ARCHS)" \
 	  $(abspath $(H200_VENV))/bin/python setup.py -q bdist_wheel -d dist \
 	  > ../h200-wheel.log 2>&1 || (tail -60 ../h200-wheel.log; exit 1)
 	@# torch 2.11 builds extensions as C++17: prove the CUDA API files were compiled that way
@@ -183,7 +183,7 @@ h200-wheel: $(H200_VENV)/.installed-$(H200_TORCH_VERSION)
 	rm -rf build/h200-site
 	$(H200_VENV)/bin/python -m pip install -q --no-deps --no-index --target build/h200-site $(WHEEL_DIR)/pldr_kernels-*.whl
 	cd build/h200-site && $(abspath $(H200_VENV))/bin/python $(abspath tools/cuda_wheel.py) verify \
-	  --archs "$(H200_ARCHS)" --portable
+	  --archs "$(H200_ARCHS)" --travels
 	@ls -l $(WHEEL_DIR)/pldr_kernels-*
 
 clean:

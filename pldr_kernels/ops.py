@@ -241,13 +241,6 @@ def swiglu_small(x: Tensor, weight: Tensor, bias: Tensor | None = None,
     return torch.ops.pldr.swiglu_small(x, weight, bias, scale)
 
 
-@_needs_extension
-def linear_small_isa() -> str:
-    """The CPU path :func:`linear_small` takes now: 'avx512', 'avx2' or 'portable' (the best the
-    CPU runs, or the lower one ``PLDR_KERNELS_ISA`` names)."""
-    return torch.ops.pldr.linear_small_isa()
-
-
 # ---- fake kernels: the C++ checks, then outputs of the kernels' shapes and dtypes --------------
 # The dispatcher also picks these for a call that mixes real and meta tensors (Meta outranks CPU
 # and CUDA); the device checks against q refuse it there, as the real kernels would.

@@ -19,6 +19,8 @@ The tests, the benchmark harness and users checking their own integration use th
   the oracle), ``metric_tensors_grad_peer`` (the same in fp32), ``check_metric_tensors_grads``,
   ``check_metric_tensors_grads_over_seeds`` (the statistical form for losses through G) and
   ``check_metric_grads_given_a`` (stage by stage from the kernel's own A);
+* **linear_small** — ``random_linear_small_weight`` (fp32, bf16 or int8 with its scales) and
+  ``check_linear_small`` (the peer rule for ``linear_small`` / ``swiglu_small``);
 * **backends** — ``available_backends(op)``: which devices this build can run an op on.
 
 The rule: fp32 outputs within ``FP32_REL_TOL`` · max|oracle| of the fp64 oracle; low-precision
@@ -702,6 +704,40 @@ def _cpu(t: Tensor | None) -> Tensor | None:
 
 def _cpu_weights(weights: dict[str, Tensor]) -> dict[str, Tensor]:
     return {k: v.detach().cpu() for k, v in weights.items()}
+
+
+# --------------------------------------------------------------------------------------------
+# linear_small / swiglu_small (docs/design.md §3.9)
+# --------------------------------------------------------------------------------------------
+def random_linear_small_weight(rows: int, K: int, kind: str = "float32",
+                               generator=None) -> tuple[Tensor, Tensor | None, Tensor]:
+    """(weight [rows, K] as ``pldr::linear_small`` takes it, of ``kind`` "float32", "bfloat16" or
+    "int8"; its per-row fp32 scale for int8, else None; the weight's exact values in fp64)."""
+    w = torch.randn(rows, K, generator=generator) / K**0.5
+    if kind == "int8":
+        scale = w.abs().amax(dim=1) / 127
+        q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+        return q, scale, q.double() * scale.double()[:, None]
+    w = w.to(getattr(torch, kind))
+    return w, None, w.double()
+
+
+def check_linear_small(out: Tensor, x: Tensor, weight64: Tensor, bias: Tensor | None = None, *,
+                       swiglu: bool = False, name: str | None = None) -> Verdict:
+    """``pldr::linear_small`` (``swiglu=True``: ``swiglu_small``) of ``x`` against fp64 on
+    ``weight64``, the weight's exact values (int8: dequantised), by the peer rule: the peer is
+    ``F.linear`` on those weights in x's dtype, fp32 included (its error sets the bound of a
+    kernel that may sum K products in another order)."""
+    F = torch.nn.functional
+    oracle = F.linear(x.double(), weight64, _double(bias))
+    peer = F.linear(x, weight64.to(x.dtype), None if bias is None else bias.to(x.dtype))
+    if swiglu:
+        gate, up = oracle.chunk(2, dim=-1)
+        oracle = F.silu(gate) * up
+        p_gate, p_up = peer.chunk(2, dim=-1)
+        peer = F.silu(p_gate) * p_up
+    return compare(out, oracle, peer,
+                   name=name or ("swiglu_small" if swiglu else "linear_small"))
 
 
 # --------------------------------------------------------------------------------------------

@@ -23,7 +23,8 @@ SO_BYTES = b"\x7fELF not really an extension"
 
 def fitting_info(**overrides) -> dict:
     info = {"with_cuda": True, "cuda_archs": "9.0a", "built_with_torch": torch.__version__,
-            "built_with_cuda": torch.version.cuda, "cpu_flags": "portable"}
+            "built_with_cuda": torch.version.cuda,
+            "cpu_flags": "runtime ISA avx512/avx2/portable"}
     info.update(overrides)
     return info
 
@@ -59,7 +60,7 @@ def test_a_recorded_wheel_for_this_torch_fits(tree):
     ({"built_with_torch": "2.11.0+cu130-other"}, "built with torch 2.11.0+cu130-other"),
     ({"built_with_cuda": "12.1"}, "built with CUDA 12.1"),
     ({"with_cuda": False}, "no CUDA kernels"),
-    ({"cpu_flags": "-march=native"}, "not portable"),
+    ({"cpu_flags": "-march=native"}, "not for any x86-64 CPU"),
 ])
 def test_a_wheel_built_otherwise_does_not_fit(tree, overrides, reason):
     wheel = make_wheel(os.path.join(tree, ".whl"), fitting_info(**overrides))

@@ -16,7 +16,8 @@ pytestmark = pytest.mark.skipif(ops._LOAD_ERROR is not None, reason="pldr_kernel
 ISAS = ("avx512", "avx2", "portable")
 
 # Each op once, small shapes that still cross a tile (64 queries / keys) and the causal diagonal;
-# the attention ops in fp32 and bf16, the metric learner and the backward ops in fp32.
+# the attention ops in fp32 and bf16, the metric learner and the backward ops in fp32; the decode
+# linears on 12 shapes x dtypes each.
 # Prints {"isa": ..., "verdicts": {case: [ok, text]}}.
 CHECKS = r"""
 import json, torch
@@ -57,6 +58,20 @@ grad_outputs = (torch.randn(A.shape, generator=gen), None, None)  # through A: j
 grads = ops.metric_tensors_backward(*grad_outputs, qm, None, *testing.metric_args(weights))
 record("metric_tensors backward",
        testing.check_metric_tensors_grads(grads, grad_outputs, qm, None, weights))
+# linear_small / swiglu_small: every weight dtype, rows 1, 3, 8, 11 (two passes over the weights),
+# K and N no multiple of a vector, bias or none, x in fp32 and bf16 (tests/test_linear_small.py
+# runs the full matrix on the selected path).
+for i, (M, K, N) in enumerate([(1, 37, 19), (3, 131, 45), (8, 70, 9), (11, 33, 17)]):
+    for j, kind in enumerate(("float32", "bfloat16", "int8")):
+        x_dtype, with_bias = (torch.float32, torch.bfloat16)[(i + j) % 2], j != i % 3
+        x = torch.randn(M, K, generator=gen).to(x_dtype)
+        for swiglu in (False, True):
+            w, scale, w64 = testing.random_linear_small_weight(2 * N if swiglu else N, K, kind, gen)
+            bias = torch.randn(w.shape[0], generator=gen) if with_bias else None
+            out = (ops.swiglu_small if swiglu else ops.linear_small)(x, w, bias, scale)
+            name = f"{'swiglu' if swiglu else 'linear'}_small {M}x{K}x{N} {kind} {x_dtype}"
+            record(name + (" bias" if with_bias else ""),
+                   testing.check_linear_small(out, x, w64, bias, swiglu=swiglu))
 from pldr_kernels.__main__ import cpu_kernels_isa
 print(json.dumps({"isa": cpu_kernels_isa(), "verdicts": verdicts}))
 """
@@ -88,7 +103,7 @@ def test_each_isa_path_meets_the_rules(isa):
     assert result["isa"] == f"{isa} (best {best_isa()})"
     failed = {name: text for name, (ok, text) in result["verdicts"].items() if not ok}
     assert not failed, failed
-    assert len(result["verdicts"]) == 7
+    assert len(result["verdicts"]) == 7 + 2 * 12
 
 
 def test_the_default_is_the_best_this_cpu_runs_and_the_build_report_names_it():
@@ -104,12 +119,27 @@ def test_the_default_is_the_best_this_cpu_runs_and_the_build_report_names_it():
 
 
 def test_an_unknown_or_unsupported_isa_is_refused_by_name():
-    script = ("import torch, pldr_kernels\nfrom pldr_kernels import ops\n"
-              "ops.g_attention(*(torch.randn(1, 4, 1, 64) for _ in range(3)))\n")
+    """By every CPU op with the same words: the attention ops and linear_small alike."""
+    script = """
+import torch
+from pldr_kernels import ops
+for call in (lambda: ops.g_attention(*(torch.randn(1, 4, 1, 64) for _ in range(3))),
+             lambda: ops.linear_small(torch.randn(1, 8), torch.randn(4, 8))):
+    try:
+        call()
+        print("ran")
+    except RuntimeError as e:
+        print(str(e).splitlines()[0])
+"""
     proc = run_with_isa("sse9", script)
-    assert proc.returncode != 0
-    assert "PLDR_KERNELS_ISA=sse9: expected avx512, avx2 or portable" in proc.stderr
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 2, lines
+    words = "PLDR_KERNELS_ISA=sse9: expected avx512, avx2 or portable"
+    assert all(words in x for x in lines), lines
     if best_isa() != "avx512":
         proc = run_with_isa("avx512", script)
-        assert proc.returncode != 0 and "PLDR_KERNELS_ISA=avx512: this CPU and build support " \
-            f"at most {best_isa()}" in proc.stderr
+        lines = proc.stdout.strip().splitlines()
+        assert proc.returncode == 0 and len(lines) == 2, proc.stderr[-3000:]
+        assert all("PLDR_KERNELS_ISA=avx512: this CPU and build support at most "
+                   f"{best_isa()}" in x for x in lines), lines

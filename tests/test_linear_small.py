@@ -1,10 +1,10 @@
 """pldr::linear_small / pldr::swiglu_small (docs/design.md §3.9) against the fp64 oracle by the
-peer rule of docs/design.md §4, on every CPU path this machine runs (PLDR_KERNELS_ISA forces the
-lower ones), every weight dtype, rows B ∈ {1, 3, 8} (and 11: two passes over the weights), and
-in/out features that are no multiple of a vector; int8 against its dequantised weights in fp64."""
+peer rule of docs/design.md §4 (testing.check_linear_small), on the CPU path this process selected
+(cpu/isa.h: once per process; tests/test_isa.py runs a compact set of these cases on every other
+path this machine has, one process each), every weight dtype, rows B ∈ {1, 3, 8} (and 11: two
+passes over the weights), and in/out features that are no multiple of a vector; int8 against its
+dequantised weights in fp64."""
 from __future__ import annotations
-
-import os
 
 import pytest
 import torch
@@ -12,45 +12,16 @@ import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from pldr_kernels import ops
-from pldr_kernels.testing import compare
+from pldr_kernels.__main__ import cpu_kernels_isa
+from pldr_kernels.testing import check_linear_small, compare, random_linear_small_weight
 
 pytestmark = pytest.mark.skipif(ops._LOAD_ERROR is not None, reason=f"{ops._LOAD_ERROR}")
 
-ISAS = ("avx512", "avx2", "portable")
 
-
-def runnable_isas() -> tuple[str, ...]:
-    if ops._LOAD_ERROR is not None:
-        return ()
-    saved = os.environ.pop("PLDR_KERNELS_ISA", None)
-    try:
-        best = ops.linear_small_isa()
-    finally:
-        if saved is not None:
-            os.environ["PLDR_KERNELS_ISA"] = saved
-    return ISAS[ISAS.index(best):]
-
-
-@pytest.fixture(params=runnable_isas())
-def isa(request, monkeypatch):
-    monkeypatch.setenv("PLDR_KERNELS_ISA", request.param)
-    assert ops.linear_small_isa() == request.param
-    return request.param
-
-
-def make_weight(rows: int, K: int, kind: str, gen: torch.Generator):
-    """(weight as the kernel takes it, scale or None, the weight's exact values in fp64)."""
-    w = torch.randn(rows, K, generator=gen) / K**0.5
-    if kind == "int8":
-        scale = w.abs().amax(dim=1) / 127
-        q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
-        return q, scale, q.double() * scale.double()[:, None]
-    w = w.to(getattr(torch, kind))
-    return w, None, w.double()
-
-
-def peer_weight(w64: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return w64.to(dtype)  # the dequantised (or exact) weights in the activation dtype
+@pytest.fixture(scope="module")
+def isa() -> str:
+    """The path this process runs, for the verdicts' names."""
+    return cpu_kernels_isa().split()[0]
 
 
 CASES = [(1, 37, 19), (3, 131, 45), (8, 70, 9), (11, 33, 17)]
@@ -63,14 +34,11 @@ CASES = [(1, 37, 19), (3, 131, 45), (8, 70, 9), (11, 33, 17)]
 def test_linear_small_matches_fp64(isa, M, K, N, kind, x_dtype, with_bias):
     gen = torch.Generator().manual_seed(M * 1000 + K + N)
     x = torch.randn(M, K, generator=gen).to(x_dtype)
-    w, scale, w64 = make_weight(N, K, kind, gen)
+    w, scale, w64 = random_linear_small_weight(N, K, kind, gen)
     bias = torch.randn(N, generator=gen) if with_bias else None
     out = ops.linear_small(x, w, bias, scale)
     assert out.dtype == x_dtype and out.shape == (M, N)
-    oracle = x.double() @ w64.T + (0 if bias is None else bias.double())
-    b_peer = None if bias is None else bias.to(x_dtype)
-    peer = F.linear(x, peer_weight(w64, x_dtype), b_peer)
-    compare(out, oracle, peer, name=f"linear_small[{isa}]").assert_ok()
+    check_linear_small(out, x, w64, bias, name=f"linear_small[{isa}]").assert_ok()
 
 
 @pytest.mark.parametrize("M,K,H", [(1, 37, 19), (3, 131, 13), (8, 45, 6)])
@@ -80,15 +48,11 @@ def test_linear_small_matches_fp64(isa, M, K, N, kind, x_dtype, with_bias):
 def test_swiglu_small_matches_fp64(isa, M, K, H, kind, x_dtype, with_bias):
     gen = torch.Generator().manual_seed(M * 1000 + K + H)
     x = torch.randn(M, K, generator=gen).to(x_dtype)
-    w, scale, w64 = make_weight(2 * H, K, kind, gen)
+    w, scale, w64 = random_linear_small_weight(2 * H, K, kind, gen)
     bias = torch.randn(2 * H, generator=gen) if with_bias else None
     out = ops.swiglu_small(x, w, bias, scale)
     assert out.dtype == x_dtype and out.shape == (M, H)
-    gate, up = (x.double() @ w64.T + (0 if bias is None else bias.double())).chunk(2, dim=-1)
-    oracle = F.silu(gate) * up
-    b_peer = None if bias is None else bias.to(x_dtype)
-    p_gate, p_up = F.linear(x, peer_weight(w64, x_dtype), b_peer).chunk(2, dim=-1)
-    compare(out, oracle, F.silu(p_gate) * p_up, name=f"swiglu_small[{isa}]").assert_ok()
+    check_linear_small(out, x, w64, bias, swiglu=True, name=f"swiglu_small[{isa}]").assert_ok()
 
 
 def test_threads_split_features_and_leading_dims_kept(isa):
@@ -110,13 +74,6 @@ def test_rows_of_x_may_be_strided_views():
     w = torch.randn(24, 40, generator=gen)
     oracle = x.double() @ w.double().T
     compare(ops.linear_small(x, w), oracle, F.linear(x, w), name="strided x").assert_ok()
-
-
-def test_bad_isa_name_is_refused(monkeypatch):
-    monkeypatch.setenv("PLDR_KERNELS_ISA", "sse9")
-    with pytest.raises(RuntimeError, match="PLDR_KERNELS_ISA must be one of auto, avx512, avx2, "
-                       "portable; got 'sse9'"):
-        ops.linear_small(torch.randn(1, 8), torch.randn(4, 8))
 
 
 BAD = {

@@ -7,7 +7,7 @@ instead of compiling when it fits).
   python tools/cuda_wheel.py record WHEEL         write WHEEL.json (source hash, build info)
   python tools/cuda_wheel.py matches WHEEL        exit 0 if WHEEL fits this Python, torch and tree
   python tools/cuda_wheel.py unpack WHEEL         its _C*.so and _build_info.py into pldr_kernels/
-  python tools/cuda_wheel.py verify [--archs A] [--portable]
+  python tools/cuda_wheel.py verify [--archs A] [--travels]
                                                   import pldr_kernels as `python -m` would in this
                                                   directory, print its report, and fail unless
                                                   every op has CUDA kernels (built for A)
@@ -30,6 +30,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SOURCE_DIRS = ("csrc",)
 SOURCE_FILES = ("setup.py",)
 SOURCE_SUFFIXES = (".cpp", ".cc", ".cu", ".h", ".hpp", ".cuh")
+# Build info "cpu_flags" of CPU code that runs on any x86-64 CPU: setup.py's default (no -march;
+# the AVX2 / AVX-512 copies are chosen at run time, csrc/cpu/isa.h) and PLDR_KERNELS_PORTABLE=1.
+TRAVELING_CPU_FLAGS = ("runtime ISA avx512/avx2/portable", "portable")
 
 
 def _atomic_io():
@@ -136,9 +139,9 @@ def mismatches(wheel: str, root: str = ROOT) -> list[str]:
                    f"this torch has CUDA {torch.version.cuda}")
     if not info.get("with_cuda"):
         why.append("wheel has no CUDA kernels")
-    if info.get("cpu_flags") != "portable":
-        why.append(f"wheel's CPU kernels were built with {info.get('cpu_flags')!r}, not portable "
-                   "(PLDR_KERNELS_PORTABLE=1): they may not run on this CPU")
+    if info.get("cpu_flags") not in TRAVELING_CPU_FLAGS:
+        why.append(f"wheel's CPU kernels were built with {info.get('cpu_flags')!r}, not for any "
+                   "x86-64 CPU: they may not run on this CPU")
     try:
         with open(sidecar(wheel)) as f:
             record = json.load(f)
@@ -162,7 +165,8 @@ def cmd_matches(args) -> int:
         return 1
     info = wheel_build_info(args.wheel)
     print(f"{os.path.basename(args.wheel)} fits: torch {info['built_with_torch']}, CUDA "
-          f"{info['built_with_cuda']}, archs {info['cuda_archs']}, portable CPU code, same sources")
+          f"{info['built_with_cuda']}, archs {info['cuda_archs']}, CPU code for any x86-64, "
+          "same sources")
     return 0
 
 
@@ -208,8 +212,9 @@ def cmd_verify(args) -> int:
         problems.append("built without CUDA kernels")
     if args.archs and BUILD_INFO.get("cuda_archs") != args.archs:
         problems.append(f"CUDA archs {BUILD_INFO.get('cuda_archs')!r}, expected {args.archs!r}")
-    if args.portable and BUILD_INFO.get("cpu_flags") != "portable":
-        problems.append(f"CPU flags {BUILD_INFO.get('cpu_flags')!r}, expected portable")
+    if args.travels and BUILD_INFO.get("cpu_flags") not in TRAVELING_CPU_FLAGS:
+        problems.append(f"CPU flags {BUILD_INFO.get('cpu_flags')!r}, expected one of "
+                        f"{', '.join(TRAVELING_CPU_FLAGS)}")
     from pldr_kernels.testing import OPS, available_backends
 
     missing = [op for op in OPS if "cuda" not in available_backends(op, need_device=False)]
@@ -232,7 +237,8 @@ def main(argv: list[str] | None = None) -> int:
         sub.add_parser(name).add_argument("wheel")
     v = sub.add_parser("verify")
     v.add_argument("--archs", help="expected TORCH_CUDA_ARCH_LIST of the build, e.g. 9.0a")
-    v.add_argument("--portable", action="store_true", help="expect portable CPU code")
+    v.add_argument("--travels", action="store_true",
+                   help="expect CPU code that runs on any x86-64 CPU (TRAVELING_CPU_FLAGS)")
     args = p.parse_args(argv)
     if args.cmd == "source-hash":
         print(source_hash())

@@ -8,6 +8,8 @@
 // and csrc/cpu/isa/<file>_<isa>.cpp compiles it again for <isa> (cpu/isa_variant.h). The headers
 // with vector code put their contents in `inline namespace PLDR_ISA_NAMESPACE`, so that the copies
 // compiled for different ISAs are different symbols and the linker cannot mix them up.
+// linear_small's kernels, whose files include no torch header, are plain functions compiled per
+// ISA (csrc/cpu/isa/linear_small_<isa>.cpp) that linear_small_cpu.cpp picks with for_isa().
 #pragma once
 
 #include <c10/util/Exception.h>

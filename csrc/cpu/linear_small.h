@@ -1,8 +1,8 @@
 // Weight-streaming linears for a few rows (the decode step's projections, SwiGLU FFN and LM head;
 // docs/design.md §3.9): the plain interface between the op (linear_small_cpu.cpp, torch headers)
-// and the per-ISA kernels (linear_small_{avx512,avx2,generic}.cpp, no torch headers: each is
-// compiled under its own `#pragma GCC target`, and an inline function of a torch header compiled
-// there could be the copy the linker keeps for every caller).
+// and the per-ISA kernels (isa/linear_small_{avx512,avx2}.cpp, linear_small_generic.cpp; no torch
+// headers: each is compiled under its own `#pragma GCC target`, and an inline function of a torch
+// header compiled there could be the copy the linker keeps for every caller).
 #pragma once
 
 #include <cstdint>
@@ -28,8 +28,10 @@ struct Args {
 // Output features [feature_begin, feature_end) of y, every row of x.
 using FeaturesFn = void (*)(const Args&, int64_t feature_begin, int64_t feature_end);
 
+// Only in a build with PLDR_WITH_ISA_VARIANTS (csrc/cpu/isa/).
 void features_avx512(const Args&, int64_t, int64_t);
 void features_avx2(const Args&, int64_t, int64_t);
+// Every build.
 void features_generic(const Args&, int64_t, int64_t);
 
 }  // namespace pldr::cpu::linear_small

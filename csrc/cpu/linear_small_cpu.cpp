@@ -1,16 +1,16 @@
 // pldr::linear_small / pldr::swiglu_small on the CPU (docs/design.md §3.9): y = x·Wᵀ·scale + bias
 // and silu(x·W1ᵀ + b1)·(x·W2ᵀ + b2) for a few rows of x, streaming the weight (fp32, bf16 or int8
 // with per-row fp32 scales) once per 8 rows. Threads split the output features evenly; the kernel
-// is the one of the CPU's ISA, chosen at run time (PLDR_KERNELS_ISA forces a lower one).
+// is the one for cpu/isa.h's selected_isa() (the same run-time choice as every other CPU op).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cstdlib>
-#include <string>
+#include <vector>
 
 #include "common/checks.h"
+#include "cpu/isa.h"
 #include "cpu/linear_small.h"
 
 namespace pldr::cpu {
@@ -20,50 +20,14 @@ using linear_small::Args;
 using linear_small::FeaturesFn;
 using linear_small::WeightKind;
 
-constexpr const char* kIsaNames[] = {"avx512", "avx2", "portable"};
-enum Isa : int { kAvx512 = 0, kAvx2 = 1, kPortable = 2 };
-
-Isa best_isa() {
-#if defined(__x86_64__) || defined(_M_X64)
-  static const Isa best = [] {
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")) {
-      return kAvx512;
-    }
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return kAvx2;
-    return kPortable;
-  }();
-  return best;
+// The kernel for cpu/isa.h's selected_isa(), the one choice every CPU op follows.
+FeaturesFn selected_kernel() {
+#if defined(PLDR_WITH_ISA_VARIANTS)
+  return for_isa(&linear_small::features_generic, &linear_small::features_avx2,
+                 &linear_small::features_avx512);
 #else
-  return kPortable;
+  return &linear_small::features_generic;  // a portable-only build, like PLDR_CPU_KERNEL's
 #endif
-}
-
-// The CPU's best ISA, or the lower one PLDR_KERNELS_ISA names (read at each call, so a test can
-// switch paths in one process). Asking for one the CPU lacks is an error, not a silent downgrade.
-Isa chosen_isa() {
-  const Isa best = best_isa();
-  const char* env = std::getenv("PLDR_KERNELS_ISA");
-  if (env == nullptr || *env == '\0' || std::string(env) == "auto") return best;
-  const std::string want(env);
-  for (int i = 0; i < 3; ++i) {
-    if (want != kIsaNames[i]) continue;
-    TORCH_CHECK(i >= best, "PLDR_KERNELS_ISA=", want, " asks for a path this CPU cannot run: ",
-                "its best is ", kIsaNames[best], ". Use ", kIsaNames[best],
-                " or lower (avx512 > avx2 > portable), or unset it.");
-    return static_cast<Isa>(i);
-  }
-  TORCH_CHECK(false, "PLDR_KERNELS_ISA must be one of auto, avx512, avx2, portable; got '", want,
-              "'.");
-}
-
-FeaturesFn kernel_of(Isa isa) {
-#if defined(__x86_64__) || defined(_M_X64)
-  if (isa == kAvx512) return linear_small::features_avx512;
-  if (isa == kAvx2) return linear_small::features_avx2;
-#endif
-  return linear_small::features_generic;
 }
 
 WeightKind kind_of(at::ScalarType t) {
@@ -75,7 +39,8 @@ WeightKind kind_of(at::ScalarType t) {
 at::Tensor run(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                const c10::optional<at::Tensor>& scale, bool swiglu) {
   const LinearSmallDims dims = check_linear_small_inputs(x, weight, bias, scale, swiglu);
-  const FeaturesFn kernel = kernel_of(chosen_isa());
+  // Once per process; an invalid PLDR_KERNELS_ISA throws here at each call until it is fixed.
+  static const FeaturesFn kernel = selected_kernel();
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = dims.features;
   at::Tensor y = at::empty(out_shape, x.options());
@@ -131,17 +96,9 @@ at::Tensor swiglu_small_cpu(const at::Tensor& x, const at::Tensor& weight,
 }
 
 }  // namespace
-
-// The path linear_small takes now ("avx512", "avx2" or "portable"): for benchmarks and tests.
-std::string linear_small_isa() { return kIsaNames[chosen_isa()]; }
-
 }  // namespace pldr::cpu
 
 TORCH_LIBRARY_IMPL(pldr, CPU, m) {
   m.impl("linear_small", &pldr::cpu::linear_small_cpu);
   m.impl("swiglu_small", &pldr::cpu::swiglu_small_cpu);
-}
-
-TORCH_LIBRARY_FRAGMENT(pldr, m) {
-  m.def("linear_small_isa() -> str", &pldr::cpu::linear_small_isa);
 }

@@ -1,7 +1,7 @@
 // pldr::linear_small's kernel for any CPU: generic 8-lane vectors (GCC/Clang vector extensions,
 // lowered to whatever the build's baseline ISA has: SSE2 on x86-64, NEON on AArch64), separate
-// multiply and add. The fallback when cpuid finds neither AVX-512 nor AVX2 + FMA, and the path
-// PLDR_KERNELS_ISA=portable forces.
+// multiply and add. What cpu/isa.h's portable path runs: a CPU with neither AVX-512 nor AVX2 + FMA,
+// PLDR_KERNELS_ISA=portable, and every PLDR_KERNELS_PORTABLE=1 or non-x86 build.
 #include <cmath>
 #include <cstdint>
 

@@ -1,6 +1,7 @@
 // The weight-streaming kernel of pldr::linear_small / pldr::swiglu_small (docs/design.md §3.9),
-// written once with GCC/Clang vector extensions and compiled once per ISA: each
-// linear_small_<isa>.cpp sets its `#pragma GCC target`, then defines, before including this file
+// written once with GCC/Clang vector extensions and compiled once per ISA: each of
+// isa/linear_small_{avx512,avx2}.cpp and linear_small_generic.cpp sets its `#pragma GCC target`
+// (generic: none), then defines, before including this file
 // (inside an anonymous namespace, after every other include):
 //   kVec         floats per vector (16 AVX-512, 8 AVX2 and generic)
 //   Vf           the vector of kVec floats (GCC/Clang vector extension)

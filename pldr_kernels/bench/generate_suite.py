@@ -138,9 +138,11 @@ def add_streaming_columns(rows: list[dict], models, source, device, repeats: int
 
 
 def ops_isa(device: torch.device) -> str | None:
-    """The CPU path of pldr::linear_small (the decode step's linears), None on CUDA."""
+    """The CPU kernels' ISA, which the decode step's linears (pldr::linear_small) run with, as
+    ``python -m pldr_kernels`` prints it; None on CUDA."""
     from .. import ops
-    return ops.linear_small_isa() if device.type == "cpu" and ops._LOAD_ERROR is None else None
+    from ..__main__ import cpu_kernels_isa
+    return cpu_kernels_isa() if device.type == "cpu" and ops._LOAD_ERROR is None else None
 
 
 def graphed(cfg: GenerateConfig, impl: str, mode: str) -> bool:
@@ -288,7 +290,7 @@ def run_generate(cfg: GenerateConfig, device: torch.device, show_progress: bool 
                      f"V{c.vocab_size}",
             "params": sum(p.numel() for p in source.parameters()),
             "weights": cfg.checkpoint or "random (seeded)",
-            "linear_small_isa": ops_isa(device)}
+            "cpu_isa": ops_isa(device)}
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     refs, results = {torch.float32: ref32}, []
     with progress_bar(len(cfg.prompt_lens) * (1 + cfg.repeats), "generate", show_progress) as bar:

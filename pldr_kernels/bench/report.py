@@ -250,7 +250,7 @@ def render(data: dict, markdown: bool = False) -> str:
                       f"(weights in their dtype + K/V + G), step GB/s = that per p50 token time, "
                       f"copy GB/s = tensor.copy_ of as many bytes (read + written per s) in the "
                       f"same run, (%) = step GB/s over it; int8 = weight-only int8, fp32 "
-                      f"activations; decode linears: {g.get('linear_small_isa') or 'torch'}) on "
+                      f"activations; decode linears: {g.get('cpu_isa') or 'torch'}) on "
                       f"{machine(env)}:", "",
                   table(GEN_COLUMNS, gen, markdown)]
     train = [r for r in results if r["bench"] == "train"]

@@ -1,15 +1,16 @@
 // pldr::linear_small's kernel compiled for AVX2 + FMA: 8 fp32 lanes; the tile shape
-// follows the rows of x. Chosen at run time (linear_small_cpu.cpp), so a portable build runs
-// it on any AVX2 CPU. No torch header here (linear_small.h says why).
+// follows the rows of x. Built only with the run-time ISA copies (setup.py compiles csrc/cpu/isa/
+// on x86-64 without PLDR_KERNELS_PORTABLE=1) and run when cpu/isa.h's selected_isa() picks this
+// ISA. No torch header here (linear_small.h says why), so not cpu/isa_variant.h either.
 #include "cpu/linear_small.h"
 
-#if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
 
 #include <cmath>
 #include <cstdint>
 
 #pragma GCC push_options
+// A subset of x86-64-v3, the level selected_isa() requires for avx2.
 #pragma GCC target("avx2,fma,bmi2")
 
 namespace pldr::cpu::linear_small {
@@ -40,4 +41,3 @@ void features_avx2(const Args& a, int64_t f_begin, int64_t f_end) {
 }  // namespace pldr::cpu::linear_small
 
 #pragma GCC pop_options
-#endif
