@@ -128,9 +128,9 @@ bench-full: build
 	  --plot bench_out/full.png
 
 # Real nvcc builds of the CUDA kernels, each in a copy of the tree so the CPU build here is untouched
-# (measured here with MAX_JOBS=1: about 7 min on a fresh machine, 5-8 once the venvs exist):
-#  - cuda-build: sm_80 + sm_90a against torch $(CUDA_TORCH_VERSION) (C++20); fails on a compile or link
-#    error or a register spill.
+# (measured before the CPU kernels' ISA copies, MAX_JOBS=1: about 7 min on a fresh machine, 5-8 once the venvs exist):
+#  - cuda-build: sm_80 + sm_90a against torch $(CUDA_TORCH_VERSION) (C++20), portable CPU code; fails on
+#    a compile or link error or a register spill.
 #  - h200-wheel: the H200 machine's stack, Python 3.12 + torch $(H200_TORCH_VERSION) (C++17), sm_90a,
 #    CPU code for any x86-64 (ISA chosen at run time); an abi3 wheel in $(WHEEL_DIR)/ that
 #    tools/gpu_check.sh installs there instead of compiling (carry $(WHEEL_DIR) with the device run).
@@ -148,7 +148,9 @@ $(CUDA_VENV)/.installed-$(CUDA_TORCH_VERSION):
 cuda-build: $(CUDA_VENV)/.installed-$(CUDA_TORCH_VERSION)
 	rm -rf build/cuda-src && mkdir -p build/cuda-src
 	$(COPY_TREE) build/cuda-src
-	cd build/cuda-src && $(CUDA_ENV) TORCH_CUDA_ARCH_LIST="$(CUDA_ARCHS)" \
+	@# PLDR_KERNELS_PORTABLE=1: this target checks the CUDA compile; the CPU kernels' AVX2 / AVX-512
+	@# copies (3x the C++ compile time) are built and tested by `make test`
+	cd build/cuda-src && $(CUDA_ENV) PLDR_KERNELS_PORTABLE=1 TORCH_CUDA_ARCH_LIST="$(CUDA_ARCHS)" \
 	  $(abspath $(CUDA_VENV))/bin/python setup.py -q build_ext --inplace \
 	  > ../cuda-build.log 2>&1 || (tail -60 ../cuda-build.log; exit 1)
 	$(PYTHON) tools/check_ptxas.py build/cuda-build.log
