@@ -228,8 +228,8 @@ def causal_lm_loss(logits: Tensor, labels: Tensor, lean: bool = False) -> Tensor
 
 def lm_head_applies_fused(head: nn.Module, hidden: Tensor) -> bool:
     """Whether :func:`lm_head_causal_lm_loss` serves this step: autograd on, a plain biased or
-    unbiased linear head (:func:`is_plain_linear`), fp32 on CPU without autocast (elsewhere the model
-    runs the head and :class:`LeanCrossEntropy`)."""
+    unbiased linear head (:func:`is_plain_linear`), fp32 on CPU without autocast (elsewhere the
+    model runs the head and :class:`LeanCrossEntropy`)."""
     return (is_plain_linear(head) and torch.is_grad_enabled() and hidden.device.type == "cpu"
             and hidden.dtype == head.weight.dtype == torch.float32
             and not torch.is_autocast_enabled("cpu")
