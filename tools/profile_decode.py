@@ -25,6 +25,7 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
+import pldr_kernels
 from pldr_kernels import generation
 from pldr_kernels.config import PLDRConfig
 from pldr_kernels.model import PLDRForCausalLM
@@ -138,9 +139,11 @@ def main() -> None:
     title = (f"110M PLDR-LLM decode step, {args.dtype}{' int8 weights' if args.int8 else ''}, "
              f"B=1, prompt {PROMPT_LENGTH}, kvg, {args.threads} threads")
     print_report(report, title)
+    print(f"\npldr_kernels from {pldr_kernels.__file__}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"config": vars(args), **report}, f, indent=1)
+            json.dump({"config": vars(args), "pldr_kernels": pldr_kernels.__file__, **report}, f,
+                      indent=1)
 
 
 if __name__ == "__main__":
