@@ -115,7 +115,7 @@ class GraphedDecode:
 
 
 def _check_caches(model: PLDRForCausalLM, caches: list[KVCache]) -> None:
-    if model.caches()[0] is not caches[0]:
+    if model.first_cache() is not caches[0]:
         raise RuntimeError("another generation on this model replaced its caches (the caches "
                            "belong to the attention layers): run one generation at a time per "
                            "model, or use a copy of the model")

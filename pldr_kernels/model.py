@@ -218,8 +218,9 @@ class PLDRForCausalLM(nn.Module):
         # Only the uncached forward: a cache-writing step must not write twice.
         checkpointed = (self.gradient_checkpointing and inputs.cache_use == "off"
                         and torch.is_grad_enabled())
+        predefined = not self.decoder.config.has_metric_learner
         for i, layer in enumerate(self.decoder.dec_layers):
-            metric = self.decoder.predefined_metric(i)
+            metric = self.decoder.predefined_metric(i) if predefined else None
             if checkpointed:
                 x = checkpoint(layer, x, inputs, metric, use_reentrant=False)
             else:
@@ -286,6 +287,10 @@ class PLDRForCausalLM(nn.Module):
     def caches(self) -> list[KVCache | None]:
         return [attention.kv_cache for attention in self._attention_layers()]
 
+    def first_cache(self) -> KVCache | None:
+        """``caches()[0]`` without building the list (asked once per decode step)."""
+        return self.decoder.dec_layers[0].mha1.kv_cache
+
     def clear_caches(self) -> None:
         for attention in self._attention_layers():
             attention.kv_cache = None
@@ -318,7 +323,7 @@ class PLDRForCausalLM(nn.Module):
 
         Reads nothing back from the device and advances nothing (the caller does, in place), so
         the step can be captured in a CUDA graph or compiled."""
-        cache = self.caches()[0]
+        cache = self.first_cache()
         if cache is None or cache.k is None:
             raise RuntimeError("decode_step needs KV-caches: call setup_caches(batch_size, "
                                "max_length) and prefill first")

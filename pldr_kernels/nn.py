@@ -121,6 +121,18 @@ class _PackOfParameters(torch.autograd.Function):
         return None, *(g.view(shape) for g, shape in zip(slices, ctx.shapes))
 
 
+def _child(obj, name: str):
+    """``getattr(obj, name)``, read straight from a module's parameter/buffer/submodule dicts when
+    it is there: ``Module.__getattr__`` costs ~1 µs a name, and every decode step resolves each
+    pack's paths (~20 packs a step). Module's setattr/register_* keep those names out of the
+    instance and class attributes, so the dicts give what getattr would."""
+    if isinstance(obj, nn.Module):
+        for registry in (obj._parameters, obj._buffers, obj._modules):
+            if name in registry:
+                return registry[name]
+    return getattr(obj, name)
+
+
 class ParameterPack:
     """Parameters of equal shape stored as views into one packed tensor of ``shape``.
 
@@ -151,7 +163,7 @@ class ParameterPack:
         for path in self.paths:
             obj = self.owner
             for name in path:
-                obj = getattr(obj, name)
+                obj = _child(obj, name)
             params.append(obj)
         return params
 
@@ -296,8 +308,11 @@ class RotaryEmbedding(PackedModule):
     def forward(self, x: Tensor, rotation) -> Tensor:
         """Rotate ``x [B, S, n, d]`` by a :meth:`rotation`; the math of ``reference.apply_rope``."""
         if self.interleaved:  # (x0 + i·x1)(cos + i·sin): the adjacent-pair rotation, in fp32
-            xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
-            return torch.view_as_real(xc * rotation).flatten(-2).to(x.dtype)
+            # The casts only when they cast: a no-op .float()/.to() is still a dispatched op.
+            x32 = x if x.dtype == torch.float32 else x.float()
+            xc = torch.view_as_complex(x32.unflatten(-1, (-1, 2)))
+            out = torch.view_as_real(xc * rotation).flatten(-2)
+            return out if out.dtype == x.dtype else out.to(x.dtype)
         cos, sin = rotation[0].to(x.dtype), rotation[1].to(x.dtype)
         half = self.head_dim // 2
         rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -637,19 +652,24 @@ class SwiGLU(GLUVariant, PackedModule):
 
     def forward(self, x: Tensor) -> Tensor:
         w12 = self.packs["w12"].get()
-        if "s12" in self.packs or takes_small_rows(x, w12):
-            return self.forward_small_rows_or_int8(x, w12)
+        small_rows = takes_small_rows(x, w12)
+        if small_rows or "s12" in self.packs:
+            return self.forward_small_rows_or_int8(x, w12, small_rows)
         bias = self.packs["b12"].get() if "b12" in self.packs else None
         h = linear(x, w12, bias)
         gate, up = h.chunk(2, dim=-1)
         return apply_linear(self.gluw3, F.silu(gate) * up)
 
-    def forward_small_rows_or_int8(self, x: Tensor, w12: Tensor) -> Tensor:
+    def forward_small_rows_or_int8(self, x: Tensor, w12: Tensor,
+                                   small_rows: bool | None = None) -> Tensor:
         """Inference: silu(gate)·up in one pass over gluw1/gluw2 (``pldr::swiglu_small``, fp32
-        inside) for a few CPU rows; an int8 FFN (``quantize_weights``) dequantised for more."""
+        inside) for a few CPU rows; an int8 FFN (``quantize_weights``) dequantised for more.
+        ``small_rows``: :func:`takes_small_rows` of (x, w12) when the caller has it already."""
         bias = self.packs["b12"].get() if "b12" in self.packs else None
         scale = self.packs["s12"].get() if "s12" in self.packs else None
-        if takes_small_rows(x, w12):
+        if small_rows is None:
+            small_rows = takes_small_rows(x, w12)
+        if small_rows:
             h = ops.swiglu_small(x, w12, bias, scale)
         else:
             gate, up = linear_rows(x, w12, bias, scale).chunk(2, dim=-1)

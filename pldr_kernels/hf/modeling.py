@@ -95,6 +95,7 @@ class PldrllmForCausalLM(PldrllmPreTrainedModel, GenerationMixin):
     _sequence_inputs = PLDRForCausalLM._sequence_inputs
     setup_caches = PLDRForCausalLM.setup_caches
     caches = PLDRForCausalLM.caches
+    first_cache = PLDRForCausalLM.first_cache
     clear_caches = PLDRForCausalLM.clear_caches
     prefill = PLDRForCausalLM.prefill
     decode_step = PLDRForCausalLM.decode_step
