@@ -379,3 +379,22 @@ def test_output_pldr_attentions_are_the_ports_deductive_outputs():
         assert torch.equal(got[0], A) and torch.equal(got[1], A_LM) and torch.equal(got[5], G)
         assert got[2] is plga.pwlst and got[3] is plga.alst and got[4] is plga.balst
     assert hf(ids).pldr_attentions is None
+
+
+def test_hf_bench_suite_runs(tmp_path):
+    """`pldr-bench hf` on a tiny model: the HF row and PLDRForCausalLM's are checked, timed and
+    carry the decode step's bytes and GB/s like the generate suite's rows."""
+    import json
+
+    from pldr_kernels.bench import __main__ as cli
+
+    path = tmp_path / "hf.json"
+    assert cli.main(["hf", "--model-config", "num_hidden_layers=1", "hidden_size=128",
+                     "num_attention_heads=2", "intermediate_size=64", "vocab_size=64", "A_dff=16",
+                     "num_reslayerA=1", "num_denseA=1", "max_position_embeddings=64",
+                     "--prompt-lens", "8", "--new-tokens", "4", "--repeats", "1",
+                     "--no-progress", "--json", str(path)]) == 0
+    rows = json.loads(path.read_text())["results"]
+    assert {r["impl"] for r in rows} == {"pldr_kernels", "pldr_kernels_hf"}
+    for r in rows:
+        assert r["valid"] and r["per_token_ms_p50"] > 0 and r["step_gbps"] > 0

@@ -31,6 +31,11 @@ class HFGenerate:
     def __init__(self, model):
         self.model = model
         self.final_layer = model.final_layer  # where the suite's clock hooks
+        # what decode_step_bytes reads (the step's bytes and GB/s columns)
+        self.config, self.dtype = model.pldr_config, model.dtype
+
+    def state_dict(self):
+        return self.model.state_dict()
 
     def generate(self, ids, new_tokens, cache="kvg", do_sample=False, eos_token_id=None,
                  cuda_graph=False):
