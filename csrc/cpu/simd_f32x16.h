@@ -164,6 +164,10 @@ PLDR_SIMD_END_INTRINSICS
 #pragma GCC diagnostic ignored "-Wpsabi"
 
 typedef float f32x16 __attribute__((vector_size(64)));
+typedef float f32x8 __attribute__((vector_size(32)));
+typedef float f32x4 __attribute__((vector_size(16)));
+// Whole-vector expressions only: GCC scalarises a loop over the lanes of a 64-byte vector into
+// one load/store per lane (measured: the AVX2 copy's softmax ~10x slower than its GEMMs).
 
 PLDR_SIMD_INLINE f32x16 load(const float* p) {
   f32x16 v;
@@ -171,11 +175,7 @@ PLDR_SIMD_INLINE f32x16 load(const float* p) {
   return v;
 }
 PLDR_SIMD_INLINE void store(float* p, f32x16 v) { __builtin_memcpy(p, &v, sizeof(v)); }
-PLDR_SIMD_INLINE f32x16 splat(float x) {
-  f32x16 v;
-  for (int i = 0; i < kLanes; ++i) v[i] = x;
-  return v;
-}
+PLDR_SIMD_INLINE f32x16 splat(float x) { return x - f32x16{}; }  // x − 0 is x, −0 and NaN too
 PLDR_SIMD_INLINE f32x16 zero() { return splat(0.0f); }
 // Unfused: without hardware FMA, std::fma is a slow software routine.
 PLDR_SIMD_INLINE f32x16 fma(f32x16 a, f32x16 b, f32x16 c) { return a * b + c; }
@@ -187,33 +187,53 @@ PLDR_SIMD_INLINE f32x16 sqrt(f32x16 a) {
   for (int i = 0; i < kLanes; ++i) a[i] = std::sqrt(a[i]);
   return a;
 }
-PLDR_SIMD_INLINE f32x16 max(f32x16 a, f32x16 b) {
-  for (int i = 0; i < kLanes; ++i) a[i] = a[i] > b[i] ? a[i] : b[i];
-  return a;
-}
+PLDR_SIMD_INLINE f32x16 max(f32x16 a, f32x16 b) { return a > b ? a : b; }
 PLDR_SIMD_INLINE f32x16 load_partial(const float* p, int64_t count, float fill = 0.0f) {
+  if (count >= kLanes) return load(p);
   f32x16 v = splat(fill);
   for (int i = 0; i < kLanes && i < count; ++i) v[i] = p[i];
   return v;
 }
 PLDR_SIMD_INLINE void store_partial(float* p, f32x16 v, int64_t count) {
+  if (count >= kLanes) return store(p, v);
   for (int i = 0; i < kLanes && i < count; ++i) p[i] = v[i];
 }
+// Halving trees: lane i meets lane i + width, width 8, 4, 2, 1 (the order the AVX-512 path adds).
 PLDR_SIMD_INLINE float reduce_add(f32x16 v) {
-  for (int width = kLanes / 2; width >= 1; width /= 2)
-    for (int i = 0; i < width; ++i) v[i] += v[i + width];
-  return v[0];
+  const f32x8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+                  __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  const f32x4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+  return (b[0] + b[2]) + (b[1] + b[3]);
 }
 PLDR_SIMD_INLINE float reduce_max(f32x16 v) {
-  for (int width = kLanes / 2; width >= 1; width /= 2)
-    for (int i = 0; i < width; ++i) v[i] = v[i] > v[i + width] ? v[i] : v[i + width];
-  return v[0];
+  const f32x8 lo = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7);
+  const f32x8 hi = __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  const f32x8 a = lo > hi ? lo : hi;
+  const f32x4 a_lo = __builtin_shufflevector(a, a, 0, 1, 2, 3);
+  const f32x4 a_hi = __builtin_shufflevector(a, a, 4, 5, 6, 7);
+  const f32x4 b = a_lo > a_hi ? a_lo : a_hi;
+  const float c0 = b[0] > b[2] ? b[0] : b[2];
+  const float c1 = b[1] > b[3] ? b[1] : b[3];
+  return c0 > c1 ? c0 : c1;
 }
 template <typename T>
 PLDR_SIMD_INLINE f32x16 load_as_f32(const T* p) {
-  f32x16 v;
-  for (int i = 0; i < kLanes; ++i) v[i] = static_cast<float>(p[i]);
-  return v;
+  if constexpr (std::is_same_v<T, float>) {
+    return load(p);
+  } else if constexpr (std::is_same_v<T, c10::BFloat16>) {  // bf16 = the top half of an fp32
+    typedef uint16_t u16x16 __attribute__((vector_size(32)));
+    typedef uint32_t u32x16 __attribute__((vector_size(64)));
+    u16x16 half;
+    __builtin_memcpy(&half, p, sizeof(half));
+    const u32x16 bits = __builtin_convertvector(half, u32x16) << 16;
+    f32x16 v;
+    __builtin_memcpy(&v, &bits, sizeof(v));
+    return v;
+  } else {
+    f32x16 v;
+    for (int i = 0; i < kLanes; ++i) v[i] = static_cast<float>(p[i]);
+    return v;
+  }
 }
 #if defined(__FMA__) || defined(PLDR_TARGET_AVX2)
 // With hardware FMA: the AVX-512 path's exp / exp2, lane-wise (GCC contracts each a·b + c below
@@ -237,8 +257,10 @@ PLDR_SIMD_INLINE f32x16 pow2_of_int(i32x16 e) {
 // p · 2^n for whole n in [-151, 256] as two normal powers of two, so that a result below 2^-126
 // is rounded once, as AVX-512's scalef rounds it (a NaN p stays NaN).
 PLDR_SIMD_INLINE f32x16 times_pow2(f32x16 p, f32x16 n) {
+  typedef uint32_t u32x16 __attribute__((vector_size(64)));
   const i32x16 whole = __builtin_convertvector(n, i32x16);
-  const i32x16 first = whole / 2;
+  // whole / 2 (rounded toward zero) in shifts: GCC scalarises a vector division
+  const i32x16 first = (whole + (i32x16)((u32x16)whole >> 31)) >> 1;
   return (p * pow2_of_int(first)) * pow2_of_int(whole - first);
 }
 template <int N>
