@@ -137,6 +137,16 @@ def add_streaming_columns(rows: list[dict], models, source, device, repeats: int
         r["copy_fraction"] = r["step_gbps"] / r["copy_gbps"]
 
 
+def model_description(source, cfg: GenerateConfig, device: torch.device) -> dict:
+    """The fields every row of a generation suite carries about the model and the kernels' ISA."""
+    c = source.config
+    return {"model": f"L{c.num_hidden_layers} D{c.hidden_size} H{c.num_attention_heads} "
+                     f"V{c.vocab_size}",
+            "params": sum(p.numel() for p in source.parameters()),
+            "weights": cfg.checkpoint or "random (seeded)",
+            "cpu_isa": ops_isa(device)}
+
+
 def ops_isa(device: torch.device) -> str | None:
     """The CPU kernels' ISA, which the decode step's linears (pldr::linear_small) run with, as
     ``python -m pldr_kernels`` prints it; None on CUDA."""
@@ -285,12 +295,7 @@ def run_generate(cfg: GenerateConfig, device: torch.device, show_progress: bool 
     models, skips, source, ref32 = load_models(cfg, device)
     if not models:
         return [], skips
-    c = source.config
-    desc = {"model": f"L{c.num_hidden_layers} D{c.hidden_size} H{c.num_attention_heads} "
-                     f"V{c.vocab_size}",
-            "params": sum(p.numel() for p in source.parameters()),
-            "weights": cfg.checkpoint or "random (seeded)",
-            "cpu_isa": ops_isa(device)}
+    c, desc = source.config, model_description(source, cfg, device)
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     refs, results = {torch.float32: ref32}, []
     with progress_bar(len(cfg.prompt_lens) * (1 + cfg.repeats), "generate", show_progress) as bar:

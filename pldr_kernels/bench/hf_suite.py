@@ -15,7 +15,7 @@ import dataclasses
 
 import torch
 
-from .generate_suite import GenerateConfig, load_models, run_prompt
+from .generate_suite import GenerateConfig, load_models, model_description, run_prompt
 from .measure import progress_bar
 from .ops_suite import skipped
 
@@ -62,11 +62,7 @@ def run_hf(cfg: GenerateConfig, device: torch.device, show_progress: bool = True
     if not models:
         return [], skips
     models[(HF_IMPL, "float32")] = HFGenerate(PldrllmForCausalLM.from_pldr(source).to(device))
-    c = source.config
-    desc = {"model": f"L{c.num_hidden_layers} D{c.hidden_size} H{c.num_attention_heads} "
-                     f"V{c.vocab_size}",
-            "params": sum(p.numel() for p in source.parameters()),
-            "weights": cfg.checkpoint or "random (seeded)"}
+    c, desc = source.config, model_description(source, cfg, device)
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     refs, results = {torch.float32: ref32}, []
     with progress_bar(len(cfg.prompt_lens) * (1 + cfg.repeats), "hf", show_progress) as bar:
