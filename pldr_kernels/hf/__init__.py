@@ -7,7 +7,7 @@ AutoConfig, AutoModel, AutoModelForCausalLM and AutoTokenizer under model_type "
 ``AutoModelForCausalLM.from_pretrained(dir)`` and ``pipeline("text-generation", model=dir)``
 load a PLDR-LLM directory without running any code it contains.
 
-This is the only part of pldr_kernels that imports transformers.
+Outside pldr-bench's hf and llama suites, the only part of pldr_kernels that imports transformers.
 """
 from __future__ import annotations
 
