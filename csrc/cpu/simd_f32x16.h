@@ -202,7 +202,8 @@ PLDR_SIMD_INLINE void store_partial(float* p, f32x16 v, int64_t count) {
 PLDR_SIMD_INLINE float reduce_add(f32x16 v) {
   const f32x8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
                   __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-  const f32x4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+  const f32x4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) +
+                  __builtin_shufflevector(a, a, 4, 5, 6, 7);
   return (b[0] + b[2]) + (b[1] + b[3]);
 }
 PLDR_SIMD_INLINE float reduce_max(f32x16 v) {
