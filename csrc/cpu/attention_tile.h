@@ -4,7 +4,7 @@
 //
 // Scores are kept in log2 units: the query is pre-multiplied by scale·log2(e), so softmax weights are
 // exp2(s − m). All arithmetic is fp32. Vector code goes through the shared 16-lane layer
-// (simd_f32x16.h: AVX-512 or the portable fallback); only the 16x16 transpose is AVX-512 specific.
+// (simd_f32x16.h); only the transposes are ISA specific.
 #pragma once
 
 #include <algorithm>
@@ -76,7 +76,7 @@ inline float exp2_shifted_in_place(float* x, int64_t n, float shift) {
 }
 
 // ------------------------------------------------------------------------------------------------
-// 16x16 transpose (AVX-512 only; its one user, pack_transposed, has a scalar loop otherwise).
+// In-register transposes: 16x16 on AVX-512, 8x8 on AVX2 (their users have a scalar loop otherwise).
 // ------------------------------------------------------------------------------------------------
 #ifdef PLDR_SIMD_AVX512
 PLDR_SIMD_BEGIN_INTRINSICS
@@ -109,6 +109,39 @@ PLDR_SIMD_BEGIN_INTRINSICS
   }
 }
 PLDR_SIMD_END_INTRINSICS
+#elif defined(PLDR_SIMD_AVX2)
+PLDR_SIMD_BEGIN_INTRINSICS
+// In-register transpose of an 8x8 fp32 block (r[i] = row i in, column i out).
+[[gnu::always_inline]] inline void transpose8x8(__m256 r[8]) {
+  __m256 t[8], u[8];
+  for (int i = 0; i < 4; ++i) {  // t[2i] = a0 b0 a1 b1 | a4 b4 a5 b5, t[2i+1] = a2 b2 a3 b3 | ...
+    t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 2; ++i) {  // u[4i + c] = column c (and c + 4) of rows 4i .. 4i+3
+    u[4 * i] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);
+    u[4 * i + 1] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], 0xEE);
+    u[4 * i + 2] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+    u[4 * i + 3] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
+  }
+  for (int c = 0; c < 4; ++c) {
+    r[c] = _mm256_permute2f128_ps(u[c], u[4 + c], 0x20);
+    r[4 + c] = _mm256_permute2f128_ps(u[c], u[4 + c], 0x31);
+  }
+}
+// 8 consecutive fp32 / bf16 / fp16 elements as fp32 (exact).
+template <typename T>
+[[gnu::always_inline]] inline __m256 load8_as_f32(const T* p) {
+  if constexpr (std::is_same_v<T, float>) {
+    return _mm256_loadu_ps(p);
+  } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  } else {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  }
+}
+PLDR_SIMD_END_INTRINSICS
 #endif
 
 // ------------------------------------------------------------------------------------------------
@@ -127,6 +160,19 @@ inline void pack_transposed(const RowFn& row, int64_t n, float* out, int64_t ld_
       }
       transpose16x16(r);
       for (int i = 0; i < 16; ++i) simd::store(out + (c0 + i) * ld_out + j0, r[i]);
+    }
+  }
+#elif defined(PLDR_SIMD_AVX2)
+  const int64_t padded = (n + 15) / 16 * 16;
+  for (int64_t j0 = 0; j0 < padded; j0 += 8) {
+    const int64_t rows = std::clamp<int64_t>(n - j0, 0, 8);
+    for (int c0 = 0; c0 < D; c0 += 8) {
+      __m256 r[8];
+      for (int64_t i = 0; i < 8; ++i) {
+        r[i] = i < rows ? load8_as_f32(row(j0 + i) + c0) : _mm256_setzero_ps();
+      }
+      transpose8x8(r);
+      for (int i = 0; i < 8; ++i) _mm256_storeu_ps(out + (c0 + i) * ld_out + j0, r[i]);
     }
   }
 #else

@@ -18,6 +18,8 @@ inline namespace PLDR_ISA_NAMESPACE {  // one copy per ISA (cpu/isa.h)
 // is a multiple of it (d is 64 or 128), so a block holds rows of one head only.
 constexpr int64_t kBwdBlockRows = 64;
 constexpr int kBwdVecs = static_cast<int>(kBwdBlockRows / kLanes);
+// Register tiles over a block's columns take kTileVecs of its kBwdVecs vectors at a time.
+static_assert(kBwdVecs % kTileVecs == 0, "a block is a whole number of register tiles wide");
 
 // acc[r][v] += Σ_k A[r·a_rs + k·a_ks] · B[k·ldb + 16v], k < K (tile_product without the zeroing).
 template <int R, int NV>
@@ -101,36 +103,38 @@ inline void layer_norm_backward_columns(const float* T, const float* gY, float* 
 inline void swiglu_hidden(const float* X, int64_t d, int64_t F, const float* w1, const float* b1,
                           const float* w2, const float* b2, float* H1, float* H2) {
   constexpr int64_t ld = kBwdBlockRows;
-  constexpr int NV = kBwdVecs;
+  constexpr int NV = kTileVecs;
   for_row_tiles<kGluTileRows>(static_cast<int>(F), [&](int f0, auto rows) {
     constexpr int R = decltype(rows)::value;
-    f32x16 h1[R][NV], h2[R][NV];
-    PLDR_UNROLL
-    for (int r = 0; r < R; ++r)
+    for (int c0 = 0; c0 < kBwdVecs * kLanes; c0 += NV * kLanes) {  // column chunks
+      f32x16 h1[R][NV], h2[R][NV];
       PLDR_UNROLL
-      for (int v = 0; v < NV; ++v) h1[r][v] = h2[r][v] = simd::zero();
-    for (int64_t k = 0; k < d; ++k) {
-      f32x16 xv[NV];
-      PLDR_UNROLL
-      for (int v = 0; v < NV; ++v) xv[v] = simd::load(X + k * ld + v * kLanes);
-      PLDR_UNROLL
-      for (int r = 0; r < R; ++r) {
-        const f32x16 c1 = simd::splat(w1[(f0 + r) * d + k]);
-        const f32x16 c2 = simd::splat(w2[(f0 + r) * d + k]);
+      for (int r = 0; r < R; ++r)
         PLDR_UNROLL
-        for (int v = 0; v < NV; ++v) {
-          h1[r][v] = simd::fma(c1, xv[v], h1[r][v]);
-          h2[r][v] = simd::fma(c2, xv[v], h2[r][v]);
+        for (int v = 0; v < NV; ++v) h1[r][v] = h2[r][v] = simd::zero();
+      for (int64_t k = 0; k < d; ++k) {
+        f32x16 xv[NV];
+        PLDR_UNROLL
+        for (int v = 0; v < NV; ++v) xv[v] = simd::load(X + k * ld + c0 + v * kLanes);
+        PLDR_UNROLL
+        for (int r = 0; r < R; ++r) {
+          const f32x16 c1 = simd::splat(w1[(f0 + r) * d + k]);
+          const f32x16 c2 = simd::splat(w2[(f0 + r) * d + k]);
+          PLDR_UNROLL
+          for (int v = 0; v < NV; ++v) {
+            h1[r][v] = simd::fma(c1, xv[v], h1[r][v]);
+            h2[r][v] = simd::fma(c2, xv[v], h2[r][v]);
+          }
         }
       }
-    }
-    PLDR_UNROLL
-    for (int r = 0; r < R; ++r) {
-      const f32x16 bias1 = simd::splat(b1[f0 + r]), bias2 = simd::splat(b2[f0 + r]);
       PLDR_UNROLL
-      for (int v = 0; v < NV; ++v) {
-        simd::store(H1 + (f0 + r) * ld + v * kLanes, simd::add(h1[r][v], bias1));
-        simd::store(H2 + (f0 + r) * ld + v * kLanes, simd::add(h2[r][v], bias2));
+      for (int r = 0; r < R; ++r) {
+        const f32x16 bias1 = simd::splat(b1[f0 + r]), bias2 = simd::splat(b2[f0 + r]);
+        PLDR_UNROLL
+        for (int v = 0; v < NV; ++v) {
+          simd::store(H1 + (f0 + r) * ld + c0 + v * kLanes, simd::add(h1[r][v], bias1));
+          simd::store(H2 + (f0 + r) * ld + c0 + v * kLanes, simd::add(h2[r][v], bias2));
+        }
       }
     }
   });
@@ -145,39 +149,44 @@ inline void swiglu_backward_block(const float* gY, int64_t d, int64_t F, const f
                                   const float* w2, const float* w3, const float* H1,
                                   const float* H2, float* U, float* gH1, float* gH2, float* gX) {
   constexpr int64_t ld = kBwdBlockRows;
-  constexpr int NV = kBwdVecs;
+  constexpr int NV = kTileVecs;
   // gU = W3ᵀ·gY (w3 [d][F]: column f of W3 is w3[j·F + f]), and from it the gate's gradients:
   // with s = silu(h1) = h1·σ(h1), gH2 = gU·s, gH1 = gU·h2·σ·(1 + h1·(1 − σ)).
   const f32x16 one = simd::splat(1.0f);
   for_row_tiles<kTileRows>(static_cast<int>(F), [&](int f0, auto rows) {
     constexpr int R = decltype(rows)::value;
-    f32x16 acc[R][NV];
-    tile_product<R, NV>(d, w3 + f0, 1, F, gY, ld, acc);
-    PLDR_UNROLL
-    for (int r = 0; r < R; ++r)
+    for (int c0 = 0; c0 < kBwdVecs * kLanes; c0 += NV * kLanes) {  // column chunks
+      f32x16 acc[R][NV];
+      tile_product<R, NV>(d, w3 + f0, 1, F, gY + c0, ld, acc);
       PLDR_UNROLL
-      for (int v = 0; v < NV; ++v) {
-        const int64_t off = (f0 + r) * ld + v * kLanes;
-        const f32x16 h1 = simd::load(H1 + off), h2 = simd::load(H2 + off);
-        const f32x16 den = simd::add(one, simd::exp(simd::sub(simd::zero(), h1)));
-        const f32x16 sig = simd::div(one, den);
-        const f32x16 s = simd::mul(h1, sig);
-        simd::store(U + off, simd::mul(s, h2));
-        simd::store(gH2 + off, simd::mul(acc[r][v], s));
-        const f32x16 dsilu = simd::mul(sig, simd::fma(h1, simd::sub(one, sig), one));
-        simd::store(gH1 + off, simd::mul(simd::mul(acc[r][v], h2), dsilu));
-      }
+      for (int r = 0; r < R; ++r)
+        PLDR_UNROLL
+        for (int v = 0; v < NV; ++v) {
+          const int64_t off = (f0 + r) * ld + c0 + v * kLanes;
+          const f32x16 h1 = simd::load(H1 + off), h2 = simd::load(H2 + off);
+          const f32x16 den = simd::add(one, simd::exp(simd::sub(simd::zero(), h1)));
+          const f32x16 sig = simd::div(one, den);
+          const f32x16 s = simd::mul(h1, sig);
+          simd::store(U + off, simd::mul(s, h2));
+          simd::store(gH2 + off, simd::mul(acc[r][v], s));
+          const f32x16 dsilu = simd::mul(sig, simd::fma(h1, simd::sub(one, sig), one));
+          simd::store(gH1 + off, simd::mul(simd::mul(acc[r][v], h2), dsilu));
+        }
+    }
   });
   // gX = W1ᵀ·gH1 + W2ᵀ·gH2 (w1, w2 [F][d]: column k of W1 is w1[f·d + k]).
   for_row_tiles<kTileRows>(static_cast<int>(d), [&](int k0, auto rows) {
     constexpr int R = decltype(rows)::value;
-    f32x16 acc[R][NV];
-    tile_product<R, NV>(F, w1 + k0, 1, d, gH1, ld, acc);
-    tile_accumulate<R, NV>(F, w2 + k0, 1, d, gH2, ld, acc);
-    PLDR_UNROLL
-    for (int r = 0; r < R; ++r)
+    for (int c0 = 0; c0 < kBwdVecs * kLanes; c0 += NV * kLanes) {  // column chunks
+      f32x16 acc[R][NV];
+      tile_product<R, NV>(F, w1 + k0, 1, d, gH1 + c0, ld, acc);
+      tile_accumulate<R, NV>(F, w2 + k0, 1, d, gH2 + c0, ld, acc);
       PLDR_UNROLL
-      for (int v = 0; v < NV; ++v) simd::store(gX + (k0 + r) * ld + v * kLanes, acc[r][v]);
+      for (int r = 0; r < R; ++r)
+        PLDR_UNROLL
+        for (int v = 0; v < NV; ++v)
+          simd::store(gX + (k0 + r) * ld + c0 + v * kLanes, acc[r][v]);
+    }
   });
 }
 
@@ -233,6 +242,16 @@ inline void transpose_tile(const float* src, int64_t rows, int64_t cols, int64_t
       transpose16x16(v);
       PLDR_UNROLL
       for (int i = 0; i < kLanes; ++i) simd::store(dst + (c0 + i) * ld_dst + r0, v[i]);
+    }
+#elif defined(PLDR_SIMD_AVX2)
+  for (int64_t r0 = 0; r0 < rows; r0 += 8)
+    for (int64_t c0 = 0; c0 < cols; c0 += 8) {
+      __m256 v[8];
+      PLDR_UNROLL
+      for (int i = 0; i < 8; ++i) v[i] = _mm256_loadu_ps(src + (r0 + i) * ld_src + c0);
+      transpose8x8(v);
+      PLDR_UNROLL
+      for (int i = 0; i < 8; ++i) _mm256_storeu_ps(dst + (c0 + i) * ld_dst + r0, v[i]);
     }
 #else
   for (int64_t r = 0; r < rows; ++r)

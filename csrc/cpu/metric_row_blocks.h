@@ -66,9 +66,16 @@ PLDR_SIMD_INLINE void tile_product(int64_t K, const float* A, int64_t a_rs, int6
   }
 }
 
-// Register tiles: kTileVecs vectors (64 columns) wide; kTileRows rows of a broadcast operand
-// (24 accumulators), half that when two products share the tile (W1 and W2 of a SwiGLU).
+// Register tiles: kTileRows rows of a broadcast operand times kTileVecs vectors, half the rows
+// when two products share the tile (W1 and W2 of a SwiGLU). AVX-512: 4 vectors (64 columns),
+// 24 accumulators of its 32 registers. Elsewhere one vector, 6 accumulators: an f32x16 is two of
+// AVX2's 16 ymm registers (four of SSE's xmm), and a wider tile would live on the stack. The
+// tiling decides only which elements are computed together, never an element's arithmetic.
+#ifdef PLDR_SIMD_AVX512
 constexpr int kTileVecs = 4;
+#else
+constexpr int kTileVecs = 1;
+#endif
 constexpr int kTileRows = 6;
 constexpr int kGluTileRows = kTileRows / 2;
 

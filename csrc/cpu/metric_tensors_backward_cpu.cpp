@@ -474,14 +474,14 @@ GradTuple metric_tensors_backward_cpu(
         const float* Qs = sc.Qs.get();
         for_row_tiles<kTileRows>(static_cast<int>(kept), [&](int s0, auto rows) {
           constexpr int Rt = decltype(rows)::value;
-          for (int64_t n0 = 0; n0 < d; n0 += kBwdBlockRows) {
-            f32x16 acc[Rt][kBwdVecs];
-            tile_product<Rt, kBwdVecs>(d, Qs + s0 * d, d, 1, M + n0, d, acc);
+          for (int64_t n0 = 0; n0 < d; n0 += kTileVecs * kLanes) {
+            f32x16 acc[Rt][kTileVecs];
+            tile_product<Rt, kTileVecs>(d, Qs + s0 * d, d, 1, M + n0, d, acc);
             PLDR_UNROLL
             for (int r = 0; r < Rt; ++r) {
               T* row = out + sc.positions[s0 + r] * H * d + n0;
               PLDR_UNROLL
-              for (int v = 0; v < kBwdVecs; ++v) {
+              for (int v = 0; v < kTileVecs; ++v) {
                 if constexpr (std::is_same_v<T, float>) {
                   simd::store(row + v * kLanes, acc[r][v]);
                 } else {

@@ -1,14 +1,17 @@
-// A 16-lane fp32 vector for the CPU kernels (metric learner and attention): AVX-512 intrinsics when
-// the build targets them (-march=native on an AVX-512 machine), otherwise GCC/Clang generic vectors,
-// which the compiler lowers to whatever SIMD the target has (PLDR_KERNELS_PORTABLE=1 builds). Both
-// paths use a fused multiply-add where the code asks for one (the fallback only where the target has
-// FMA), so one build gives the same bits run after run. This is the only place that chooses between
-// the two; kernels that need intrinsics beyond it (a 16x16 transpose) test PLDR_SIMD_AVX512.
+// A 16-lane fp32 vector for the CPU kernels (metric learner and attention), in one of three forms:
+// AVX-512 intrinsics (one zmm), AVX2 + FMA intrinsics (two ymm), or GCC/Clang generic vectors,
+// which the compiler lowers to whatever SIMD the target has (the portable copy). The AVX-512 copy,
+// the AVX2 copy and the portable one of each kernel file (cpu/isa.h) take the first, second and
+// third. All three use a fused multiply-add where the code asks for one (the fallback only where
+// the target has FMA), so one build gives the same bits run after run, and the AVX2 form gives the
+// fallback's bits. This is the only place that chooses between them; kernels that need intrinsics
+// beyond it (a 16x16 transpose) test PLDR_SIMD_AVX512 / PLDR_SIMD_AVX2.
 #pragma once
 
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -21,6 +24,9 @@
 #if defined(__AVX512F__) || defined(PLDR_TARGET_AVX512)
 #include <immintrin.h>
 #define PLDR_SIMD_AVX512 1
+#elif (defined(__AVX2__) && defined(__FMA__)) || defined(PLDR_TARGET_AVX2)
+#include <immintrin.h>
+#define PLDR_SIMD_AVX2 1
 #endif
 
 // GCC 12's AVX-512 intrinsics (roundscale, scalef, reductions, unpack / shuffle, ...) start from
@@ -158,6 +164,135 @@ PLDR_SIMD_INLINE f32x16 exp2(f32x16 x) {
 }
 
 PLDR_SIMD_END_INTRINSICS
+#elif defined(PLDR_SIMD_AVX2)
+PLDR_SIMD_BEGIN_INTRINSICS
+
+// Sixteen lanes as two ymm registers: lanes 0-7 in lo, 8-15 in hi. A 64-byte generic vector
+// would do the same arithmetic, but GCC 12 keeps it in memory on a 32-byte target (every
+// operation a store and reload of both halves: the AVX2 copy of the attention kernel ran slower
+// than the portable one). Each operation below is the portable fallback's, lane for lane, in the
+// same order (reductions, clamps, NaN rules), so the two give the same bits.
+struct f32x16 {
+  __m256 lo, hi;
+};
+
+PLDR_SIMD_INLINE f32x16 load(const float* p) { return {_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)}; }
+PLDR_SIMD_INLINE void store(float* p, f32x16 v) {
+  _mm256_storeu_ps(p, v.lo);
+  _mm256_storeu_ps(p + 8, v.hi);
+}
+PLDR_SIMD_INLINE f32x16 splat(float x) { return {_mm256_set1_ps(x), _mm256_set1_ps(x)}; }
+PLDR_SIMD_INLINE f32x16 zero() { return {_mm256_setzero_ps(), _mm256_setzero_ps()}; }
+PLDR_SIMD_INLINE f32x16 fma(f32x16 a, f32x16 b, f32x16 c) {
+  return {_mm256_fmadd_ps(a.lo, b.lo, c.lo), _mm256_fmadd_ps(a.hi, b.hi, c.hi)};
+}
+PLDR_SIMD_INLINE f32x16 add(f32x16 a, f32x16 b) { return {_mm256_add_ps(a.lo, b.lo), _mm256_add_ps(a.hi, b.hi)}; }
+PLDR_SIMD_INLINE f32x16 sub(f32x16 a, f32x16 b) { return {_mm256_sub_ps(a.lo, b.lo), _mm256_sub_ps(a.hi, b.hi)}; }
+PLDR_SIMD_INLINE f32x16 mul(f32x16 a, f32x16 b) { return {_mm256_mul_ps(a.lo, b.lo), _mm256_mul_ps(a.hi, b.hi)}; }
+PLDR_SIMD_INLINE f32x16 div(f32x16 a, f32x16 b) { return {_mm256_div_ps(a.lo, b.lo), _mm256_div_ps(a.hi, b.hi)}; }
+PLDR_SIMD_INLINE f32x16 sqrt(f32x16 a) { return {_mm256_sqrt_ps(a.lo), _mm256_sqrt_ps(a.hi)}; }
+// a > b ? a : b lane-wise (the second operand when either is NaN), as on the other paths.
+PLDR_SIMD_INLINE f32x16 max(f32x16 a, f32x16 b) { return {_mm256_max_ps(a.lo, b.lo), _mm256_max_ps(a.hi, b.hi)}; }
+
+// All ones in the lanes i < count of eight (count may be negative or above 8).
+PLDR_SIMD_INLINE __m256i first_lanes8(int64_t count) {
+  const int32_t c = static_cast<int32_t>(std::clamp<int64_t>(count, 0, 8));
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(c), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+// The first `count` lanes (all 16 when count >= 16); the others are `fill` and are not read.
+PLDR_SIMD_INLINE f32x16 load_partial(const float* p, int64_t count, float fill = 0.0f) {
+  if (count >= kLanes) return load(p);
+  const __m256i m_lo = first_lanes8(count), m_hi = first_lanes8(count - 8);
+  const __m256 f = _mm256_set1_ps(fill);
+  return {_mm256_blendv_ps(f, _mm256_maskload_ps(p, m_lo), _mm256_castsi256_ps(m_lo)),
+          _mm256_blendv_ps(f, _mm256_maskload_ps(p + 8, m_hi), _mm256_castsi256_ps(m_hi))};
+}
+// Writes only the first `count` lanes.
+PLDR_SIMD_INLINE void store_partial(float* p, f32x16 v, int64_t count) {
+  if (count >= kLanes) return store(p, v);
+  _mm256_maskstore_ps(p, first_lanes8(count), v.lo);
+  _mm256_maskstore_ps(p + 8, first_lanes8(count - 8), v.hi);
+}
+
+// Halving trees: lane i meets lane i + width, width 8, 4, 2, 1 (the order the AVX-512 path adds).
+PLDR_SIMD_INLINE float reduce_add(f32x16 v) {
+  const __m256 a = _mm256_add_ps(v.lo, v.hi);
+  const __m128 b = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  const __m128 c = _mm_add_ps(b, _mm_movehl_ps(b, b));                    // b0+b2, b1+b3
+  return _mm_cvtss_f32(_mm_add_ss(c, _mm_shuffle_ps(c, c, 1)));
+}
+PLDR_SIMD_INLINE float reduce_max(f32x16 v) {
+  const __m256 a = _mm256_max_ps(v.lo, v.hi);
+  const __m128 b = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  const __m128 c = _mm_max_ps(b, _mm_movehl_ps(b, b));
+  return _mm_cvtss_f32(_mm_max_ss(c, _mm_shuffle_ps(c, c, 1)));
+}
+
+// 16 consecutive fp32 / bf16 / fp16 elements as fp32 (exact for all three).
+template <typename T>
+PLDR_SIMD_INLINE f32x16 load_as_f32(const T* p) {
+  if constexpr (std::is_same_v<T, float>) {
+    return load(p);
+  } else if constexpr (std::is_same_v<T, c10::BFloat16>) {  // bf16 = the top half of an fp32
+    const __m128i* h = reinterpret_cast<const __m128i*>(p);
+    return {_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(h)), 16)),
+            _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(h + 1)), 16))};
+  } else {
+    static_assert(std::is_same_v<T, c10::Half>, "load_as_f32: fp32, bf16 or fp16");
+    const __m128i* h = reinterpret_cast<const __m128i*>(p);
+    return {_mm256_cvtph_ps(_mm_loadu_si128(h)), _mm256_cvtph_ps(_mm_loadu_si128(h + 1))};
+  }
+}
+
+// The portable fallback's exp / exp2 with hardware FMA (docs there), on each half.
+namespace half8 {
+PLDR_SIMD_INLINE __m256 round_to_nearest(__m256 x) {  // (x + 1.5·2^23) − 1.5·2^23, |x| < 2^22
+  const __m256 magic = _mm256_set1_ps(12582912.0f);
+  return _mm256_sub_ps(_mm256_add_ps(x, magic), magic);
+}
+PLDR_SIMD_INLINE __m256 pow2_of_int(__m256i e) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(e, _mm256_set1_epi32(127)), 23));
+}
+PLDR_SIMD_INLINE __m256 times_pow2(__m256 p, __m256 n) {
+  const __m256i whole = _mm256_cvttps_epi32(n);
+  const __m256i first = _mm256_srai_epi32(_mm256_add_epi32(whole, _mm256_srli_epi32(whole, 31)), 1);
+  return _mm256_mul_ps(_mm256_mul_ps(p, pow2_of_int(first)),
+                       pow2_of_int(_mm256_sub_epi32(whole, first)));
+}
+template <int N>
+PLDR_SIMD_INLINE __m256 polynomial(__m256 x, const float (&c)[N]) {
+  __m256 p = _mm256_set1_ps(c[0]);
+  PLDR_UNROLL
+  for (int i = 1; i < N; ++i) p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(c[i]));
+  return p;
+}
+PLDR_SIMD_INLINE __m256 exp(__m256 x) {
+  x = _mm256_max_ps(_mm256_set1_ps(-104.0f), x);  // NaN passes through both clamps
+  x = _mm256_min_ps(_mm256_set1_ps(89.0f), x);
+  const __m256 n = round_to_nearest(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)));
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  const __m256 p = polynomial(r, kCephesExp);
+  return times_pow2(_mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f))), n);
+}
+PLDR_SIMD_INLINE __m256 exp2(__m256 x) {
+  const __m256 underflow = _mm256_cmp_ps(x, _mm256_set1_ps(-126.0f), _CMP_LT_OQ);
+  x = _mm256_blendv_ps(x, _mm256_set1_ps(-126.0f), underflow);
+  const __m256 big = _mm256_and_ps(_mm256_cmp_ps(x, _mm256_set1_ps(128.0f), _CMP_GT_OQ),
+                                   _mm256_cmp_ps(x, _mm256_set1_ps(std::numeric_limits<float>::infinity()), _CMP_LT_OQ));
+  x = _mm256_blendv_ps(x, _mm256_set1_ps(128.0f), big);
+  const __m256 n = round_to_nearest(x);
+  // n is in [−126, 128] here, so 2^n is one power of two built from its bits (2^128's are +inf's,
+  // the product's value there anyway) and p·2^n is times_pow2's result with one multiply.
+  const __m256 p = polynomial(_mm256_sub_ps(x, n), kTaylorExp2);
+  return _mm256_andnot_ps(underflow, _mm256_mul_ps(p, pow2_of_int(_mm256_cvttps_epi32(n))));
+}
+}  // namespace half8
+
+PLDR_SIMD_INLINE f32x16 exp(f32x16 x) { return {half8::exp(x.lo), half8::exp(x.hi)}; }
+PLDR_SIMD_INLINE f32x16 exp2(f32x16 x) { return {half8::exp2(x.lo), half8::exp2(x.hi)}; }
+
+PLDR_SIMD_END_INTRINSICS
 #else  // portable fallback
 
 // Everything here is force-inlined, so the ABI note about 64-byte vector arguments is moot.
@@ -236,10 +371,9 @@ PLDR_SIMD_INLINE f32x16 load_as_f32(const T* p) {
     return v;
   }
 }
-#if defined(__FMA__) || defined(PLDR_TARGET_AVX2)
+#if defined(__FMA__)
 // With hardware FMA: the AVX-512 path's exp / exp2, lane-wise (GCC contracts each a·b + c below
-// into one FMA, as the intrinsics do). 16 libm calls per vector made the AVX2 path's softmax
-// slower than all of its GEMMs.
+// into one FMA, as the intrinsics do); 16 libm calls per vector would be slower than the GEMMs.
 typedef int32_t i32x16 __attribute__((vector_size(64)));
 
 // Nearest integer, ties to even, for |x| < 2^22 (every x here after the clamps): adding and
