@@ -295,20 +295,20 @@ inline void reduce_lanes(const float* lanes, int64_t n, float* out) {
 // out[i][n] += Σ_k L[i·l_rs + k·l_ks] · Rd[k·d + n], everything fp64 [d][d]; d a multiple of 32.
 inline void product_f64_accumulate(const double* L, int64_t l_rs, int64_t l_ks, const double* Rd,
                                    int64_t d, double* out) {
-  constexpr int kRows = 4, kVecs = 4;
+  constexpr int kRows = 4, kVecs = kF64TileVecs;
   for (int64_t i0 = 0; i0 < d; i0 += kRows) {
     for (int64_t n0 = 0; n0 < d; n0 += kVecs * kF64Lanes) {
-      f64x8 acc[kRows][kVecs];
+      f64vec acc[kRows][kVecs];
       PLDR_UNROLL
       for (int r = 0; r < kRows; ++r)
         PLDR_UNROLL
         for (int v = 0; v < kVecs; ++v)
-          __builtin_memcpy(&acc[r][v], out + (i0 + r) * d + n0 + v * kF64Lanes, sizeof(f64x8));
+          __builtin_memcpy(&acc[r][v], out + (i0 + r) * d + n0 + v * kF64Lanes, sizeof(f64vec));
       for (int64_t k = 0; k < d; ++k) {
-        f64x8 rv[kVecs];
+        f64vec rv[kVecs];
         PLDR_UNROLL
         for (int v = 0; v < kVecs; ++v)
-          __builtin_memcpy(&rv[v], Rd + k * d + n0 + v * kF64Lanes, sizeof(f64x8));
+          __builtin_memcpy(&rv[v], Rd + k * d + n0 + v * kF64Lanes, sizeof(f64vec));
         PLDR_UNROLL
         for (int r = 0; r < kRows; ++r) {
           const double l = L[(i0 + r) * l_rs + k * l_ks];
@@ -320,7 +320,7 @@ inline void product_f64_accumulate(const double* L, int64_t l_rs, int64_t l_ks, 
       for (int r = 0; r < kRows; ++r)
         PLDR_UNROLL
         for (int v = 0; v < kVecs; ++v)
-          __builtin_memcpy(out + (i0 + r) * d + n0 + v * kF64Lanes, &acc[r][v], sizeof(f64x8));
+          __builtin_memcpy(out + (i0 + r) * d + n0 + v * kF64Lanes, &acc[r][v], sizeof(f64vec));
     }
   }
 }

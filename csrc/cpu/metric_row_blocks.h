@@ -66,18 +66,20 @@ PLDR_SIMD_INLINE void tile_product(int64_t K, const float* A, int64_t a_rs, int6
   }
 }
 
-// Register tiles: kTileRows rows of a broadcast operand times kTileVecs vectors, half the rows
-// when two products share the tile (W1 and W2 of a SwiGLU). AVX-512: 4 vectors (64 columns),
-// 24 accumulators of its 32 registers. Elsewhere one vector, 6 accumulators: an f32x16 is two of
-// AVX2's 16 ymm registers (four of SSE's xmm), and a wider tile would live on the stack. The
-// tiling decides only which elements are computed together, never an element's arithmetic.
+// Register tiles: kTileRows rows of a broadcast operand times kTileVecs vectors; kGluTileRows
+// rows when two products share the tile (W1 and W2 of a SwiGLU). AVX-512: 4 vectors (64
+// columns), 24 accumulators of its 32 registers. Elsewhere one vector, 12 ymm accumulators of
+// AVX2's 16 (an f32x16 is two ymm; four xmm on SSE), 8 in a SwiGLU tile: wider tiles spill to
+// the stack. The tiling decides only which elements are computed together, never an element's
+// arithmetic.
 #ifdef PLDR_SIMD_AVX512
 constexpr int kTileVecs = 4;
+constexpr int kGluTileRows = 3;
 #else
 constexpr int kTileVecs = 1;
+constexpr int kGluTileRows = 2;
 #endif
 constexpr int kTileRows = 6;
-constexpr int kGluTileRows = kTileRows / 2;
 
 // Calls fn(v0, std::integral_constant<int, NV>) over column chunks of kTileVecs vectors covering
 // [0, nvec), the last chunk narrower when nvec is not a multiple of kTileVecs.
@@ -219,26 +221,37 @@ inline void swiglu_block(const float* Xt, float* Ut, float* Yt, int64_t d, int64
 // Phase 2 (per head): Z = W·A + b, A_LM = Z·silu(Z) + eps_adj, A_P = A_LM^pw, G = a·A_P + ba.
 // ---------------------------------------------------------------------------------------------
 
-typedef double f64x8 __attribute__((vector_size(64)));
+// The fp64 vector of the products below: one zmm on AVX-512; elsewhere 32 bytes (one ymm on
+// AVX2), since GCC keeps a 64-byte vector in memory on a target without 64-byte registers.
+// kF64TileVecs of them per row of a register tile (4 rows): 16 accumulators of AVX-512's 32
+// registers, 8 of AVX2's 16.
+#ifdef PLDR_SIMD_AVX512
+typedef double f64vec __attribute__((vector_size(64)));
 constexpr int kF64Lanes = 8;
+constexpr int kF64TileVecs = 4;
+#else
+typedef double f64vec __attribute__((vector_size(32)));
+constexpr int kF64Lanes = 4;
+constexpr int kF64TileVecs = 2;
+#endif
 
 // out[i][n] = fp32(Σ_k L[i][k]·Rd[k][n] + bias[i][n]) with the sum in fp64: the product of two
 // fp32 values is exact in fp64, so only the final rounding to fp32 remains. This is the one
 // place where the kernel goes beyond fp32: Z = W·A + b cancels to nearly 0 in some entries, where
 // A_LM ≈ Z²/2 and a negative pw turn the absolute fp32 error of Z into the largest errors of G
 // (docs/spec.md §5.1); it costs ~2·d³ multiply-adds per head, nothing next to the MLPs.
-// Register tile: 4 rows × 32 columns; d is a multiple of 32.
+// Register tile: 4 rows × kF64TileVecs vectors; d is a multiple of 32.
 inline void product_f64(const float* L, const double* Rd, const float* bias, int64_t d,
                         float* out) {
-  constexpr int kRows = 4, kVecs = 4;
+  constexpr int kRows = 4, kVecs = kF64TileVecs;
   for (int64_t i0 = 0; i0 < d; i0 += kRows) {
     for (int64_t n0 = 0; n0 < d; n0 += kVecs * kF64Lanes) {
-      f64x8 acc[kRows][kVecs] = {};
+      f64vec acc[kRows][kVecs] = {};
       for (int64_t k = 0; k < d; ++k) {
-        f64x8 rv[kVecs];
+        f64vec rv[kVecs];
         PLDR_UNROLL
         for (int v = 0; v < kVecs; ++v)
-          __builtin_memcpy(&rv[v], Rd + k * d + n0 + v * kF64Lanes, sizeof(f64x8));
+          __builtin_memcpy(&rv[v], Rd + k * d + n0 + v * kF64Lanes, sizeof(f64vec));
         PLDR_UNROLL
         for (int r = 0; r < kRows; ++r) {
           const double l = L[(i0 + r) * d + k];
