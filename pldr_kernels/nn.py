@@ -637,6 +637,36 @@ class PowerLawGraphAttention(GCachedAttention, MetricLearner):
         return cache.G
 
 
+class _SiluTimes(torch.autograd.Function):
+    """``silu(gate) · up`` that keeps only its inputs for the backward, which recomputes
+    silu(gate) (one elementwise pass) instead of holding it: one [tokens, intermediate] tensor less
+    per FFN in a training step (47 MiB of a 110M model's step at S = 1024). The backward is
+    autograd's for ``F.silu(gate) * up`` operation for operation, so the gradients are bitwise
+    the same."""
+
+    @staticmethod
+    def forward(ctx, gate: Tensor, up: Tensor) -> Tensor:
+        ctx.save_for_backward(gate, up)
+        return F.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        gate, up = ctx.saved_tensors
+        grad_gate = grad_up = None
+        if ctx.needs_input_grad[0]:
+            grad_gate = torch.ops.aten.silu_backward(grad * up, gate)
+        if ctx.needs_input_grad[1]:
+            grad_up = grad * F.silu(gate)
+        return grad_gate, grad_up
+
+
+def silu_times(gate: Tensor, up: Tensor) -> Tensor:
+    """``F.silu(gate) * up``; under autograd without keeping silu(gate) (:class:`_SiluTimes`)."""
+    if torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
+        return _SiluTimes.apply(gate, up)
+    return F.silu(gate) * up
+
+
 class SwiGLU(GLUVariant, PackedModule):
     """The authors' ``GLUVariant`` (``gluw3(silu(gluw1(x)) * gluw2(x))``) with gluw1/gluw2 fused
     into one GEMM at inference."""
@@ -658,7 +688,7 @@ class SwiGLU(GLUVariant, PackedModule):
         bias = self.packs["b12"].get() if "b12" in self.packs else None
         h = linear(x, w12, bias)
         gate, up = h.chunk(2, dim=-1)
-        return apply_linear(self.gluw3, F.silu(gate) * up)
+        return apply_linear(self.gluw3, silu_times(gate, up))
 
     def forward_small_rows_or_int8(self, x: Tensor, w12: Tensor,
                                    small_rows: bool | None = None) -> Tensor:

@@ -297,6 +297,31 @@ def test_fused_lm_head_keeps_no_vocabulary_sized_gradient(monkeypatch):
     assert max(sizes) <= N * V // 4, max(sizes)
 
 
+def test_swiglu_product_recomputes_silu_with_autograds_bitwise_gradients():
+    """nn.silu_times (the FFN's silu(gate)·up in training) keeps gate and up only, not silu(gate),
+    and its gradients are autograd's of F.silu(gate) * up bit for bit."""
+    h = torch.randn(97, 2 * 40, dtype=torch.float64).float().requires_grad_()
+    weight = torch.randn(97, 40)
+
+    def run(product):
+        saved = []
+
+        def pack(t):
+            saved.append(t.numel())
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            gate, up = h.chunk(2, dim=-1)
+            out = product(gate, up)
+        grad, = torch.autograd.grad((out * weight).sum(), h)
+        return out, grad, sum(saved)
+    out, grad, saved = run(pnn.silu_times)
+    want_out, want_grad, want_saved = run(lambda g, u: torch.nn.functional.silu(g) * u)
+    assert torch.equal(out, want_out) and torch.equal(grad, want_grad)
+    assert saved == want_saved - 97 * 40, (saved, want_saved)
+    with torch.no_grad():
+        assert torch.equal(pnn.silu_times(*h.chunk(2, dim=-1)), want_out)
+
+
 def test_linear_backward_through_onednn_matches_fp64_autograd():
     """layers.linear in a CPU fp32 training step: the forward bitwise F.linear, dX, dW, db by
     the peer rule against fp64 autograd, the backward's GEMMs through oneDNN."""
