@@ -3,9 +3,9 @@
 // which the compiler lowers to whatever SIMD the target has (the portable copy). The AVX-512 copy,
 // the AVX2 copy and the portable one of each kernel file (cpu/isa.h) take the first, second and
 // third. All three use a fused multiply-add where the code asks for one (the fallback only where
-// the target has FMA), so one build gives the same bits run after run, and the AVX2 form gives the
-// fallback's bits. This is the only place that chooses between them; kernels that need intrinsics
-// beyond it (a 16x16 transpose) test PLDR_SIMD_AVX512 / PLDR_SIMD_AVX2.
+// the target has FMA), so one build gives the same bits run after run on one path. This is the
+// only place that chooses between them; kernels that need intrinsics beyond it (the in-register
+// transposes) test PLDR_SIMD_AVX512 / PLDR_SIMD_AVX2.
 #pragma once
 
 #include <c10/util/BFloat16.h>
@@ -170,8 +170,10 @@ PLDR_SIMD_BEGIN_INTRINSICS
 // Sixteen lanes as two ymm registers: lanes 0-7 in lo, 8-15 in hi. A 64-byte generic vector
 // would do the same arithmetic, but GCC 12 keeps it in memory on a 32-byte target (every
 // operation a store and reload of both halves: the AVX2 copy of the attention kernel ran slower
-// than the portable one). Each operation below is the portable fallback's, lane for lane, in the
-// same order (reductions, clamps, NaN rules), so the two give the same bits.
+// than the portable one). Each operation below is the fallback's with FMA, lane for lane, in the
+// same order (reductions, clamps, NaN rules); against GCC's lowering of the generic vectors for
+// this target the results differed only in the last bit of a few decode and backward outputs
+// (where GCC had contracted a multiply and an add differently), and in no prefill output.
 struct f32x16 {
   __m256 lo, hi;
 };
