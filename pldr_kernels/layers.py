@@ -112,9 +112,10 @@ def positions_from_mask(attention_mask: Tensor | None, B: int, S: int,
 # --------------------------------------------------------------------------------------------
 # torch's CPU ``mm`` is MKL's sgemm, which on AMD CPUs takes a code path measured at ~95 GFLOP/s
 # on 2 Zen 5 cores for the 110M model's shapes, where oneDNN's fp32 matmul (an exact fp32 GEMM,
-# JIT-compiled for the CPU it runs on) measured ~205. A linear layer's backward holds two of its
-# three GEMMs (dX = dY·W, dW = dYᵀ·X), so they run through oneDNN; the forward stays ``F.linear``,
-# so a training forward is bitwise the inference forward (docs/design.md §3.4.2).
+# JIT-compiled for the CPU it runs on) measured ~205; the forward of a linear layer measured
+# 2.1-2.4x faster through oneDNN for every shape of the tiny and the 110M model. So PLDRForCausalLM's
+# CPU fp32 linears run forward and backward through oneDNN, at inference and in training alike
+# (a training forward is bitwise the inference forward; docs/design.md §3.4.2).
 
 
 def _onednn_matmul_available() -> bool:
@@ -137,6 +138,21 @@ def _mm_t(a: Tensor, b_t: Tensor) -> Tensor:
     return a.mm(b_t.t())
 
 
+def _weight_grad(grad: Tensor, x: Tensor) -> Tensor:
+    """``gradᵀ · x`` for ``grad [N, out]``, ``x [N, in]`` (a linear layer's weight gradient,
+    ``[out, in]``) through oneDNN. oneDNN reads its first operand contiguous, so one of the two
+    must be transposed into a copy (torch's transposed copy is single-threaded: 4 ms for 16 MB
+    here): either ``gradᵀ`` (``N·out`` elements), or ``xᵀ`` to form ``xᵀ·grad`` and transpose
+    that ``[in, out]`` result back (``N·in + in·out``) — whichever copies less. Measured on
+    2 Zen 5 cores: the tiny model's LM head (N 2048, out 2000, in 128) 7.3 → 3.4 ms; the 110M
+    model's FFN (N 1024, out 4864, in 896) stays on ``gradᵀ`` (34.7 vs 36.9 ms)."""
+    N, out = grad.shape
+    inner = x.shape[1]
+    if N * inner + inner * out < N * out:
+        return _onednn_mm(x.t(), grad.t()).t().contiguous()
+    return _onednn_mm(grad.t(), x.t())
+
+
 class _LinearOneDNNBackward(torch.autograd.Function):
     """``F.linear(x, weight, bias)`` whose backward runs dX and dW through oneDNN."""
 
@@ -144,7 +160,7 @@ class _LinearOneDNNBackward(torch.autograd.Function):
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
-        return F.linear(x, weight, bias)
+        return dense_linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
@@ -154,25 +170,43 @@ class _LinearOneDNNBackward(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             dx = _onednn_mm(grad2, weight.t()).view(x.shape)
         if ctx.needs_input_grad[1]:
-            dw = _onednn_mm(grad2.t(), x.reshape(-1, x.shape[-1]).t())
+            dw = _weight_grad(grad2, x.reshape(-1, x.shape[-1]))
         if ctx.has_bias and ctx.needs_input_grad[2]:
             db = grad2.sum(0)
         return dx, dw, db
 
 
-def _onednn_backward_applies(x: Tensor, weight: Tensor) -> bool:
-    return (ONEDNN_MATMUL and torch.is_grad_enabled() and x.device.type == "cpu"
-            and (x.requires_grad or weight.requires_grad)
+def _onednn_linear_applies(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
+    """CPU fp32 operands (x of at least 2 dims) outside autocast, and oneDNN's matmul there; not
+    while torch.compile traces (inductor lowers ``mkldnn._linear_pointwise`` only for frozen,
+    constant weights, and picks its own GEMMs for ``F.linear``)."""
+    return (ONEDNN_MATMUL and x.device.type == "cpu" and x.dim() >= 2
+            and not torch.compiler.is_compiling()
             and x.dtype == weight.dtype == torch.float32
+            and (bias is None or bias.dtype == torch.float32)
             and not torch.is_autocast_enabled("cpu"))
 
 
-def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """``F.linear``; in a CPU fp32 training step (autograd on, a gradient wanted, no autocast),
-    with the backward's GEMMs through oneDNN."""
-    if _onednn_backward_applies(x, weight):
-        return _LinearOneDNNBackward.apply(x, weight, bias)
+def _onednn_backward_applies(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
+    return (_onednn_linear_applies(x, weight, bias) and torch.is_grad_enabled()
+            and (x.requires_grad or weight.requires_grad
+                 or (bias is not None and bias.requires_grad)))
+
+
+def dense_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``F.linear(x, weight, bias)`` without autograd of its own: CPU fp32 through oneDNN (see
+    above), else torch's."""
+    if _onednn_linear_applies(x, weight, bias):
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     return F.linear(x, weight, bias)
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``F.linear``: CPU fp32 through oneDNN forward and, in a training step (autograd on, a
+    gradient wanted), backward; elsewhere torch's."""
+    if _onednn_backward_applies(x, weight, bias):
+        return _LinearOneDNNBackward.apply(x, weight, bias)
+    return dense_linear(x, weight, bias)
 
 
 def is_plain_linear(module: nn.Module) -> bool:
@@ -186,9 +220,13 @@ def is_plain_linear(module: nn.Module) -> bool:
 
 
 def apply_linear(module: nn.Module, x: Tensor) -> Tensor:
-    """``module(x)``, through :func:`linear` when :func:`is_plain_linear` says it may be."""
-    if is_plain_linear(module) and _onednn_backward_applies(x, module.weight):
-        return _LinearOneDNNBackward.apply(x, module.weight, module.bias)
+    """``module(x)``, through :func:`linear` when :func:`is_plain_linear` says it may be (a
+    SmallRowsLinear at inference keeps its own forward: a few rows take pldr::linear_small)."""
+    if is_plain_linear(module):
+        if _onednn_backward_applies(x, module.weight, module.bias):
+            return _LinearOneDNNBackward.apply(x, module.weight, module.bias)
+        if type(module) is nn.Linear:
+            return dense_linear(x, module.weight, module.bias)
     return module(x)
 
 
@@ -240,7 +278,8 @@ def lm_head_causal_lm_loss(hidden: Tensor, head: nn.Linear, labels: Tensor
                            ) -> tuple[Tensor, Tensor]:
     """``(logits [B, S, V], loss)`` of the LM head ``head`` on ``hidden [B, S, D]`` and the
     causal-LM loss of :func:`causal_lm_loss`, by :class:`LMHeadCrossEntropy`: the logits are
-    bitwise ``head(hidden)``, the backward never holds a ``[B·S, V]`` gradient."""
+    bitwise ``apply_linear(head, hidden)`` at inference, the backward never holds a ``[B·S, V]``
+    gradient."""
     B, S, D = hidden.shape
     targets = next_token_targets(labels, (B, S))
     loss, logits = LMHeadCrossEntropy.apply(hidden.reshape(B * S, D), head.weight, head.bias,
@@ -263,8 +302,8 @@ class LMHeadCrossEntropy(torch.autograd.Function):
     """LM head and mean cross entropy in one function: ``hidden [N, D]``, ``weight [V, D]``,
     ``bias [V]`` (or None), ``targets [N]`` (-100 left out) → ``(loss, logits [N, V])``.
 
-    Forward: the logits by ``F.linear`` (the bits of the unfused head; they are the model's
-    output) and their log-sum-exp. Saved: hidden, weight, the logits, the lse.
+    Forward: the logits by :func:`dense_linear` (the bits of the unfused head at inference; they
+    are the model's output) and their log-sum-exp. Saved: hidden, weight, the logits, the lse.
     Backward, Liger-Kernel's idea on the CPU: by chunks of the vocabulary (``Vc`` columns,
     ``N·Vc ≈ 4M`` elements: :func:`vocab_chunk`), the chunk of
     ``d logits = (softmax − one_hot)·grad/n`` (+ the incoming gradient of the logits, when the
@@ -274,7 +313,7 @@ class LMHeadCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor):
-        logits = F.linear(hidden, weight, bias)
+        logits = dense_linear(hidden, weight, bias)
         kept = targets != IGNORE_INDEX
         safe = targets.masked_fill(~kept, 0)
         lse = torch.logsumexp(logits, dim=-1)  # by blocks of rows measured 3x slower
@@ -309,7 +348,8 @@ class LMHeadCrossEntropy(torch.autograd.Function):
             if grad_logits is not None:
                 g.add_(grad_logits[:, c0:c1])
             if want_weight:
-                d_weight[c0:c1] = _mm_t(g.t(), hidden.t())
+                d_weight[c0:c1] = (_weight_grad(g, hidden) if ONEDNN_MATMUL
+                                   else g.t().mm(hidden))
             if want_bias:
                 d_bias[c0:c1] = g.sum(0)
             if want_hidden:

@@ -64,8 +64,9 @@ def takes_small_rows(x: Tensor, weight: Tensor) -> bool:
     """Whether ``x·weightᵀ`` runs on ``pldr::linear_small``: a CPU tensor of at most
     :data:`SMALL_ROWS` rows and, when it has a sequence dim (``[B, S, K]``), one position per row
     (the decode step, the prefill's last-position LM head), fp32/bf16, nothing to differentiate,
-    outside autocast. Otherwise torch's ``F.linear`` (prefill, training, CUDA tensors): a short
-    prompt keeps torch's bits, which the ill-conditioned G path would amplify (design §4.3)."""
+    outside autocast. Otherwise :func:`~pldr_kernels.layers.linear` (prefill, training, CUDA
+    tensors): a short prompt takes the GEMM of a long one (other kernels, other bits, which the
+    ill-conditioned G path would amplify: design §4.3)."""
     return (x.device.type == "cpu" and ops._LOAD_ERROR is None and x.dim() >= 1
             and x.shape[-1] > 0 and x.numel() <= SMALL_ROWS * x.shape[-1]
             and (x.dim() < 3 or x.shape[-2] == 1)
@@ -83,7 +84,7 @@ def linear_rows(x: Tensor, weight: Tensor, bias: Tensor | None,
                 scale: Tensor | None = None) -> Tensor:
     """``F.linear(x, weight, bias)`` (weight fp/bf16, or int8 with its per-row ``scale``): on
     ``pldr::linear_small`` for a few CPU rows (:func:`takes_small_rows`), else
-    :func:`~pldr_kernels.layers.linear` (torch's, with the training step's oneDNN backward) — an
+    :func:`~pldr_kernels.layers.linear` (oneDNN for CPU fp32, else torch's) — an
     int8 weight dequantised to x's dtype for it."""
     if takes_small_rows(x, weight):
         return ops.linear_small(x, weight, bias, scale)

@@ -408,8 +408,11 @@ class Trainer:
                     fully_shard(layer)
                 self.wrapped = fully_shard(self.model)
         params = [p for p in self.model.parameters() if p.requires_grad]
+        # fused: one kernel for every parameter (torch's default on CPU is a loop of ~10 ops
+        # per parameter: ~5 ms of the tiny model's ~70 ms step on 2 Zen 5 cores).
         self.optimizer = torch.optim.AdamW(params, lr=self.args.lr, betas=ADAM_BETAS,
-                                           eps=ADAM_EPS, weight_decay=WEIGHT_DECAY)
+                                           eps=ADAM_EPS, weight_decay=WEIGHT_DECAY,
+                                           fused=self.device.type in ("cpu", "cuda"))
         warmup, total = self.settings["warmup_steps"], self.args.steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: lr_factor(step, warmup, total))

@@ -253,7 +253,8 @@ def test_fused_lm_head_cross_entropy_matches_fp64_autograd(monkeypatch, extra_lo
     x = hidden.clone().requires_grad_()
     assert layers.lm_head_applies_fused(head, x)
     logits, loss = layers.lm_head_causal_lm_loss(x, head, labels)
-    assert torch.equal(logits.detach(), head(hidden).detach())
+    with torch.no_grad():
+        assert torch.equal(logits.detach(), layers.apply_linear(head, hidden))
     total = loss if logits_weight is None else loss + (logits * logits_weight).sum()
     got = (loss.detach(), *torch.autograd.grad(total, [x, head.weight, head.bias]))
     assert calls == [50]
@@ -322,15 +323,18 @@ def test_swiglu_product_recomputes_silu_with_autograds_bitwise_gradients():
         assert torch.equal(pnn.silu_times(*h.chunk(2, dim=-1)), want_out)
 
 
-def test_linear_backward_through_onednn_matches_fp64_autograd():
-    """layers.linear in a CPU fp32 training step: the forward bitwise F.linear, dX, dW, db by
-    the peer rule against fp64 autograd, the backward's GEMMs through oneDNN."""
+@pytest.mark.parametrize("in_features", [33, 3])
+def test_linear_backward_through_onednn_matches_fp64_autograd(in_features):
+    """layers.linear in a CPU fp32 training step: the forward bitwise the inference forward,
+    out, dX, dW, db by the peer rule against fp64 autograd, every GEMM through oneDNN; dW in
+    both of its forms (gradᵀ·x for 40 × 33, (xᵀ·grad)ᵀ for 40 × 3: layers._weight_grad)."""
     from pldr_kernels import layers
 
     if not layers.ONEDNN_MATMUL:
         pytest.skip("this torch has no oneDNN matmul (torch.backends.mkldnn)")
     gen = torch.Generator().manual_seed(82)
-    x, w, b = (torch.randn(s, generator=gen) for s in ((2, 5, 33), (40, 33), (40,)))
+    x, w, b = (torch.randn(s, generator=gen)
+               for s in ((2, 5, in_features), (40, in_features), (40,)))
     dy = torch.randn(2, 5, 40, generator=gen)
 
     def grads(dtype, fn):
@@ -349,7 +353,8 @@ def test_linear_backward_through_onednn_matches_fp64_autograd():
     assert "mkldnn::_linear_pointwise" in seen.names and "aten::mm" not in seen.names
     F = torch.nn.functional
     oracle, peer = grads(torch.float64, F.linear), grads(torch.float32, F.linear)
-    assert torch.equal(got[0], peer[0])
+    with torch.no_grad():
+        assert torch.equal(got[0], layers.linear(x, w, b))
     Verdict.combine("linear", [compare(g, o, p, name=n, floor=FP32_REL_TOL * o.abs().max().item())
                                for n, g, o, p in zip(("out", "dx", "dw", "db"), got, oracle,
                                                      peer)]).assert_ok()
