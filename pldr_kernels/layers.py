@@ -113,9 +113,9 @@ def positions_from_mask(attention_mask: Tensor | None, B: int, S: int,
 # torch's CPU ``mm`` is MKL's sgemm, which on AMD CPUs takes a code path measured at ~95 GFLOP/s
 # on 2 Zen 5 cores for the 110M model's shapes, where oneDNN's fp32 matmul (an exact fp32 GEMM,
 # JIT-compiled for the CPU it runs on) measured ~205; the forward of a linear layer measured
-# 2.1-2.4x faster through oneDNN for every shape of the tiny and the 110M model. So PLDRForCausalLM's
-# CPU fp32 linears run forward and backward through oneDNN, at inference and in training alike
-# (a training forward is bitwise the inference forward; docs/design.md §3.4.2).
+# 2.1-2.4x faster through oneDNN for every shape of the tiny and the 110M model. So the CPU fp32
+# linears of PLDRForCausalLM run forward and backward through oneDNN, at inference and in
+# training alike (a training forward is bitwise the inference forward; docs/design.md §3.4.2).
 
 
 def _onednn_matmul_available() -> bool:
