@@ -298,12 +298,31 @@ def vocab_chunk(rows: int, vocab: int) -> int:
     return min(vocab, max(MIN_GRAD_CHUNK, GRAD_CHUNK_ELEMENTS // max(rows, 1)))
 
 
+def _log_sum_exp_and_nll(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+    """``(logsumexp(logits) [N], −log_softmax(logits)[targets] [N])`` for ``logits [N, V]`` and
+    in-range ``targets [N]``, by blocks of ~4M elements of rows: ``F.log_softmax`` of a block
+    (one vectorised kernel; ``torch.logsumexp`` takes four passes and measured 3.5× slower for
+    1024 × 32000 on 2 Zen 5 cores), its target entries, and the log-sum-exp as ``max(x) −
+    max(log_softmax(x))`` — the largest entry of a row of log_softmax is ``−log Σ exp(x − max)``,
+    small, so its rounding is that of torch.logsumexp's sum."""
+    N, V = logits.shape
+    lse = torch.empty(N, dtype=logits.dtype, device=logits.device)
+    nll = torch.empty_like(lse)
+    rows = max(1, GRAD_CHUNK_ELEMENTS // max(V, 1))
+    for r0 in range(0, N, rows):
+        x = logits[r0:r0 + rows]
+        log_p = F.log_softmax(x, dim=-1)
+        torch.sub(x.amax(dim=-1), log_p.amax(dim=-1), out=lse[r0:r0 + rows])
+        torch.neg(log_p.gather(1, targets[r0:r0 + rows, None])[:, 0], out=nll[r0:r0 + rows])
+    return lse, nll
+
+
 class LMHeadCrossEntropy(torch.autograd.Function):
     """LM head and mean cross entropy in one function: ``hidden [N, D]``, ``weight [V, D]``,
     ``bias [V]`` (or None), ``targets [N]`` (-100 left out) → ``(loss, logits [N, V])``.
 
     Forward: the logits by :func:`dense_linear` (the bits of the unfused head at inference; they
-    are the model's output) and their log-sum-exp. Saved: hidden, weight, the logits, the lse.
+    are the model's output), their log-sum-exp and the loss (:func:`_log_sum_exp_and_nll`). Saved: hidden, weight, the logits, the lse.
     Backward, Liger-Kernel's idea on the CPU: by chunks of the vocabulary (``Vc`` columns,
     ``N·Vc ≈ 4M`` elements: :func:`vocab_chunk`), the chunk of
     ``d logits = (softmax − one_hot)·grad/n`` (+ the incoming gradient of the logits, when the
@@ -316,8 +335,8 @@ class LMHeadCrossEntropy(torch.autograd.Function):
         logits = dense_linear(hidden, weight, bias)
         kept = targets != IGNORE_INDEX
         safe = targets.masked_fill(~kept, 0)
-        lse = torch.logsumexp(logits, dim=-1)  # by blocks of rows measured 3x slower
-        nll = (lse - logits.gather(1, safe[:, None])[:, 0]).masked_fill(~kept, 0.0)
+        lse, nll = _log_sum_exp_and_nll(logits, safe)
+        nll.masked_fill_(~kept, 0.0)
         count = kept.sum()
         ctx.save_for_backward(hidden, weight, logits, safe, kept, lse, count)
         ctx.has_bias = bias is not None
@@ -339,8 +358,11 @@ class LMHeadCrossEntropy(torch.autograd.Function):
         d_bias = torch.empty(V, dtype=logits.dtype, device=logits.device) if want_bias else None
         for c0 in range(0, V, chunk):
             c1 = min(V, c0 + chunk)
-            g = logits[:, c0:c1] - lse[:, None]
-            g.exp_()
+            if c1 - c0 == V:  # one chunk: softmax in one pass (0.9 vs 1.6 ms for 2048 × 2000)
+                g = torch.softmax(logits, dim=-1)
+            else:
+                g = logits[:, c0:c1] - lse[:, None]
+                g.exp_()
             g.mul_(scale[:, None])
             here = (safe >= c0) & (safe < c1)
             g.scatter_add_(1, (safe - c0).clamp_(0, c1 - c0 - 1)[:, None],

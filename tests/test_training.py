@@ -229,17 +229,18 @@ def head_and_loss_oracle(hidden: Tensor, head: torch.nn.Linear, labels: Tensor,
     return (loss.detach(), *torch.autograd.grad(total, leaves))
 
 
+@pytest.mark.parametrize("chunk", [7, 50])
 @pytest.mark.parametrize("extra_logits_use", [False, True])
-def test_fused_lm_head_cross_entropy_matches_fp64_autograd(monkeypatch, extra_logits_use):
+def test_fused_lm_head_cross_entropy_matches_fp64_autograd(monkeypatch, extra_logits_use, chunk):
     """layers.LMHeadCrossEntropy (the model's head + loss in training): the logits bitwise those
     of the head, the loss and the gradients of hidden, W and b against fp64 autograd by the peer
     rule, with -100 rows, a row of the batch that is all padding, vocabulary chunks that do not
-    divide V (chunks of 7 columns of V = 50) and, parametrized, the logits also used elsewhere in
-    the loss."""
+    divide V (chunks of 7 columns of V = 50) or one chunk (the softmax in one pass) and,
+    parametrized, the logits also used elsewhere in the loss."""
     from pldr_kernels import layers
 
     calls = []
-    monkeypatch.setattr(layers, "vocab_chunk", lambda rows, vocab: calls.append(vocab) or 7)
+    monkeypatch.setattr(layers, "vocab_chunk", lambda rows, vocab: calls.append(vocab) or chunk)
     gen = torch.Generator().manual_seed(81)
     hidden = torch.randn(3, 9, 16, generator=gen)
     head = torch.nn.Linear(16, 50)
