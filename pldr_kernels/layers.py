@@ -322,7 +322,8 @@ class LMHeadCrossEntropy(torch.autograd.Function):
     ``bias [V]`` (or None), ``targets [N]`` (-100 left out) → ``(loss, logits [N, V])``.
 
     Forward: the logits by :func:`dense_linear` (the bits of the unfused head at inference; they
-    are the model's output), their log-sum-exp and the loss (:func:`_log_sum_exp_and_nll`). Saved: hidden, weight, the logits, the lse.
+    are the model's output), their log-sum-exp and the loss (:func:`_log_sum_exp_and_nll`).
+    Saved: hidden, weight, the logits, the lse.
     Backward, Liger-Kernel's idea on the CPU: by chunks of the vocabulary (``Vc`` columns,
     ``N·Vc ≈ 4M`` elements: :func:`vocab_chunk`), the chunk of
     ``d logits = (softmax − one_hot)·grad/n`` (+ the incoming gradient of the logits, when the
