@@ -127,7 +127,10 @@ ONEDNN_MATMUL = _onednn_matmul_available()
 
 
 def _onednn_mm(a: Tensor, b_t: Tensor) -> Tensor:
-    """``a [M, K] · b_tᵀ`` for ``b_t [N, K]`` (any strides), fp32 accumulation."""
+    """``a [M, K] · b_tᵀ`` for ``b_t [N, K]`` (any strides), fp32 accumulation; ``torch.mm``
+    while torch.compile traces (inductor lowers ``_linear_pointwise`` only for frozen weights)."""
+    if torch.compiler.is_compiling():
+        return a.mm(b_t.t())
     return torch.ops.mkldnn._linear_pointwise(a, b_t, None, "none", [], "")
 
 

@@ -585,6 +585,28 @@ def test_torch_compile_fullgraph_training_step_gives_the_eager_gradients():
     Verdict.combine("compiled training step", parts).assert_ok()
 
 
+def test_inductor_compiled_training_step_with_labels_runs_and_matches_eager():
+    """The same step through inductor (torch.compile's default backend), labels included: the
+    eager step's oneDNN GEMMs (layers.dense_linear, _onednn_mm) give way to torch's while tracing,
+    because inductor lowers ``mkldnn._linear_pointwise`` only for frozen weights (it raised a
+    LoweringException before). The loss by the fp32 rule; the gradients of the layers off the
+    metric learner's path, whose rounding the power stage does not amplify (§4.3), too."""
+    torch._dynamo.reset()
+    model = tiny_model(seed=74, num_hidden_layers=1, num_reslayerA=1, num_denseA=1,
+                       vocab_size=64).train()
+    ids = prompt(12, seed=75, vocab=64)
+    loss, eager = loss_and_grads(model, ids, labels=ids)
+    eager = {n: g.clone() for n, g in eager.items()}
+    compiled = torch.compile(model, fullgraph=True, dynamic=False)
+    c_loss, c_grads = loss_and_grads(compiled, ids, labels=ids)
+    compare(c_loss, loss.double(), name="inductor loss").assert_ok()
+    checked = [n for n in eager if n.startswith(("final_layer.", "decoder.dec_layers.0.ffn."))]
+    assert len(checked) >= 4, list(eager)
+    Verdict.combine("inductor training step", [
+        compare(c_grads[f"_orig_mod.{n}"], eager[n].double(), name=f"inductor grad {n}")
+        for n in checked]).assert_ok()
+
+
 # --------------------------------------------------------------------------------------------
 # torch.distributed: DDP and FSDP2 on 2 CPU processes (gloo) = 1 process with the global batch
 # --------------------------------------------------------------------------------------------
