@@ -126,19 +126,22 @@ def _onednn_matmul_available() -> bool:
 ONEDNN_MATMUL = _onednn_matmul_available()
 
 
-def _onednn_mm(a: Tensor, b_t: Tensor) -> Tensor:
-    """``a [M, K] · b_tᵀ`` for ``b_t [N, K]`` (any strides), fp32 accumulation; ``torch.mm``
-    while torch.compile traces (inductor lowers ``_linear_pointwise`` only for frozen weights)."""
-    if torch.compiler.is_compiling():
-        return a.mm(b_t.t())
-    return torch.ops.mkldnn._linear_pointwise(a, b_t, None, "none", [], "")
+def _onednn_serves(a: Tensor, b: Tensor) -> bool:
+    """oneDNN's matmul for these operands: CPU fp32, oneDNN there, outside autocast, and not
+    while torch.compile traces (inductor lowers ``mkldnn._linear_pointwise`` only for frozen,
+    constant weights, and picks its own GEMMs for ``F.linear`` / ``mm``)."""
+    return (ONEDNN_MATMUL and a.device.type == "cpu" and a.dtype == b.dtype == torch.float32
+            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling())
+
+
+def _onednn_mm(a: Tensor, b_t: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``a [..., K] · b_tᵀ (+ bias)`` for ``b_t [N, K]`` (any strides), fp32 accumulation."""
+    return torch.ops.mkldnn._linear_pointwise(a, b_t, bias, "none", [], "")
 
 
 def _mm_t(a: Tensor, b_t: Tensor) -> Tensor:
-    """``a · b_tᵀ``: through oneDNN for CPU fp32 where it is there, else ``torch.mm``."""
-    if ONEDNN_MATMUL and a.device.type == "cpu" and a.dtype == b_t.dtype == torch.float32:
-        return _onednn_mm(a, b_t)
-    return a.mm(b_t.t())
+    """``a · b_tᵀ``: through oneDNN where :func:`_onednn_serves`, else ``torch.mm``."""
+    return _onednn_mm(a, b_t) if _onednn_serves(a, b_t) else a.mm(b_t.t())
 
 
 def _weight_grad(grad: Tensor, x: Tensor) -> Tensor:
@@ -148,7 +151,10 @@ def _weight_grad(grad: Tensor, x: Tensor) -> Tensor:
     here): either ``gradᵀ`` (``N·out`` elements), or ``xᵀ`` to form ``xᵀ·grad`` and transpose
     that ``[in, out]`` result back (``N·in + in·out``) — whichever copies less. Measured on
     2 Zen 5 cores: the tiny model's LM head (N 2048, out 2000, in 128) 7.3 → 3.4 ms; the 110M
-    model's FFN (N 1024, out 4864, in 896) stays on ``gradᵀ`` (34.7 vs 36.9 ms)."""
+    model's FFN (N 1024, out 4864, in 896) stays on ``gradᵀ`` (34.7 vs 36.9 ms). ``torch.mm``
+    where :func:`_onednn_serves` says no."""
+    if not _onednn_serves(grad, x):
+        return grad.t().mm(x)
     N, out = grad.shape
     inner = x.shape[1]
     if N * inner + inner * out < N * out:
@@ -180,14 +186,9 @@ class _LinearOneDNNBackward(torch.autograd.Function):
 
 
 def _onednn_linear_applies(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
-    """CPU fp32 operands (x of at least 2 dims) outside autocast, and oneDNN's matmul there; not
-    while torch.compile traces (inductor lowers ``mkldnn._linear_pointwise`` only for frozen,
-    constant weights, and picks its own GEMMs for ``F.linear``)."""
-    return (ONEDNN_MATMUL and x.device.type == "cpu" and x.dim() >= 2
-            and not torch.compiler.is_compiling()
-            and x.dtype == weight.dtype == torch.float32
-            and (bias is None or bias.dtype == torch.float32)
-            and not torch.is_autocast_enabled("cpu"))
+    """:func:`_onednn_serves` x (of at least 2 dims) and weight, and an fp32 bias or none."""
+    return (x.dim() >= 2 and _onednn_serves(x, weight)
+            and (bias is None or bias.dtype == torch.float32))
 
 
 def _onednn_backward_applies(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
@@ -200,7 +201,7 @@ def dense_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tenso
     """``F.linear(x, weight, bias)`` without autograd of its own: CPU fp32 through oneDNN (see
     above), else torch's."""
     if _onednn_linear_applies(x, weight, bias):
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+        return _onednn_mm(x, weight, bias)
     return F.linear(x, weight, bias)
 
 
@@ -374,8 +375,7 @@ class LMHeadCrossEntropy(torch.autograd.Function):
             if grad_logits is not None:
                 g.add_(grad_logits[:, c0:c1])
             if want_weight:
-                d_weight[c0:c1] = (_weight_grad(g, hidden) if ONEDNN_MATMUL
-                                   else g.t().mm(hidden))
+                d_weight[c0:c1] = _weight_grad(g, hidden)
             if want_bias:
                 d_bias[c0:c1] = g.sum(0)
             if want_hidden:
