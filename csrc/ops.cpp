@@ -50,6 +50,13 @@ TORCH_LIBRARY(pldr, m) {
   // (with per-row fp32 scales); swiglu_small's weight is SwiGLU's [gate; up] pack.
   m.def("linear_small(Tensor x, Tensor weight, Tensor? bias=None, Tensor? scale=None) -> Tensor");
   m.def("swiglu_small(Tensor x, Tensor weight, Tensor? bias=None, Tensor? scale=None) -> Tensor");
+  // The rows of the LM head's cross entropy (docs/design.md §3.10), fp32 logits [N, V]:
+  // lse [N] and nll [N] = lse − logits[i, targets[i]] (0 where targets[i] = ignore_index), and
+  // the gradient of Σ grad_nll·nll for the logits' columns [start, end) (+ grad_logits there).
+  m.def("cross_entropy_forward(Tensor logits, Tensor targets, int ignore_index=-100) -> "
+        "(Tensor lse, Tensor nll)");
+  m.def("cross_entropy_backward(Tensor logits, Tensor lse, Tensor targets, Tensor grad_nll, "
+        "int start, int end, Tensor? grad_logits=None, int ignore_index=-100) -> Tensor");
 }
 
 // ---- autograd of g_attention_decode (docs/design.md §3.5) ------------------------------------

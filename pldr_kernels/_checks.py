@@ -499,3 +499,36 @@ def check_linear_small_inputs(x: Tensor, weight: Tensor, bias: Tensor | None,
         check_dtype(scale, "scale", torch.float32)
         check_shape(scale, "scale", (rows,))
     return rows, features
+
+
+# ---- cross_entropy_forward / cross_entropy_backward (docs/design.md §3.10) --------------------
+def check_cross_entropy_inputs(logits: Tensor, targets: Tensor) -> None:
+    """checks.h ``check_cross_entropy_inputs`` (the targets' values are the kernels' check)."""
+    check_dtype(logits, "logits", torch.float32)
+    check_rank(logits, "logits", 2, "[rows, vocabulary]")
+    check_last_dim_contiguous(logits, "logits")
+    check_dtype(targets, "targets", torch.int64)
+    check_shape(targets, "targets", (logits.size(0),))
+    torch._check(targets.device == logits.device, lambda: "targets must be on the same device as "
+                 f"logits ({logits.device}), got {targets.device}.")
+
+
+def check_cross_entropy_backward_inputs(logits: Tensor, lse: Tensor, targets: Tensor,
+                                        grad_nll: Tensor, start: int, end: int,
+                                        grad_logits: Tensor | None) -> None:
+    """checks.h ``check_cross_entropy_backward_inputs``."""
+    check_cross_entropy_inputs(logits, targets)
+    N, V = logits.shape
+    for t, name in ((lse, "lse"), (grad_nll, "grad_nll")):
+        check_dtype(t, name, torch.float32)
+        check_shape(t, name, (N,))
+        torch._check(t.device == logits.device, lambda t=t, name=name: f"{name} must be on the "
+                     f"same device as logits ({logits.device}), got {t.device}.")
+    torch._check(0 <= start <= end <= V, lambda: "start and end must give columns of logits, "
+                 f"0 <= start <= end <= {V} = logits.shape[1], got start = {start}, end = {end}.")
+    if grad_logits is not None:
+        check_dtype(grad_logits, "grad_logits", torch.float32)
+        check_shape(grad_logits, "grad_logits", (N, V))
+        check_last_dim_contiguous(grad_logits, "grad_logits")
+        torch._check(grad_logits.device == logits.device, lambda: "grad_logits must be on the "
+                     f"same device as logits ({logits.device}), got {grad_logits.device}.")

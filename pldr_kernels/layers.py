@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import reference
+from . import ops, reference
 from .config import PLDRConfig
 
 Tensor = torch.Tensor
@@ -302,23 +302,46 @@ def vocab_chunk(rows: int, vocab: int) -> int:
     return min(vocab, max(MIN_GRAD_CHUNK, GRAD_CHUNK_ELEMENTS // max(rows, 1)))
 
 
-def _log_sum_exp_and_nll(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
-    """``(logsumexp(logits) [N], −log_softmax(logits)[targets] [N])`` for ``logits [N, V]`` and
-    in-range ``targets [N]``, by blocks of ~4M elements of rows: ``F.log_softmax`` of a block
-    (one vectorised kernel; ``torch.logsumexp`` takes four passes and measured 3.5× slower for
-    1024 × 32000 on 2 Zen 5 cores), its target entries, and the log-sum-exp as ``max(x) −
-    max(log_softmax(x))`` — the largest entry of a row of log_softmax is ``−log Σ exp(x − max)``,
-    small, so its rounding is that of torch.logsumexp's sum."""
-    N, V = logits.shape
-    lse = torch.empty(N, dtype=logits.dtype, device=logits.device)
-    nll = torch.empty_like(lse)
-    rows = max(1, GRAD_CHUNK_ELEMENTS // max(V, 1))
-    for r0 in range(0, N, rows):
-        x = logits[r0:r0 + rows]
-        log_p = F.log_softmax(x, dim=-1)
-        torch.sub(x.amax(dim=-1), log_p.amax(dim=-1), out=lse[r0:r0 + rows])
-        torch.neg(log_p.gather(1, targets[r0:r0 + rows, None])[:, 0], out=nll[r0:r0 + rows])
-    return lse, nll
+def _kernel_serves(logits: Tensor) -> bool:
+    """Whether ``pldr::cross_entropy_forward / _backward`` (C++, CPU fp32) take these logits."""
+    return (logits.device.type == "cpu" and logits.dtype == torch.float32
+            and ops._LOAD_ERROR is None)
+
+
+def cross_entropy_rows(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+    """``(lse [N], nll [N])`` of ``logits [N, V]`` against ``targets [N]`` (-100: nll 0): on the
+    CPU one pass over each row (``pldr::cross_entropy_forward``, docs/design.md §3.10), elsewhere
+    ``torch.logsumexp`` and a gather."""
+    if _kernel_serves(logits):
+        return ops.cross_entropy_forward(logits, targets, IGNORE_INDEX)
+    kept = targets != IGNORE_INDEX
+    lse = torch.logsumexp(logits, dim=-1)
+    picked = logits.gather(1, targets.masked_fill(~kept, 0)[:, None])[:, 0]
+    return lse, (lse - picked).masked_fill(~kept, 0.0)
+
+
+def cross_entropy_rows_grad(logits: Tensor, lse: Tensor, targets: Tensor, grad_nll: Tensor,
+                            start: int, end: int, grad_logits: Tensor | None) -> Tensor:
+    """The gradient of ``grad_nll·Σ nll`` (:func:`cross_entropy_rows`; ``grad_nll`` a 0-D
+    tensor) for the logits' columns ``[start, end)``: ``(softmax − one_hot)·grad_nll`` (0 in the
+    -100 rows), plus
+    ``grad_logits[:, start:end]`` when given; a new ``[N, end − start]`` tensor."""
+    if grad_logits is not None and grad_logits.stride(-1) != 1:
+        grad_logits = grad_logits.contiguous()  # e.g. the expanded gradient of a .sum()
+    if _kernel_serves(logits):
+        return ops.cross_entropy_backward(logits, lse, targets, grad_nll.expand(logits.shape[0]),
+                                          start, end, grad_logits, IGNORE_INDEX)
+    kept = targets != IGNORE_INDEX
+    scale = kept * grad_nll
+    g = logits[:, start:end] - lse[:, None]
+    g.exp_()
+    g.mul_(scale[:, None])
+    here = kept & (targets >= start) & (targets < end)
+    g.scatter_add_(1, (targets - start).clamp_(0, max(end - start - 1, 0))[:, None],
+                   (-scale * here)[:, None])
+    if grad_logits is not None:
+        g.add_(grad_logits[:, start:end])
+    return g
 
 
 class LMHeadCrossEntropy(torch.autograd.Function):
@@ -326,54 +349,42 @@ class LMHeadCrossEntropy(torch.autograd.Function):
     ``bias [V]`` (or None), ``targets [N]`` (-100 left out) → ``(loss, logits [N, V])``.
 
     Forward: the logits by :func:`dense_linear` (the bits of the unfused head at inference; they
-    are the model's output), their log-sum-exp and the loss (:func:`_log_sum_exp_and_nll`).
+    are the model's output), their log-sum-exp and the loss (:func:`cross_entropy_rows`).
     Saved: hidden, weight, the logits, the lse.
     Backward, Liger-Kernel's idea on the CPU: by chunks of the vocabulary (``Vc`` columns,
     ``N·Vc ≈ 4M`` elements: :func:`vocab_chunk`), the chunk of
     ``d logits = (softmax − one_hot)·grad/n`` (+ the incoming gradient of the logits, when the
-    caller used them too), then ``dW[chunk] = d logitsᵀ·hidden``, ``db[chunk]``, ``d hidden +=
-    d logits·W[chunk]`` (the GEMMs through oneDNN, as :func:`linear`'s). The whole ``[N, V]``
-    gradient, 131 MB at S = 1024 for V = 32000, never exists (docs/design.md §3.4.2)."""
+    caller used them too; :func:`cross_entropy_rows_grad`), then ``dW[chunk] = d logitsᵀ·hidden``,
+    ``db[chunk]``, ``d hidden += d logits·W[chunk]`` (the GEMMs through oneDNN, as
+    :func:`linear`'s). The whole ``[N, V]`` gradient, 131 MB at S = 1024 for V = 32000, never
+    exists (docs/design.md §3.4.2)."""
 
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor):
         logits = dense_linear(hidden, weight, bias)
-        kept = targets != IGNORE_INDEX
-        safe = targets.masked_fill(~kept, 0)
-        lse, nll = _log_sum_exp_and_nll(logits, safe)
-        nll.masked_fill_(~kept, 0.0)
-        count = kept.sum()
-        ctx.save_for_backward(hidden, weight, logits, safe, kept, lse, count)
+        lse, nll = cross_entropy_rows(logits, targets)
+        count = (targets != IGNORE_INDEX).sum()
+        ctx.save_for_backward(hidden, weight, logits, targets, lse, count)
         ctx.has_bias = bias is not None
         ctx.set_materialize_grads(False)  # an unused logits output must not cost a [N, V] zeros
         return nll.sum() / count, logits
 
     @staticmethod
     def backward(ctx, grad_loss: Tensor, grad_logits: Tensor | None):
-        hidden, weight, logits, safe, kept, lse, count = ctx.saved_tensors
+        hidden, weight, logits, targets, lse, count = ctx.saved_tensors
         want_hidden, want_weight, want_bias = ctx.needs_input_grad[:3]
         want_bias = want_bias and ctx.has_bias
         N, V = logits.shape
         if grad_loss is None:
             grad_loss = torch.zeros((), dtype=logits.dtype, device=logits.device)
-        scale = kept * (grad_loss / count)  # [N]: d loss / d nll of each row
+        grad_nll = grad_loss / count  # d loss / d nll of every kept row
         chunk = vocab_chunk(N, V)
         d_hidden = None
         d_weight = torch.empty_like(weight) if want_weight else None
         d_bias = torch.empty(V, dtype=logits.dtype, device=logits.device) if want_bias else None
         for c0 in range(0, V, chunk):
             c1 = min(V, c0 + chunk)
-            if c1 - c0 == V:  # one chunk: softmax in one pass (0.9 vs 1.6 ms for 2048 × 2000)
-                g = torch.softmax(logits, dim=-1)
-            else:
-                g = logits[:, c0:c1] - lse[:, None]
-                g.exp_()
-            g.mul_(scale[:, None])
-            here = (safe >= c0) & (safe < c1)
-            g.scatter_add_(1, (safe - c0).clamp_(0, c1 - c0 - 1)[:, None],
-                           (-scale * here)[:, None])
-            if grad_logits is not None:
-                g.add_(grad_logits[:, c0:c1])
+            g = cross_entropy_rows_grad(logits, lse, targets, grad_nll, c0, c1, grad_logits)
             if want_weight:
                 d_weight[c0:c1] = _weight_grad(g, hidden)
             if want_bias:
@@ -388,25 +399,19 @@ class LeanCrossEntropy(torch.autograd.Function):
     """Mean cross entropy of fp32 ``logits [N, V]`` against ``targets [N]`` (-100 rows left out;
     none left gives NaN, as ``F.cross_entropy``). Saved for the backward: the logits themselves
     (no copy) and their log-sum-exp ``[N]``; the backward forms ``(softmax − one_hot)·grad/n`` in
-    place in one ``[N, V]`` buffer. ``F.cross_entropy`` saves its ``[N, V]`` log-softmax and its
-    backward allocates two more ``[N, V]`` tensors: 250 MB more at the peak of the 110M model's
-    training step at S = 1024 (V = 32000; docs/design.md §3.4.2)."""
+    one ``[N, V]`` buffer (:func:`cross_entropy_rows_grad`). ``F.cross_entropy`` saves its
+    ``[N, V]`` log-softmax and its backward allocates two more ``[N, V]`` tensors: 250 MB more at
+    the peak of the 110M model's training step at S = 1024 (V = 32000; docs/design.md §3.4.2)."""
 
     @staticmethod
     def forward(ctx, logits: Tensor, targets: Tensor) -> Tensor:
-        kept = targets != IGNORE_INDEX
-        safe = targets.masked_fill(~kept, 0)[:, None]
-        lse = torch.logsumexp(logits, dim=-1)
-        nll = (lse - logits.gather(1, safe)[:, 0]).masked_fill(~kept, 0.0)
-        count = kept.sum()
-        ctx.save_for_backward(logits, safe, kept, lse, count)
+        lse, nll = cross_entropy_rows(logits, targets)
+        count = (targets != IGNORE_INDEX).sum()
+        ctx.save_for_backward(logits, targets, lse, count)
         return nll.sum() / count
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        logits, safe, kept, lse, count = ctx.saved_tensors
-        g = logits - lse[:, None]
-        g.exp_()
-        g.scatter_add_(1, safe, torch.full_like(lse, -1.0)[:, None])
-        g.mul_(kept[:, None] * (grad / count))
-        return g, None
+        logits, targets, lse, count = ctx.saved_tensors
+        return cross_entropy_rows_grad(logits, lse, targets, grad / count, 0, logits.shape[1],
+                                       None), None

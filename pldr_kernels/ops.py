@@ -241,6 +241,28 @@ def swiglu_small(x: Tensor, weight: Tensor, bias: Tensor | None = None,
     return torch.ops.pldr.swiglu_small(x, weight, bias, scale)
 
 
+@_needs_extension
+def cross_entropy_forward(logits: Tensor, targets: Tensor,
+                          ignore_index: int = -100) -> tuple[Tensor, Tensor]:
+    """The rows of a cross entropy: fp32 ``logits [N, V]``, int64 ``targets [N]`` →
+    ``(lse [N], nll [N])``, ``lse = logsumexp(logits[i])`` and ``nll = lse − logits[i,
+    targets[i]]`` (0 where ``targets[i] == ignore_index``); one pass over each row. CPU only
+    (the LM head's fused loss, docs/design.md §3.10). No autograd."""
+    return torch.ops.pldr.cross_entropy_forward(logits, targets, ignore_index)
+
+
+@_needs_extension
+def cross_entropy_backward(logits: Tensor, lse: Tensor, targets: Tensor, grad_nll: Tensor,
+                           start: int, end: int, grad_logits: Tensor | None = None,
+                           ignore_index: int = -100) -> Tensor:
+    """The gradient of ``Σ grad_nll·nll`` (:func:`cross_entropy_forward`) for the columns
+    ``[start, end)`` of the logits, ``[N, end − start]``: ``(softmax − one_hot)·grad_nll``, plus
+    ``grad_logits[:, start:end]`` when given; rows whose target is ``ignore_index`` get only
+    ``grad_logits`` (docs/design.md §3.10). No autograd."""
+    return torch.ops.pldr.cross_entropy_backward(logits, lse, targets, grad_nll, start, end,
+                                                 grad_logits, ignore_index)
+
+
 # ---- fake kernels: the C++ checks, then outputs of the kernels' shapes and dtypes --------------
 # The dispatcher also picks these for a call that mixes real and meta tensors (Meta outranks CPU
 # and CUDA); the device checks against q refuse it there, as the real kernels would.
@@ -293,3 +315,15 @@ if _LOAD_ERROR is None:
     def _swiglu_small_fake(x, weight, bias=None, scale=None):
         _, features = _checks.check_linear_small_inputs(x, weight, bias, scale, swiglu=True)
         return x.new_empty((*x.shape[:-1], features))
+
+    @torch.library.register_fake("pldr::cross_entropy_forward")
+    def _cross_entropy_forward_fake(logits, targets, ignore_index=-100):
+        _checks.check_cross_entropy_inputs(logits, targets)
+        return logits.new_empty((logits.shape[0],)), logits.new_empty((logits.shape[0],))
+
+    @torch.library.register_fake("pldr::cross_entropy_backward")
+    def _cross_entropy_backward_fake(logits, lse, targets, grad_nll, start, end,
+                                     grad_logits=None, ignore_index=-100):
+        _checks.check_cross_entropy_backward_inputs(logits, lse, targets, grad_nll, start, end,
+                                                    grad_logits)
+        return logits.new_empty((logits.shape[0], end - start))

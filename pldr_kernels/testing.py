@@ -741,6 +741,52 @@ def check_linear_small(out: Tensor, x: Tensor, weight64: Tensor, bias: Tensor | 
 
 
 # --------------------------------------------------------------------------------------------
+# cross_entropy_forward / cross_entropy_backward (docs/design.md §3.10)
+# --------------------------------------------------------------------------------------------
+def cross_entropy_rows_math(logits: Tensor, targets: Tensor,
+                            ignore_index: int = -100) -> tuple[Tensor, Tensor]:
+    """``(lse, nll)`` of the rows in PyTorch, in the logits' dtype (fp64: the oracle)."""
+    kept = targets != ignore_index
+    lse = torch.logsumexp(logits, dim=-1)
+    picked = logits.gather(1, targets.masked_fill(~kept, 0)[:, None])[:, 0]
+    return lse, (lse - picked).masked_fill(~kept, 0.0)
+
+
+def cross_entropy_grad_math(logits: Tensor, targets: Tensor, grad_nll: Tensor, start: int,
+                            end: int, grad_logits: Tensor | None = None,
+                            ignore_index: int = -100) -> Tensor:
+    """The gradient of ``Σ grad_nll·nll`` for the columns ``[start, end)`` in PyTorch, in the
+    logits' dtype: ``(softmax − one_hot)·grad_nll``, 0 in the left-out rows, + grad_logits."""
+    kept = targets != ignore_index
+    one_hot = torch.nn.functional.one_hot(targets.masked_fill(~kept, 0), logits.shape[1])
+    softmax = torch.softmax(logits, dim=-1)
+    g = (softmax - one_hot.to(logits.dtype)) * grad_nll.to(logits.dtype)[:, None]
+    g = torch.where(kept[:, None], g, 0.0)[:, start:end]
+    return g if grad_logits is None else g + grad_logits.to(logits.dtype)[:, start:end]
+
+
+def check_cross_entropy(lse: Tensor, nll: Tensor, logits: Tensor, targets: Tensor,
+                        ignore_index: int = -100) -> Verdict:
+    """``pldr::cross_entropy_forward``'s ``(lse, nll)`` against fp64, the peer
+    :func:`cross_entropy_rows_math` in fp32."""
+    oracle = cross_entropy_rows_math(logits.double(), targets, ignore_index)
+    peer = cross_entropy_rows_math(logits, targets, ignore_index)
+    return Verdict.combine("cross_entropy_forward", [
+        compare(lse, oracle[0], peer[0], name="lse"), compare(nll, oracle[1], peer[1], name="nll")])
+
+
+def check_cross_entropy_grad(grad: Tensor, logits: Tensor, targets: Tensor, grad_nll: Tensor,
+                             start: int, end: int, grad_logits: Tensor | None = None,
+                             ignore_index: int = -100) -> Verdict:
+    """``pldr::cross_entropy_backward`` against fp64, the peer :func:`cross_entropy_grad_math`
+    in fp32."""
+    args = (targets, grad_nll, start, end)
+    oracle = cross_entropy_grad_math(logits.double(), *args, _double(grad_logits), ignore_index)
+    peer = cross_entropy_grad_math(logits, *args, grad_logits, ignore_index)
+    return compare(grad, oracle, peer, name=f"cross_entropy_backward [{start}, {end})")
+
+
+# --------------------------------------------------------------------------------------------
 # Backends
 # --------------------------------------------------------------------------------------------
 def available_backends(op: str, *, need_device: bool = True) -> tuple[str, ...]:

@@ -170,9 +170,42 @@ METRIC_BAD = {
     "eps_adj rounds to 0 in fp32": dict(eps_adj=1e-50),
 }
 
+
+def cross_entropy_call(**changes):
+    kw = dict(logits=randn(6, 50), targets=torch.tensor([0, 49, -100, 3, 4, 5]), ignore_index=-100)
+    return kw | changes
+
+
+def cross_entropy_backward_call(**changes):
+    kw = dict(logits=randn(6, 50), lse=randn(6), targets=torch.tensor([0, 49, -100, 3, 4, 5]),
+              grad_nll=randn(6), start=3, end=40, grad_logits=randn(6, 50), ignore_index=-100)
+    return kw | changes
+
+
+CROSS_ENTROPY_BAD = {  # the targets' values are the kernel's check (a fake tensor has none)
+    "logits dtype": dict(logits=randn(6, 50, dtype=torch.float64)),
+    "logits rank": dict(logits=randn(6, 50, 1)),
+    "logits last dim strided": dict(logits=noncontiguous_last_dim(6, 50)),
+    "targets dtype": dict(targets=torch.zeros(6, dtype=torch.int32)),
+    "targets shape": dict(targets=torch.zeros(5, dtype=torch.int64)),
+}
+CROSS_ENTROPY_BACKWARD_BAD = CROSS_ENTROPY_BAD | {
+    "lse shape": dict(lse=randn(5)),
+    "grad_nll dtype": dict(grad_nll=randn(6, dtype=torch.bfloat16)),
+    "start negative": dict(start=-1),
+    "end before start": dict(start=10, end=9),
+    "end past the vocabulary": dict(end=51),
+    "grad_logits shape": dict(grad_logits=randn(6, 49)),
+    "grad_logits last dim strided": dict(grad_logits=noncontiguous_last_dim(6, 50)),
+}
+
 CASES = ([("g_attention", attention_call, name, bad) for name, bad in ATTENTION_BAD.items()]
          + [("g_attention_decode", decode_call, name, bad) for name, bad in DECODE_BAD.items()]
-         + [("metric_tensors", metric_call, name, bad) for name, bad in METRIC_BAD.items()])
+         + [("metric_tensors", metric_call, name, bad) for name, bad in METRIC_BAD.items()]
+         + [("cross_entropy_forward", cross_entropy_call, name, bad)
+            for name, bad in CROSS_ENTROPY_BAD.items()]
+         + [("cross_entropy_backward", cross_entropy_backward_call, name, bad)
+            for name, bad in CROSS_ENTROPY_BACKWARD_BAD.items()])
 
 
 def error_of(op: str, kwargs: dict) -> str:
@@ -198,7 +231,9 @@ def test_fake_kernel_refuses_a_bad_call_as_the_kernel_does(op, make, name, bad):
 
 @pytest.mark.parametrize("op, make", [("g_attention", attention_call),
                                       ("g_attention_decode", decode_call),
-                                      ("metric_tensors", metric_call)])
+                                      ("metric_tensors", metric_call),
+                                      ("cross_entropy_forward", cross_entropy_call),
+                                      ("cross_entropy_backward", cross_entropy_backward_call)])
 def test_fake_kernel_accepts_the_good_call_with_the_kernels_output_shapes(op, make):
     kwargs = make()
     real = getattr(torch.ops.pldr, op)(**kwargs)

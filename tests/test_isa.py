@@ -16,8 +16,8 @@ pytestmark = pytest.mark.skipif(ops._LOAD_ERROR is not None, reason="pldr_kernel
 ISAS = ("avx512", "avx2", "portable")
 
 # Each op once, small shapes that still cross a tile (64 queries / keys) and the causal diagonal;
-# the attention ops in fp32 and bf16, the metric learner and the backward ops in fp32; the decode
-# linears on 12 shapes x dtypes each.
+# the attention ops in fp32 and bf16, the metric learner, the backward ops and the cross entropy
+# rows in fp32; the decode linears on 12 shapes x dtypes each.
 # Prints {"isa": ..., "verdicts": {case: [ok, text]}}.
 CHECKS = r"""
 import json, torch
@@ -58,6 +58,15 @@ grad_outputs = (torch.randn(A.shape, generator=gen), None, None)  # through A: j
 grads = ops.metric_tensors_backward(*grad_outputs, qm, None, *testing.metric_args(weights))
 record("metric_tensors backward",
        testing.check_metric_tensors_grads(grads, grad_outputs, qm, None, weights))
+logits = torch.randn(37, 1000, generator=gen) * 4
+targets = torch.randint(0, 1000, (37,), generator=gen)
+targets[::4] = -100
+lse, nll = ops.cross_entropy_forward(logits, targets)
+record("cross_entropy_forward", testing.check_cross_entropy(lse, nll, logits, targets))
+grad_nll = torch.rand(37, generator=gen)
+g = ops.cross_entropy_backward(logits, lse, targets, grad_nll, 13, 990)
+record("cross_entropy_backward",
+       testing.check_cross_entropy_grad(g, logits, targets, grad_nll, 13, 990))
 # linear_small / swiglu_small: every weight dtype, rows 1, 3, 8, 11 (two passes over the weights),
 # K and N no multiple of a vector, bias or none, x in fp32 and bf16 (tests/test_linear_small.py
 # runs the full matrix on the selected path).
@@ -103,7 +112,7 @@ def test_each_isa_path_meets_the_rules(isa):
     assert result["isa"] == f"{isa} (best {best_isa()})"
     failed = {name: text for name, (ok, text) in result["verdicts"].items() if not ok}
     assert not failed, failed
-    assert len(result["verdicts"]) == 7 + 2 * 12
+    assert len(result["verdicts"]) == 9 + 2 * 12
 
 
 def test_the_default_is_the_best_this_cpu_runs_and_the_build_report_names_it():

@@ -621,4 +621,44 @@ inline LinearSmallDims check_linear_small_inputs(const at::Tensor& x, const at::
   return dims;
 }
 
+// ---- cross_entropy_forward / cross_entropy_backward (docs/design.md §3.10) --------------------
+// The values of targets (a column of logits or ignore_index) are checked by the kernels.
+inline void check_cross_entropy_inputs(const at::Tensor& logits, const at::Tensor& targets) {
+  check_dtype(logits, "logits", at::kFloat);
+  check_rank(logits, "logits", 2, "[rows, vocabulary]");
+  check_last_dim_contiguous(logits, "logits");
+  check_dtype(targets, "targets", at::kLong);
+  check_shape(targets, "targets", {logits.size(0)});
+  TORCH_CHECK(targets.device() == logits.device(), "targets must be on the same device as logits (",
+              logits.device(), "), got ", targets.device(), ".");
+}
+
+inline void check_cross_entropy_backward_inputs(const at::Tensor& logits, const at::Tensor& lse,
+                                                const at::Tensor& targets,
+                                                const at::Tensor& grad_nll, int64_t start,
+                                                int64_t end,
+                                                const c10::optional<at::Tensor>& grad_logits) {
+  check_cross_entropy_inputs(logits, targets);
+  const int64_t N = logits.size(0), V = logits.size(1);
+  const std::pair<const at::Tensor*, const char*> rows[] = {{&lse, "lse"},
+                                                            {&grad_nll, "grad_nll"}};
+  for (const auto& [t, name] : rows) {
+    check_dtype(*t, name, at::kFloat);
+    check_shape(*t, name, {N});
+    TORCH_CHECK(t->device() == logits.device(), name, " must be on the same device as logits (",
+                logits.device(), "), got ", t->device(), ".");
+  }
+  TORCH_CHECK(0 <= start && start <= end && end <= V, "start and end must give columns of logits, "
+              "0 <= start <= end <= ", V, " = logits.shape[1], got start = ", start, ", end = ",
+              end, ".");
+  if (grad_logits.has_value()) {
+    const auto& g = *grad_logits;
+    check_dtype(g, "grad_logits", at::kFloat);
+    check_shape(g, "grad_logits", {N, V});
+    check_last_dim_contiguous(g, "grad_logits");
+    TORCH_CHECK(g.device() == logits.device(), "grad_logits must be on the same device as logits (",
+                logits.device(), "), got ", g.device(), ".");
+  }
+}
+
 }  // namespace pldr
