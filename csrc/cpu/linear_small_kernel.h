@@ -55,6 +55,7 @@ template <class W, int NB, int MB>
 inline void dot_block(const float* x, int64_t ldx, const W* const* w, int64_t K, float* out,
                       int64_t ldo, int64_t ahead) {
   constexpr int64_t kLineWeights = kLineBytes / int64_t(sizeof(W));
+  const uintptr_t ahead_bytes = static_cast<uintptr_t>(ahead) * sizeof(W);
   Vf acc[NB][MB];
 #pragma GCC unroll 8
   for (int n = 0; n < NB; ++n)
@@ -67,7 +68,11 @@ inline void dot_block(const float* x, int64_t ldx, const W* const* w, int64_t K,
     for (int m = 0; m < MB; ++m) xv[m] = *reinterpret_cast<const VfUnaligned*>(x + m * ldx + k);
     if (k % kLineWeights == 0) {
 #pragma GCC unroll 8
-      for (int n = 0; n < NB; ++n) __builtin_prefetch(w[n] + ahead + k, 0, 3);
+      for (int n = 0; n < NB; ++n) {
+        // In integer arithmetic: past the weight's end the address is no pointer into it.
+        const uintptr_t next = reinterpret_cast<uintptr_t>(w[n] + k) + ahead_bytes;
+        __builtin_prefetch(reinterpret_cast<const void*>(next), 0, 3);
+      }
     }
 #pragma GCC unroll 8
     for (int n = 0; n < NB; ++n) {
