@@ -90,10 +90,11 @@ def report() -> str:
     mismatch = ops._torch_mismatch()
     if mismatch:
         lines.append(f"WARNING       {ops._mismatch_message(*mismatch)}")
-    from .testing import BACKWARD_OPS, OPS
+    from .testing import BACKWARD_OPS, CPU_OPS, OPS
 
     lines.append(f"triton        {triton_line()}")
-    for op in OPS + BACKWARD_OPS:  # the backward ops run inside loss.backward() (§3.4)
+    # The backward ops run inside loss.backward() (§3.4); the CPU ops inside the model (§3.9-10).
+    for op in OPS + BACKWARD_OPS + CPU_OPS:
         lines.append(f"pldr::{op:<23} {op_backends(op)}")
     return "\n".join(lines)
 

@@ -48,6 +48,8 @@ LOW_PRECISION_FLOOR = 1e-5
 OPS = ("metric_tensors", "g_attention", "g_attention_decode")
 # Ops that only the registered autograd formulas call (docs/design.md §3.4).
 BACKWARD_OPS = ("g_attention_backward", "metric_tensors_backward")
+# CPU-only ops: the decode step's linears (§3.9) and the LM head's loss rows (§3.10).
+CPU_OPS = ("linear_small", "swiglu_small", "cross_entropy_forward", "cross_entropy_backward")
 METRIC_WEIGHT_ORDER = ("ln0_w", "ln0_b", "w1", "b1", "w2", "b2", "w3", "b3", "lnA_w", "lnA_b", "W",
                        "b", "pw", "a", "ba")
 # The paper's 110M model (docs/spec.md §1): the metric learner's shape.
@@ -794,8 +796,8 @@ def available_backends(op: str, *, need_device: bool = True) -> tuple[str, ...]:
 
     "cuda" needs a build with CUDA kernels (a CPU-only build registers a stub on the CUDA key that
     explains how to rebuild) and, unless ``need_device=False``, a visible CUDA device."""
-    if op not in OPS + BACKWARD_OPS:
-        raise ValueError(f"op must be one of {OPS + BACKWARD_OPS}, got {op!r}")
+    if op not in OPS + BACKWARD_OPS + CPU_OPS:
+        raise ValueError(f"op must be one of {OPS + BACKWARD_OPS + CPU_OPS}, got {op!r}")
     from . import ops
 
     if ops._LOAD_ERROR is not None:

@@ -689,18 +689,21 @@ def test_ddp_and_fsdp2_on_two_processes_equal_one_process(tmp_path):
 # Where the backward ops run
 # --------------------------------------------------------------------------------------------
 def test_build_report_lists_the_backward_ops_and_the_triton_path():
-    """`python -m pldr_kernels` names the backward ops (they run inside loss.backward()) with
-    their backends, and says whether the Triton path of the CUDA kernels can run."""
+    """`python -m pldr_kernels` names the backward ops (they run inside loss.backward()) and the
+    CPU-only ops with their backends, and says whether the Triton path of the CUDA kernels can
+    run."""
     from pldr_kernels import triton_kernels
     from pldr_kernels.__main__ import report
-    from pldr_kernels.testing import BACKWARD_OPS
+    from pldr_kernels.testing import BACKWARD_OPS, CPU_OPS
 
     lines = report().splitlines()
-    for op in BACKWARD_OPS:
+    for op in BACKWARD_OPS + CPU_OPS:
         line = next((ln for ln in lines if ln.startswith(f"pldr::{op} ")), None)
         assert line is not None and "CPU" in line, (op, lines)
         if op in triton_kernels.REGISTERED:
             assert "CUDA (Triton" in line, line
+        if op in CPU_OPS:
+            assert line.split(None, 1)[1] == "CPU", line
     triton = next(ln for ln in lines if ln.startswith("triton "))
     assert ("not installed" in triton) is not triton_kernels.triton_available(), triton
 
