@@ -245,12 +245,23 @@ class CausalLMOutput:
     loss: Tensor | None = None
 
 
-def next_token_targets(labels: Tensor, batch_and_length) -> Tensor:
+def next_token_targets(labels: Tensor, batch_and_length, vocab_size: int | None = None) -> Tensor:
     """``labels [B, S]`` shifted by one position (position t predicts ``labels[:, t + 1]``; the
-    last position predicts nothing), flattened to int64 ``[B·S]``; -100 = left out."""
+    last position predicts nothing), flattened to int64 ``[B·S]``; -100 = left out. With
+    ``vocab_size``, CPU labels are checked to be token ids (a ValueError naming the first bad
+    one) in eager mode; on other devices the check would cost a device read per step, and under
+    torch.compile a data-dependent branch (the loss kernels refuse bad targets there too)."""
     if labels.shape != batch_and_length:
         raise ValueError(f"labels must have the shape of input_ids {tuple(batch_and_length)}, "
                          f"got {tuple(labels.shape)}")
+    if (vocab_size is not None and labels.device.type == "cpu"
+            and not torch.compiler.is_compiling()):
+        bad = ((labels < 0) | (labels >= vocab_size)) & (labels != IGNORE_INDEX)
+        if bool(bad.any()):
+            where = tuple(bad.nonzero()[0].tolist())
+            raise ValueError(f"labels{list(where)} = {int(labels[where])} is not a token id: "
+                             f"expected 0 <= label < {vocab_size} (vocab_size), or "
+                             f"{IGNORE_INDEX} to leave the position out")
     return F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:].flatten().to(torch.int64)
 
 
@@ -262,7 +273,7 @@ def causal_lm_loss(logits: Tensor, labels: Tensor, lean: bool = False) -> Tensor
     the same loss by :class:`LeanCrossEntropy`, whose backward holds one ``[B·S, V]`` buffer where
     ``F.cross_entropy``'s holds three."""
     flat_logits = logits.float().flatten(0, 1)
-    targets = next_token_targets(labels, logits.shape[:2])
+    targets = next_token_targets(labels, logits.shape[:2], logits.shape[-1])
     if lean:
         return LeanCrossEntropy.apply(flat_logits, targets)
     return F.cross_entropy(flat_logits, targets, ignore_index=IGNORE_INDEX)
@@ -285,7 +296,7 @@ def lm_head_causal_lm_loss(hidden: Tensor, head: nn.Linear, labels: Tensor
     bitwise ``apply_linear(head, hidden)`` at inference, the backward never holds a ``[B·S, V]``
     gradient."""
     B, S, D = hidden.shape
-    targets = next_token_targets(labels, (B, S))
+    targets = next_token_targets(labels, (B, S), head.weight.shape[0])
     loss, logits = LMHeadCrossEntropy.apply(hidden.reshape(B * S, D), head.weight, head.bias,
                                             targets)
     return logits.view(B, S, -1), loss

@@ -289,6 +289,14 @@ def test_labels_give_the_shifted_next_token_loss():
     assert model(ids).loss is None
     with pytest.raises(ValueError, match="labels must have the shape"):
         model(ids, labels=labels[:, 1:])
+    V = model.config.vocab_size
+    for bad, grad in ((V, False), (-1, True)):  # at inference and in a training step alike
+        wrong = labels.clone()
+        wrong[0, 7] = bad
+        with torch.set_grad_enabled(grad), pytest.raises(
+                ValueError, match=rf"labels\[0, 7\] = {bad} is not a token id: expected 0 <= "
+                                  rf"label < {V} \(vocab_size\), or -100"):
+            model(ids, labels=wrong)
 
 
 @needs_cpu_kernels
