@@ -57,6 +57,8 @@ TORCH_LIBRARY(pldr, m) {
         "(Tensor lse, Tensor nll)");
   m.def("cross_entropy_backward(Tensor logits, Tensor lse, Tensor targets, Tensor grad_nll, "
         "int start, int end, Tensor? grad_logits=None, int ignore_index=-100) -> Tensor");
+  // x.t().contiguous() of a 2-D fp32 tensor, multithreaded (docs/design.md §3.11).
+  m.def("transpose_2d(Tensor x) -> Tensor");
 }
 
 // ---- autograd of g_attention_decode (docs/design.md §3.5) ------------------------------------

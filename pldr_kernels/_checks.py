@@ -532,3 +532,11 @@ def check_cross_entropy_backward_inputs(logits: Tensor, lse: Tensor, targets: Te
         check_last_dim_contiguous(grad_logits, "grad_logits")
         torch._check(grad_logits.device == logits.device, lambda: "grad_logits must be on the "
                      f"same device as logits ({logits.device}), got {grad_logits.device}.")
+
+
+# ---- transpose_2d (docs/design.md §3.11) ------------------------------------------------------
+def check_transpose_2d_input(x: Tensor) -> None:
+    """checks.h ``check_transpose_2d_input``."""
+    check_dtype(x, "x", torch.float32)
+    check_rank(x, "x", 2, "[rows, columns]")
+    check_last_dim_contiguous(x, "x")

@@ -147,9 +147,10 @@ def _mm_t(a: Tensor, b_t: Tensor) -> Tensor:
 def _weight_grad(grad: Tensor, x: Tensor) -> Tensor:
     """``gradᵀ · x`` for ``grad [N, out]``, ``x [N, in]`` (a linear layer's weight gradient,
     ``[out, in]``) through oneDNN. oneDNN reads its first operand contiguous, so one of the two
-    must be transposed into a copy (torch's transposed copy is single-threaded: 4 ms for 16 MB
-    here): either ``gradᵀ`` (``N·out`` elements), or ``xᵀ`` to form ``xᵀ·grad`` and transpose
-    that ``[in, out]`` result back (``N·in + in·out``) — whichever copies less. Measured on
+    must be transposed into a copy (:func:`_transposed`; torch's transposed copy is
+    single-threaded: 4 ms for 16 MB here): either ``gradᵀ`` (``N·out`` elements), or ``xᵀ`` to
+    form ``xᵀ·grad`` and transpose that ``[in, out]`` result back (``N·in + in·out``) —
+    whichever copies less. Measured on
     2 Zen 5 cores: the tiny model's LM head (N 2048, out 2000, in 128) 7.3 → 3.4 ms; the 110M
     model's FFN (N 1024, out 4864, in 896) stays on ``gradᵀ`` (34.7 vs 36.9 ms). ``torch.mm``
     where :func:`_onednn_serves` says no."""
@@ -158,8 +159,16 @@ def _weight_grad(grad: Tensor, x: Tensor) -> Tensor:
     N, out = grad.shape
     inner = x.shape[1]
     if N * inner + inner * out < N * out:
-        return _onednn_mm(x.t(), grad.t()).t().contiguous()
-    return _onednn_mm(grad.t(), x.t())
+        return _transposed(_onednn_mm(_transposed(x), grad.t()))
+    return _onednn_mm(_transposed(grad), x.t())
+
+
+def _transposed(t: Tensor) -> Tensor:
+    """``t.t().contiguous()`` of a 2-D CPU fp32 tensor: ``pldr::transpose_2d`` over the intra-op
+    threads (torch's transposed copy runs on one), else torch's."""
+    if ops._LOAD_ERROR is None and t.stride(-1) == 1:
+        return ops.transpose_2d(t)
+    return t.t().contiguous()
 
 
 class _LinearOneDNNBackward(torch.autograd.Function):

@@ -263,6 +263,14 @@ def cross_entropy_backward(logits: Tensor, lse: Tensor, targets: Tensor, grad_nl
                                                  grad_logits, ignore_index)
 
 
+@_needs_extension
+def transpose_2d(x: Tensor) -> Tensor:
+    """``x.t().contiguous()`` of a 2-D fp32 CPU tensor (last dimension contiguous), over the
+    intra-op threads — torch's transposed copy runs on one (docs/design.md §3.11). No
+    autograd."""
+    return torch.ops.pldr.transpose_2d(x)
+
+
 # ---- fake kernels: the C++ checks, then outputs of the kernels' shapes and dtypes --------------
 # The dispatcher also picks these for a call that mixes real and meta tensors (Meta outranks CPU
 # and CUDA); the device checks against q refuse it there, as the real kernels would.
@@ -327,3 +335,8 @@ if _LOAD_ERROR is None:
         _checks.check_cross_entropy_backward_inputs(logits, lse, targets, grad_nll, start, end,
                                                     grad_logits)
         return logits.new_empty((logits.shape[0], end - start))
+
+    @torch.library.register_fake("pldr::transpose_2d")
+    def _transpose_2d_fake(x):
+        _checks.check_transpose_2d_input(x)
+        return x.new_empty((x.shape[1], x.shape[0]))

@@ -199,13 +199,26 @@ CROSS_ENTROPY_BACKWARD_BAD = CROSS_ENTROPY_BAD | {
     "grad_logits last dim strided": dict(grad_logits=noncontiguous_last_dim(6, 50)),
 }
 
+
+
+def transpose_call(**changes):
+    return dict(x=randn(6, 50)) | changes
+
+
+TRANSPOSE_BAD = {
+    "x dtype": dict(x=randn(6, 50, dtype=torch.float16)),
+    "x rank": dict(x=randn(6, 50, 2)),
+    "x last dim strided": dict(x=noncontiguous_last_dim(6, 50)),
+}
+
 CASES = ([("g_attention", attention_call, name, bad) for name, bad in ATTENTION_BAD.items()]
          + [("g_attention_decode", decode_call, name, bad) for name, bad in DECODE_BAD.items()]
          + [("metric_tensors", metric_call, name, bad) for name, bad in METRIC_BAD.items()]
          + [("cross_entropy_forward", cross_entropy_call, name, bad)
             for name, bad in CROSS_ENTROPY_BAD.items()]
          + [("cross_entropy_backward", cross_entropy_backward_call, name, bad)
-            for name, bad in CROSS_ENTROPY_BACKWARD_BAD.items()])
+            for name, bad in CROSS_ENTROPY_BACKWARD_BAD.items()]
+         + [("transpose_2d", transpose_call, name, bad) for name, bad in TRANSPOSE_BAD.items()])
 
 
 def error_of(op: str, kwargs: dict) -> str:
@@ -233,7 +246,8 @@ def test_fake_kernel_refuses_a_bad_call_as_the_kernel_does(op, make, name, bad):
                                       ("g_attention_decode", decode_call),
                                       ("metric_tensors", metric_call),
                                       ("cross_entropy_forward", cross_entropy_call),
-                                      ("cross_entropy_backward", cross_entropy_backward_call)])
+                                      ("cross_entropy_backward", cross_entropy_backward_call),
+                                      ("transpose_2d", transpose_call)])
 def test_fake_kernel_accepts_the_good_call_with_the_kernels_output_shapes(op, make):
     kwargs = make()
     real = getattr(torch.ops.pldr, op)(**kwargs)

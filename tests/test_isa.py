@@ -67,6 +67,9 @@ grad_nll = torch.rand(37, generator=gen)
 g = ops.cross_entropy_backward(logits, lse, targets, grad_nll, 13, 990)
 record("cross_entropy_backward",
        testing.check_cross_entropy_grad(g, logits, targets, grad_nll, 13, 990))
+x = torch.randn(133, 70, generator=gen)
+record("transpose_2d", testing.Verdict("transpose_2d", torch.equal(ops.transpose_2d(x), x.t()),
+                                       0.0, 0.0, "bit for bit"))
 # linear_small / swiglu_small: every weight dtype, rows 1, 3, 8, 11 (two passes over the weights),
 # K and N no multiple of a vector, bias or none, x in fp32 and bf16 (tests/test_linear_small.py
 # runs the full matrix on the selected path).
@@ -112,7 +115,7 @@ def test_each_isa_path_meets_the_rules(isa):
     assert result["isa"] == f"{isa} (best {best_isa()})"
     failed = {name: text for name, (ok, text) in result["verdicts"].items() if not ok}
     assert not failed, failed
-    assert len(result["verdicts"]) == 9 + 2 * 12
+    assert len(result["verdicts"]) == 10 + 2 * 12
 
 
 def test_the_default_is_the_best_this_cpu_runs_and_the_build_report_names_it():

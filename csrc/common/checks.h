@@ -661,4 +661,11 @@ inline void check_cross_entropy_backward_inputs(const at::Tensor& logits, const 
   }
 }
 
+// ---- transpose_2d (docs/design.md §3.11) ------------------------------------------------------
+inline void check_transpose_2d_input(const at::Tensor& x) {
+  check_dtype(x, "x", at::kFloat);
+  check_rank(x, "x", 2, "[rows, columns]");
+  check_last_dim_contiguous(x, "x");
+}
+
 }  // namespace pldr
