@@ -150,10 +150,9 @@ def _weight_grad(grad: Tensor, x: Tensor) -> Tensor:
     must be transposed into a copy (:func:`_transposed`; torch's transposed copy is
     single-threaded: 4 ms for 16 MB here): either ``gradᵀ`` (``N·out`` elements), or ``xᵀ`` to
     form ``xᵀ·grad`` and transpose that ``[in, out]`` result back (``N·in + in·out``) —
-    whichever copies less. Measured on
-    2 Zen 5 cores: the tiny model's LM head (N 2048, out 2000, in 128) 7.3 → 3.4 ms; the 110M
-    model's FFN (N 1024, out 4864, in 896) stays on ``gradᵀ`` (34.7 vs 36.9 ms). ``torch.mm``
-    where :func:`_onednn_serves` says no."""
+    whichever copies less. Measured on 2 Zen 5 cores: the tiny model's LM head (N 2048, out
+    2000, in 128) 7.3 → 3.4 ms; the 110M model's FFN (N 1024, out 4864, in 896) stays on
+    ``gradᵀ`` (34.7 vs 36.9 ms). ``torch.mm`` where :func:`_onednn_serves` says no."""
     if not _onednn_serves(grad, x):
         return grad.t().mm(x)
     N, out = grad.shape
@@ -344,8 +343,8 @@ def cross_entropy_rows_grad(logits: Tensor, lse: Tensor, targets: Tensor, grad_n
                             start: int, end: int, grad_logits: Tensor | None) -> Tensor:
     """The gradient of ``grad_nll·Σ nll`` (:func:`cross_entropy_rows`; ``grad_nll`` a 0-D
     tensor) for the logits' columns ``[start, end)``: ``(softmax − one_hot)·grad_nll`` (0 in the
-    -100 rows), plus
-    ``grad_logits[:, start:end]`` when given; a new ``[N, end − start]`` tensor."""
+    -100 rows), plus ``grad_logits[:, start:end]`` when given; a new ``[N, end − start]``
+    tensor."""
     if grad_logits is not None and grad_logits.stride(-1) != 1:
         grad_logits = grad_logits.contiguous()  # e.g. the expanded gradient of a .sum()
     if _kernel_serves(logits):
