@@ -13,7 +13,7 @@ import torch
 
 from pldr_kernels import reference
 from pldr_kernels.bench import __main__ as cli
-from pldr_kernels.bench import measure, ops_suite, report, train_suite
+from pldr_kernels.bench import generate_suite, measure, ops_suite, report, train_suite
 from pldr_kernels.bench.measure import Clock, measure_interleaved, summarize
 
 TINY_MODEL = ["num_hidden_layers=1", "hidden_size=128", "num_attention_heads=2",
@@ -229,6 +229,20 @@ def test_visible_pairs_and_copy_bandwidth():
     row = ops_suite.copy_bandwidth(torch.device("cpu"), Clock("cpu"), repeats=2)
     assert row["gbps"] == pytest.approx(2 * row["bytes"] / (row["time_ms_p50"] * 1e-3) / 1e9)
 
+
+
+def test_decode_copy_bandwidth_is_the_fastest_copy_over_all_rounds(monkeypatch):
+    """generate's copy column: rounds of copies spread over the run, the fastest one kept, and
+    topped up to COPY_REPEATS copies per size if the rounds were fewer."""
+    times = iter([4.0, 1.0, 3.0, 2.0, 5.0] + [9.0] * 100)  # ms of successive copies
+    monkeypatch.setattr(measure.Clock, "time_ms", lambda self, fn, inner=1: next(times))
+    meter = generate_suite.CopyBandwidth([1 << 20], torch.device("cpu"))
+    meter.sample(2)  # 4 ms, 1 ms
+    meter.sample(3)  # 3, 2, 5 ms
+    assert meter.copies[1 << 20] == 5
+    gbps = meter.gbps(1 << 20)  # tops up with 10 copies of 9 ms: the 1 ms copy stays the best
+    assert meter.copies[1 << 20] == generate_suite.COPY_REPEATS
+    assert gbps == pytest.approx(2 * (1 << 20) / 1e-3 / 1e9)
 
 # ---- the CLI: checks before the run, then a tiny run, then rendering from the JSON -----------
 def test_checks_fail_before_the_run(monkeypatch, tmp_path, capsys):

@@ -109,36 +109,77 @@ def decode_step_bytes(model, mode: str, cache_len: int, batch: int) -> int | Non
     return weights + batch * c.hidden_size * elem + kv + g
 
 
-COPY_REPEATS = 15  # at least this many copies per byte count
+COPY_REPEATS = 15  # at least this many copies per byte count over a run
 
 
-def copy_gbps(nbytes: int, device: torch.device, repeats: int) -> float:
-    """``tensor.copy_`` of an ``nbytes`` buffer: bytes read + written per s at the fastest of
-    ``max(repeats, COPY_REPEATS)`` copies, in GB/s. The fastest, not the median: it is the
-    machine's limit that a decode step is held to, and on a shared host it moves least (2 Zen 5
-    cores, 220 MB, four rounds of 15 copies: medians 27–36 GB/s, bests 32–39)."""
-    from .measure import measure_interleaved
-    src = torch.ones(nbytes, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    m = measure_interleaved({"copy": lambda: dst.copy_(src)}, Clock(device), warmup=1,
-                            repeats=max(repeats, COPY_REPEATS))["copy"]
-    return 2 * nbytes / (min(m.samples_ms) * 1e-3) / 1e9
+class CopyBandwidth:
+    """``tensor.copy_`` of ``nbytes`` buffers: bytes read + written per s at the fastest copy, in
+    GB/s. The fastest, not the median: it is the machine's limit that a decode step is held to.
+    Sampled in rounds spread over the whole measurement (``sample`` after every round of decode
+    repeats), because a shared host runs at half speed for seconds at a time: one burst of copies
+    can fall entirely into a slow phase (Intel Xeon, 2 threads, 300 MB: bursts of 15 copies gave
+    7.4–17 GB/s within one run) while the steps, spread over the run, did not."""
+
+    def __init__(self, sizes, device: torch.device):
+        self.device = device
+        self.buffers = {}
+        self.best_s = {}
+        self.copies = {}
+        for nbytes in sorted(set(sizes)):
+            src = torch.ones(nbytes, dtype=torch.uint8, device=device)
+            dst = torch.empty_like(src)
+            dst.copy_(src)  # the first touch of dst's pages is not a copy's cost
+            self.buffers[nbytes] = (src, dst)
+            self.best_s[nbytes] = float("inf")
+            self.copies[nbytes] = 0
+
+    def sample(self, copies: int) -> None:
+        """``copies`` timed copies of every buffer."""
+        from .measure import measure_interleaved
+        for nbytes, (src, dst) in self.buffers.items():
+            m = measure_interleaved({"copy": functools.partial(dst.copy_, src)}, Clock(self.device),
+                                    warmup=0, repeats=copies, inner=1)["copy"]
+            self.best_s[nbytes] = min(self.best_s[nbytes], min(m.samples_ms) * 1e-3)
+            self.copies[nbytes] += copies
+
+    def gbps(self, nbytes: int) -> float:
+        missing = COPY_REPEATS - self.copies[nbytes]
+        if missing > 0:
+            self.sample(missing)
+        return 2 * nbytes / self.best_s[nbytes] / 1e9
+
+    def release(self) -> None:
+        self.buffers.clear()
 
 
-def add_streaming_columns(rows: list[dict], models, source, device, repeats: int) -> None:
+def step_cache_len(prompt_len: int, new_tokens: int) -> int:
+    return prompt_len + new_tokens // 2  # the decode steps' mean
+
+
+def decode_rows_bytes(models, source, keys, modes, prompt_len: int, new_tokens: int,
+                      batch: int) -> dict:
+    """``{(impl, dtype, mode): bytes one decode step reads}`` (None where not defined)."""
+    out = {}
+    for impl, dt in keys:
+        model = source if impl == "reference" else models[(impl, dt)]
+        for mode in modes:
+            out[(impl, dt, mode)] = decode_step_bytes(
+                model, mode, step_cache_len(prompt_len, new_tokens), batch)
+    return out
+
+
+def add_streaming_columns(rows: list[dict], step_bytes: dict, copies: CopyBandwidth) -> None:
     """``step_bytes``, ``step_gbps`` (bytes / p50 step time) and ``copy_gbps`` (a copy of a buffer
-    of the same size, measured now: the same run) on every decode row; the reference's bytes are
-    those of its fp32 weights (the source model's)."""
+    of the same size, sampled through the same run) on every decode row; the reference's bytes
+    are those of its fp32 weights (the source model's)."""
     for r in rows:
-        model = source if r["impl"] == "reference" else models[(r["impl"], r["dtype"])]
-        cache_len = r["prompt_len"] + r["new_tokens"] // 2  # the steps' mean
-        nbytes = decode_step_bytes(model, r["mode"], cache_len, r["batch"])
+        nbytes = step_bytes[(r["impl"], r["dtype"], r["mode"])]
         r["step_bytes"] = nbytes
         if nbytes is None or not r.get("per_token_ms_p50"):
             r["step_gbps"] = r["copy_gbps"] = r["copy_fraction"] = None
             continue
         r["step_gbps"] = nbytes / (r["per_token_ms_p50"] * 1e-3) / 1e9
-        r["copy_gbps"] = copy_gbps(nbytes, device, repeats)
+        r["copy_gbps"] = copies.gbps(nbytes)
         r["copy_fraction"] = r["step_gbps"] / r["copy_gbps"]
 
 
@@ -260,12 +301,17 @@ def run_prompt(models, cfg: GenerateConfig, ids, device, source, refs, bar) -> l
     verdicts, memory = check_and_measure_memory(models, cfg, ids, device, source, refs)
     bar.update(1)
     keys = list(models)
+    step_bytes = decode_rows_bytes(models, source, keys, cfg.modes, ids.shape[1],
+                                   cfg.new_tokens, cfg.batch_size)
+    copies = CopyBandwidth([n for n in step_bytes.values() if n is not None], device)
+    copies_per_round = -(-COPY_REPEATS // max(cfg.repeats, 1))
     runs = {(key, mode): [] for mode in cfg.modes for key in keys}
     for rep in range(cfg.repeats):
         for m_i, mode in enumerate(cfg.modes):
             for key in rotated(keys, rep + m_i):
                 runs[(key, mode)].append(timed_generate(models[key], ids, cfg.new_tokens, mode,
                                                         graphed(cfg, key[0], mode)))
+        copies.sample(copies_per_round)
         bar.update(1)
     rows = []
     for mode in cfg.modes:
@@ -291,7 +337,8 @@ def run_prompt(models, cfg: GenerateConfig, ids, device, source, refs, bar) -> l
         same_mode = [r for r in rows if r["mode"] == mode]
         add_speedups(same_mode, "per_token_ms_p50", "speedup_vs_reference")
         add_speedups(same_mode, "ttft_ms", "ttft_speedup_vs_reference")
-    add_streaming_columns(rows, models, source, device, cfg.repeats)
+    add_streaming_columns(rows, step_bytes, copies)
+    copies.release()
     return rows
 
 
