@@ -113,12 +113,9 @@ def positions_from_mask(attention_mask: Tensor | None, B: int, S: int,
 # torch's CPU ``mm`` is MKL's sgemm, which on AMD CPUs takes a code path measured at ~95 GFLOP/s
 # on 2 Zen 5 cores for the 110M model's shapes, where oneDNN's fp32 matmul (an exact fp32 GEMM,
 # JIT-compiled for the CPU it runs on) measured ~205; the forward of a linear layer measured
-# 2.1-2.4x faster through oneDNN for every shape of the tiny and the 110M model. So on AMD (and
-# any CPU not Intel's) the CPU fp32 linears of PLDRForCausalLM run forward and backward through
-# oneDNN, at inference and in training alike (a training forward is bitwise the inference
-# forward; docs/design.md §3.4.2). On Intel, MKL's own CPUs, torch's mm is as fast or faster
-# (2 Xeon cores, AVX-512 + AMX: the LM head's dX 256 vs 390 ms, its dW 399 vs 493 ms; a 110M
-# training step 2928 vs 3226 ms, the tiny model's 161 vs 172 ms), so there they stay torch's.
+# 2.1-2.4x faster through oneDNN for every shape of the tiny and the 110M model. So the CPU fp32
+# linears of PLDRForCausalLM run forward and backward through oneDNN, at inference and in
+# training alike (a training forward is bitwise the inference forward; docs/design.md §3.4.2).
 
 
 def _onednn_matmul_available() -> bool:
@@ -126,26 +123,7 @@ def _onednn_matmul_available() -> bool:
             and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 
 
-def cpu_vendor() -> str:
-    """The CPU's vendor id (``GenuineIntel``, ``AuthenticAMD``, ...), "" where unknown."""
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-            for line in f:
-                if line.startswith("vendor_id"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
-
-
-def onednn_matmul_preferred(vendor: str) -> bool:
-    """Whether the fp32 linears go through oneDNN on a CPU of this vendor (see above)."""
-    return vendor != "GenuineIntel"
-
-
-ONEDNN_AVAILABLE = _onednn_matmul_available()
-# The switch every CPU fp32 linear reads (tests set it to run either path on any machine).
-ONEDNN_MATMUL = ONEDNN_AVAILABLE and onednn_matmul_preferred(cpu_vendor())
+ONEDNN_MATMUL = _onednn_matmul_available()
 
 
 def _onednn_serves(a: Tensor, b: Tensor) -> bool:
