@@ -159,11 +159,22 @@ def test_train_contestants_are_judged_before_timing(part):
     agreement = rows["pldr_kernels"]["agreement"]
     assert {"g_attention": "g_attention gradients: ok",
             "metric_tensors": "given its own A: ok",
-            "model": "gradients on the first 24 tokens"}[part] in agreement, agreement
+            "model": "gradients on 1 window of 24 tokens"}[part] in agreement, agreement
     if part == "model":
         assert rows["pldr_kernels"]["tokens_per_s"] == pytest.approx(
             24 / (rows["pldr_kernels"]["time_ms_p50"] * 1e-3))
 
+
+
+def test_the_model_gradients_are_judged_on_disjoint_windows():
+    ids = torch.arange(1024)[None]
+    n = train_suite.MODEL_GRAD_CHECK_LEN
+    windows = train_suite.check_windows(ids)
+    assert len(windows) == train_suite.MODEL_GRAD_CHECK_WINDOWS
+    assert [w[0, 0].item() for w in windows] == [i * n for i in range(len(windows))]
+    assert all(w.shape == (1, n) for w in windows)
+    (short,) = train_suite.check_windows(ids[:, :24])
+    assert torch.equal(short, ids[:, :24])
 
 def test_a_wrong_gradient_is_shouted_and_marked_invalid(monkeypatch, capsys):
     real = train_suite.attention_grads

