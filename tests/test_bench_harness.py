@@ -165,7 +165,6 @@ def test_train_contestants_are_judged_before_timing(part):
             24 / (rows["pldr_kernels"]["time_ms_p50"] * 1e-3))
 
 
-
 def test_the_model_gradients_are_judged_on_disjoint_windows():
     ids = torch.arange(1024)[None]
     n = train_suite.MODEL_GRAD_CHECK_LEN
@@ -175,6 +174,7 @@ def test_the_model_gradients_are_judged_on_disjoint_windows():
     assert all(w.shape == (1, n) for w in windows)
     (short,) = train_suite.check_windows(ids[:, :24])
     assert torch.equal(short, ids[:, :24])
+
 
 def test_a_wrong_gradient_is_shouted_and_marked_invalid(monkeypatch, capsys):
     real = train_suite.attention_grads
@@ -241,7 +241,6 @@ def test_visible_pairs_and_copy_bandwidth():
     assert row["gbps"] == pytest.approx(2 * row["bytes"] / (row["time_ms_p50"] * 1e-3) / 1e9)
 
 
-
 def test_decode_copy_bandwidth_is_the_fastest_copy_over_all_rounds(monkeypatch):
     """generate's copy column: rounds of copies spread over the run, the fastest one kept, and
     topped up to COPY_REPEATS copies per size if the rounds were fewer."""
@@ -254,6 +253,7 @@ def test_decode_copy_bandwidth_is_the_fastest_copy_over_all_rounds(monkeypatch):
     gbps = meter.gbps(1 << 20)  # tops up with 10 copies of 9 ms: the 1 ms copy stays the best
     assert meter.copies[1 << 20] == generate_suite.COPY_REPEATS
     assert gbps == pytest.approx(2 * (1 << 20) / 1e-3 / 1e9)
+
 
 # ---- the CLI: checks before the run, then a tiny run, then rendering from the JSON -----------
 def test_checks_fail_before_the_run(monkeypatch, tmp_path, capsys):

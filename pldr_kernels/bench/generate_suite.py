@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import testing
-from .measure import Clock, progress_bar, rotated, run_with_peak, summarize
+from .measure import Clock, measure_interleaved, progress_bar, rotated, run_with_peak, summarize
 from .ops_suite import OPS, add_speedups, kernel_missing, report_disagreement, selected, skipped
 
 MODES = ("none", "kv", "kvg")
@@ -135,7 +135,6 @@ class CopyBandwidth:
 
     def sample(self, copies: int) -> None:
         """``copies`` timed copies of every buffer."""
-        from .measure import measure_interleaved
         for nbytes, (src, dst) in self.buffers.items():
             m = measure_interleaved({"copy": functools.partial(dst.copy_, src)}, Clock(self.device),
                                     warmup=0, repeats=copies, inner=1)["copy"]
@@ -152,19 +151,15 @@ class CopyBandwidth:
         self.buffers.clear()
 
 
-def step_cache_len(prompt_len: int, new_tokens: int) -> int:
-    return prompt_len + new_tokens // 2  # the decode steps' mean
-
-
 def decode_rows_bytes(models, source, keys, modes, prompt_len: int, new_tokens: int,
                       batch: int) -> dict:
     """``{(impl, dtype, mode): bytes one decode step reads}`` (None where not defined)."""
+    cache_len = prompt_len + new_tokens // 2  # the decode steps' mean
     out = {}
     for impl, dt in keys:
         model = source if impl == "reference" else models[(impl, dt)]
         for mode in modes:
-            out[(impl, dt, mode)] = decode_step_bytes(
-                model, mode, step_cache_len(prompt_len, new_tokens), batch)
+            out[(impl, dt, mode)] = decode_step_bytes(model, mode, cache_len, batch)
     return out
 
 
