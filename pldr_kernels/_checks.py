@@ -15,6 +15,7 @@ import math
 import struct
 from collections.abc import Sequence
 from enum import Enum
+from typing import NamedTuple
 
 import torch
 
@@ -454,6 +455,45 @@ def check_metric_tensors_backward_inputs(grad_A: Tensor | None, grad_A_LM: Tenso
 
 
 # ---- linear_small / swiglu_small (docs/design.md §3.9) ----------------------------------------
+class LinearArgNames(NamedTuple):
+    """checks.h ``LinearArgNames``: what the messages call a linear's weight, bias and scale."""
+    weight: str = "weight"
+    bias: str = "bias"
+    scale: str = "scale"
+
+
+def check_small_linear_weights(weight: Tensor, bias: Tensor | None, scale: Tensor | None,
+                               device: torch.device, layout: str,
+                               names: LinearArgNames) -> None:
+    """checks.h ``check_small_linear_weights``."""
+    w, b, s = names
+    torch._check(weight.dtype in (torch.float32, torch.bfloat16, torch.int8),
+                 lambda: f"{w} must be float32, bfloat16 or int8, got {dtype_str(weight.dtype)}.")
+    check_rank(weight, w, 2, layout)
+    torch._check(weight.device == device, lambda: f"{w} must be on the same device as x "
+                 f"({device}), got {weight.device}.")
+    torch._check(weight.is_contiguous(), lambda: f"{w} must be contiguous, got strides "
+                 f"{seq_str(weight.stride())}. Call .contiguous() on it.")
+    rows = weight.size(0)
+    if bias is not None:
+        torch._check(bias.device == device, lambda: f"{b} must be on the same device as x "
+                     f"({device}), got {bias.device}.")
+        torch._check(bias.dtype in (torch.float32, torch.bfloat16), lambda: f"{b} must be "
+                     f"float32 or bfloat16, got {dtype_str(bias.dtype)}.")
+        check_shape(bias, b, (rows,))
+    if weight.dtype == torch.int8:
+        torch._check(scale is not None, lambda: f"{s} is required with an int8 {w}: the fp32 "
+                     f"scale of each output channel ({w} row), shape [{rows}].")
+    else:
+        torch._check(scale is None, lambda: f"{s} is only for an int8 {w}, got {w} of dtype "
+                     f"{dtype_str(weight.dtype)}.")
+    if scale is not None:
+        torch._check(scale.device == device, lambda: f"{s} must be on the same device as x "
+                     f"({device}), got {scale.device}.")
+        check_dtype(scale, s, torch.float32)
+        check_shape(scale, s, (rows,))
+
+
 def check_linear_small_inputs(x: Tensor, weight: Tensor, bias: Tensor | None,
                               scale: Tensor | None, swiglu: bool) -> tuple[int, int]:
     """checks.h ``check_linear_small_inputs``; returns (rows of weight, output features)."""
@@ -461,17 +501,9 @@ def check_linear_small_inputs(x: Tensor, weight: Tensor, bias: Tensor | None,
                  lambda: f"x must be float32 or bfloat16, got {dtype_str(x.dtype)}.")
     torch._check(x.dim() >= 1, lambda: "x must have at least 1 dimension [..., in_features], got "
                  "a 0-D tensor.")
-    torch._check(weight.dtype in (torch.float32, torch.bfloat16, torch.int8),
-                 lambda: "weight must be float32, bfloat16 or int8, got "
-                 f"{dtype_str(weight.dtype)}.")
-    check_rank(weight, "weight", 2,
-               "[2 * hidden, in_features] (gate rows, then up rows)" if swiglu
-               else "[out_features, in_features]")
-    device = x.device
-    torch._check(weight.device == device, lambda: f"weight must be on the same device as x "
-                 f"({device}), got {weight.device}.")
-    torch._check(weight.is_contiguous(), lambda: f"weight must be contiguous, got strides "
-                 f"{seq_str(weight.stride())}. Call .contiguous() on it.")
+    check_small_linear_weights(weight, bias, scale, x.device,
+                               "[2 * hidden, in_features] (gate rows, then up rows)" if swiglu
+                               else "[out_features, in_features]", LinearArgNames())
     K, rows = weight.size(1), weight.size(0)
     torch._check(x.size(-1) == K, lambda: f"x.shape[-1] (in_features) must be weight.shape[1] = "
                  f"{K}, got {x.size(-1)} (shape {shape_str(x)}).")
@@ -481,23 +513,6 @@ def check_linear_small_inputs(x: Tensor, weight: Tensor, bias: Tensor | None,
         torch._check(rows % 2 == 0, lambda: f"weight.shape[0] (gate and up rows) must be even, "
                      f"got {rows}.")
         features = rows // 2
-    if bias is not None:
-        torch._check(bias.device == device, lambda: f"bias must be on the same device as x "
-                     f"({device}), got {bias.device}.")
-        torch._check(bias.dtype in (torch.float32, torch.bfloat16), lambda: f"bias must be "
-                     f"float32 or bfloat16, got {dtype_str(bias.dtype)}.")
-        check_shape(bias, "bias", (rows,))
-    if weight.dtype == torch.int8:
-        torch._check(scale is not None, lambda: "scale is required with an int8 weight: the fp32 "
-                     f"scale of each output channel (weight row), shape [{rows}].")
-    else:
-        torch._check(scale is None, lambda: "scale is only for an int8 weight, got weight of "
-                     f"dtype {dtype_str(weight.dtype)}.")
-    if scale is not None:
-        torch._check(scale.device == device, lambda: f"scale must be on the same device as x "
-                     f"({device}), got {scale.device}.")
-        check_dtype(scale, "scale", torch.float32)
-        check_shape(scale, "scale", (rows,))
     return rows, features
 
 
@@ -540,3 +555,73 @@ def check_transpose_2d_input(x: Tensor) -> None:
     check_dtype(x, "x", torch.float32)
     check_rank(x, "x", 2, "[rows, columns]")
     check_last_dim_contiguous(x, "x")
+
+
+# ---- decode_layer (docs/design.md §3.12) -------------------------------------------------------
+class DecodeLayerLinear(NamedTuple):
+    """checks.h ``DecodeLayerLinear``: one of the layer's linears and its argument names."""
+    weight: Tensor
+    bias: Tensor | None
+    scale: Tensor | None
+    names: LinearArgNames
+
+
+def check_decode_layer_linear(linear: DecodeLayerLinear, device: torch.device, rows, cols,
+                              layout: str) -> None:
+    check_small_linear_weights(linear.weight, linear.bias, linear.scale, device, layout,
+                               linear.names)
+    check_shape(linear.weight, linear.names.weight, (rows, cols))
+
+
+def check_decode_layer_norm(t: Tensor, name: str, x: Tensor) -> None:
+    torch._check(t.device == x.device, lambda: f"{name} must be on the same device as x "
+                 f"({x.device}), got {t.device}.")
+    torch._check(t.dtype in (x.dtype, torch.float32), lambda: f"{name} must have x's dtype "
+                 f"({dtype_str(x.dtype)}) or float32, got {dtype_str(t.dtype)}.")
+    check_shape(t, name, (x.size(2),))
+
+
+def check_rope_table(t: Tensor, name: str, device: torch.device, shape: tuple, what: str) -> None:
+    torch._check(t.device == device, lambda: f"{name} must be on the same device as x ({device}), "
+                 f"got {t.device}.")
+    check_dtype(t, name, torch.float32, "The RoPE tables are fp32.")
+    torch._check(t.dim() == 4 and all(a == b for a, b in zip(t.shape, shape)),
+                 lambda: f"{name} must have shape {seq_str(shape)} ({what}), got {shape_str(t)}.")
+
+
+def check_decode_layer_inputs(x: Tensor, qkv: DecodeLayerLinear, dense: DecodeLayerLinear,
+                              ln1_weight: Tensor, ln1_bias: Tensor, ffn12: DecodeLayerLinear,
+                              ffn3: DecodeLayerLinear, ln2_weight: Tensor, ln2_bias: Tensor,
+                              k_cache: Tensor, rope_cos: Tensor, rope_sin: Tensor,
+                              interleaved_rope: bool, eps: float) -> None:
+    """checks.h ``check_decode_layer_inputs``."""
+    check_rank(x, "x", 3, "[B, 1, D] (one new token per row)")
+    torch._check(x.dtype in (torch.float32, torch.bfloat16),
+                 lambda: f"x must be float32 or bfloat16, got {dtype_str(x.dtype)}.")
+    torch._check(x.size(1) == 1, lambda: "x.shape[1] (new tokens) must be 1: decode_layer appends "
+                 f"one token per row, got {x.size(1)} (shape {shape_str(x)}).")
+    check_last_dim_contiguous(x, "x")
+    check_rank(k_cache, "k_cache", 4, "[B, Smax, H, d]")
+    B, D, H, d = x.size(0), x.size(2), k_cache.size(2), k_cache.size(3)
+    torch._check(H * d == D, lambda: "x.shape[2] (hidden size D) must be k_cache's heads x head "
+                 f"dim = {H} x {d} = {H * d}, got {D}.")
+    device = x.device
+    check_decode_layer_linear(qkv, device, 3 * D, D, "[3 * D, D] (q, k, v rows)")
+    check_decode_layer_linear(dense, device, D, D, "[D, D]")
+    gate_up = "[2 * intermediate, D] (gate rows, then up rows)"
+    check_rank(ffn12.weight, ffn12.names.weight, 2, gate_up)
+    rows12 = ffn12.weight.size(0)
+    torch._check(rows12 % 2 == 0, lambda: f"{ffn12.names.weight}.shape[0] (gate and up rows) must "
+                 f"be even, got {rows12}.")
+    check_decode_layer_linear(ffn12, device, rows12, D, gate_up)
+    check_decode_layer_linear(ffn3, device, D, rows12 // 2, "[D, intermediate]")
+    check_decode_layer_norm(ln1_weight, "ln1_weight", x)
+    check_decode_layer_norm(ln1_bias, "ln1_bias", x)
+    check_decode_layer_norm(ln2_weight, "ln2_weight", x)
+    check_decode_layer_norm(ln2_bias, "ln2_bias", x)
+    table = d // 2 if interleaved_rope else d
+    what = "one angle per pair: interleaved_rope" if interleaved_rope else "d angles: rotate_half"
+    check_rope_table(rope_cos, "rope_cos", device, (B, 1, 1, table), what)
+    check_rope_table(rope_sin, "rope_sin", device, (B, 1, 1, table), what)
+    torch._check(math.isfinite(eps) and eps >= 0, lambda: "eps (the LayerNorms') must be finite "
+                 f"and >= 0, got {eps:g}.")

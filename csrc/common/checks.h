@@ -565,6 +565,57 @@ struct LinearSmallDims {
   int64_t M, K, rows, features;
 };
 
+// The names the messages give a linear's weight, bias and scale: linear_small's own, or the
+// argument names of an op that takes several linears (decode_layer's qkv_weight, ffn_s12, ...).
+struct LinearArgNames {
+  const char* weight = "weight";
+  const char* bias = "bias";
+  const char* scale = "scale";
+};
+
+// A weight-streaming linear's parameters, on x's device: weight [rows, in_features] fp32, bf16 or
+// int8 and contiguous; bias [rows] fp32 or bf16 or None; scale [rows] fp32 exactly when the
+// weight is int8 (one scale per output channel).
+inline void check_small_linear_weights(const at::Tensor& weight,
+                                       const c10::optional<at::Tensor>& bias,
+                                       const c10::optional<at::Tensor>& scale,
+                                       c10::Device device, const char* layout,
+                                       const LinearArgNames& names) {
+  const auto wt = weight.scalar_type();
+  TORCH_CHECK(wt == at::kFloat || wt == at::kBFloat16 || wt == at::kChar, names.weight,
+              " must be float32, bfloat16 or int8, got ", wt, ".");
+  check_rank(weight, names.weight, 2, layout);
+  TORCH_CHECK(weight.device() == device, names.weight, " must be on the same device as x (",
+              device, "), got ", weight.device(), ".");
+  TORCH_CHECK(weight.is_contiguous(), names.weight, " must be contiguous, got strides ",
+              weight.strides(), ". Call .contiguous() on it.");
+  const int64_t rows = weight.size(0);
+  if (bias.has_value()) {
+    const auto& b = *bias;
+    TORCH_CHECK(b.device() == device, names.bias, " must be on the same device as x (", device,
+                "), got ", b.device(), ".");
+    const auto bt = b.scalar_type();
+    TORCH_CHECK(bt == at::kFloat || bt == at::kBFloat16, names.bias,
+                " must be float32 or bfloat16, got ", bt, ".");
+    check_shape(b, names.bias, {rows});
+  }
+  if (wt == at::kChar) {
+    TORCH_CHECK(scale.has_value(), names.scale, " is required with an int8 ", names.weight,
+                ": the fp32 scale of each output channel (", names.weight, " row), shape [", rows,
+                "].");
+  } else {
+    TORCH_CHECK(!scale.has_value(), names.scale, " is only for an int8 ", names.weight, ", got ",
+                names.weight, " of dtype ", wt, ".");
+  }
+  if (scale.has_value()) {
+    const auto& s = *scale;
+    TORCH_CHECK(s.device() == device, names.scale, " must be on the same device as x (", device,
+                "), got ", s.device(), ".");
+    check_dtype(s, names.scale, at::kFloat);
+    check_shape(s, names.scale, {rows});
+  }
+}
+
 inline LinearSmallDims check_linear_small_inputs(const at::Tensor& x, const at::Tensor& weight,
                                                  const c10::optional<at::Tensor>& bias,
                                                  const c10::optional<at::Tensor>& scale,
@@ -574,17 +625,10 @@ inline LinearSmallDims check_linear_small_inputs(const at::Tensor& x, const at::
               ".");
   TORCH_CHECK(x.dim() >= 1, "x must have at least 1 dimension [..., in_features], got a 0-D "
               "tensor.");
-  const auto wt = weight.scalar_type();
-  TORCH_CHECK(wt == at::kFloat || wt == at::kBFloat16 || wt == at::kChar,
-              "weight must be float32, bfloat16 or int8, got ", wt, ".");
-  check_rank(weight, "weight", 2,
-             swiglu ? "[2 * hidden, in_features] (gate rows, then up rows)"
-                    : "[out_features, in_features]");
-  const auto device = x.device();
-  TORCH_CHECK(weight.device() == device, "weight must be on the same device as x (", device,
-              "), got ", weight.device(), ".");
-  TORCH_CHECK(weight.is_contiguous(), "weight must be contiguous, got strides ", weight.strides(),
-              ". Call .contiguous() on it.");
+  check_small_linear_weights(weight, bias, scale, x.device(),
+                             swiglu ? "[2 * hidden, in_features] (gate rows, then up rows)"
+                                    : "[out_features, in_features]",
+                             LinearArgNames{});
   LinearSmallDims dims{x.numel() / std::max<int64_t>(x.size(-1), 1), weight.size(1),
                        weight.size(0), weight.size(0)};
   TORCH_CHECK(x.size(-1) == dims.K, "x.shape[-1] (in_features) must be weight.shape[1] = ",
@@ -594,29 +638,6 @@ inline LinearSmallDims check_linear_small_inputs(const at::Tensor& x, const at::
     TORCH_CHECK(dims.rows % 2 == 0, "weight.shape[0] (gate and up rows) must be even, got ",
                 dims.rows, ".");
     dims.features = dims.rows / 2;
-  }
-  if (bias.has_value()) {
-    const auto& b = *bias;
-    TORCH_CHECK(b.device() == device, "bias must be on the same device as x (", device, "), got ",
-                b.device(), ".");
-    const auto bt = b.scalar_type();
-    TORCH_CHECK(bt == at::kFloat || bt == at::kBFloat16, "bias must be float32 or bfloat16, got ",
-                bt, ".");
-    check_shape(b, "bias", {dims.rows});
-  }
-  if (wt == at::kChar) {
-    TORCH_CHECK(scale.has_value(), "scale is required with an int8 weight: the fp32 scale of each "
-                "output channel (weight row), shape [", dims.rows, "].");
-  } else {
-    TORCH_CHECK(!scale.has_value(), "scale is only for an int8 weight, got weight of dtype ", wt,
-                ".");
-  }
-  if (scale.has_value()) {
-    const auto& s = *scale;
-    TORCH_CHECK(s.device() == device, "scale must be on the same device as x (", device,
-                "), got ", s.device(), ".");
-    check_dtype(s, "scale", at::kFloat);
-    check_shape(s, "scale", {dims.rows});
   }
   return dims;
 }
@@ -666,6 +687,85 @@ inline void check_transpose_2d_input(const at::Tensor& x) {
   check_dtype(x, "x", at::kFloat);
   check_rank(x, "x", 2, "[rows, columns]");
   check_last_dim_contiguous(x, "x");
+}
+
+// ---- decode_layer (docs/design.md §3.12) ------------------------------------------------------
+// x [B, 1, D] fp32 or bf16 with D = heads x head dim of k_cache; the layer's four linears as
+// linear_small takes them (qkv [3D, D], dense [D, D], the FFN's [gate; up] pack [2I, D] and its
+// output [D, I]); the LayerNorms' weight and bias [D] in x's dtype or fp32; the step's RoPE
+// tables fp32 [B, 1, 1, d/2] (interleaved pairs) or [B, 1, 1, d] (rotate_half); eps finite and
+// >= 0. The caches, cache_seqlens, cache_start and G are g_attention_decode's arguments, under the
+// same names, and it checks them (values included) before it writes anything.
+struct DecodeLayerLinear {
+  const at::Tensor& weight;
+  const c10::optional<at::Tensor>& bias;
+  const c10::optional<at::Tensor>& scale;
+  LinearArgNames names;
+};
+
+inline void check_decode_layer_linear(const DecodeLayerLinear& linear, c10::Device device,
+                                      int64_t rows, int64_t cols, const char* layout) {
+  check_small_linear_weights(linear.weight, linear.bias, linear.scale, device, layout,
+                             linear.names);
+  check_shape(linear.weight, linear.names.weight, {rows, cols});
+}
+
+inline void check_decode_layer_norm(const at::Tensor& t, const char* name, const at::Tensor& x) {
+  TORCH_CHECK(t.device() == x.device(), name, " must be on the same device as x (", x.device(),
+              "), got ", t.device(), ".");
+  TORCH_CHECK(t.scalar_type() == x.scalar_type() || t.scalar_type() == at::kFloat, name,
+              " must have x's dtype (", x.scalar_type(), ") or float32, got ", t.scalar_type(),
+              ".");
+  check_shape(t, name, {x.size(2)});
+}
+
+inline void check_decode_layer_inputs(const at::Tensor& x, const DecodeLayerLinear& qkv,
+                                      const DecodeLayerLinear& dense,
+                                      const at::Tensor& ln1_weight, const at::Tensor& ln1_bias,
+                                      const DecodeLayerLinear& ffn12,
+                                      const DecodeLayerLinear& ffn3,
+                                      const at::Tensor& ln2_weight, const at::Tensor& ln2_bias,
+                                      const at::Tensor& k_cache, const at::Tensor& rope_cos,
+                                      const at::Tensor& rope_sin, bool interleaved_rope,
+                                      double eps) {
+  check_rank(x, "x", 3, "[B, 1, D] (one new token per row)");
+  const auto xt = x.scalar_type();
+  TORCH_CHECK(xt == at::kFloat || xt == at::kBFloat16, "x must be float32 or bfloat16, got ", xt,
+              ".");
+  TORCH_CHECK(x.size(1) == 1, "x.shape[1] (new tokens) must be 1: decode_layer appends one token "
+              "per row, got ", x.size(1), " (shape ", shape_str(x), ").");
+  check_last_dim_contiguous(x, "x");
+  check_rank(k_cache, "k_cache", 4, "[B, Smax, H, d]");
+  const int64_t B = x.size(0), D = x.size(2), H = k_cache.size(2), d = k_cache.size(3);
+  TORCH_CHECK(H * d == D, "x.shape[2] (hidden size D) must be k_cache's heads x head dim = ", H,
+              " x ", d, " = ", H * d, ", got ", D, ".");
+  const auto device = x.device();
+  check_decode_layer_linear(qkv, device, 3 * D, D, "[3 * D, D] (q, k, v rows)");
+  check_decode_layer_linear(dense, device, D, D, "[D, D]");
+  constexpr const char* kGateUp = "[2 * intermediate, D] (gate rows, then up rows)";
+  check_rank(ffn12.weight, ffn12.names.weight, 2, kGateUp);
+  const int64_t rows12 = ffn12.weight.size(0);
+  TORCH_CHECK(rows12 % 2 == 0, ffn12.names.weight, ".shape[0] (gate and up rows) must be even, "
+              "got ", rows12, ".");
+  check_decode_layer_linear(ffn12, device, rows12, D, kGateUp);
+  check_decode_layer_linear(ffn3, device, D, rows12 / 2, "[D, intermediate]");
+  check_decode_layer_norm(ln1_weight, "ln1_weight", x);
+  check_decode_layer_norm(ln1_bias, "ln1_bias", x);
+  check_decode_layer_norm(ln2_weight, "ln2_weight", x);
+  check_decode_layer_norm(ln2_bias, "ln2_bias", x);
+  const int64_t table = interleaved_rope ? d / 2 : d;
+  for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{rope_cos, "rope_cos"},
+                                std::pair<const at::Tensor&, const char*>{rope_sin, "rope_sin"}}) {
+    TORCH_CHECK(t.device() == device, name, " must be on the same device as x (", device,
+                "), got ", t.device(), ".");
+    check_dtype(t, name, at::kFloat, "The RoPE tables are fp32.");
+    TORCH_CHECK(t.sizes() == at::IntArrayRef({B, 1, 1, table}), name, " must have shape [", B,
+                ", 1, 1, ", table, "] (",
+                interleaved_rope ? "one angle per pair: interleaved_rope" : "d angles: rotate_half",
+                "), got ", shape_str(t), ".");
+  }
+  TORCH_CHECK(std::isfinite(eps) && eps >= 0,
+              "eps (the LayerNorms') must be finite and >= 0, got ", eps, ".");
 }
 
 }  // namespace pldr
