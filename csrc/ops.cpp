@@ -1,6 +1,6 @@
 // Op schemas of pldr-kernels (docs/design.md §3), the stub module init that lets `import` load
-// them, and g_attention_decode's ADInplaceOrView / Autograd kernels. Backends register their
-// kernels with TORCH_LIBRARY_IMPL in csrc/cpu and csrc/cuda.
+// them, and the ADInplaceOrView / Autograd kernels of the in-place decode ops. Backends register
+// their kernels with TORCH_LIBRARY_IMPL in csrc/cpu and csrc/cuda.
 #include <Python.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/autograd/functions/basic_ops.h>
@@ -50,6 +50,15 @@ TORCH_LIBRARY(pldr, m) {
   // (with per-row fp32 scales); swiglu_small's weight is SwiGLU's [gate; up] pack.
   m.def("linear_small(Tensor x, Tensor weight, Tensor? bias=None, Tensor? scale=None) -> Tensor");
   m.def("swiglu_small(Tensor x, Tensor weight, Tensor? bias=None, Tensor? scale=None) -> Tensor");
+  // One post-LN decoder layer of a CPU decode step (docs/design.md §3.12): projections, RoPE,
+  // append + attention with the cached G, dense, residual + LN, SwiGLU FFN, residual + LN.
+  m.def(
+      "decode_layer(Tensor x, Tensor qkv_weight, Tensor? qkv_bias, Tensor? qkv_scale, "
+      "Tensor dense_weight, Tensor? dense_bias, Tensor? dense_scale, Tensor ln1_weight, "
+      "Tensor ln1_bias, Tensor ffn_w12, Tensor? ffn_b12, Tensor? ffn_s12, Tensor ffn_w3, "
+      "Tensor? ffn_b3, Tensor? ffn_s3, Tensor ln2_weight, Tensor ln2_bias, Tensor(a!) k_cache, "
+      "Tensor(b!) v_cache, Tensor cache_seqlens, Tensor? cache_start, Tensor? G, Tensor rope_cos, "
+      "Tensor rope_sin, bool interleaved_rope, float eps) -> Tensor");
   // The rows of the LM head's cross entropy (docs/design.md §3.10), fp32 logits [N, V]:
   // lse [N] and nll [N] = lse − logits[i, targets[i]] (0 where targets[i] = ignore_index), and
   // the gradient of Σ grad_nll·nll for the logits' columns [start, end) (+ grad_logits there).
@@ -61,30 +70,18 @@ TORCH_LIBRARY(pldr, m) {
   m.def("transpose_2d(Tensor x) -> Tensor");
 }
 
-// ---- autograd of g_attention_decode (docs/design.md §3.5) ------------------------------------
-// The op appends to k_cache / v_cache in place (the schema's Tensor(a!) / Tensor(b!)). The
-// ADInplaceOrView kernel bumps their version counters after the call, as torch's own in-place
-// ops do, so a tensor saved for backward that the append overwrote fails autograd's version
-// check instead of giving a wrong gradient. (torch's autogradNotImplementedInplaceOrViewFallback
-// bumps only mutated *returns*; this op returns a new tensor.) The Autograd kernel gives the
-// step's output a backward that raises words saying why: the forward runs, so a generation loop
-// under grad mode still works. Caches that require grad are refused by checks.h on every
-// backend. metric_tensors and g_attention get their autograd elsewhere (pldr_kernels/autograd).
+// ---- autograd of the in-place decode ops (docs/design.md §3.5, §3.12) -------------------------
+// g_attention_decode and decode_layer append to k_cache / v_cache in place (the schemas'
+// Tensor(a!) / Tensor(b!)). The ADInplaceOrView kernel bumps the version counters of every
+// argument the schema marks written, after the call, as torch's own in-place ops do, so a tensor
+// saved for backward that the append overwrote fails autograd's version check instead of giving
+// a wrong gradient. (torch's autogradNotImplementedInplaceOrViewFallback bumps only mutated
+// *returns*; these ops return a new tensor.) The Autograd kernel gives the output a backward that
+// raises words saying why: the forward runs, so a generation loop under grad mode still works.
+// Caches that require grad are refused by checks.h on every backend. metric_tensors and
+// g_attention get their autograd elsewhere (pldr_kernels/autograd). Both kernels are boxed: one
+// pair serves every such op, reading what is written from the op's schema.
 namespace {
-
-using DecodeSignature = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                   const at::Tensor&, const c10::optional<at::Tensor>&,
-                                   const c10::optional<at::Tensor>&,
-                                   const c10::optional<at::Tensor>&,
-                                   const c10::optional<at::Tensor>&, c10::optional<double>,
-                                   int64_t);
-
-const c10::TypedOperatorHandle<DecodeSignature>& decode_op() {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("pldr::g_attention_decode", "")
-                             .typed<DecodeSignature>();
-  return op;
-}
 
 constexpr const char* kDecodeHasNoBackward =
     "pldr::g_attention_decode has no backward: it is the inference-only decode step over a "
@@ -92,20 +89,46 @@ constexpr const char* kDecodeHasNoBackward =
     "full sequence with pldr::g_attention (pldr_kernels.g_attention); run decoding under "
     "torch.no_grad() or torch.inference_mode() (docs/design.md §3.5).";
 
-at::Tensor g_attention_decode_inplace_or_view(
-    const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-    const at::Tensor& cache_seqlens, const c10::optional<at::Tensor>& k_new,
-    const c10::optional<at::Tensor>& v_new, const c10::optional<at::Tensor>& cache_start,
-    const c10::optional<at::Tensor>& G, c10::optional<double> scale, int64_t num_splits) {
-  at::Tensor out;
+constexpr const char* kDecodeLayerHasNoBackward =
+    "pldr::decode_layer has no backward: it is one decoder layer of the inference-only decode "
+    "step (it appends the token's k/v to the caches in place). For gradients, run the model's "
+    "full-sequence forward (PLDRForCausalLM.forward); run decoding under torch.no_grad() or "
+    "torch.inference_mode() (docs/design.md §3.12).";
+
+const char* no_backward_message(const c10::OperatorHandle& op) {
+  return op.schema().name() == "pldr::decode_layer" ? kDecodeLayerHasNoBackward
+                                                    : kDecodeHasNoBackward;
+}
+
+bool is_written(const c10::Argument& argument) {
+  return argument.alias_info() != nullptr && argument.alias_info()->isWrite();
+}
+
+// The op's arguments on the stack (the last `n` entries) that are tensors, written or not.
+std::vector<at::Tensor> tensor_arguments(const c10::OperatorHandle& op,
+                                         const torch::jit::Stack& stack, bool written) {
+  const auto& arguments = op.schema().arguments();
+  const size_t first = stack.size() - arguments.size();
+  std::vector<at::Tensor> tensors;
+  for (size_t i = 0; i < arguments.size(); ++i) {
+    const c10::IValue& value = stack[first + i];
+    if (value.isTensor() && is_written(arguments[i]) == written) {
+      tensors.push_back(value.toTensor());
+    }
+  }
+  return tensors;
+}
+
+void bump_written_after_call(const c10::OperatorHandle& op, c10::DispatchKeySet,
+                             torch::jit::Stack* stack) {
+  const std::vector<at::Tensor> written = tensor_arguments(op, *stack, /*written=*/true);
   {
     at::AutoDispatchBelowADInplaceOrView below;  // next: the backend (or the fake kernel)
-    out = decode_op().call(q, k_cache, v_cache, cache_seqlens, k_new, v_new, cache_start, G,
-                           scale, num_splits);
+    op.callBoxed(stack);
   }
-  torch::autograd::impl::bump_version(k_cache);  // only after a call that did not raise
-  torch::autograd::impl::bump_version(v_cache);
-  return out;
+  for (const at::Tensor& t : written) {
+    torch::autograd::impl::bump_version(t);  // only after a call that did not raise
+  }
 }
 
 // Autograd nodes are held by std::shared_ptr in older torch (2.11, the H200 stack) and by
@@ -120,31 +143,32 @@ decltype(torch::autograd::Edge::function) make_node(Args&&... args) {
   }
 }
 
-at::Tensor g_attention_decode_autograd(
-    const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-    const at::Tensor& cache_seqlens, const c10::optional<at::Tensor>& k_new,
-    const c10::optional<at::Tensor>& v_new, const c10::optional<at::Tensor>& cache_start,
-    const c10::optional<at::Tensor>& G, c10::optional<double> scale, int64_t num_splits) {
-  at::Tensor out;
+void forward_without_backward(const c10::OperatorHandle& op, c10::DispatchKeySet,
+                              torch::jit::Stack* stack) {
+  const std::vector<at::Tensor> inputs = tensor_arguments(op, *stack, /*written=*/false);
   {
     at::AutoDispatchBelowAutograd below;  // next: ADInplaceOrView
-    out = decode_op().call(q, k_cache, v_cache, cache_seqlens, k_new, v_new, cache_start, G,
-                           scale, num_splits);
+    op.callBoxed(stack);
   }
-  if (torch::autograd::compute_requires_grad(q, k_new, v_new, G)) {
+  if (torch::autograd::compute_requires_grad(at::ArrayRef<at::Tensor>(inputs))) {
+    at::Tensor out = stack->back().toTensor();
     torch::autograd::set_history(
         out, make_node<torch::autograd::Error>(
-                 kDecodeHasNoBackward, torch::autograd::collect_next_edges(q, k_new, v_new, G)));
+                 no_backward_message(op),
+                 torch::autograd::collect_next_edges(at::ArrayRef<at::Tensor>(inputs))));
   }
-  return out;
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pldr, ADInplaceOrView, m) {
-  m.impl("g_attention_decode", &g_attention_decode_inplace_or_view);
+  for (const char* name : {"g_attention_decode", "decode_layer"}) {
+    m.impl(name, torch::CppFunction::makeFromBoxedFunction<&bump_written_after_call>());
+  }
 }
 
 TORCH_LIBRARY_IMPL(pldr, Autograd, m) {
-  m.impl("g_attention_decode", &g_attention_decode_autograd);
+  for (const char* name : {"g_attention_decode", "decode_layer"}) {
+    m.impl(name, torch::CppFunction::makeFromBoxedFunction<&forward_without_backward>());
+  }
 }

@@ -242,6 +242,29 @@ def swiglu_small(x: Tensor, weight: Tensor, bias: Tensor | None = None,
 
 
 @_needs_extension
+def decode_layer(x: Tensor, qkv_weight: Tensor, qkv_bias: Tensor | None,
+                 qkv_scale: Tensor | None, dense_weight: Tensor, dense_bias: Tensor | None,
+                 dense_scale: Tensor | None, ln1_weight: Tensor, ln1_bias: Tensor,
+                 ffn_w12: Tensor, ffn_b12: Tensor | None, ffn_s12: Tensor | None,
+                 ffn_w3: Tensor, ffn_b3: Tensor | None, ffn_s3: Tensor | None,
+                 ln2_weight: Tensor, ln2_bias: Tensor, k_cache: Tensor, v_cache: Tensor,
+                 cache_seqlens: Tensor, cache_start: Tensor | None, G: Tensor | None,
+                 rope_cos: Tensor, rope_sin: Tensor, interleaved_rope: bool,
+                 eps: float) -> Tensor:
+    """One post-LN PLDR decoder layer of a CPU decode step, ``x [B, 1, D]`` → ``[B, 1, D]``:
+    the fused q/k/v projection, RoPE by the step's tables (:meth:`RotaryEmbedding.tables
+    <pldr_kernels.nn.RotaryEmbedding.tables>`), :func:`g_attention_decode` (appending k/v to the
+    caches in place) with G, ``dense``, ``LN1(attn + x)``, the SwiGLU FFN
+    (:func:`swiglu_small`, ``ffn_w3``), ``LN2(ffn + out1)``. Weights as :func:`linear_small` takes
+    them (an int8 one with its scale). The bits of the layer's Python forward, in one call
+    (docs/design.md §3.12). Inference only."""
+    return torch.ops.pldr.decode_layer(
+        x, qkv_weight, qkv_bias, qkv_scale, dense_weight, dense_bias, dense_scale, ln1_weight,
+        ln1_bias, ffn_w12, ffn_b12, ffn_s12, ffn_w3, ffn_b3, ffn_s3, ln2_weight, ln2_bias, k_cache,
+        v_cache, cache_seqlens, cache_start, G, rope_cos, rope_sin, interleaved_rope, eps)
+
+
+@_needs_extension
 def cross_entropy_forward(logits: Tensor, targets: Tensor,
                           ignore_index: int = -100) -> tuple[Tensor, Tensor]:
     """The rows of a cross entropy: fp32 ``logits [N, V]``, int64 ``targets [N]`` →
@@ -323,6 +346,28 @@ if _LOAD_ERROR is None:
     def _swiglu_small_fake(x, weight, bias=None, scale=None):
         _, features = _checks.check_linear_small_inputs(x, weight, bias, scale, swiglu=True)
         return x.new_empty((*x.shape[:-1], features))
+
+    @torch.library.register_fake("pldr::decode_layer")
+    def _decode_layer_fake(x, qkv_weight, qkv_bias, qkv_scale, dense_weight, dense_bias,
+                           dense_scale, ln1_weight, ln1_bias, ffn_w12, ffn_b12, ffn_s12, ffn_w3,
+                           ffn_b3, ffn_s3, ln2_weight, ln2_bias, k_cache, v_cache, cache_seqlens,
+                           cache_start, G, rope_cos, rope_sin, interleaved_rope, eps):
+        linear, names = _checks.DecodeLayerLinear, _checks.LinearArgNames
+        _checks.check_decode_layer_inputs(
+            x, linear(qkv_weight, qkv_bias, qkv_scale,
+                      names("qkv_weight", "qkv_bias", "qkv_scale")),
+            linear(dense_weight, dense_bias, dense_scale,
+                   names("dense_weight", "dense_bias", "dense_scale")),
+            ln1_weight, ln1_bias, linear(ffn_w12, ffn_b12, ffn_s12,
+                                         names("ffn_w12", "ffn_b12", "ffn_s12")),
+            linear(ffn_w3, ffn_b3, ffn_s3, names("ffn_w3", "ffn_b3", "ffn_s3")),
+            ln2_weight, ln2_bias, k_cache, rope_cos, rope_sin, interleaved_rope, eps)
+        # The attention's own checks, on its q/k/v of the shapes the projection gives.
+        B, H, d = x.shape[0], k_cache.shape[2], k_cache.shape[3]
+        q, k_new, v_new = (x.new_empty((B, 1, H, d)) for _ in range(3))
+        _checks.check_g_attention_decode_inputs(q, k_cache, v_cache, cache_seqlens, k_new, v_new,
+                                                cache_start, G, None, 0)
+        return x.new_empty(x.shape)
 
     @torch.library.register_fake("pldr::cross_entropy_forward")
     def _cross_entropy_forward_fake(logits, targets, ignore_index=-100):

@@ -48,10 +48,10 @@ LOW_PRECISION_FLOOR = 1e-5
 OPS = ("metric_tensors", "g_attention", "g_attention_decode")
 # Ops that only the registered autograd formulas call (docs/design.md §3.4).
 BACKWARD_OPS = ("g_attention_backward", "metric_tensors_backward")
-# CPU-only ops: the decode step's linears (§3.9), the LM head's loss rows (§3.10) and the
-# training step's transposed copies (§3.11).
+# CPU-only ops: the decode step's linears (§3.9), the LM head's loss rows (§3.10), the
+# training step's transposed copies (§3.11) and the decode step's fused layer (§3.12).
 CPU_OPS = ("linear_small", "swiglu_small", "cross_entropy_forward", "cross_entropy_backward",
-           "transpose_2d")
+           "transpose_2d", "decode_layer")
 METRIC_WEIGHT_ORDER = ("ln0_w", "ln0_b", "w1", "b1", "w2", "b2", "w3", "b3", "lnA_w", "lnA_b", "W",
                        "b", "pw", "a", "ba")
 # The paper's 110M model (docs/spec.md §1): the metric learner's shape.

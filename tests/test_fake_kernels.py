@@ -211,6 +211,60 @@ TRANSPOSE_BAD = {
     "x last dim strided": dict(x=noncontiguous_last_dim(6, 50)),
 }
 
+LAYER_D, LAYER_I = H * D, 40  # decode_layer: hidden size and FFN width
+
+
+def decode_layer_call(**changes):
+    Dm, I = LAYER_D, LAYER_I
+    kw = dict(x=randn(B, 1, Dm), qkv_weight=randn(3 * Dm, Dm), qkv_bias=randn(3 * Dm),
+              qkv_scale=None, dense_weight=randn(Dm, Dm), dense_bias=randn(Dm), dense_scale=None,
+              ln1_weight=randn(Dm), ln1_bias=randn(Dm), ffn_w12=randn(2 * I, Dm),
+              ffn_b12=randn(2 * I), ffn_s12=None, ffn_w3=randn(Dm, I), ffn_b3=randn(Dm),
+              ffn_s3=None, ln2_weight=randn(Dm), ln2_bias=randn(Dm),
+              k_cache=randn(B, SMAX, H, D), v_cache=randn(B, SMAX, H, D),
+              cache_seqlens=torch.tensor([3, 5], dtype=torch.int32),
+              cache_start=torch.tensor([0, 1], dtype=torch.int32), G=random_g(B, H, D),
+              rope_cos=randn(B, 1, 1, D // 2), rope_sin=randn(B, 1, 1, D // 2),
+              interleaved_rope=True, eps=1e-6)
+    return kw | changes
+
+
+def int8(*shape):
+    return torch.randint(-127, 128, shape, dtype=torch.int8)
+
+
+DECODE_LAYER_BAD = {
+    "x rank": dict(x=randn(B, LAYER_D)),
+    "x two tokens": dict(x=randn(B, 2, LAYER_D)),
+    "x dtype": dict(x=randn(B, 1, LAYER_D, dtype=torch.float16)),
+    "x last dim strided": dict(x=noncontiguous_last_dim(B, 1, LAYER_D)),
+    "x hidden size": dict(x=randn(B, 1, LAYER_D + 1)),
+    "k_cache rank": dict(k_cache=randn(B, SMAX, LAYER_D)),
+    "qkv_weight shape": dict(qkv_weight=randn(2 * LAYER_D, LAYER_D)),
+    "qkv_weight dtype": dict(qkv_weight=randn(3 * LAYER_D, LAYER_D, dtype=torch.float16)),
+    "qkv_bias shape": dict(qkv_bias=randn(LAYER_D)),
+    "qkv_scale missing": dict(qkv_weight=int8(3 * LAYER_D, LAYER_D)),
+    "qkv_scale without int8": dict(qkv_scale=randn(3 * LAYER_D)),
+    "dense_weight transposed": dict(dense_weight=randn(LAYER_D, LAYER_D).t()),
+    "dense_scale shape": dict(dense_weight=int8(LAYER_D, LAYER_D), dense_scale=randn(3)),
+    "ffn_w12 odd rows": dict(ffn_w12=randn(2 * LAYER_I + 1, LAYER_D),
+                             ffn_b12=randn(2 * LAYER_I + 1)),
+    "ffn_s12 dtype": dict(ffn_w12=int8(2 * LAYER_I, LAYER_D),
+                          ffn_s12=randn(2 * LAYER_I, dtype=torch.bfloat16)),
+    "ffn_w3 width": dict(ffn_w3=randn(LAYER_D, LAYER_I + 1)),
+    "ffn_b3 dtype": dict(ffn_b3=randn(LAYER_D, dtype=torch.float64)),
+    "ln1_weight shape": dict(ln1_weight=randn(LAYER_D - 1)),
+    "ln2_bias dtype": dict(ln2_bias=randn(LAYER_D, dtype=torch.float16)),
+    "rope_cos shape": dict(rope_cos=randn(B, 1, 1, D)),
+    "rope_sin dtype": dict(rope_sin=randn(B, 1, 1, D // 2, dtype=torch.bfloat16)),
+    "rope_cos rotate_half shape": dict(interleaved_rope=False),
+    "eps nan": dict(eps=float("nan")),
+    "v_cache shape": dict(v_cache=randn(B, SMAX - 1, H, D)),
+    "cache_seqlens dtype": dict(cache_seqlens=torch.tensor([3, 5])),
+    "G heads": dict(G=random_g(B, H + 1, D)),
+    "k_cache is v_cache": (lambda t: dict(k_cache=t, v_cache=t))(randn(B, SMAX, H, D)),
+}
+
 CASES = ([("g_attention", attention_call, name, bad) for name, bad in ATTENTION_BAD.items()]
          + [("g_attention_decode", decode_call, name, bad) for name, bad in DECODE_BAD.items()]
          + [("metric_tensors", metric_call, name, bad) for name, bad in METRIC_BAD.items()]
@@ -218,7 +272,9 @@ CASES = ([("g_attention", attention_call, name, bad) for name, bad in ATTENTION_
             for name, bad in CROSS_ENTROPY_BAD.items()]
          + [("cross_entropy_backward", cross_entropy_backward_call, name, bad)
             for name, bad in CROSS_ENTROPY_BACKWARD_BAD.items()]
-         + [("transpose_2d", transpose_call, name, bad) for name, bad in TRANSPOSE_BAD.items()])
+         + [("transpose_2d", transpose_call, name, bad) for name, bad in TRANSPOSE_BAD.items()]
+         + [("decode_layer", decode_layer_call, name, bad)
+            for name, bad in DECODE_LAYER_BAD.items()])
 
 
 def error_of(op: str, kwargs: dict) -> str:
@@ -247,7 +303,8 @@ def test_fake_kernel_refuses_a_bad_call_as_the_kernel_does(op, make, name, bad):
                                       ("metric_tensors", metric_call),
                                       ("cross_entropy_forward", cross_entropy_call),
                                       ("cross_entropy_backward", cross_entropy_backward_call),
-                                      ("transpose_2d", transpose_call)])
+                                      ("transpose_2d", transpose_call),
+                                      ("decode_layer", decode_layer_call)])
 def test_fake_kernel_accepts_the_good_call_with_the_kernels_output_shapes(op, make):
     kwargs = make()
     real = getattr(torch.ops.pldr, op)(**kwargs)
