@@ -33,6 +33,8 @@ from .layers import (
     predefined_g_values,
 )
 from .nn import (
+    SMALL_ROW_DTYPES,
+    SMALL_ROWS,
     GCachedAttention,
     KVCache,
     PackedModule,
@@ -42,6 +44,7 @@ from .nn import (
     StepInputs,
     SwiGLU,
 )
+from .quantize import Int8Linear
 from .sampling import GenerationOptions
 
 Tensor = torch.Tensor
@@ -75,6 +78,35 @@ class PLDRDecoderLayer(nn.Module):
         ``metric`` is the predefined (A, A_LM, G) of a model without metric learner."""
         out1 = self.layernorm1(self.mha1.forward_step(x, inputs, metric) + x)
         return self.layernorm2(self.ffn(out1) + out1)
+
+    def decode_layer_arguments(self) -> tuple[tuple[Tensor | None, ...], float] | None:
+        """The weights of this layer as ``pldr::decode_layer`` takes them (the qkv pack, dense,
+        LN1, the FFN's packs and gluw3, LN2, each linear with its int8 scale or None) and the
+        LayerNorms' eps; None when a module here is not the model's own (a user's swapped in, a
+        hook on one): the step then runs :meth:`forward`, whose bits the op gives."""
+        attention, ffn, ln1, ln2 = self.mha1, self.ffn, self.layernorm1, self.layernorm2
+        modules = (self, attention, ffn, ffn.gluw3, attention.dense, ln1, ln2)
+        linear_types = (SmallRowsLinear, Int8Linear)
+        if (type(attention) not in (GCachedAttention, PowerLawGraphAttention)
+                or type(ffn) is not SwiGLU or type(ffn.gluw3) not in linear_types
+                or type(attention.dense) not in linear_types
+                or any(type(n) is not nn.LayerNorm or n.weight is None or n.bias is None
+                       or n.normalized_shape != (n.weight.shape[0],) for n in (ln1, ln2))
+                or ln1.eps != ln2.eps
+                or any(m._forward_hooks or m._forward_pre_hooks for m in modules)):
+            return None
+
+        def pack(module: PackedModule, name: str) -> Tensor | None:
+            return module.packs[name].get() if name in module.packs else None
+
+        def linear(module: nn.Module) -> tuple[Tensor, Tensor | None, Tensor | None]:
+            return module.weight, module.bias, getattr(module, "weight_scale", None)
+
+        weights = (pack(attention, "qkv_weight"), pack(attention, "qkv_bias"),
+                   pack(attention, "qkv_scale"), *linear(attention.dense), ln1.weight, ln1.bias,
+                   pack(ffn, "w12"), pack(ffn, "b12"), pack(ffn, "s12"), *linear(ffn.gluw3),
+                   ln2.weight, ln2.bias)
+        return weights, ln1.eps
 
 
 class PLDRDecoder(PackedModule):
@@ -115,6 +147,8 @@ class PLDRDecoder(PackedModule):
 # --------------------------------------------------------------------------------------------
 # The model
 # --------------------------------------------------------------------------------------------
+def _forget_decode_plan(model: PLDRForCausalLM, incompatible_keys) -> None:
+    model._decode_plan = None  # load_state_dict(assign=True) may have replaced the weights
 class PLDRForCausalLM(nn.Module):
     """PLDR-LLM v510 on the fused pldr ops (``torch.ops.pldr.*``).
 
@@ -130,6 +164,8 @@ class PLDRForCausalLM(nn.Module):
         self.config = config
         self.decoder = PLDRDecoder(config)
         attach_lm_head(self, config, linear=SmallRowsLinear)
+        self._decode_plan: list | None = None  # the fused decode step's weights (decode_step)
+        self.register_load_state_dict_post_hook(_forget_decode_plan)
 
     # ---- loaders (loaders.py) ----------------------------------------------------------------
     # A load checks the config and the checkpoint's shapes first, builds this class on the meta
@@ -176,6 +212,7 @@ class PLDRForCausalLM(nn.Module):
         if kind not in QUANTIZATIONS:
             raise ValueError(f"quantize_weights: kind must be one of {QUANTIZATIONS}, got "
                              f"{kind!r}")
+        self._decode_plan = None
         return quantize_int8(self)
 
     @property
@@ -193,6 +230,10 @@ class PLDRForCausalLM(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.final_layer.weight.device
+
+    def _apply(self, fn, recurse=True):
+        self._decode_plan = None  # .to() / .half() / ... may give the weights new storage
+        return super()._apply(fn, recurse)
 
     def _attention_layers(self) -> list[GCachedAttention]:
         return [layer.mha1 for layer in self.decoder.dec_layers]
@@ -282,6 +323,7 @@ class PLDRForCausalLM(nn.Module):
                   for _ in range(c.num_hidden_layers)]
         for attention, cache in zip(self._attention_layers(), caches):
             attention.kv_cache = cache
+        self._decode_plan = None
         return caches
 
     def caches(self) -> list[KVCache | None]:
@@ -294,6 +336,7 @@ class PLDRForCausalLM(nn.Module):
     def clear_caches(self) -> None:
         for attention in self._attention_layers():
             attention.kv_cache = None
+        self._decode_plan = None
 
     def prefill(self, input_ids: Tensor, attention_mask: Tensor | None = None,
                 include_pad_in_g: bool = False, G_from_cache: bool = False) -> Tensor:
@@ -322,16 +365,68 @@ class PLDRForCausalLM(nn.Module):
         logits ``[B, V]``.
 
         Reads nothing back from the device and advances nothing (the caller does, in place), so
-        the step can be captured in a CUDA graph or compiled."""
+        the step can be captured in a CUDA graph or compiled. A few CPU rows at inference take
+        one ``pldr::decode_layer`` call per layer (:attr:`fused_decode`)."""
         cache = self.first_cache()
         if cache is None or cache.k is None:
             raise RuntimeError("decode_step needs KV-caches: call setup_caches(batch_size, "
                                "max_length) and prefill first")
         max_length = cache.max_length
+        if self._fused_decode_applies(tokens):
+            plan = self._decode_plan if self._decode_plan is not None else self._plan_decode()
+            if plan:
+                return self._fused_decode_step(plan, tokens, positions, cache_seqlens,
+                                               cache_start, recompute_G, max_length)
         inputs = StepInputs(rotation=self.decoder.rope.rotation(positions, max_length - 1),
                             cache_use="decode_G_from_A" if recompute_G else "decode",
                             cache_seqlens=cache_seqlens, cache_start=cache_start)
         return self._run(tokens, inputs, logits_to_keep=1)[:, -1]
+
+    # ---- the fused CPU decode step (docs/design.md §3.12) ---------------------------------------
+    fused_decode: bool = True  # False: decode steps run the Python layer loop (the same bits)
+
+    def _fused_decode_applies(self, tokens: Tensor) -> bool:
+        """Where the layer loop's projections take pldr::linear_small (nn.takes_small_rows): a few
+        CPU rows, fp32/bf16, no autograd, no autocast; and eager (a compiled step keeps the
+        layer loop, which the compiler sees into)."""
+        return (self.fused_decode and tokens.device.type == "cpu" and ops._LOAD_ERROR is None
+                and tokens.shape[0] <= SMALL_ROWS and not torch.is_grad_enabled()
+                and self.dtype in SMALL_ROW_DTYPES and not torch.is_autocast_enabled("cpu")
+                and not torch.compiler.is_compiling())
+
+    def _plan_decode(self) -> list:
+        """Per layer: its attention (cache and G) and :meth:`PLDRDecoderLayer.
+        decode_layer_arguments`; empty when a layer has none. Kept until the weights may have
+        moved (setup_caches, clear_caches, .to(), load_state_dict, quantize_weights)."""
+        plan = []
+        for layer in self.decoder.dec_layers:
+            arguments = layer.decode_layer_arguments()
+            if arguments is None:
+                plan = []
+                break
+            plan.append((layer.mha1, *arguments))
+        self._decode_plan = plan
+        return plan
+
+    def _fused_decode_step(self, plan: list, tokens: Tensor, positions: Tensor,
+                           cache_seqlens: Tensor, cache_start: Tensor | None, recompute_G: bool,
+                           max_length: int) -> Tensor:
+        """:meth:`decode_step` with one pldr::decode_layer call per layer; embedding and LM head
+        as in :meth:`_run`."""
+        rope = self.decoder.rope
+        cos, sin = rope.tables(positions, max_length - 1)
+        cache_use = "decode_G_from_A" if recompute_G else "decode"
+        decode_layer = torch.ops.pldr.decode_layer.default
+        x = self.decoder.embed(tokens)
+        for attention, weights, eps in plan:
+            cache = attention.kv_cache
+            if cache is None or cache.k is None:
+                raise RuntimeError("decode_step needs every layer's KV-cache: call "
+                                   "setup_caches(batch_size, max_length) and prefill first")
+            G = attention._decode_G(cache, cache_use)
+            x = decode_layer(x, *weights, cache.k, cache.v, cache_seqlens, cache_start, G, cos,
+                             sin, rope.interleaved, eps)
+        return self._head(x[:, -1:])[:, -1]
 
     # ---- generate (generation.py) ------------------------------------------------------------
     def generate_stream(self, input_ids: Tensor, max_new_tokens: int | None = None, *,

@@ -286,10 +286,10 @@ class RotaryEmbedding(PackedModule):
         if n > self.cos.shape[0]:
             self._build(max(n, 2 * self.cos.shape[0]), self.cos.device)
 
-    def rotation(self, positions: Tensor, max_position: int | None = None):
-        """The rotation for ``positions [B, S]``, computed once per step and shared by all layers:
-        complex ``cos + i·sin`` ``[B, S, 1, d/2]`` (interleaved) or fp32 ``(cos, sin)``
-        ``[B, S, 1, d]`` (rotate_half).
+    def tables(self, positions: Tensor, max_position: int | None = None) -> tuple[Tensor, Tensor]:
+        """fp32 ``(cos, sin)`` of ``positions [B, S]``: ``[B, S, 1, d/2]`` (interleaved: one angle
+        per pair) or ``[B, S, 1, d]`` (rotate_half: the angles twice), what
+        ``pldr::decode_layer`` takes.
 
         ``max_position`` is a host bound on ``positions`` (the model knows one from the shapes);
         without it the bound is read from the device in eager mode, and under torch.compile the
@@ -303,8 +303,15 @@ class RotaryEmbedding(PackedModule):
         cos = self.cos.index_select(0, flat).view(shape)
         sin = self.sin.index_select(0, flat).view(shape)
         if self.interleaved:
-            return torch.complex(cos, sin)
+            return cos, sin
         return torch.cat((cos, cos), dim=-1), torch.cat((sin, sin), dim=-1)
+
+    def rotation(self, positions: Tensor, max_position: int | None = None):
+        """The rotation for ``positions [B, S]``, computed once per step and shared by all layers:
+        complex ``cos + i·sin`` ``[B, S, 1, d/2]`` (interleaved) or fp32 ``(cos, sin)``
+        ``[B, S, 1, d]`` (rotate_half); ``max_position`` as in :meth:`tables`."""
+        cos, sin = self.tables(positions, max_position)
+        return torch.complex(cos, sin) if self.interleaved else (cos, sin)
 
     def forward(self, x: Tensor, rotation) -> Tensor:
         """Rotate ``x [B, S, n, d]`` by a :meth:`rotation`; the math of ``reference.apply_rope``."""
