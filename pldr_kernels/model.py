@@ -149,6 +149,8 @@ class PLDRDecoder(PackedModule):
 # --------------------------------------------------------------------------------------------
 def _forget_decode_plan(model: PLDRForCausalLM, incompatible_keys) -> None:
     model._decode_plan = None  # load_state_dict(assign=True) may have replaced the weights
+
+
 class PLDRForCausalLM(nn.Module):
     """PLDR-LLM v510 on the fused pldr ops (``torch.ops.pldr.*``).
 

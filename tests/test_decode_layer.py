@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from model_testing import left_pad, needs_cpu_kernels, prompt, tiny_model
 
 from pldr_kernels import ops
 from pldr_kernels.nn import SMALL_ROWS
-
-from model_testing import left_pad, needs_cpu_kernels, prompt, tiny_model
 
 pytestmark = [pytest.mark.skipif(ops._LOAD_ERROR is not None, reason=f"{ops._LOAD_ERROR}"),
               needs_cpu_kernels]

@@ -215,6 +215,28 @@ def test_greedy_generate_equals_pldr_generate(mode):
     assert torch.equal(hf_generate(hf, ids, mask, max_new_tokens=8), want)
 
 
+def test_hf_generate_takes_the_fused_decode_step_and_gives_the_loops_tokens(monkeypatch):
+    hf = hf_twin(tiny_model(seed=13))
+    ids, mask = left_pad([prompt(9, seed=14), prompt(5, seed=15)])
+    steps = []
+    fused_step = hf._fused_decode_step
+    monkeypatch.setattr(hf, "_fused_decode_step",
+                        lambda plan, *a: steps.append(plan) or fused_step(plan, *a))
+    fused = hf_generate(hf, ids, mask, max_new_tokens=6, pldr_cache_mode="kvg")
+    assert len(steps) == 5  # the first new token comes from the prefill
+    hf.fused_decode = False
+    assert torch.equal(hf_generate(hf, ids, mask, max_new_tokens=6, pldr_cache_mode="kvg"), fused)
+    assert len(steps) == 5
+    hf.fused_decode = True
+    hf.to(torch.bfloat16)  # the plan is made again for the moved weights
+    assert hf._decode_plan is None
+    hf_generate(hf, ids, mask, max_new_tokens=3, pldr_cache_mode="kvg")
+    assert len(steps) == 7
+    _, weights, _ = steps[-1][0]  # the last step's plan, layer 0
+    assert weights[3] is hf.decoder.dec_layers[0].mha1.dense.weight  # bf16 now
+    assert weights[3].dtype == torch.bfloat16
+
+
 def test_use_cache_false_is_mode_none():
     model = tiny_model(seed=13)
     hf = hf_twin(model)

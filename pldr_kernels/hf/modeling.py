@@ -25,7 +25,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from .. import loaders, ops
 from ..generation import DecodeState
 from ..layers import attach_lm_head, causal_lm_loss
-from ..model import PLDRDecoder, PLDRForCausalLM
+from ..model import PLDRDecoder, PLDRForCausalLM, _forget_decode_plan
 from ..nn import SmallRowsLinear
 from .cache import PldrCache
 from .configuration import HF_CACHE_MODES, PldrllmConfig
@@ -85,6 +85,8 @@ class PldrllmForCausalLM(PldrllmPreTrainedModel, GenerationMixin):
         pldr_config = config.to_pldr_config()
         self.decoder = PLDRDecoder(pldr_config)
         attach_lm_head(self, pldr_config, linear=SmallRowsLinear)  # as PLDRForCausalLM's
+        self._decode_plan: list | None = None  # the fused decode step's weights, as there
+        self.register_load_state_dict_post_hook(_forget_decode_plan)
         self.post_init()
 
     # ---- PLDRForCausalLM's layer loop and caches (model.py), shared --------------------------
@@ -99,6 +101,14 @@ class PldrllmForCausalLM(PldrllmPreTrainedModel, GenerationMixin):
     clear_caches = PLDRForCausalLM.clear_caches
     prefill = PLDRForCausalLM.prefill
     decode_step = PLDRForCausalLM.decode_step
+    fused_decode = PLDRForCausalLM.fused_decode
+    _fused_decode_applies = PLDRForCausalLM._fused_decode_applies
+    _plan_decode = PLDRForCausalLM._plan_decode
+    _fused_decode_step = PLDRForCausalLM._fused_decode_step
+
+    def _apply(self, fn, recurse=True):
+        self._decode_plan = None  # .to() / .half() / ... may give the weights new storage
+        return super()._apply(fn, recurse)
 
     @property
     def pldr_config(self):
