@@ -70,8 +70,8 @@ at::Tensor run(const at::Tensor& x, const at::Tensor& weight, const c10::optiona
   a.features = dims.features;
   a.swiglu = swiglu;
 
-  // Blocks of 8 features (whole tiles on every ISA); a thread's share must stream ≥ 64 KiB of
-  // weights, so a small layer runs on one thread instead of paying a fork for little work.
+  // Blocks of 8 features; a thread's share (one contiguous run of weight rows) must stream ≥ 64
+  // KiB of weights, so a small layer runs on one thread instead of paying a fork for little work.
   constexpr int64_t kBlock = 8;
   const int64_t blocks = (dims.features + kBlock - 1) / kBlock;
   const int64_t block_bytes =

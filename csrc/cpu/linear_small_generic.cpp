@@ -27,13 +27,31 @@ inline Vf load_int8(const int8_t* p) {
   return v;
 }
 
+inline float lane_sum(Vf v) {
+  float s = 0.f;
+  for (int i = 0; i < kVec; ++i) s += v[i];
+  return s;
+}
+
 #include "cpu/linear_small_kernel.h"
+
+// bf16 / int8 (linear_small_kernel.h says why one row at a time).
+template <class W>
+void one_row_at_a_time(const Args& a, int64_t f_begin, int64_t f_end) {
+  if (a.M == 1) return row_by_row::features<W, 4, 1>(a, f_begin, f_end);
+  row_by_row::features<W, 2, 2>(a, f_begin, f_end);
+}
 
 }  // namespace
 
 void features_generic(const Args& a, int64_t f_begin, int64_t f_end) {
-  if (a.M == 1) return features_any<4, 1>(a, f_begin, f_end);
-  features_any<2, 2>(a, f_begin, f_end);
+  switch (a.weight_kind) {
+    case WeightKind::kFloat32:
+      if (a.M == 1) return side_by_side::features<float, 4, 1>(a, f_begin, f_end);
+      return side_by_side::features<float, 2, 2>(a, f_begin, f_end);
+    case WeightKind::kBFloat16: return one_row_at_a_time<uint16_t>(a, f_begin, f_end);
+    case WeightKind::kInt8: return one_row_at_a_time<int8_t>(a, f_begin, f_end);
+  }
 }
 
 }  // namespace pldr::cpu::linear_small

@@ -26,16 +26,33 @@ inline Vf load_bf16(const uint16_t* p) {
 inline Vf load_int8(const int8_t* p) {
   return (Vf)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
 }
+inline float lane_sum(Vf v) {  // ((v0+v4)+(v2+v6)) + ((v1+v5)+(v3+v7))
+  const __m128 quad = _mm_add_ps(_mm256_castps256_ps128((__m256)v), _mm256_extractf128_ps((__m256)v, 1));
+  const __m128 pair = _mm_add_ps(quad, _mm_movehl_ps(quad, quad));
+  return _mm_cvtss_f32(_mm_add_ss(pair, _mm_movehdup_ps(pair)));
+}
 
 #include "cpu/linear_small_kernel.h"
+
+// bf16 / int8 (linear_small_kernel.h says why one row at a time): 4 chains at one row of x.
+template <class W>
+void one_row_at_a_time(const Args& a, int64_t f_begin, int64_t f_end) {
+  if (a.M == 1) return row_by_row::features<W, 4, 1>(a, f_begin, f_end);
+  if (a.M == 2) return row_by_row::features<W, 2, 2>(a, f_begin, f_end);
+  row_by_row::features<W, 1, 4>(a, f_begin, f_end);
+}
 
 }  // namespace
 
 void features_avx2(const Args& a, int64_t f_begin, int64_t f_end) {
-  // 16 vector registers: at most 8 accumulators.
-  if (a.M == 1) return features_any<8, 1>(a, f_begin, f_end);
-  if (a.M == 2) return features_any<4, 2>(a, f_begin, f_end);
-  features_any<2, 4>(a, f_begin, f_end);
+  switch (a.weight_kind) {
+    case WeightKind::kFloat32:  // 16 vector registers: at most 8 accumulators
+      if (a.M == 1) return side_by_side::features<float, 8, 1>(a, f_begin, f_end);
+      if (a.M == 2) return side_by_side::features<float, 4, 2>(a, f_begin, f_end);
+      return side_by_side::features<float, 2, 4>(a, f_begin, f_end);
+    case WeightKind::kBFloat16: return one_row_at_a_time<uint16_t>(a, f_begin, f_end);
+    case WeightKind::kInt8: return one_row_at_a_time<int8_t>(a, f_begin, f_end);
+  }
 }
 
 }  // namespace pldr::cpu::linear_small

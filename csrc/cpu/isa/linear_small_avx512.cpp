@@ -26,17 +26,33 @@ inline Vf load_bf16(const uint16_t* p) {
 inline Vf load_int8(const int8_t* p) {
   return (Vf)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
 }
+inline float lane_sum(Vf v) { return _mm512_reduce_add_ps((__m512)v); }  // a fixed tree
 
 #include "cpu/linear_small_kernel.h"
+
+// bf16 / int8 (linear_small_kernel.h says why one row at a time): 4 chains at one row of x (the
+// widening converts, not the FMA latency, bound the rate: 4 measured as fast as 8); more rows of
+// x: fewer chains each.
+template <class W>
+void one_row_at_a_time(const Args& a, int64_t f_begin, int64_t f_end) {
+  if (a.M == 1) return row_by_row::features<W, 4, 1>(a, f_begin, f_end);
+  if (a.M == 2) return row_by_row::features<W, 2, 2>(a, f_begin, f_end);
+  if (a.M <= 4) return row_by_row::features<W, 1, 4>(a, f_begin, f_end);
+  row_by_row::features<W, 1, 8>(a, f_begin, f_end);
+}
 
 }  // namespace
 
 void features_avx512(const Args& a, int64_t f_begin, int64_t f_end) {
-  // M = 1, 2: 8 weight rows at once; more rows: fewer weight rows, x rows in registers.
-  if (a.M == 1) return features_any<8, 1>(a, f_begin, f_end);
-  if (a.M == 2) return features_any<8, 2>(a, f_begin, f_end);
-  if (a.M <= 4) return features_any<4, 4>(a, f_begin, f_end);
-  features_any<2, 8>(a, f_begin, f_end);
+  switch (a.weight_kind) {
+    case WeightKind::kFloat32:  // 8 weight rows at 1–2 rows of x; more rows: fewer weight rows
+      if (a.M == 1) return side_by_side::features<float, 8, 1>(a, f_begin, f_end);
+      if (a.M == 2) return side_by_side::features<float, 8, 2>(a, f_begin, f_end);
+      if (a.M <= 4) return side_by_side::features<float, 4, 4>(a, f_begin, f_end);
+      return side_by_side::features<float, 2, 8>(a, f_begin, f_end);
+    case WeightKind::kBFloat16: return one_row_at_a_time<uint16_t>(a, f_begin, f_end);
+    case WeightKind::kInt8: return one_row_at_a_time<int8_t>(a, f_begin, f_end);
+  }
 }
 
 }  // namespace pldr::cpu::linear_small
