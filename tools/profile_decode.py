@@ -2,12 +2,14 @@
 it is Python / dispatch overhead rather than op work (issue 12).
 
     PYTHONPATH=. python tools/profile_decode.py [--dtype bfloat16] [--int8] [--steps 40]
-                                                [--threads 2] [--json out.json]
+                                                [--threads 2] [--layer-loop] [--json out.json]
 
 The model is PLDRForCausalLM with PLDRConfig's defaults (the paper's 110M config), random weights
 (seed 0), eval mode; B=1, a 128-token prompt, cache mode 'kvg'. The step timed is exactly the one
 ``generate`` runs per token (``generation._eager_decode``: check_room, ``model.decode_step``,
-``state.advance``), under ``torch.inference_mode`` as there.
+``state.advance``), under ``torch.inference_mode`` as there. On the CPU that step runs one fused
+``pldr::decode_layer`` call per layer; ``--layer-loop`` profiles the Python layer loop instead
+(``PLDRForCausalLM.fused_decode = False``; the same bits, more calls).
 
 Printed: the median step wall time without the profiler; with it, the median step time, the self
 CPU time of all aten/pldr ops per step, and the remainder (the time inside the step that no op
@@ -27,6 +29,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 import pldr_kernels
 from pldr_kernels import generation
+from pldr_kernels.bench.measure import cpu_model
 from pldr_kernels.config import PLDRConfig
 from pldr_kernels.model import PLDRForCausalLM
 
@@ -127,9 +130,12 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=40, help="decode steps profiled (and timed)")
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--layer-loop", action="store_true",
+                   help="run the Python layer loop, not one pldr::decode_layer call per layer")
     p.add_argument("--json", metavar="PATH", help="also write the numbers as JSON")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    PLDRForCausalLM.fused_decode = not args.layer_loop
     dtype = getattr(torch, args.dtype)
     model = build_model(dtype, args.int8)
     step, tokens = decode_setup(model, args.warmup + 2 * args.steps)
@@ -137,12 +143,14 @@ def main() -> None:
     unprofiled = timed_steps(step, tokens, args.steps)
     report = summarise(profiled_steps(step, tokens, args.steps), args.steps, unprofiled)
     title = (f"110M PLDR-LLM decode step, {args.dtype}{' int8 weights' if args.int8 else ''}, "
-             f"B=1, prompt {PROMPT_LENGTH}, kvg, {args.threads} threads")
+             f"B=1, prompt {PROMPT_LENGTH}, kvg, {args.threads} threads, "
+             f"{'Python layer loop' if args.layer_loop else 'fused decode_layer'}; {cpu_model()}")
     print_report(report, title)
     print(f"\npldr_kernels from {pldr_kernels.__file__}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"config": vars(args), "pldr_kernels": pldr_kernels.__file__, **report}, f,
+            json.dump({"config": vars(args), "cpu": cpu_model(),
+                       "pldr_kernels": pldr_kernels.__file__, **report}, f,
                       indent=1)
 
 
