@@ -3,7 +3,7 @@ peer rule of docs/design.md §4 (testing.check_linear_small), on the CPU path th
 (cpu/isa.h: once per process; tests/test_isa.py runs a compact set of these cases on every other
 path this machine has, one process each), every weight dtype, rows B ∈ {1, 3, 8} (and 11: two
 passes over the weights), and in/out features that are no multiple of a vector; int8 against its
-dequantised weights in fp64."""
+dequantised weights in fp64; NaN and Inf where fp64 has them."""
 from __future__ import annotations
 
 import pytest
@@ -24,7 +24,9 @@ def isa() -> str:
     return cpu_kernels_isa().split()[0]
 
 
-CASES = [(1, 37, 19), (3, 131, 45), (8, 70, 9), (11, 33, 17)]
+# K = 211: whole int8 groups (4 vectors per load), then whole vectors, then single weights, on
+# AVX-512 (64-weight groups) and AVX2 (32).
+CASES = [(1, 37, 19), (2, 211, 23), (3, 131, 45), (8, 70, 9), (11, 33, 17)]
 
 
 @pytest.mark.parametrize("M,K,N", CASES)
@@ -39,6 +41,30 @@ def test_linear_small_matches_fp64(isa, M, K, N, kind, x_dtype, with_bias):
     out = ops.linear_small(x, w, bias, scale)
     assert out.dtype == x_dtype and out.shape == (M, N)
     check_linear_small(out, x, w64, bias, name=f"linear_small[{isa}]").assert_ok()
+
+
+@pytest.mark.parametrize("M", [1, 2, 5])
+@pytest.mark.parametrize("kind", ["float32", "bfloat16", "int8"])
+def test_linear_small_gives_nan_and_inf_where_fp64_does(M, kind):
+    """A NaN or Inf of x (in an int8 group, a whole vector, the scalar tail) or of the weight
+    reaches the outputs fp64 gives them, never a finite value."""
+    gen = torch.Generator().manual_seed(M + 17)
+    K, N = 211, 23
+    x = torch.randn(M, K, generator=gen)
+    w, scale, w64 = random_linear_small_weight(N, K, kind, gen)
+    x[0, 70] = float("nan")  # a group: every feature of row 0
+    if M > 1:
+        x[1, 200] = float("inf")  # a whole vector past the groups
+    if M > 2:
+        x[2, 209] = float("-inf")  # the scalar tail
+    if kind != "int8":
+        w[3, 5] = float("nan")  # feature 3 of every row
+        w64 = w.double()
+    out = ops.linear_small(x, w, None, scale)
+    oracle = F.linear(x.double(), w64)
+    assert torch.equal(out.isnan(), oracle.isnan())
+    assert torch.equal(out.isposinf(), oracle.isposinf())
+    assert torch.equal(out.isneginf(), oracle.isneginf())
 
 
 @pytest.mark.parametrize("M,K,H", [(1, 37, 19), (3, 131, 13), (8, 45, 6)])

@@ -4,6 +4,9 @@
 // PLDR_KERNELS_ISA=portable, and every PLDR_KERNELS_PORTABLE=1 or non-x86 build.
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <new>
+#include <type_traits>
 
 #include "cpu/linear_small.h"
 
@@ -32,6 +35,7 @@ inline float lane_sum(Vf v) {
   for (int i = 0; i < kVec; ++i) s += v[i];
   return s;
 }
+constexpr bool kInt8Groups = false;  // load_int8 is as fast as anything portable
 
 #include "cpu/linear_small_kernel.h"
 

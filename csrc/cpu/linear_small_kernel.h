@@ -10,6 +10,10 @@
 //                __builtin_convertvector that widens)
 //   lane_sum(v)  the sum of v's lanes in a fixed order (a shuffle tree where the ISA has one:
 //                every weight row ends in one)
+//   kInt8Groups  whether int8 rows are read in groups of 4·kVec weights by
+//   load_int8_group(p, out): out[j][i] = p[4i + j] (j < 4) as fp32 — one load and in-lane
+//                shifts, no cross-lane widening; x is then permuted to match (row_by_row)
+// and includes <cstdlib>, <new> and <type_traits> before its namespace.
 //
 // and calls, for the call's weight dtype and rows of x, one of two ways to stream the weights:
 //   side_by_side::features<W, NB, MB>: NB weight rows read together (NB·MB accumulators),
@@ -220,6 +224,19 @@ inline void dot_block(const float* x, int64_t ldx, const W* w, int64_t K, float*
 #pragma GCC unroll 8
     for (int m = 0; m < MB; ++m) acc[c][m] = Vf{};
   int64_t k = 0;
+  if constexpr (kInt8Groups && std::is_same_v<W, int8_t>) {
+    // x is the permuted copy of features(): its group vector j holds the elements 4i + j.
+    static_assert(C <= 4 && 4 % C == 0, "a group's 4 vectors are dealt to the C chains");
+    for (; k + 4 * kVec <= K; k += 4 * kVec) {
+      Vf wv[4];
+      load_int8_group(w + k, wv);
+#pragma GCC unroll 4
+      for (int j = 0; j < 4; ++j)
+#pragma GCC unroll 8
+        for (int m = 0; m < MB; ++m)
+          acc[j % C][m] = fmadd(wv[j], load_x(x + m * ldx + k + j * kVec), acc[j % C][m]);
+    }
+  }
   for (; k + C * kVec <= K; k += C * kVec) {
 #pragma GCC unroll 8
     for (int c = 0; c < C; ++c) {
@@ -286,8 +303,48 @@ inline void swiglu_feature(const Args& a, const W* weight, int64_t f, int64_t m0
   }
 }
 
+// A thread's copy of x. malloc, not a std container: no template is instantiated under this
+// file's `#pragma GCC target` (linear_small.h says why that matters).
+struct XBuffer {
+  float* data = nullptr;
+  int64_t size = 0;
+  float* reserve(int64_t n) {
+    if (n > size) {
+      std::free(data);
+      data = static_cast<float*>(std::malloc(static_cast<size_t>(n) * sizeof(float)));
+      size = data != nullptr ? n : 0;
+      if (data == nullptr) throw std::bad_alloc();
+    }
+    return data;
+  }
+  ~XBuffer() { std::free(data); }
+};
+
+// x in the order of load_int8_group within each whole group of 4·kVec elements (the rest as it
+// is), contiguous rows: [M, K] in `buffer`.
+inline const float* x_in_int8_group_order(const Args& a, XBuffer& buffer) {
+  constexpr int64_t group = 4 * kVec;
+  float* out = buffer.reserve(a.M * a.K);
+  for (int64_t m = 0; m < a.M; ++m) {
+    const float* src = a.x + m * a.ldx;
+    float* dst = out + m * a.K;
+    int64_t k = 0;
+    for (; k + group <= a.K; k += group)
+      for (int j = 0; j < 4; ++j)
+        for (int i = 0; i < kVec; ++i) dst[k + j * kVec + i] = src[k + 4 * i + j];
+    for (; k < a.K; ++k) dst[k] = src[k];
+  }
+  return out;
+}
+
 template <class W, int C, int MB>
-void features(const Args& a, int64_t f_begin, int64_t f_end) {
+void features(const Args& given, int64_t f_begin, int64_t f_end) {
+  Args a = given;
+  if constexpr (kInt8Groups && std::is_same_v<W, int8_t>) {
+    thread_local XBuffer permuted;  // ≤ 8 rows of x: a few KiB per thread
+    a.x = x_in_int8_group_order(given, permuted);
+    a.ldx = a.K;
+  }
   const W* weight = static_cast<const W*>(a.weight);
   for (int64_t m0 = 0; m0 < a.M; m0 += kMaxRowsOfX) {
     const int64_t M = a.M - m0 < kMaxRowsOfX ? a.M - m0 : kMaxRowsOfX;

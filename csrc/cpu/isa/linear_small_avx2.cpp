@@ -8,6 +8,9 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <new>
+#include <type_traits>
 
 #pragma GCC push_options
 // A subset of x86-64-v3, the level selected_isa() requires for avx2.
@@ -30,6 +33,15 @@ inline float lane_sum(Vf v) {  // ((v0+v4)+(v2+v6)) + ((v1+v5)+(v3+v7))
   const __m128 quad = _mm_add_ps(_mm256_castps256_ps128((__m256)v), _mm256_extractf128_ps((__m256)v, 1));
   const __m128 pair = _mm_add_ps(quad, _mm_movehl_ps(quad, quad));
   return _mm_cvtss_f32(_mm_add_ss(pair, _mm_movehdup_ps(pair)));
+}
+// One 32-byte load; byte j of each 32-bit lane shifted to the top and back (as the AVX-512 file).
+constexpr bool kInt8Groups = true;
+inline void load_int8_group(const int8_t* p, Vf* out) {
+  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  out[0] = (Vf)_mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(v, 24), 24));
+  out[1] = (Vf)_mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(v, 16), 24));
+  out[2] = (Vf)_mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(v, 8), 24));
+  out[3] = (Vf)_mm256_cvtepi32_ps(_mm256_srai_epi32(v, 24));
 }
 
 #include "cpu/linear_small_kernel.h"

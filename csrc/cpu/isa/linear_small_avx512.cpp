@@ -8,6 +8,9 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <new>
+#include <type_traits>
 
 #pragma GCC push_options
 // A subset of x86-64-v4, the level selected_isa() requires for avx512.
@@ -27,6 +30,17 @@ inline Vf load_int8(const int8_t* p) {
   return (Vf)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
 }
 inline float lane_sum(Vf v) { return _mm512_reduce_add_ps((__m512)v); }  // a fixed tree
+// One 64-byte load; byte j of each 32-bit lane shifted to the top and back, sign-extending.
+// (Zen 4, 2 threads, int8 LM-head-sized rows from DRAM: 1.15–1.27× the sign-extending
+// vpmovsxbd per 16 weights, though slower in L2.)
+constexpr bool kInt8Groups = true;
+inline void load_int8_group(const int8_t* p, Vf* out) {
+  const __m512i v = _mm512_loadu_si512(p);
+  out[0] = (Vf)_mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(v, 24), 24));
+  out[1] = (Vf)_mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(v, 16), 24));
+  out[2] = (Vf)_mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(v, 8), 24));
+  out[3] = (Vf)_mm512_cvtepi32_ps(_mm512_srai_epi32(v, 24));
+}
 
 #include "cpu/linear_small_kernel.h"
 
