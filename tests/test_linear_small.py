@@ -67,6 +67,21 @@ def test_linear_small_gives_nan_and_inf_where_fp64_does(M, kind):
     assert torch.equal(out.isneginf(), oracle.isneginf())
 
 
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+def test_strided_x_and_bias_are_read_through_their_strides(isa, x_dtype):
+    """x rows further apart than K (a slice of a wider tensor) and a bias with a stride of 2, in
+    fp32 and bf16: the same values as their contiguous copies give."""
+    gen = torch.Generator().manual_seed(23)
+    M, K, N = 3, 70, 21
+    x = torch.randn(M, 2 * K, generator=gen).to(x_dtype)[:, 5:5 + K]
+    w, scale, w64 = random_linear_small_weight(N, K, "bfloat16", gen)
+    bias = torch.randn(2 * N, generator=gen).to(x_dtype)[::2]
+    assert not x.is_contiguous() and bias.stride(0) == 2
+    out = ops.linear_small(x, w, bias, scale)
+    assert torch.equal(out, ops.linear_small(x.contiguous(), w, bias.contiguous(), scale))
+    check_linear_small(out, x, w64, bias, name=f"linear_small[{isa}] strided").assert_ok()
+
+
 @pytest.mark.parametrize("M,K,H", [(1, 37, 19), (3, 131, 13), (8, 45, 6)])
 @pytest.mark.parametrize("kind", ["float32", "bfloat16", "int8"])
 @pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])

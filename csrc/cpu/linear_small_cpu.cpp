@@ -36,6 +36,26 @@ WeightKind kind_of(at::ScalarType t) {
   return WeightKind::kFloat32;
 }
 
+// The rows of a [rows, cols] fp32 or bf16 tensor (any strides) in fp32, cols apart, by a
+// plain loop: a bf16 model's x and bias are converted at every call, and the two dispatched copies
+// that `.to(kFloat)` makes cost more than the conversion (bf16 → fp32 is exact either way).
+std::vector<float> float_rows(const at::Tensor& t) {
+  const int64_t rows = t.size(0), cols = t.size(1);
+  std::vector<float> out(static_cast<size_t>(rows * cols));
+  for (int64_t r = 0; r < rows; ++r) {
+    float* dst = out.data() + r * cols;
+    const int64_t step = t.stride(1);
+    if (t.scalar_type() == at::kBFloat16) {
+      const c10::BFloat16* src = t.data_ptr<c10::BFloat16>() + r * t.stride(0);
+      for (int64_t c = 0; c < cols; ++c) dst[c] = static_cast<float>(src[c * step]);
+    } else {
+      const float* src = t.data_ptr<float>() + r * t.stride(0);
+      for (int64_t c = 0; c < cols; ++c) dst[c] = src[c * step];
+    }
+  }
+  return out;
+}
+
 at::Tensor run(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                const c10::optional<at::Tensor>& scale, bool swiglu) {
   const LinearSmallDims dims = check_linear_small_inputs(x, weight, bias, scale, swiglu);
@@ -47,23 +67,29 @@ at::Tensor run(const at::Tensor& x, const at::Tensor& weight, const c10::optiona
   if (dims.M == 0 || dims.features == 0) return y;
   if (dims.K == 0) return bias.has_value() && !swiglu ? y.copy_(bias->expand_as(y)) : y.zero_();
 
-  // x in fp32, [M, K] rows ldx apart (a bf16 x is converted once: M·K values, ≤ 8 rows).
-  at::Tensor x2 = x.reshape({dims.M, dims.K});
-  if (x2.scalar_type() != at::kFloat) x2 = x2.to(at::kFloat);
-  if (x2.size(0) > 1 && x2.stride(0) < dims.K) x2 = x2.contiguous();
-  const at::Tensor bias32 = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
+  // x in fp32, [M, K] rows ldx apart: in place when it is fp32 with rows ≥ K apart, else
+  // converted once (M·K values, ≤ 8 rows); the bias in fp32, contiguous.
+  const at::Tensor x2 = x.reshape({dims.M, dims.K});
+  std::vector<float> x_copy, bias_copy;
+  const bool x_in_place =
+      x2.scalar_type() == at::kFloat && (x2.size(0) == 1 || x2.stride(0) >= dims.K);
+  if (!x_in_place) x_copy = float_rows(x2);
+  if (bias.has_value() && (bias->scalar_type() != at::kFloat || bias->stride(0) != 1)) {
+    bias_copy = float_rows(bias->view({1, -1}));
+  }
   const at::Tensor scale32 = scale.has_value() ? scale->contiguous() : at::Tensor();
-  at::Tensor w = weight;
+  const at::Tensor& w = weight;
 
   Args a{};
-  a.x = x2.data_ptr<float>();
+  a.x = x_in_place ? x2.data_ptr<float>() : x_copy.data();
   a.M = dims.M;
   a.K = dims.K;
-  a.ldx = x2.size(0) > 1 ? x2.stride(0) : dims.K;
+  a.ldx = x_in_place && x2.size(0) > 1 ? x2.stride(0) : dims.K;
   a.weight = w.data_ptr();
   a.weight_kind = kind_of(w.scalar_type());
   a.scale = scale32.defined() ? scale32.data_ptr<float>() : nullptr;
-  a.bias = bias32.defined() ? bias32.data_ptr<float>() : nullptr;
+  a.bias = !bias.has_value() ? nullptr
+           : bias_copy.empty() ? bias->data_ptr<float>() : bias_copy.data();
   a.y = y.data_ptr();
   a.y_bf16 = y.scalar_type() == at::kBFloat16;
   a.ldy = dims.features;
