@@ -79,11 +79,12 @@ class PLDRDecoderLayer(nn.Module):
         out1 = self.layernorm1(self.mha1.forward_step(x, inputs, metric) + x)
         return self.layernorm2(self.ffn(out1) + out1)
 
-    def decode_layer_arguments(self) -> tuple[tuple[Tensor | None, ...], float] | None:
+    def decode_layer_arguments(self) -> DecodeLayerPlan | None:
         """The weights of this layer as ``pldr::decode_layer`` takes them (the qkv pack, dense,
-        LN1, the FFN's packs and gluw3, LN2, each linear with its int8 scale or None) and the
-        LayerNorms' eps; None when a module here is not the model's own (a user's swapped in, a
-        hook on one): the step then runs :meth:`forward`, whose bits the op gives."""
+        LN1, the FFN's packs and gluw3, LN2, each linear with its int8 scale or None), the
+        LayerNorms' eps, and how to tell they are still this layer's; None when a module here is
+        not the model's own (a user's swapped in, a hook on one) or a pack is not kept (then
+        :meth:`forward` runs, whose bits the op gives)."""
         attention, ffn, ln1, ln2 = self.mha1, self.ffn, self.layernorm1, self.layernorm2
         modules = (self, attention, ffn, ffn.gluw3, attention.dense, ln1, ln2)
         linear_types = (SmallRowsLinear, Int8Linear)
@@ -92,12 +93,18 @@ class PLDRDecoderLayer(nn.Module):
                 or type(attention.dense) not in linear_types
                 or any(type(n) is not nn.LayerNorm or n.weight is None or n.bias is None
                        or n.normalized_shape != (n.weight.shape[0],) for n in (ln1, ln2))
-                or ln1.eps != ln2.eps
+                or ln1.eps != ln2.eps or _global_module_hooks()
                 or any(m._forward_hooks or m._forward_pre_hooks for m in modules)):
             return None
+        packs = []
 
         def pack(module: PackedModule, name: str) -> Tensor | None:
-            return module.packs[name].get() if name in module.packs else None
+            if name not in module.packs:
+                return None
+            kept = module.packs[name]
+            kept.get()  # repacks a stale pack, as the layer loop's call would
+            packs.append((kept, kept.packed))  # the pack itself: the op has no autograd
+            return kept.packed
 
         def linear(module: nn.Module) -> tuple[Tensor, Tensor | None, Tensor | None]:
             return module.weight, module.bias, getattr(module, "weight_scale", None)
@@ -106,7 +113,56 @@ class PLDRDecoderLayer(nn.Module):
                    pack(attention, "qkv_scale"), *linear(attention.dense), ln1.weight, ln1.bias,
                    pack(ffn, "w12"), pack(ffn, "b12"), pack(ffn, "s12"), *linear(ffn.gluw3),
                    ln2.weight, ln2.bias)
-        return weights, ln1.eps
+        if not all(packed is not None and p._valid() for p, packed in packs):
+            return None  # a pack not kept (stacked per call): nothing to keep either
+        # What a kept plan must find unchanged at every step: each module in its place, its
+        # tensors the same objects, the packs the same and their parameters the same objects at
+        # the same addresses (still views of the pack), no hook, the same eps.
+        places = [(self._modules, name, m) for name, m in
+                  (("mha1", attention), ("ffn", ffn), ("layernorm1", ln1), ("layernorm2", ln2))]
+        places += [(attention._modules, "dense", attention.dense),
+                   (ffn._modules, "gluw3", ffn.gluw3)]
+        for module in (attention.dense, ffn.gluw3, ln1, ln2):
+            for registry in (module._parameters, module._buffers):
+                places += [(registry, name, t) for name, t in registry.items()]
+        addresses = []
+        for kept, _ in packs:
+            for path in kept.paths:
+                obj = kept.owner
+                for name in path:
+                    registry = next(r for r in (obj._parameters, obj._buffers, obj._modules)
+                                    if name in r)
+                    places.append((registry, name, registry[name]))
+                    obj = registry[name]
+                addresses.append((obj, obj.data_ptr()))
+        return DecodeLayerPlan(weights, ln1.eps, packs, places, addresses, modules, (ln1, ln2))
+
+
+def _global_module_hooks() -> bool:
+    """Whether a hook is registered for every module (``nn.modules.module.
+    register_module_forward_hook`` and the pre-hook): the layer loop would run it."""
+    from torch.nn.modules import module as torch_module
+    return bool(torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks)
+
+
+class DecodeLayerPlan:
+    """One layer's ``pldr::decode_layer`` arguments kept between decode steps
+    (:meth:`PLDRDecoderLayer.decode_layer_arguments`), with the check that they are still the
+    layer's: :meth:`current`, run at every step (tens of µs for the 110M model), so that a
+    replaced module or parameter, a re-pointed ``.data``, a hook or a new eps is never missed."""
+
+    def __init__(self, weights: tuple, eps: float, packs: list, places: list, addresses: list,
+                 modules: tuple, norms: tuple):
+        self.weights, self.eps = weights, eps
+        self._packs, self._places, self._addresses = packs, places, addresses
+        self._modules, self._norms = modules, norms
+
+    def current(self) -> bool:
+        return (all(registry.get(name) is t for registry, name, t in self._places)
+                and all(p.packed is packed for p, packed in self._packs)
+                and all(t.data_ptr() == address for t, address in self._addresses)
+                and not any(m._forward_hooks or m._forward_pre_hooks for m in self._modules)
+                and all(n.eps == self.eps for n in self._norms))
 
 
 class PLDRDecoder(PackedModule):
@@ -375,7 +431,9 @@ class PLDRForCausalLM(nn.Module):
                                "max_length) and prefill first")
         max_length = cache.max_length
         if self._fused_decode_applies(tokens):
-            plan = self._decode_plan if self._decode_plan is not None else self._plan_decode()
+            plan = self._decode_plan
+            if plan is None or not self._decode_plan_current():
+                plan = self._plan_decode()
             if plan:
                 return self._fused_decode_step(plan, tokens, positions, cache_seqlens,
                                                cache_start, recompute_G, max_length)
@@ -396,17 +454,29 @@ class PLDRForCausalLM(nn.Module):
                 and self.dtype in SMALL_ROW_DTYPES and not torch.is_autocast_enabled("cpu")
                 and not torch.compiler.is_compiling())
 
+    def _decode_plan_current(self) -> bool:
+        """Whether the kept plan still holds the layers' own weights (an empty plan, kept for a
+        layer with a hook, stays until the next reset: the loop runs, which is never wrong)."""
+        plan = self._decode_plan
+        if not plan:
+            return True
+        layers = tuple(self.decoder.dec_layers._modules.values())
+        return (len(layers) == len(plan) and not _global_module_hooks()
+                and all(layer is kept and layer_plan.current()
+                        for layer, (kept, _, layer_plan) in zip(layers, plan)))
+
     def _plan_decode(self) -> list:
         """Per layer: its attention (cache and G) and :meth:`PLDRDecoderLayer.
-        decode_layer_arguments`; empty when a layer has none. Kept until the weights may have
-        moved (setup_caches, clear_caches, .to(), load_state_dict, quantize_weights)."""
+        decode_layer_arguments`; empty when a layer has none. Checked at every step
+        (:meth:`DecodeLayerPlan.current`) and dropped where the weights may have moved
+        (setup_caches, clear_caches, .to(), load_state_dict, quantize_weights)."""
         plan = []
         for layer in self.decoder.dec_layers:
             arguments = layer.decode_layer_arguments()
             if arguments is None:
                 plan = []
                 break
-            plan.append((layer.mha1, *arguments))
+            plan.append((layer, layer.mha1, arguments))
         self._decode_plan = plan
         return plan
 
@@ -420,14 +490,14 @@ class PLDRForCausalLM(nn.Module):
         cache_use = "decode_G_from_A" if recompute_G else "decode"
         decode_layer = torch.ops.pldr.decode_layer.default
         x = self.decoder.embed(tokens)
-        for attention, weights, eps in plan:
+        for _, attention, layer_plan in plan:
             cache = attention.kv_cache
             if cache is None or cache.k is None:
                 raise RuntimeError("decode_step needs every layer's KV-cache: call "
                                    "setup_caches(batch_size, max_length) and prefill first")
             G = attention._decode_G(cache, cache_use)
-            x = decode_layer(x, *weights, cache.k, cache.v, cache_seqlens, cache_start, G, cos,
-                             sin, rope.interleaved, eps)
+            x = decode_layer(x, *layer_plan.weights, cache.k, cache.v, cache_seqlens, cache_start,
+                             G, cos, sin, rope.interleaved, layer_plan.eps)
         return self._head(x[:, -1:])[:, -1]
 
     # ---- generate (generation.py) ------------------------------------------------------------

@@ -8,6 +8,8 @@ with nothing written, the caches' version counters bumped, no backward, opcheck.
 kernel's words are those of the C++ checks: tests/test_fake_kernels.py.)"""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from model_testing import left_pad, needs_cpu_kernels, prompt, tiny_model
@@ -146,12 +148,70 @@ def test_the_plan_follows_the_weights():
     assert_fused_gives_the_loops_bits(model, ids)
 
 
+def _first_packed_parameter(model):
+    """A parameter that is a view into layer 0's qkv pack."""
+    obj = model.decoder.dec_layers[0].mha1
+    for name in obj.packs["qkv_weight"].paths[0]:
+        obj = getattr(obj, name)
+    return obj
+
+
+# Changes a user may make between two decode steps, after the plan was kept.
+CHANGES = {
+    "a linear's weight re-assigned": lambda m: setattr(
+        m.decoder.dec_layers[0].mha1.dense, "weight",
+        torch.nn.Parameter(m.decoder.dec_layers[0].mha1.dense.weight.detach().flip(0).clone())),
+    "a packed parameter's .data re-pointed": lambda m: setattr(
+        _first_packed_parameter(m), "data", _first_packed_parameter(m).detach().flip(0).clone()),
+    "a projection module replaced": lambda m: setattr(
+        m.decoder.dec_layers[1].ffn, "gluw2", copy.deepcopy(m.decoder.dec_layers[1].ffn.gluw1)),
+    "a layer norm's eps": lambda m: setattr(m.decoder.dec_layers[1].layernorm2, "eps", 0.5),
+    "a layer replaced": lambda m: m.decoder.dec_layers.__setitem__(
+        0, copy.deepcopy(m.decoder.dec_layers[1])),
+    "a forward hook": lambda m: m.decoder.dec_layers[0].ffn.register_forward_hook(
+        lambda module, args, out: out * 2),
+    "a global forward hook": lambda m: torch.nn.modules.module.register_module_forward_hook(
+        lambda module, args, out: out * 1.5 if type(module) is torch.nn.LayerNorm else None),
+}
+
+
+@pytest.mark.parametrize("change", CHANGES)
+def test_a_change_between_steps_is_seen_by_the_kept_plan(change):
+    """The kept weights are checked at every step: after each change the fused step gives the
+    layer loop's bits, never the old weights' result."""
+    base = tiny_model(seed=19)
+    ids = prompt(7, seed=20)
+
+    def steps(fused: bool) -> torch.Tensor:
+        model = copy.deepcopy(base)
+        model.fused_decode = fused
+        handles = []
+        with torch.inference_mode():
+            model.setup_caches(1, 7 + 4)
+            logits = [model.prefill(ids)]
+            seqlens = torch.tensor([7], dtype=torch.int32)
+            for step in range(4):
+                if step == 2:
+                    handles.append(CHANGES[change](model))
+                token = logits[-1].argmax(-1, keepdim=True)
+                logits.append(model.decode_step(token, torch.tensor([[7 + step]]), seqlens))
+                seqlens += 1
+        for handle in handles:
+            if hasattr(handle, "remove"):
+                handle.remove()
+        return torch.stack(logits)
+
+    fused, loop = steps(True), steps(False)
+    torch.testing.assert_close(fused, loop, rtol=0, atol=0)
+
+
 # ---- the op ------------------------------------------------------------------------------------
 def layer_call(model, B=1, cache_len=4):
     """decode_layer's arguments for the model's first layer, with fresh caches of ``cache_len``
     rows written."""
     layer = model.decoder.dec_layers[0]
-    weights, eps = layer.decode_layer_arguments()
+    layer_plan = layer.decode_layer_arguments()
+    weights, eps = layer_plan.weights, layer_plan.eps
     c = model.config
     H, d = c.num_attention_heads, c.head_dim
     k_cache = torch.randn(B, 8, H, d).to(model.dtype)

@@ -232,7 +232,7 @@ def test_hf_generate_takes_the_fused_decode_step_and_gives_the_loops_tokens(monk
     assert hf._decode_plan is None
     hf_generate(hf, ids, mask, max_new_tokens=3, pldr_cache_mode="kvg")
     assert len(steps) == 7
-    _, weights, _ = steps[-1][0]  # the last step's plan, layer 0
+    weights = steps[-1][0][2].weights  # the last step's plan, layer 0
     assert weights[3] is hf.decoder.dec_layers[0].mha1.dense.weight  # bf16 now
     assert weights[3].dtype == torch.bfloat16
 

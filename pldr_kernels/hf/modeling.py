@@ -104,6 +104,7 @@ class PldrllmForCausalLM(PldrllmPreTrainedModel, GenerationMixin):
     fused_decode = PLDRForCausalLM.fused_decode
     _fused_decode_applies = PLDRForCausalLM._fused_decode_applies
     _plan_decode = PLDRForCausalLM._plan_decode
+    _decode_plan_current = PLDRForCausalLM._decode_plan_current
     _fused_decode_step = PLDRForCausalLM._fused_decode_step
 
     def _apply(self, fn, recurse=True):
