@@ -86,10 +86,12 @@ class PLDRDecoderLayer(nn.Module):
         not the model's own (a user's swapped in, a hook on one) or a pack is not kept (then
         :meth:`forward` runs, whose bits the op gives)."""
         attention, ffn, ln1, ln2 = self.mha1, self.ffn, self.layernorm1, self.layernorm2
-        modules = (self, attention, ffn, ffn.gluw3, attention.dense, ln1, ln2)
+        # The modules the layer loop calls (whose hooks it would run); RoPE's among them.
+        modules = (self, attention, attention.rope, ffn, ffn.gluw3, attention.dense, ln1, ln2)
         linear_types = (SmallRowsLinear, Int8Linear)
         if (type(attention) not in (GCachedAttention, PowerLawGraphAttention)
-                or type(ffn) is not SwiGLU or type(ffn.gluw3) not in linear_types
+                or type(attention.rope) is not RotaryEmbedding or type(ffn) is not SwiGLU
+                or type(ffn.gluw3) not in linear_types
                 or type(attention.dense) not in linear_types
                 or any(type(n) is not nn.LayerNorm or n.weight is None or n.bias is None
                        or n.normalized_shape != (n.weight.shape[0],) for n in (ln1, ln2))
@@ -121,6 +123,7 @@ class PLDRDecoderLayer(nn.Module):
         places = [(self._modules, name, m) for name, m in
                   (("mha1", attention), ("ffn", ffn), ("layernorm1", ln1), ("layernorm2", ln2))]
         places += [(attention._modules, "dense", attention.dense),
+                   (attention._modules, "rope", attention.rope),
                    (ffn._modules, "gluw3", ffn.gluw3)]
         for module in (attention.dense, ffn.gluw3, ln1, ln2):
             for registry in (module._parameters, module._buffers):
@@ -462,6 +465,7 @@ class PLDRForCausalLM(nn.Module):
             return True
         layers = tuple(self.decoder.dec_layers._modules.values())
         return (len(layers) == len(plan) and not _global_module_hooks()
+                and self.decoder.rope is plan[0][1].rope  # each layer's, by the plan's places
                 and all(layer is kept and layer_plan.current()
                         for layer, (kept, _, layer_plan) in zip(layers, plan)))
 
@@ -473,7 +477,7 @@ class PLDRForCausalLM(nn.Module):
         plan = []
         for layer in self.decoder.dec_layers:
             arguments = layer.decode_layer_arguments()
-            if arguments is None:
+            if arguments is None or layer.mha1.rope is not self.decoder.rope:  # the step's tables
                 plan = []
                 break
             plan.append((layer, layer.mha1, arguments))

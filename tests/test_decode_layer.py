@@ -168,6 +168,8 @@ CHANGES = {
     "a layer norm's eps": lambda m: setattr(m.decoder.dec_layers[1].layernorm2, "eps", 0.5),
     "a layer replaced": lambda m: m.decoder.dec_layers.__setitem__(
         0, copy.deepcopy(m.decoder.dec_layers[1])),
+    "a hook on the shared RoPE": lambda m: m.decoder.rope.register_forward_hook(
+        lambda module, args, out: out.flip(-1)),
     "a forward hook": lambda m: m.decoder.dec_layers[0].ffn.register_forward_hook(
         lambda module, args, out: out * 2),
     "a global forward hook": lambda m: torch.nn.modules.module.register_module_forward_hook(
