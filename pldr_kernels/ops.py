@@ -294,6 +294,19 @@ def transpose_2d(x: Tensor) -> Tensor:
     return torch.ops.pldr.transpose_2d(x)
 
 
+@_needs_extension
+def release_cpu_workspace() -> int:
+    """Free the scratch memory the CPU kernels keep between calls (csrc/cpu/workspace.h: the
+    metric learner's backward leases it, ~40 MB for the 110M model's learner, so that each call
+    does not fault in fresh pages) and return how many bytes were freed (0 when none was kept or
+    a kernel is using it). The next call that needs it allocates it again."""
+    import ctypes
+
+    fn = ctypes.CDLL(sys.modules[__package__]._C.__file__).pldr_kernels_release_cpu_workspace
+    fn.restype = ctypes.c_int64
+    return int(fn())
+
+
 # ---- fake kernels: the C++ checks, then outputs of the kernels' shapes and dtypes --------------
 # The dispatcher also picks these for a call that mixes real and meta tensors (Meta outranks CPU
 # and CUDA); the device checks against q refuse it there, as the real kernels would.

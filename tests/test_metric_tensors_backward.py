@@ -312,6 +312,78 @@ def test_cpu_deterministic_bitwise(B, H, S):
         torch.set_num_threads(threads)
 
 
+def _poisoning_then(problem):
+    """(the gradients of problem computed with a freshly allocated workspace, a call that leaves
+    NaN in the kept one): a kernel that read its workspace before writing it would differ."""
+    ops.release_cpu_workspace()
+    fresh = CPU.backward(*problem)
+    grad_outputs, q, mask, weights = problem
+    CPU.backward(grad_outputs, torch.full_like(q, float("nan")), mask, weights)
+    return fresh
+
+
+def _backward_problem(B, S, H, d=64, masked=False):
+    weights = make_metric_weights(d=d, H=H, **SMALL)
+    q = randn((B, S, H, d))
+    mask = torch.rand(B, S) > 0.3 if masked else None
+    return tuple(randn((B, H, d, d)) for _ in range(3)), q, mask, weights
+
+
+@pytest.mark.parametrize("d", [64, 128])
+def test_cpu_q_read_in_place_equals_gathered(d):
+    """An fp32 q with contiguous rows and no mask is read in place, rows H·d apart, by the
+    forward and the backward; an all-True mask takes the gathering path: the same bits."""
+    B, S, H = 2, 70, 3
+    weights = make_metric_weights(d=d, H=H, **SMALL)
+    q = randn((B, S, H, d))
+    everything = torch.ones(B, S, dtype=torch.bool)
+    grad_outputs = tuple(randn((B, H, d, d)) for _ in range(3))
+    in_place = ops.metric_tensors(q, None, *metric_args(weights))
+    gathered = ops.metric_tensors(q, everything, *metric_args(weights))
+    for name, x, y in zip(("A", "A_LM", "G"), in_place, gathered):
+        assert torch.equal(x, y), f"forward {name} differs"
+    for name, x, y in zip(METRIC_GRAD_NAMES, CPU.backward(grad_outputs, q, None, weights),
+                          CPU.backward(grad_outputs, q, everything, weights)):
+        assert torch.equal(x, y), f"grad_{name} differs"
+
+
+def test_cpu_kept_workspace_is_reused_across_calls():
+    """The CPU backward leases memory kept between calls (csrc/cpu/workspace.h): a call after a
+    larger or a smaller one, or after one that left NaN in it, gives the bits of a call with a
+    fresh workspace; release_cpu_workspace frees it (and the next call allocates it again)."""
+    problems = [_backward_problem(2, 300, 3, masked=True), _backward_problem(1, 9, 1),
+                _backward_problem(1, 40, 2, d=128)]
+    fresh = [_poisoning_then(p) for p in problems]
+    for _ in range(2):
+        for p, want in zip(problems, fresh):
+            for name, x, y in zip(METRIC_GRAD_NAMES, CPU.backward(*p), want):
+                assert torch.equal(x, y), f"grad_{name} differs with a reused workspace"
+    assert ops.release_cpu_workspace() > 0
+    assert ops.release_cpu_workspace() == 0  # nothing kept any more
+
+
+def test_cpu_concurrent_calls_get_their_own_workspace():
+    """Two Python threads in the CPU backward at once (torch.ops release the GIL): one leases the
+    kept workspace, the other allocates its own for that call; both get their own bits."""
+    import threading
+    problems = [_backward_problem(1, 200, 2), _backward_problem(2, 50, 1, masked=True)]
+    want = [CPU.backward(*p) for p in problems]
+    failures = []
+
+    def run(p, expected):
+        for _ in range(4):
+            got = CPU.backward(*p)
+            if not all(torch.equal(x, y) for x, y in zip(got, expected)):
+                failures.append(p[1].shape)
+
+    threads = [threading.Thread(target=run, args=pair) for pair in zip(problems, want)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not failures, f"differing gradients from concurrent calls: {failures}"
+
+
 @pytest.mark.parametrize("impl", impls())
 def test_none_means_zero(impl):
     weights = make_metric_weights(H=2, **SMALL)

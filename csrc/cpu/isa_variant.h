@@ -37,6 +37,7 @@
 #include "common/dispatch.h"
 #include "common/numerics.h"
 #include "cpu/isa.h"
+#include "cpu/workspace.h"
 
 #if defined(PLDR_ISA_VARIANT_AVX512)
 #pragma GCC target("arch=x86-64-v4")

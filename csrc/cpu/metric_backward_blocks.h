@@ -98,53 +98,12 @@ inline void layer_norm_backward_columns(const float* T, const float* gY, float* 
   }
 }
 
-// H1 = W1·X + b1, H2 = W2·X + b2 [F][64]: a SwiGLU's hidden pre-activations from its input X
-// [d][64], by the forward's operations (swiglu_block), so bit for bit its values.
-inline void swiglu_hidden(const float* X, int64_t d, int64_t F, const float* w1, const float* b1,
-                          const float* w2, const float* b2, float* H1, float* H2) {
-  constexpr int64_t ld = kBwdBlockRows;
-  constexpr int NV = kTileVecs;
-  for_row_tiles<kGluTileRows>(static_cast<int>(F), [&](int f0, auto rows) {
-    constexpr int R = decltype(rows)::value;
-    for (int c0 = 0; c0 < kBwdVecs * kLanes; c0 += NV * kLanes) {  // column chunks
-      f32x16 h1[R][NV], h2[R][NV];
-      PLDR_UNROLL
-      for (int r = 0; r < R; ++r)
-        PLDR_UNROLL
-        for (int v = 0; v < NV; ++v) h1[r][v] = h2[r][v] = simd::zero();
-      for (int64_t k = 0; k < d; ++k) {
-        f32x16 xv[NV];
-        PLDR_UNROLL
-        for (int v = 0; v < NV; ++v) xv[v] = simd::load(X + k * ld + c0 + v * kLanes);
-        PLDR_UNROLL
-        for (int r = 0; r < R; ++r) {
-          const f32x16 c1 = simd::splat(w1[(f0 + r) * d + k]);
-          const f32x16 c2 = simd::splat(w2[(f0 + r) * d + k]);
-          PLDR_UNROLL
-          for (int v = 0; v < NV; ++v) {
-            h1[r][v] = simd::fma(c1, xv[v], h1[r][v]);
-            h2[r][v] = simd::fma(c2, xv[v], h2[r][v]);
-          }
-        }
-      }
-      PLDR_UNROLL
-      for (int r = 0; r < R; ++r) {
-        const f32x16 bias1 = simd::splat(b1[f0 + r]), bias2 = simd::splat(b2[f0 + r]);
-        PLDR_UNROLL
-        for (int v = 0; v < NV; ++v) {
-          simd::store(H1 + (f0 + r) * ld + c0 + v * kLanes, simd::add(h1[r][v], bias1));
-          simd::store(H2 + (f0 + r) * ld + c0 + v * kLanes, simd::add(h2[r][v], bias2));
-        }
-      }
-    }
-  });
-}
-
 // One SwiGLU's backward on a block. gY [d][64] is the gradient of its output
 // Y = W3·(silu(H1) ⊙ H2) + b3, where H1 = W1·X + b1 and H2 = W2·X + b2 [F][64] are its hidden
-// pre-activations (swiglu_hidden) from its input X [d][64]. Writes U = silu(H1) ⊙ H2 and the gradients
-// of the pre-activations, gH1, gH2 [F][64] (the weight gradients are products of these with X
-// and gY over all rows), and the input's gradient gX = W1ᵀ·gH1 + W2ᵀ·gH2 [d][64].
+// pre-activations from its input X [d][64], as the forward's swiglu_block computed them (it
+// stores them when asked). Writes U = silu(H1) ⊙ H2 and the gradients of the pre-activations,
+// gH1, gH2 [F][64] (the weight gradients are products of these with X and gY over all rows),
+// and the input's gradient gX = W1ᵀ·gH1 + W2ᵀ·gH2 [d][64].
 inline void swiglu_backward_block(const float* gY, int64_t d, int64_t F, const float* w1,
                                   const float* w2, const float* w3, const float* H1,
                                   const float* H2, float* U, float* gH1, float* gH2, float* gX) {
@@ -208,9 +167,17 @@ inline void block_sum_products(int64_t i_begin, int64_t i_end, int64_t N, int64_
   for (int64_t blk = 0; blk < nblocks; ++blk) {
     const float* Pb = P + blk * p_bs;
     const float* Qb = Q + blk * q_bs;
+    const float* P_next = blk + 1 < nblocks ? Pb + p_bs : nullptr;
     const bool from_zero = blk == 0 && !accumulate;
     for_row_tiles<kTileRows>(static_cast<int>(i_end - i_begin), [&](int i0, auto rows) {
       constexpr int R = decltype(rows)::value;
+      // A tile's rows of P are R short streams (4 cache lines each) in a block of its own, too
+      // short for the hardware prefetcher: fetch the next block's while this one is summed.
+      if (P_next != nullptr)
+        PLDR_UNROLL
+        for (int r = 0; r < R; ++r)
+          for (int64_t m = 0; m < ld; m += kLanes)
+            __builtin_prefetch(P_next + (i_begin + i0 + r) * ld + m, 0, 3);
       for (int64_t n0 = 0; n0 < N; n0 += kTileVecs * kLanes) {
         float* Ct = C + i0 * N + n0;
         f32x16 acc[R][kTileVecs];

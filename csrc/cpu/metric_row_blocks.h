@@ -103,20 +103,21 @@ inline void for_col_chunks(int nvec, Fn&& fn) {
 // ---------------------------------------------------------------------------------------------
 
 // Xt[j][m] = Σ_s Qs[s][j] · Qs[s][i0 + m] for m < nvec·16: rows i0… of QᵀQ (= columns, by
-// symmetry) from the S gathered fp32 rows of Qs [S][d].
-inline void qtq_columns(const float* Qs, int64_t S, int64_t d, int64_t i0, int nvec, float* Xt,
-                        int64_t ld) {
+// symmetry) from the S fp32 rows of Qs [S][d], q_rs floats apart (d when gathered; a
+// contiguous fp32 q without a mask is read in place, rows H·d apart).
+inline void qtq_columns(const float* Qs, int64_t q_rs, int64_t S, int64_t d, int64_t i0, int nvec,
+                        float* Xt, int64_t ld) {
   for (int64_t j = 0; j < d; ++j)
     for (int m = 0; m < nvec * kLanes; ++m) Xt[j * ld + m] = 0.0f;
   for (int64_t s0 = 0; s0 < S; s0 += kQtqChunk) {
     const int64_t len = std::min<int64_t>(kQtqChunk, S - s0);
-    const float* Qc = Qs + s0 * d;
+    const float* Qc = Qs + s0 * q_rs;
     for_row_tiles<kTileRows>(static_cast<int>(d), [&](int j0, auto rows) {
       constexpr int R = decltype(rows)::value;
       for_col_chunks(nvec, [&](int v0, auto vecs) {
         constexpr int NV = decltype(vecs)::value;
         f32x16 acc[R][NV];
-        tile_product<R, NV>(len, Qc + j0, 1, d, Qc + i0 + v0 * kLanes, d, acc);
+        tile_product<R, NV>(len, Qc + j0, 1, q_rs, Qc + i0 + v0 * kLanes, q_rs, acc);
         PLDR_UNROLL
         for (int r = 0; r < R; ++r)
           PLDR_UNROLL
@@ -156,9 +157,12 @@ inline void layer_norm_columns(const float* in, float* out, int64_t d, int nvec,
 // One SwiGLU on the block: Ut = silu(W1·Xt + b1) ⊙ (W2·Xt + b2) [F][ld], then
 // Yt = W3·Ut + b3 [d][ld]. Weights as stored: w1, w2 [F][d], w3 [d][F]. Row tiles outside,
 // column chunks inside, so a tile's weight rows come from memory once per block and then from L1.
+// H1t, H2t given: the pre-activations W1·Xt + b1, W2·Xt + b2 [F][ld] stored there too (the
+// backward's recompute keeps them for swiglu_backward_block).
 inline void swiglu_block(const float* Xt, float* Ut, float* Yt, int64_t d, int64_t F, int nvec,
                          const float* w1, const float* b1, const float* w2, const float* b2,
-                         const float* w3, const float* b3) {
+                         const float* w3, const float* b3, float* H1t = nullptr,
+                         float* H2t = nullptr) {
   const int64_t ld = static_cast<int64_t>(nvec) * kLanes;
   for_row_tiles<kGluTileRows>(static_cast<int>(F), [&](int f0, auto rows) {
     constexpr int R = decltype(rows)::value;
@@ -193,9 +197,13 @@ inline void swiglu_block(const float* Xt, float* Ut, float* Yt, int64_t d, int64
         const f32x16 bias2 = simd::splat(b2[f0 + r]);
         PLDR_UNROLL
         for (int v = 0; v < NV; ++v) {
-          const f32x16 gate = simd::silu(simd::add(h1[r][v], bias1));
-          simd::store(Ut + (f0 + r) * ld + (v0 + v) * kLanes,
-                      simd::mul(gate, simd::add(h2[r][v], bias2)));
+          const int64_t off = (f0 + r) * ld + (v0 + v) * kLanes;
+          const f32x16 pre1 = simd::add(h1[r][v], bias1), pre2 = simd::add(h2[r][v], bias2);
+          if (H1t != nullptr) {  // the backward keeps the pre-activations
+            simd::store(H1t + off, pre1);
+            simd::store(H2t + off, pre2);
+          }
+          simd::store(Ut + off, simd::mul(simd::silu(pre1), pre2));
         }
       }
     });

@@ -7,15 +7,15 @@
 // transposed blocks of 64 rows (metric_backward_blocks.h) that stay in L1/L2; only the power
 // stage (per (b, h)) and the weight gradients (sums over all rows) mix rows. Phases, each a
 // parallel loop over work items taken from a shared counter, for one group of whole heads at a
-// time (≥ 1024 rows, so the workspace is bounded: ~18 MB for the 110M learner), the sums over
-// rows carried from group to group:
-//   1. per block: gather q, QᵀQ, the residual network, keeping the input of every SwiGLU and
-//      LayerNorm (the checkpoints, (1 + R·(Gd + 1))·d floats per row) and A;
+// time (≥ 1024 rows, so the workspace is bounded: ~39 MB for the 110M learner, one lease of the
+// kept CPU workspace, cpu/workspace.h), the sums over rows carried from group to group:
+//   1. per block: QᵀQ (q read in place or gathered), the residual network, keeping the input of
+//      every SwiGLU and LayerNorm (the checkpoints, (1 + R·(Gd + 1))·d floats per row), every
+//      SwiGLU's hidden pre-activations (2·R·Gd·F floats per row) and A;
 //   2. per head h (the batch in order inside): steps 9–12 reversed in fp64 → the gradient
 //      reaching A, and those of W, b, pw, a, ba;
 //   3. per residual unit r, last first, one loop over (a) the blocks: the LayerNorm's and the Gd
-//      SwiGLUs' backward, each hidden layer recomputed from its checkpointed input, keeping what
-//      the weight gradients need; and (b) the tiles of unit r + 1's weight gradients: sums over
+//      SwiGLUs' backward from the kept pre-activations, keeping what the weight gradients need; and (b) the tiles of unit r + 1's weight gradients: sums over
 //      all blocks of the products kept by its (a) (two copies of those buffers, by parity);
 //   4. the same loop once more, with unit 0's weight-gradient tiles: per (b, h), the first
 //      LayerNorm's backward → the gradient gA0 of QᵀQ, and grad_q = q·(gA0 + gA0ᵀ) for the
@@ -31,8 +31,7 @@
 
 #include <algorithm>
 #include <atomic>
-#include <cstdlib>
-#include <memory>
+#include <numeric>
 #include <tuple>
 #include <vector>
 
@@ -40,47 +39,64 @@
 #include "common/dispatch.h"
 #include "cpu/isa.h"
 #include "cpu/metric_backward_blocks.h"
+#include "cpu/workspace.h"
 
 namespace pldr::cpu {
 namespace {
 
-struct AlignedFree {
-  void operator()(void* p) const { std::free(p); }
+// Carves typed, 64-byte-aligned arrays out of a lease in two passes: with base == nullptr it
+// only counts the bytes (bytes()), with the lease's data it hands out the pointers.
+class WorkspaceCarver {
+ public:
+  explicit WorkspaceCarver(char* base) : base_(base) {}
+  template <typename T>
+  T* take(int64_t count) {
+    used_ = (used_ + 63) / 64 * 64;
+    T* p = base_ != nullptr ? reinterpret_cast<T*>(base_ + used_) : nullptr;
+    used_ += (count > 0 ? count : 0) * static_cast<int64_t>(sizeof(T));
+    return p;
+  }
+  int64_t bytes() const { return used_; }
+
+ private:
+  char* base_;
+  int64_t used_ = 0;
 };
-template <typename T>
-using Buffer = std::unique_ptr<T[], AlignedFree>;
 
-template <typename T>
-Buffer<T> make_buffer(int64_t count) {
-  const size_t elems = static_cast<size_t>(std::max<int64_t>(count, 1));
-  const size_t bytes = (elems * sizeof(T) + 63) / 64 * 64;  // aligned_alloc wants a multiple
-  auto* p = static_cast<T*>(std::aligned_alloc(64, bytes));
-  TORCH_CHECK(p != nullptr, "pldr::metric_tensors_backward: out of memory allocating ", bytes,
-              " bytes");
-  return Buffer<T>(p);
-}
-
-// Runs fn(item, scratch) for every item in [0, n) on the intra-op threads, which take the next
+// Runs fn(item, slot) for every item in [0, n) on the intra-op threads, which take the next
 // item from a shared counter (a descheduled thread delays the call by one item, not by its share);
-// make() builds each thread's scratch. Which thread runs an item never changes a result bit.
-template <class Make, class Fn>
-void for_each_item(int64_t n, Make&& make, Fn&& fn) {
+// slot < threads names the scratch of the thread running it (no two run on one slot at once).
+// Which thread runs an item never changes a result bit.
+template <class Fn>
+void for_each_item(int64_t n, int64_t threads, Fn&& fn) {
   if (n <= 0) return;
-  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   std::atomic<int64_t> next{0};
-  at::parallel_for(0, std::min(threads, n), 1, [&](int64_t, int64_t) {
-    auto scratch = make();
-    for (int64_t item = next++; item < n; item = next++) fn(item, scratch);
+  at::parallel_for(0, std::min(threads, n), 1, [&](int64_t slot, int64_t) {
+    for (int64_t item = next++; item < n; item = next++) fn(item, slot);
   });
 }
 
-struct NoScratch {};
+// A thread's scratch: q's rows of a head (and their positions), a block's hidden layer, A and
+// gX tiles, a head's gA0 + gA0ᵀ, and the power stage's fp32 and fp64 [d][d] arrays.
+struct ThreadScratch {
+  float *Qs, *Ut, *A_block, *gX, *M, *power_f32;
+  double* power_f64;
+  int64_t* positions;
+  int64_t gathered_bh, S_kept;  // whose rows Q_rows are (phase 1)
+  const float* Q_rows;          // a head's fp32 rows of q: Qs, or q itself
+  int64_t q_rs;                 // floats between two of them
+};
 
 // q_mask [B, S] read through its strides; ptr = nullptr: every row is real.
 struct QueryMask {
   const bool* ptr = nullptr;
   int64_t batch_stride = 0, row_stride = 0;
 };
+
+// q can be read in place (no gather) when it is fp32 with contiguous rows and no row is masked.
+bool queries_in_place(const at::Tensor& q, const QueryMask& mask) {
+  return q.scalar_type() == at::kFloat && q.stride(3) == 1 && mask.ptr == nullptr;
+}
 
 // q[b, :, h, :] → Qs [S_kept][d] fp32 (masked rows left out, order kept, as the forward gathers
 // them) and, when positions is given, the position s of each kept row. Returns S_kept.
@@ -112,16 +128,23 @@ struct Weights {
 struct Workspace {
   int64_t d, F, R, Gd, nblocks;
   int64_t ckpt_stride, unit_stride, tile;  // floats per block; tile = d·64
-  float *ckpt, *unit, *grad_state;
+  float *ckpt, *unit, *grad_state, *hidden;
 
   // Checkpoints of the forward: QᵀQ (the first LayerNorm's input), and per unit r the input of
-  // each SwiGLU g (g = 0: the unit's input) and the input of its LayerNorm, [d][64] each. (Not
-  // the SwiGLUs' hidden layers: ~7x more memory, and recomputing them cost no more time here.)
+  // each SwiGLU g (g = 0: the unit's input) and the input of its LayerNorm, [d][64] each.
   float* qtq(int64_t blk) const { return ckpt + blk * ckpt_stride; }
   float* glu_input(int64_t blk, int64_t r, int64_t g) const {
     return ckpt + blk * ckpt_stride + (1 + r * (Gd + 1) + g) * tile;
   }
   float* ln_input(int64_t blk, int64_t r) const { return glu_input(blk, r, Gd); }
+  // The hidden pre-activations H1, H2 [F][64] of SwiGLU g of unit r, kept by the forward's
+  // recompute for the SwiGLU's backward (recomputing them again there cost 2/3 of a forward).
+  float* hidden1(int64_t blk, int64_t r, int64_t g) const {
+    return hidden + ((blk * R + r) * Gd + g) * 2 * F * kBwdBlockRows;
+  }
+  float* hidden2(int64_t blk, int64_t r, int64_t g) const {
+    return hidden1(blk, r, g) + F * kBwdBlockRows;
+  }
   // What the weight gradients of unit r need, per SwiGLU g, in two copies by the parity of r
   // (unit r's sums run while unit r − 1's blocks are reversed): the gradient of its output gY
   // [d][64], U, gH1, gH2 [F][64] (the hidden layer and the gradients of its pre-activations), and
@@ -248,6 +271,7 @@ GradTuple metric_tensors_backward_cpu(
   if (q_mask.has_value()) {
     mask = QueryMask{q_mask->data_ptr<bool>(), q_mask->stride(0), q_mask->stride(1)};
   }
+  const bool in_place = queries_in_place(q, mask);
   const float eps_ln_f = static_cast<float>(eps_ln);
   const float eps_adj_f = static_cast<float>(eps_adj);
 
@@ -261,34 +285,47 @@ GradTuple metric_tensors_backward_cpu(
   const int64_t heads_per_group = std::min(B * H, (group_rows + d - 1) / d);
   const int64_t group_blocks = heads_per_group * blocks_per_head;
   Workspace ws{d, F, R, Gd, group_blocks, (1 + R * (Gd + 1)) * tile,
-               Gd * (3 * d + 3 * F) * kBwdBlockRows, tile, nullptr, nullptr, nullptr};
-  const auto f32 = q.options().dtype(at::kFloat);
-  at::Tensor ckpt = at::empty({group_blocks * ws.ckpt_stride}, f32);
-  at::Tensor unit = at::empty({2 * group_blocks * ws.unit_stride}, f32);
-  at::Tensor grad_state = at::empty({group_blocks * tile}, f32);
-  // A and the gradient reaching it, of the group's heads, row layout [heads][d][d].
-  at::Tensor A_rows = at::empty({heads_per_group * dd}, f32);
-  at::Tensor gA_rows = at::empty({heads_per_group * dd}, f32);
-  // Sums across groups: the LayerNorm partials of every block, [block][slot][weight, bias][d]
-  // (slot 0 = ln0, slot r + 1 = lnA[r]); the bias gradients' lanes; dW3ᵀ [R·Gd][F][d]; the
-  // per-head gradients of W, b, pw, a, ba in fp64, [H][5][d][d].
-  at::Tensor partial = at::empty({B * H * blocks_per_head * (R + 1) * 2 * d}, f32);
-  at::Tensor bias_lanes = at::empty({R * Gd * (2 * F + d) * kLanes}, f32);
-  at::Tensor w3_t = at::empty({R * Gd * F * d}, f32);
-  at::Tensor head_acc = at::empty({H * 5 * dd}, q.options().dtype(at::kDouble));
-  ws.ckpt = ckpt.data_ptr<float>();
-  ws.unit = unit.data_ptr<float>();
-  ws.grad_state = grad_state.data_ptr<float>();
-  float* A_ptr = A_rows.data_ptr<float>();
-  float* gA_ptr = gA_rows.data_ptr<float>();
-  float* partial_ptr = partial.data_ptr<float>();
-  float* w3_t_ptr = w3_t.data_ptr<float>();
-  double* head_acc_ptr = head_acc.data_ptr<double>();
+               Gd * (3 * d + 3 * F) * kBwdBlockRows, tile, nullptr, nullptr, nullptr, nullptr};
+  // A and the gradient reaching it, of the group's heads, row layout [heads][d][d]; sums across
+  // groups: the LayerNorm partials of every block, [block][slot][weight, bias][d] (slot 0 = ln0,
+  // slot r + 1 = lnA[r]); the bias gradients' lanes; dW3ᵀ [R·Gd][F][d]; the per-head gradients of
+  // W, b, pw, a, ba in fp64, [H][5][d][d]; then each thread's scratch. All of it in one lease of
+  // the kept workspace (cpu/workspace.h): fresh pages would cost a fault each on every call.
+  float *A_ptr, *gA_ptr, *partial_ptr, *bias_lanes_ptr, *w3_t_ptr;
+  double* head_acc_ptr;
+  std::vector<ThreadScratch> scratch(threads);
+  auto layout = [&](WorkspaceCarver& c) {
+    ws.ckpt = c.take<float>(group_blocks * ws.ckpt_stride);
+    ws.unit = c.take<float>(2 * group_blocks * ws.unit_stride);
+    ws.grad_state = c.take<float>(group_blocks * tile);
+    ws.hidden = c.take<float>(group_blocks * R * Gd * 2 * F * kBwdBlockRows);
+    A_ptr = c.take<float>(heads_per_group * dd);
+    gA_ptr = c.take<float>(heads_per_group * dd);
+    partial_ptr = c.take<float>(B * H * blocks_per_head * (R + 1) * 2 * d);
+    bias_lanes_ptr = c.take<float>(R * Gd * (2 * F + d) * kLanes);
+    w3_t_ptr = c.take<float>(R * Gd * F * d);
+    head_acc_ptr = c.take<double>(H * 5 * dd);
+    for (ThreadScratch& t : scratch) {
+      t.Qs = c.take<float>(S * d);
+      t.Ut = c.take<float>(std::max(d, F) * kBwdBlockRows);
+      t.A_block = c.take<float>(tile);
+      t.gX = c.take<float>(tile);
+      t.M = c.take<float>(dd);
+      t.power_f32 = c.take<float>(4 * dd);
+      t.power_f64 = c.take<double>(4 * dd);
+      t.positions = c.take<int64_t>(S);
+    }
+  };
+  WorkspaceCarver sizing(nullptr);
+  layout(sizing);
+  const WorkspaceLease lease(sizing.bytes());
+  WorkspaceCarver carver(lease.data());
+  layout(carver);
   auto ln_partial = [&](int64_t global_blk, int64_t slot) {
     return partial_ptr + (global_blk * (R + 1) + slot) * 2 * d;
   };
   // Lanes of db1, db2 [R·Gd][F] and db3 [R·Gd][d].
-  auto lanes_b1 = [&](int64_t rg) { return bias_lanes.data_ptr<float>() + rg * F * kLanes; };
+  auto lanes_b1 = [&](int64_t rg) { return bias_lanes_ptr + rg * F * kLanes; };
   auto lanes_b2 = [&](int64_t rg) { return lanes_b1(R * Gd) + rg * F * kLanes; };
   auto lanes_b3 = [&](int64_t rg) { return lanes_b2(R * Gd) + rg * d * kLanes; };
 
@@ -298,65 +335,54 @@ GradTuple metric_tensors_backward_cpu(
     const bool first_group = bh0 == 0, last_group = bh1 == B * H;
 
     // 1. The forward, per block, keeping the checkpoints (bitwise the forward kernel's values).
-    struct ForwardScratch {
-      Buffer<float> Qs, Ut, A_block;
-      int64_t gathered_bh = -1, S_kept = 0;
-    };
-    for_each_item(
-        nblocks,
-        [&] {
-          return ForwardScratch{make_buffer<float>(S * d),
-                                make_buffer<float>(std::max(d, F) * kBwdBlockRows),
-                                make_buffer<float>(tile)};
-        },
-        [&](int64_t blk, ForwardScratch& sc) {
+    for (ThreadScratch& t : scratch) t.gathered_bh = -1;
+    for_each_item(nblocks, threads, [&](int64_t blk, int64_t slot) {
+          ThreadScratch& sc = scratch[slot];
           const int64_t row0 = blk * kBwdBlockRows;  // in the group
           const int64_t bh = bh0 + row0 / d, i0 = row0 % d;
           if (bh != sc.gathered_bh) {
-            sc.S_kept = PLDR_DTYPE_SWITCH(q.scalar_type(), Elements, T, [&] {
-              return gather_queries<T>(q, mask, bh / H, bh % H, sc.Qs.get(), nullptr);
-            });
+            if (in_place) {
+              sc.Q_rows = q.data_ptr<float>() + (bh / H) * q.stride(0) + (bh % H) * q.stride(2);
+              sc.q_rs = q.stride(1);
+              sc.S_kept = S;
+            } else {
+              sc.S_kept = PLDR_DTYPE_SWITCH(q.scalar_type(), Elements, T, [&] {
+                return gather_queries<T>(q, mask, bh / H, bh % H, sc.Qs, nullptr);
+              });
+              sc.Q_rows = sc.Qs;
+              sc.q_rs = d;
+            }
             sc.gathered_bh = bh;
           }
-          qtq_columns(sc.Qs.get(), sc.S_kept, d, i0, kBwdVecs, ws.qtq(blk), kBwdBlockRows);
+          qtq_columns(sc.Q_rows, sc.q_rs, sc.S_kept, d, i0, kBwdVecs, ws.qtq(blk), kBwdBlockRows);
           layer_norm_columns(ws.qtq(blk), ws.glu_input(blk, 0, 0), d, kBwdVecs, kBwdBlockRows,
                              w.ln0_w, w.ln0_b, eps_ln_f);
           for (int64_t r = 0; r < R; ++r) {
             for (int64_t g = 0; g < Gd; ++g) {
               const int64_t rg = r * Gd + g;
-              swiglu_block(ws.glu_input(blk, r, g), sc.Ut.get(), ws.glu_input(blk, r, g + 1), d,
+              swiglu_block(ws.glu_input(blk, r, g), sc.Ut, ws.glu_input(blk, r, g + 1), d,
                            F, kBwdVecs, w.w1 + rg * F * d, w.b1 + rg * F, w.w2 + rg * F * d,
-                           w.b2 + rg * F, w.w3 + rg * d * F, w.b3 + rg * d);
+                           w.b2 + rg * F, w.w3 + rg * d * F, w.b3 + rg * d,
+                           ws.hidden1(blk, r, g), ws.hidden2(blk, r, g));
             }
             float* T = ws.ln_input(blk, r);
             const float* unit_in = ws.glu_input(blk, r, 0);
             for (int64_t i = 0; i < tile; ++i) T[i] += unit_in[i];  // residual
-            float* out = r + 1 < R ? ws.glu_input(blk, r + 1, 0) : sc.A_block.get();
+            float* out = r + 1 < R ? ws.glu_input(blk, r + 1, 0) : sc.A_block;
             layer_norm_columns(T, out, d, kBwdVecs, kBwdBlockRows, w.lnA_w + r * d,
                                w.lnA_b + r * d, eps_ln_f);
           }
-          block_to_rows(sc.A_block.get(), d, A_ptr + row0 * d);
+          block_to_rows(sc.A_block, d, A_ptr + row0 * d);
         });
 
     // 2. Steps 9-12 reversed, per head h of the group, its batch rows in order (so every head's
     // sums over the batch run in batch order).
-    struct PowerScratch {
-      Buffer<float> f32s;
-      Buffer<double> f64s;
-      PowerStageScratch views;
-    };
     const int64_t group_heads = std::min(H, bh1 - bh0);
-    for_each_item(
-        group_heads,
-        [&] {
-          PowerScratch sc{make_buffer<float>(4 * dd), make_buffer<double>(4 * dd), {}};
-          float* f = sc.f32s.get();
-          double* x = sc.f64s.get();
-          sc.views = PowerStageScratch{f,  f + dd,     f + 2 * dd, f + 3 * dd,
-                                       x,  x + dd,     x + 2 * dd, x + 3 * dd};
-          return sc;
-        },
-        [&](int64_t item, PowerScratch& sc) {
+    for_each_item(group_heads, threads, [&](int64_t item, int64_t slot) {
+          float* f = scratch[slot].power_f32;
+          double* x = scratch[slot].power_f64;
+          PowerStageScratch views{f, f + dd, f + 2 * dd, f + 3 * dd,
+                                  x, x + dd, x + 2 * dd, x + 3 * dd};
           const int64_t h = (bh0 + item) % H, head = h * dd;
           double* acc = head_acc_ptr + h * 5 * dd;  // W, b, pw, a, ba
           if (bh0 + item < H) std::fill(acc, acc + 5 * dd, 0.0);  // batch row 0: h's first
@@ -367,7 +393,7 @@ GradTuple metric_tensors_backward_cpu(
             auto given_at = [&](int i) { return given_ptr[i] ? given_ptr[i] + off : nullptr; };
             power_stage_backward(A_ptr + local, d, w.W + head, w.b + head, w.pw + head,
                                  w.a + head, eps_adj_f, given_at(0), given_at(1), given_at(2),
-                                 sc.views, acc, acc + dd, acc + 2 * dd, acc + 3 * dd,
+                                 views, acc, acc + dd, acc + 2 * dd, acc + 3 * dd,
                                  acc + 4 * dd, gA_ptr + local);
           }
           if (last_bh == (B - 1) * H + h)  // its last batch row is in: the sums into the outputs
@@ -378,12 +404,7 @@ GradTuple metric_tensors_backward_cpu(
 
     // 3. The residual units, last first: the blocks of unit r together with the weight-gradient
     // sums of unit r + 1; then the heads (4-5) together with the sums of unit 0.
-    struct UnitScratch {
-      Buffer<float> H1, H2, gX;  // a block's hidden layer and gX
-      Buffer<float> Qs, M;       // a head's q rows and gA0 + gA0ᵀ
-      Buffer<int64_t> positions;
-    };
-    auto reverse_unit_block = [&](int64_t r, int64_t blk, UnitScratch& sc) {
+    auto reverse_unit_block = [&](int64_t r, int64_t blk, ThreadScratch& sc) {
       float* g_out = ws.grad(blk);  // the gradient of this unit's output
       if (r == R - 1)               // the gradient reaching A, from row layout
         transpose_tile(gA_ptr + blk * kBwdBlockRows * d, kBwdBlockRows, d, d, g_out,
@@ -395,17 +416,16 @@ GradTuple metric_tensors_backward_cpu(
                                   part, part + d);
       for (int64_t g = Gd - 1; g >= 0; --g) {
         const int64_t rg = r * Gd + g;
-        float* g_in = g > 0 ? ws.glu_grad_out(blk, r, g - 1) : sc.gX.get();
-        swiglu_hidden(ws.glu_input(blk, r, g), d, F, w.w1 + rg * F * d, w.b1 + rg * F,
-                      w.w2 + rg * F * d, w.b2 + rg * F, sc.H1.get(), sc.H2.get());
+        float* g_in = g > 0 ? ws.glu_grad_out(blk, r, g - 1) : sc.gX;
         swiglu_backward_block(ws.glu_grad_out(blk, r, g), d, F, w.w1 + rg * F * d,
-                              w.w2 + rg * F * d, w.w3 + rg * d * F, sc.H1.get(), sc.H2.get(),
+                              w.w2 + rg * F * d, w.w3 + rg * d * F, ws.hidden1(blk, r, g),
+                              ws.hidden2(blk, r, g),
                               ws.glu_U(blk, r, g), ws.glu_gH1(blk, r, g), ws.glu_gH2(blk, r, g),
                               g_in);
         block_to_rows(ws.glu_input(blk, r, g), d, ws.glu_input_rows(blk, r, g));
         block_to_rows(ws.glu_grad_out(blk, r, g), d, ws.glu_grad_out_rows(blk, r, g));
       }
-      const float* gX = sc.gX.get();
+      const float* gX = sc.gX;
       for (int64_t i = 0; i < tile; ++i) g_out[i] = gX[i] + gT[i];
     };
     auto weight_grad_tile = [&](const UnitItem& it) {
@@ -445,7 +465,7 @@ GradTuple metric_tensors_backward_cpu(
     // 4-5. Per head: the first LayerNorm's backward (the gradient of QᵀQ, written over the
     // checkpoint of the first SwiGLU's input, no longer needed), then grad_q = q·(gA0 + gA0ᵀ)
     // for the kept rows and exactly 0 for the others.
-    auto reverse_qtq_head = [&](int64_t item, UnitScratch& sc) {
+    auto reverse_qtq_head = [&](int64_t item, ThreadScratch& sc) {
       const int64_t bh = bh0 + item, bi = bh / H, hi = bh % H;
       for (int64_t k = 0; k < blocks_per_head; ++k) {
         const int64_t blk = item * blocks_per_head + k;
@@ -458,25 +478,32 @@ GradTuple metric_tensors_backward_cpu(
         const int64_t blk = item * blocks_per_head + i / kBwdBlockRows;
         return ws.glu_input(blk, 0, 0)[j * kBwdBlockRows + i % kBwdBlockRows];
       };
-      float* M = sc.M.get();
+      float* M = sc.M;
       for (int64_t i = 0; i < d; ++i)
         for (int64_t j = 0; j < d; ++j) M[i * d + j] = gA0(i, j) + gA0(j, i);
       PLDR_DTYPE_SWITCH(q.scalar_type(), Elements, T, [&] {
-        const int64_t kept = gather_queries<T>(q, mask, bi, hi, sc.Qs.get(), sc.positions.get());
         T* out = grad_q.data_ptr<T>() + bi * S * H * d + hi * d;
-        for (int64_t s = 0, k = 0; s < S; ++s) {  // the rows left out get exactly 0
-          if (k < kept && sc.positions[k] == s) {
-            ++k;
-          } else {
-            std::fill(out + s * H * d, out + s * H * d + d, T(0));
+        const float* Qs = sc.Qs;
+        int64_t kept = S, q_rs = d;
+        if (in_place) {  // every row kept, read in place
+          Qs = q.data_ptr<float>() + bi * q.stride(0) + hi * q.stride(2);
+          q_rs = q.stride(1);
+          std::iota(sc.positions, sc.positions + S, int64_t{0});
+        } else {
+          kept = gather_queries<T>(q, mask, bi, hi, sc.Qs, sc.positions);
+          for (int64_t s = 0, k = 0; s < S; ++s) {  // the rows left out get exactly 0
+            if (k < kept && sc.positions[k] == s) {
+              ++k;
+            } else {
+              std::fill(out + s * H * d, out + s * H * d + d, T(0));
+            }
           }
         }
-        const float* Qs = sc.Qs.get();
         for_row_tiles<kTileRows>(static_cast<int>(kept), [&](int s0, auto rows) {
           constexpr int Rt = decltype(rows)::value;
           for (int64_t n0 = 0; n0 < d; n0 += kTileVecs * kLanes) {
             f32x16 acc[Rt][kTileVecs];
-            tile_product<Rt, kTileVecs>(d, Qs + s0 * d, d, 1, M + n0, d, acc);
+            tile_product<Rt, kTileVecs>(d, Qs + s0 * q_rs, q_rs, 1, M + n0, d, acc);
             PLDR_UNROLL
             for (int r = 0; r < Rt; ++r) {
               T* row = out + sc.positions[s0 + r] * H * d + n0;
@@ -497,17 +524,8 @@ GradTuple metric_tensors_backward_cpu(
     };
     for (int64_t r = R - 1; r >= -1; --r) {
       const std::vector<UnitItem> items = unit_items(r, nblocks, bh1 - bh0, r + 1, R, F, Gd);
-      for_each_item(
-          static_cast<int64_t>(items.size()),
-          [&] {
-            const bool last = r < 0;  // the heads' items need q's rows
-            return UnitScratch{make_buffer<float>(F * kBwdBlockRows),
-                               make_buffer<float>(F * kBwdBlockRows), make_buffer<float>(tile),
-                               make_buffer<float>(last ? S * d : 0),
-                               make_buffer<float>(last ? dd : 0),
-                               make_buffer<int64_t>(last ? S : 0)};
-          },
-          [&](int64_t i, UnitScratch& sc) {
+      for_each_item(static_cast<int64_t>(items.size()), threads, [&](int64_t i, int64_t slot) {
+            ThreadScratch& sc = scratch[slot];
             const UnitItem& it = items[i];
             if (it.kind != UnitItem::kBlock) {
               weight_grad_tile(it);

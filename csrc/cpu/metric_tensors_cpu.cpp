@@ -87,7 +87,14 @@ constexpr int64_t kMaxBlockRows = 64;
 struct RowBlockScratch {
   FloatBuffer Qs, Xt, Tt, Ut;
   int64_t gathered_bh = -1, S_kept = 0;
+  const float* Q_rows = nullptr;  // the head's fp32 rows: Qs, or q itself
+  int64_t q_rs = 0;               // floats between two of them
 };
+
+// q can be read in place (no gather) when it is fp32 with contiguous rows and no row is masked.
+bool queries_in_place(const at::Tensor& q, const QueryMask& mask) {
+  return q.scalar_type() == at::kFloat && q.stride(3) == 1 && mask.ptr == nullptr;
+}
 
 // Phase 1 for the global rows [row0, row0 + nrows) of A viewed as [B·H·d, d] (row g = bh·d + i);
 // nrows is a multiple of 16 and ≤ kMaxBlockRows. Writes those rows of A.
@@ -104,13 +111,21 @@ void metric_rows_block(const at::Tensor& q, const QueryMask& mask, int64_t row0,
     const int64_t seg = std::min(d - i0, row0 + nrows - g);
     if (bh != sc.gathered_bh) {
       const int64_t bi = bh / H, hi = bh % H;
-      sc.S_kept = PLDR_DTYPE_SWITCH(q.scalar_type(), Elements, T, [&] {
-        return gather_queries<T>(q, mask, bi, hi, sc.Qs.get());
-      });
+      if (queries_in_place(q, mask)) {
+        sc.Q_rows = q.data_ptr<float>() + bi * q.stride(0) + hi * q.stride(2);
+        sc.q_rs = q.stride(1);
+        sc.S_kept = q.size(1);
+      } else {
+        sc.S_kept = PLDR_DTYPE_SWITCH(q.scalar_type(), Elements, T, [&] {
+          return gather_queries<T>(q, mask, bi, hi, sc.Qs.get());
+        });
+        sc.Q_rows = sc.Qs.get();
+        sc.q_rs = d;
+      }
       sc.gathered_bh = bh;
     }
-    qtq_columns(sc.Qs.get(), sc.S_kept, d, i0, static_cast<int>(seg / kLanes), Tt + (g - row0),
-                ld);
+    qtq_columns(sc.Q_rows, sc.q_rs, sc.S_kept, d, i0, static_cast<int>(seg / kLanes),
+                Tt + (g - row0), ld);
     g += seg;
   }
   layer_norm_columns(Tt, Xt, d, nvec, ld, w.ln0_w, w.ln0_b, eps_ln);

@@ -119,6 +119,8 @@ def progress_bar(total: int, desc: str, enabled: bool = True):
 # torch keeps no allocator statistics and tracemalloc does not see its allocations, so the call is
 # recorded under torch.profiler(profile_memory=True) and its allocation events (sizes, frees
 # negative, also from at::parallel_for workers) are summed in time order; the peak is the answer.
+# The memory the CPU kernels keep between calls (pldr_kernels.ops.release_cpu_workspace) is freed
+# first, so a call's peak includes its workspace as if it were the first call.
 @contextlib.contextmanager
 def _quiet_stderr_fd():
     """Silence fd 2 while the profiler starts and stops (kineto prints markers from C++)."""
@@ -145,6 +147,9 @@ def run_with_peak(fn: Callable[[], object], device="cpu") -> tuple[object, int, 
                 "torch.cuda.max_memory_allocated")
     from torch.profiler import ProfilerActivity, profile
 
+    from .. import ops
+    if ops._LOAD_ERROR is None:  # the call allocates its kept workspace again, inside the window
+        ops.release_cpu_workspace()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
