@@ -178,7 +178,9 @@ struct UnitItem {
   int64_t r, g_or_block, row0, row1;
 };
 
-constexpr int64_t kWeightGradRows = 24;  // rows of a weight gradient per work item
+// Rows of a weight gradient per work item. Each item reads every block's Q operand again, so fewer,
+// larger items read less (Zen 4, 2 threads, S = 1024: 96 rows 5% faster a call than 24).
+constexpr int64_t kWeightGradRows = 96;
 
 // The blocks of unit r (r = -1: the heads, for the first LayerNorm and grad_q), then the
 // weight-gradient tiles of unit r_sums (r_sums < R): one work list, since the two touch
