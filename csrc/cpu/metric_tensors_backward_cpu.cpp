@@ -15,8 +15,9 @@
 //   2. per head h (the batch in order inside): steps 9–12 reversed in fp64 → the gradient
 //      reaching A, and those of W, b, pw, a, ba;
 //   3. per residual unit r, last first, one loop over (a) the blocks: the LayerNorm's and the Gd
-//      SwiGLUs' backward from the kept pre-activations, keeping what the weight gradients need; and (b) the tiles of unit r + 1's weight gradients: sums over
-//      all blocks of the products kept by its (a) (two copies of those buffers, by parity);
+//      SwiGLUs' backward from the kept pre-activations, keeping what the weight gradients need;
+//      and (b) the tiles of unit r + 1's weight gradients: sums over all blocks of the products
+//      kept by its (a) (two copies of those buffers, by parity);
 //   4. the same loop once more, with unit 0's weight-gradient tiles: per (b, h), the first
 //      LayerNorm's backward → the gradient gA0 of QᵀQ, and grad_q = q·(gA0 + gA0ᵀ) for the
 //      kept rows (pad rows get exactly 0).
@@ -178,8 +179,8 @@ struct UnitItem {
   int64_t r, g_or_block, row0, row1;
 };
 
-// Rows of a weight gradient per work item. Each item reads every block's Q operand again, so fewer,
-// larger items read less (Zen 4, 2 threads, S = 1024: 96 rows 5% faster a call than 24).
+// Rows of a weight gradient per work item. Each item reads every block's Q operand again, so
+// fewer, larger items read less (Zen 4, 2 threads, S = 1024: 96 rows 5% faster a call than 24).
 constexpr int64_t kWeightGradRows = 96;
 
 // The blocks of unit r (r = -1: the heads, for the first LayerNorm and grad_q), then the
