@@ -20,7 +20,9 @@ from pldr_kernels.testing import FP32_REL_TOL
 
 pytestmark = needs_cpu_kernels
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TEXT = [os.path.join(ROOT, "docs", "spec.md"), os.path.join(ROOT, "docs", "design.md")]
+# The training text: LICENSE (11 KB of English that never changes). Not the docs: an edit of
+# docs/design.md once moved a weight of the two-process comparison below from 2e-7 to 1.4e-5.
+TEXT = [os.path.join(ROOT, "LICENSE")]
 CONFIG = dict(vocab_size=TINY_VOCAB, hidden_size=128, intermediate_size=341, num_hidden_layers=1,
               num_attention_heads=2, head_dim=64, A_dff=170, num_reslayerA=1, num_denseA=1,
               max_position_embeddings=64)
