@@ -39,6 +39,7 @@
 #include "common/checks.h"
 #include "common/dispatch.h"
 #include "cpu/isa.h"
+#include "cpu/metric_queries.h"
 #include "cpu/metric_backward_blocks.h"
 #include "cpu/workspace.h"
 
@@ -87,36 +88,6 @@ struct ThreadScratch {
   const float* Q_rows;          // a head's fp32 rows of q: Qs, or q itself
   int64_t q_rs;                 // floats between two of them
 };
-
-// q_mask [B, S] read through its strides; ptr = nullptr: every row is real.
-struct QueryMask {
-  const bool* ptr = nullptr;
-  int64_t batch_stride = 0, row_stride = 0;
-};
-
-// q can be read in place (no gather) when it is fp32 with contiguous rows and no row is masked.
-bool queries_in_place(const at::Tensor& q, const QueryMask& mask) {
-  return q.scalar_type() == at::kFloat && q.stride(3) == 1 && mask.ptr == nullptr;
-}
-
-// q[b, :, h, :] → Qs [S_kept][d] fp32 (masked rows left out, order kept, as the forward gathers
-// them) and, when positions is given, the position s of each kept row. Returns S_kept.
-template <typename T>
-int64_t gather_queries(const at::Tensor& q, const QueryMask& mask, int64_t b, int64_t h, float* Qs,
-                       int64_t* positions) {
-  const int64_t S = q.size(1), d = q.size(3);
-  const T* base = q.data_ptr<T>() + b * q.stride(0) + h * q.stride(2);
-  int64_t kept = 0;
-  for (int64_t s = 0; s < S; ++s) {
-    if (mask.ptr != nullptr && !mask.ptr[b * mask.batch_stride + s * mask.row_stride]) continue;
-    const T* src = base + s * q.stride(1);
-    float* dst = Qs + kept * d;
-    for (int64_t j = 0; j < d; ++j) dst[j] = static_cast<float>(src[j]);
-    if (positions != nullptr) positions[kept] = s;
-    ++kept;
-  }
-  return kept;
-}
 
 struct Weights {
   const float *ln0_w, *ln0_b, *w1, *b1, *w2, *b2, *w3, *b3, *lnA_w, *lnA_b;

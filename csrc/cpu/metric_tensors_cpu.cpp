@@ -32,6 +32,7 @@
 #include "common/checks.h"
 #include "common/dispatch.h"
 #include "cpu/isa.h"
+#include "cpu/metric_queries.h"
 #include "cpu/metric_row_blocks.h"
 
 namespace pldr::cpu {
@@ -55,30 +56,6 @@ struct MetricWeights {
   const float *W, *b, *pw, *a, *ba;
 };
 
-// q_mask [B, S] read through its strides; ptr = nullptr: every row is real.
-struct QueryMask {
-  const bool* ptr = nullptr;
-  int64_t batch_stride = 0, row_stride = 0;
-};
-
-// Copies q[b, :, h, :] (masked rows left out, order kept) into Qs [S_kept][d] as fp32; returns
-// S_kept. Keeping the order makes a padded row's reduction identical to the unpadded one.
-template <typename T>
-int64_t gather_queries(const at::Tensor& q, const QueryMask& mask, int64_t b, int64_t h, float* Qs) {
-  const int64_t S = q.size(1), d = q.size(3);
-  const T* base = q.data_ptr<T>() + b * q.stride(0) + h * q.stride(2);
-  const int64_t s_stride = q.stride(1);
-  int64_t kept = 0;
-  for (int64_t s = 0; s < S; ++s) {
-    if (mask.ptr != nullptr && !mask.ptr[b * mask.batch_stride + s * mask.row_stride]) continue;
-    const T* src = base + s * s_stride;
-    float* dst = Qs + kept * d;
-    for (int64_t j = 0; j < d; ++j) dst[j] = static_cast<float>(src[j]);
-    ++kept;
-  }
-  return kept;
-}
-
 // Rows of A per phase-1 block (at most): each weight panel, fetched from L3 once per block, serves
 // that many rows (64 runs as fast as 256 here), and the block's activations stay in L1/L2.
 constexpr int64_t kMaxBlockRows = 64;
@@ -91,10 +68,6 @@ struct RowBlockScratch {
   int64_t q_rs = 0;               // floats between two of them
 };
 
-// q can be read in place (no gather) when it is fp32 with contiguous rows and no row is masked.
-bool queries_in_place(const at::Tensor& q, const QueryMask& mask) {
-  return q.scalar_type() == at::kFloat && q.stride(3) == 1 && mask.ptr == nullptr;
-}
 
 // Phase 1 for the global rows [row0, row0 + nrows) of A viewed as [B·H·d, d] (row g = bh·d + i);
 // nrows is a multiple of 16 and ≤ kMaxBlockRows. Writes those rows of A.
