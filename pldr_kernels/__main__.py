@@ -2,6 +2,7 @@
 extension is not loaded (the last line says why and what to do)."""
 from __future__ import annotations
 
+import os
 import platform
 import sys
 
@@ -29,6 +30,26 @@ def cpu_kernels_isa() -> str:
         return "unknown (a build without csrc/cpu/isa.cpp)"
     fn.restype = ctypes.c_char_p
     return fn().decode()
+
+
+def row_prefetch() -> str:
+    """How far ahead the decode step's bf16/int8 weight rows are prefetched (pldr::linear_small,
+    docs/design.md §3.9): "4096 bytes ahead", "off", or the error an invalid
+    PLDR_KERNELS_ROW_PREFETCH gives; "unknown" for a build without it."""
+    import ctypes
+
+    from . import ops  # noqa: F401  (loads _C onto the package)
+
+    try:
+        fn = ctypes.CDLL(sys.modules[__package__]._C.__file__).pldr_kernels_row_prefetch_bytes
+    except (AttributeError, OSError):
+        return "unknown (a build without it)"
+    fn.restype = ctypes.c_int64
+    value = fn()
+    if value < 0:
+        return ("error: PLDR_KERNELS_ROW_PREFETCH must be a number of bytes from 0 to 1048576, "
+                "got " + repr(os.environ.get("PLDR_KERNELS_ROW_PREFETCH")))
+    return f"{value} bytes ahead" if value else "off"
 
 
 def op_backends(op: str) -> str:
@@ -86,6 +107,7 @@ def report() -> str:
         f"cuda kernels  {cuda_kernels}",
         f"cpu flags     {info.get('cpu_flags', '?')}",
         f"cpu isa       {cpu_kernels_isa()} (PLDR_KERNELS_ISA=avx512|avx2|portable forces one)",
+        f"row prefetch  {row_prefetch()} (bf16/int8 decode rows; PLDR_KERNELS_ROW_PREFETCH=bytes)",
     ]
     mismatch = ops._torch_mismatch()
     if mismatch:

@@ -6,6 +6,10 @@ passes over the weights), and in/out features that are no multiple of a vector; 
 dequantised weights in fp64; NaN and Inf where fp64 has them."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -151,3 +155,78 @@ def test_bad_inputs_same_words_real_and_fake(case, swiglu):
 def test_swiglu_needs_even_rows():
     with pytest.raises(RuntimeError, match=r"weight.shape\[0\] \(gate and up rows\) must be even"):
         ops.swiglu_small(torch.randn(1, 8), torch.randn(5, 8))
+
+
+# The decode rows' prefetch distance (csrc/cpu/linear_small_cpu.cpp, row_prefetch_bytes): read once
+# per process, so each setting runs in a fresh one. It moves when bytes arrive, never a bit.
+PREFETCH_OUTPUTS = r"""
+import sys, torch
+from pldr_kernels import ops
+from pldr_kernels.testing import random_linear_small_weight
+gen = torch.Generator().manual_seed(0)
+torch.set_num_threads(2)
+outputs = {}
+for kind in ("bfloat16", "int8"):
+    for M, K, N in ((1, 896, 300), (3, 1000, 77), (8, 200, 64), (11, 131, 9)):
+        w, scale, _ = random_linear_small_weight(2 * N, K, kind, gen)
+        x = torch.randn(M, K, generator=gen)
+        bias = torch.randn(2 * N, generator=gen)
+        outputs[f"{kind} {M} {K} {N}"] = ops.linear_small(x, w, bias, scale)
+        outputs[f"{kind} {M} {K} {N} swiglu"] = ops.swiglu_small(x, w, bias, scale)
+torch.save(outputs, sys.argv[1])
+"""
+
+
+def run_with_row_prefetch(value: str | None, args: list[str]) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "PLDR_KERNELS_ROW_PREFETCH"}
+    if value is not None:
+        env["PLDR_KERNELS_ROW_PREFETCH"] = value
+    return subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_the_row_prefetch_distance_changes_no_bit(tmp_path):
+    results = {}
+    for value in (None, "0", "64", "4096", "1048576"):  # 1 MiB: far past every weight's end
+        path = tmp_path / f"{value}.pt"
+        proc = run_with_row_prefetch(value, ["-c", PREFETCH_OUTPUTS, str(path)])
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        results[value] = torch.load(path, weights_only=True)
+    for value, outputs in results.items():
+        for case, y in outputs.items():
+            assert torch.equal(y, results["0"][case]), (value, case)
+
+
+def test_the_default_row_prefetch_follows_the_cpu_vendor_and_the_report_names_it():
+    proc = run_with_row_prefetch(None, ["-m", "pldr_kernels"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("row prefetch"))
+    try:
+        intel = "GenuineIntel" in open("/proc/cpuinfo").read()
+    except OSError:
+        pytest.skip("no /proc/cpuinfo to tell the CPU's vendor")
+    expected = "4096 bytes ahead" if intel else "off"  # a portable build decides the same way
+    assert line.startswith(f"row prefetch  {expected} ("), line
+    proc = run_with_row_prefetch("0", ["-m", "pldr_kernels"])
+    assert "row prefetch  off (" in proc.stdout, proc.stdout
+
+
+@pytest.mark.parametrize("value", ["abc", "-1", "1048577", "12k"])
+def test_an_invalid_row_prefetch_is_refused_by_name(value):
+    script = """
+import torch
+from pldr_kernels import ops
+try:
+    ops.linear_small(torch.randn(1, 8), torch.randn(4, 8).bfloat16())
+    print("ran")
+except RuntimeError as e:
+    print(str(e).splitlines()[0])
+"""
+    proc = run_with_row_prefetch(value, ["-c", script])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == (
+        f"PLDR_KERNELS_ROW_PREFETCH={value}: expected a number of bytes from 0 to 1048576 (or "
+        "unset: 4096 on Intel CPUs, 0 on others)"), proc.stdout
+    proc = run_with_row_prefetch(value, ["-m", "pldr_kernels"])
+    assert f"row prefetch  error: PLDR_KERNELS_ROW_PREFETCH must be a number of bytes from 0 to "\
+           f"1048576, got '{value}'" in proc.stdout, proc.stdout

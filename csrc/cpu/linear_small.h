@@ -23,6 +23,9 @@ struct Args {
   int64_t ldy;
   int64_t features;     // linear: rows of weight; swiglu: half of them
   bool swiglu;          // y = silu(x·W[:H]ᵀ + b[:H]) * (x·W[H:]ᵀ + b[H:]), H = features
+  // How far ahead (bytes) a one-row-at-a-time stream (bf16, int8) prefetches its weights; 0: not
+  // at all (linear_small_cpu.cpp's row_prefetch_bytes() says which CPUs want it).
+  int64_t row_prefetch_bytes;
 };
 
 // Output features [feature_begin, feature_end) of y, every row of x.

@@ -189,11 +189,14 @@ def model_description(source, cfg: GenerateConfig, device: torch.device) -> dict
 
 
 def ops_isa(device: torch.device) -> str | None:
-    """The CPU kernels' ISA, which the decode step's linears (pldr::linear_small) run with, as
-    ``python -m pldr_kernels`` prints it; None on CUDA."""
+    """The CPU kernels' ISA, which the decode step's linears (pldr::linear_small) run with, and
+    their bf16/int8 rows' prefetch distance, as ``python -m pldr_kernels`` prints them; None on
+    CUDA."""
     from .. import ops
-    from ..__main__ import cpu_kernels_isa
-    return cpu_kernels_isa() if device.type == "cpu" and ops._LOAD_ERROR is None else None
+    from ..__main__ import cpu_kernels_isa, row_prefetch
+    if device.type != "cpu" or ops._LOAD_ERROR is not None:
+        return None
+    return f"{cpu_kernels_isa()}; bf16/int8 row prefetch: {row_prefetch()}"
 
 
 def graphed(cfg: GenerateConfig, impl: str, mode: str) -> bool:
