@@ -44,6 +44,22 @@ void g_attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tens
     return ceil_div(end, kKeyTile) + 1;  // +1: the fixed cost of forming q̃ and writing out
   };
 
+  // Kᵀ packed once per (batch, kv head) when several query tiles read it (fp32, K's size).
+  const int64_t Hk = k.size(2), key_tiles = ceil_div(Sk, kKeyTile);
+  const bool pre_pack = q_tiles * kv_group > 1;
+  at::Tensor k_tiles;
+  if (pre_pack) {
+    k_tiles = at::empty({B * Hk, key_tiles * D * kKeyTile}, q.options().dtype(at::kFloat));
+    float* base = k_tiles.data_ptr<float>();
+    at::parallel_for(0, B * Hk, 1, [&](int64_t first, int64_t last) {
+      for (int64_t bh = first; bh < last; ++bh) {
+        pack_key_tiles<T, D>(rows_of<T>(k, bh / Hk, bh % Hk), Sk,
+                             base + bh * key_tiles * D * kKeyTile);
+      }
+    });
+  }
+  const float* k_tiles_ptr = pre_pack ? k_tiles.data_ptr<float>() : nullptr;
+
   parallel_balanced(
       n_items, [&](int64_t item) { return visible_key_tiles(tile_of(item)); },
       [&](int64_t item) {
@@ -52,14 +68,17 @@ void g_attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tens
         const int64_t q0 = t * kQueryTile, M = std::min(kQueryTile, Sq - q0);
         form_q_tilde<T, D>(rows_of<T>(q, b, h), q0, M, g_view.at(b, h), g_view.ld, factor, s);
         reset_accumulators<D>(M, s);
-        const KeyRange<T> kr{rows_of<T>(k, b, h / kv_group),
-                             rows_of<T>(v, b, h / kv_group),
-                             mask_ptr ? mask_ptr + b * mask_batch_stride : nullptr,
-                             mask_key_stride,
-                             0,
-                             Sk,
-                             causal,
-                             q0 + Sk - Sq};
+        KeyRange<T> kr{rows_of<T>(k, b, h / kv_group),
+                       rows_of<T>(v, b, h / kv_group),
+                       mask_ptr ? mask_ptr + b * mask_batch_stride : nullptr,
+                       mask_key_stride,
+                       0,
+                       Sk,
+                       causal,
+                       q0 + Sk - Sq};
+        if (k_tiles_ptr != nullptr) {
+          kr.k_tiles = k_tiles_ptr + (b * Hk + h / kv_group) * key_tiles * D * kKeyTile;
+        }
         attend_key_range<T, D>(M, kr, /*allow_row_path=*/false, s);
         for (int64_t r = 0; r < M; ++r) {
           const float l = s.l[r];
