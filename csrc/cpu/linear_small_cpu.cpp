@@ -31,14 +31,14 @@ FeaturesFn selected_kernel() {
 #endif
 }
 
+}  // namespace
+
 // How far ahead a one-row-at-a-time stream (bf16, int8 weights) prefetches, decided once per
 // process: PLDR_KERNELS_ROW_PREFETCH=<bytes> (0 turns it off), else 4096 on Intel CPUs and 0
 // elsewhere. On an Intel Xeon (2 threads, the 110M decode linears from DRAM, interleaved A/B)
-// 4 KiB ahead streamed bf16 at 1.37x and int8 at 1.55x the rate without it (2–16 KiB alike; an
-// NTA hint as slow as none); on an AMD EPYC Zen 4 the stream ran best with none (§3.9), and no
-// prefetch there was measured. The bits do not depend on it.
-}  // namespace
-
+// 4 KiB ahead streamed bf16 at 1.37x and int8 at 1.5–1.7x the rate without it (2–16 KiB alike;
+// an NTA hint as slow as none); on an AMD EPYC Zen 4 the plain stream was the fastest way measured
+// (§3.9), a prefetched one is unmeasured there. The bits do not depend on it.
 int64_t row_prefetch_bytes() {
   static const int64_t bytes = [] {
     const char* env = std::getenv("PLDR_KERNELS_ROW_PREFETCH");
@@ -157,8 +157,9 @@ at::Tensor swiglu_small_cpu(const at::Tensor& x, const at::Tensor& weight,
 }  // namespace
 }  // namespace pldr::cpu
 
-// What `python -m pldr_kernels` and pldr-bench print as the decode rows' prefetch distance (ctypes,
-// like pldr_kernels_cpu_isa): row_prefetch_bytes(), or -1 when PLDR_KERNELS_ROW_PREFETCH is invalid.
+// What `python -m pldr_kernels` and pldr-bench print as the decode rows' prefetch distance
+// (ctypes, like pldr_kernels_cpu_isa): row_prefetch_bytes(), or -1 when PLDR_KERNELS_ROW_PREFETCH
+// is invalid.
 extern "C" __attribute__((visibility("default"))) int64_t pldr_kernels_row_prefetch_bytes() {
   try {
     return pldr::cpu::row_prefetch_bytes();

@@ -220,7 +220,8 @@ inline Vf load_x(const float* p) { return *reinterpret_cast<const VfUnaligned*>(
 // into the weight there, and a prefetch never faults. always_inline: as a function of its own,
 // GCC 12 finds it free of side effects (a prefetch does not count) and deletes every call.
 template <class W>
-__attribute__((always_inline)) inline void prefetch_ahead(const W* w, int64_t n, uintptr_t ahead) {
+__attribute__((always_inline)) inline void prefetch_ahead(const W* w, int64_t n,
+                                                          uintptr_t ahead) {
   if (ahead == 0) return;
   const uintptr_t first = reinterpret_cast<uintptr_t>(w) + ahead;
   for (uintptr_t b = 0; b < static_cast<uintptr_t>(n) * sizeof(W); b += 64)
@@ -295,7 +296,9 @@ inline void dot_rows(const Args& a, const float* x, int64_t M, const W* w, float
   for (; m + MB <= M; m += MB)
     dot_block<W, C, MB>(x + m * a.ldx, a.ldx, w, a.K, out + m, m == 0 ? ahead : 0);
   if constexpr (MB > 1) {
-    if (m < M) dot_rest<W, C, MB - 1>(M - m, x + m * a.ldx, a.ldx, w, a.K, out + m, m == 0 ? ahead : 0);
+    if (m < M) {
+      dot_rest<W, C, MB - 1>(M - m, x + m * a.ldx, a.ldx, w, a.K, out + m, m == 0 ? ahead : 0);
+    }
   }
 }
 
