@@ -16,20 +16,29 @@ def cpu_features() -> str:
         return "unknown"
 
 
+def extension_function(name: str, restype):
+    """A plain C function the extension exports for this report (read through ctypes, so that
+    asking needs no op in the pldr library's schema), or None for a build without it."""
+    import ctypes
+
+    from . import ops  # noqa: F401  (loads _C onto the package)
+
+    try:
+        fn = getattr(ctypes.CDLL(sys.modules[__package__]._C.__file__), name)
+    except (AttributeError, OSError):
+        return None
+    fn.restype = restype
+    return fn
+
+
 def cpu_kernels_isa() -> str:
     """The instruction set the CPU kernels run with, ``"<selected> (best <best>)"``, as the
     extension decides it (csrc/cpu/isa.h: the best this CPU runs, or PLDR_KERNELS_ISA), or the
     error an invalid PLDR_KERNELS_ISA gives; "unknown" for a build without the run-time choice."""
     import ctypes
 
-    from . import ops  # noqa: F401  (loads _C onto the package)
-
-    try:
-        fn = ctypes.CDLL(sys.modules[__package__]._C.__file__).pldr_kernels_cpu_isa
-    except (AttributeError, OSError):
-        return "unknown (a build without csrc/cpu/isa.cpp)"
-    fn.restype = ctypes.c_char_p
-    return fn().decode()
+    fn = extension_function("pldr_kernels_cpu_isa", ctypes.c_char_p)
+    return fn().decode() if fn is not None else "unknown (a build without csrc/cpu/isa.cpp)"
 
 
 def row_prefetch() -> str:
@@ -38,13 +47,9 @@ def row_prefetch() -> str:
     PLDR_KERNELS_ROW_PREFETCH gives; "unknown" for a build without it."""
     import ctypes
 
-    from . import ops  # noqa: F401  (loads _C onto the package)
-
-    try:
-        fn = ctypes.CDLL(sys.modules[__package__]._C.__file__).pldr_kernels_row_prefetch_bytes
-    except (AttributeError, OSError):
+    fn = extension_function("pldr_kernels_row_prefetch_bytes", ctypes.c_int64)
+    if fn is None:
         return "unknown (a build without it)"
-    fn.restype = ctypes.c_int64
     value = fn()
     if value < 0:
         return ("error: PLDR_KERNELS_ROW_PREFETCH must be a number of bytes from 0 to 1048576, "

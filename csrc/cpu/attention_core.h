@@ -235,9 +235,10 @@ void attend_key_range(int64_t M, const KeyRange<T>& kr, bool allow_row_path, Til
         dot_query_rows<D>(qt, M, kr.k.row(j0 + jj), scores + jj, kKeyTile);
       }
     } else {
-      const float* k_tile = kr.k_tiles != nullptr ? kr.k_tiles + (j0 / kKeyTile) * D * kKeyTile
-                                                  : s.k_transposed.data();
-      if (kr.k_tiles == nullptr) {
+      const float* k_tile = s.k_transposed.data();
+      if (kr.k_tiles != nullptr) {
+        k_tile = kr.k_tiles + (j0 / kKeyTile) * D * kKeyTile;
+      } else {
         pack_transposed<T, D>([&](int64_t jj) { return kr.k.row(j0 + jj); }, n,
                               s.k_transposed.data(), kKeyTile);
       }
